@@ -1,0 +1,344 @@
+//! Unit tests of the broker core, without sockets.
+
+use super::*;
+use std::sync::Mutex;
+
+/// A store that records every operation, shared with the test.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<StoreOp>>>);
+
+impl Store for Recorder {
+    fn apply(&mut self, op: StoreOp) {
+        self.0.lock().unwrap().push(op);
+    }
+}
+
+fn q(name: &str) -> QueueName {
+    QueueName::new(name.as_bytes()).unwrap()
+}
+
+fn broker() -> (Broker, Recorder) {
+    let recorder = Recorder::default();
+    let broker = Broker::with_ids(Box::new(recorder.clone()), IdGenerator::with_nonce(7));
+    (broker, recorder)
+}
+
+fn send(b: &mut Broker, queue: &str, body: &str, out: &mut Vec<Delivery>) -> MessageId {
+    b.send(q(queue), Arc::from(body.as_bytes()), None, 0, out)
+}
+
+fn bodies(out: &[Delivery]) -> Vec<String> {
+    out.iter()
+        .map(|d| String::from_utf8(d.content.to_vec()).unwrap())
+        .collect()
+}
+
+#[test]
+fn fifo_to_a_single_consumer() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for i in 0..100 {
+        send(&mut b, "jobs", &i.to_string(), &mut out);
+    }
+    assert!(out.is_empty(), "no consumer yet");
+    b.connect(1);
+    b.consume(1, q("jobs"), 1000, 0, &mut out);
+    let expected: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    assert_eq!(bodies(&out), expected);
+    assert!(out.iter().all(|d| d.conn == 1 && d.ttl_remaining.is_none()));
+}
+
+#[test]
+fn prefetch_limits_holds_and_each_ack_frees_one() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for i in 0..10 {
+        send(&mut b, "jobs", &i.to_string(), &mut out);
+    }
+    b.connect(1);
+    b.consume(1, q("jobs"), 3, 0, &mut out);
+    assert_eq!(bodies(&out), ["0", "1", "2"]);
+    let first = out[0].id;
+    out.clear();
+    assert!(b.ack(1, &q("jobs"), Some(first), 0, &mut out));
+    assert_eq!(bodies(&out), ["3"]);
+    assert_eq!(
+        b.queue_stats("jobs"),
+        Some(QueueStats { ready: 6, in_flight: 3, consumers: 1 })
+    );
+}
+
+#[test]
+fn round_robin_over_consumers() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for conn in 1..=3 {
+        b.connect(conn);
+        b.consume(conn, q("jobs"), 100, 0, &mut out);
+    }
+    for i in 0..9 {
+        send(&mut b, "jobs", &i.to_string(), &mut out);
+    }
+    let order: Vec<ConnId> = out.iter().map(|d| d.conn).collect();
+    assert_eq!(order, [1, 2, 3, 1, 2, 3, 1, 2, 3]);
+}
+
+#[test]
+fn full_consumers_are_skipped() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.connect(2);
+    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(2, q("jobs"), 5, 0, &mut out);
+    for i in 0..4 {
+        send(&mut b, "jobs", &i.to_string(), &mut out);
+    }
+    let order: Vec<ConnId> = out.iter().map(|d| d.conn).collect();
+    assert_eq!(order, [1, 2, 2, 2]);
+}
+
+#[test]
+fn new_consume_request_changes_the_count_and_keeps_holds() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for i in 0..5 {
+        send(&mut b, "jobs", &i.to_string(), &mut out);
+    }
+    b.connect(1);
+    b.consume(1, q("jobs"), 2, 0, &mut out);
+    b.consume(1, q("jobs"), 3, 0, &mut out);
+    assert_eq!(bodies(&out), ["0", "1", "2"]);
+    out.clear();
+    b.consume(1, q("jobs"), 0, 0, &mut out);
+    let held = b.queue_stats("jobs").unwrap();
+    assert_eq!(held, QueueStats { ready: 2, in_flight: 3, consumers: 0 });
+    // Count 0 stops new deliveries, acks still count.
+    send(&mut b, "jobs", "5", &mut out);
+    assert!(out.is_empty());
+}
+
+#[test]
+fn several_queues_on_one_connection() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("a"), 1, 0, &mut out);
+    b.consume(1, q("b"), 2, 0, &mut out);
+    for name in ["a", "b", "a", "b", "b"] {
+        send(&mut b, name, name, &mut out);
+    }
+    assert_eq!(bodies(&out), ["a", "b", "b"]);
+}
+
+#[test]
+fn ack_rules() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.connect(2);
+    b.consume(1, q("jobs"), 1, 0, &mut out);
+    let id = send(&mut b, "jobs", "x", &mut out);
+    assert!(!b.ack(2, &q("jobs"), Some(id), 0, &mut out), "not the holder");
+    assert!(!b.ack(1, &q("other"), Some(id), 0, &mut out), "wrong queue");
+    assert!(!b.ack(1, &q("jobs"), None, 0, &mut out), "malformed id");
+    assert!(!b.ack(1, &q("jobs"), Some(MessageId::from_u128(1)), 0, &mut out), "unknown id");
+    assert!(b.ack(1, &q("jobs"), Some(id), 0, &mut out));
+    assert!(!b.ack(1, &q("jobs"), Some(id), 0, &mut out), "already acked");
+    assert_eq!(b.message_count(), 0);
+    assert_eq!(b.totals().acknowledged, 1);
+}
+
+#[test]
+fn disconnect_returns_holds_in_original_order_ahead_of_newer() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for i in 0..6 {
+        send(&mut b, "jobs", &i.to_string(), &mut out);
+    }
+    b.connect(1);
+    b.consume(1, q("jobs"), 3, 0, &mut out);
+    assert_eq!(bodies(&out), ["0", "1", "2"]);
+    let one = out[1].id;
+    out.clear();
+    b.ack(1, &q("jobs"), Some(one), 0, &mut out); // now holds 0, 2, 3
+    assert_eq!(bodies(&out), ["3"]);
+    out.clear();
+    send(&mut b, "jobs", "6", &mut out);
+    b.disconnect(1, 0, &mut out);
+    assert!(out.is_empty());
+    b.connect(2);
+    b.consume(2, q("jobs"), 100, 0, &mut out);
+    assert_eq!(bodies(&out), ["0", "2", "3", "4", "5", "6"]);
+}
+
+#[test]
+fn disconnect_redelivers_to_remaining_consumers_at_once() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.connect(2);
+    b.consume(1, q("jobs"), 2, 0, &mut out);
+    b.consume(2, q("jobs"), 2, 0, &mut out);
+    for i in 0..4 {
+        send(&mut b, "jobs", &i.to_string(), &mut out);
+    }
+    out.clear();
+    b.disconnect(1, 0, &mut out);
+    assert!(out.is_empty(), "consumer 2 is full");
+    let stats = b.queue_stats("jobs").unwrap();
+    assert_eq!(stats, QueueStats { ready: 2, in_flight: 2, consumers: 1 });
+}
+
+#[test]
+fn requeue_goes_to_the_tail_with_a_new_ttl() {
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    send(&mut b, "jobs", "a", &mut out);
+    send(&mut b, "jobs", "b", &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, 0, &mut out);
+    let a = out[0].id;
+    out.clear();
+    assert!(b.requeue(1, &q("jobs"), Some(a), 60, 1_000, &mut out));
+    assert_eq!(bodies(&out), ["b"]);
+    let b_id = out[0].id;
+    out.clear();
+    b.ack(1, &q("jobs"), Some(b_id), 1_000, &mut out);
+    assert_eq!(out[0].id, a, "same id after a requeue");
+    assert_eq!(out[0].ttl_remaining, None, "v1.0 connections never see a TTL");
+    let ops = store.0.lock().unwrap();
+    assert!(ops.contains(&StoreOp::Requeue { id: a, seq: 3, expires_at: Some(61_000) }));
+}
+
+#[test]
+fn dead_letter_removes_regardless_of_ttl() {
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.handle(1, Request::Consume { queue: q("jobs"), count: 1 }, 0, &mut out);
+    let id = b.send(q("jobs"), Arc::from(&b"x"[..]), Some(3600), 0, &mut out);
+    assert_eq!(out[0].ttl_remaining, None, "not yet known to speak v1.1");
+    out.clear();
+    b.handle(1, Request::DeadLetter { queue: q("jobs"), id: Some(id) }, 0, &mut out);
+    assert_eq!(b.message_count(), 0);
+    assert_eq!(b.totals().dead_lettered, 1);
+    assert_eq!(store.0.lock().unwrap().last(), Some(&StoreOp::Delete(id)));
+}
+
+#[test]
+fn ttl_packet_only_for_v11_connections_rounded_up() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.handle(
+        1,
+        Request::Send { queue: q("v11"), content: Arc::from(&b"x"[..]), ttl: Some(10) },
+        0,
+        &mut out,
+    );
+    b.consume(1, q("v11"), 5, 0, &mut out);
+    b.send(q("v11"), Arc::from(&b"y"[..]), None, 0, &mut out);
+    assert_eq!(out[0].ttl_remaining, Some(10));
+    assert_eq!(out[1].ttl_remaining, None, "no TTL, no packet");
+    out.clear();
+    b.send(q("v11"), Arc::from(&b"z"[..]), Some(10), 0, &mut Vec::new());
+    let mut late = Vec::new();
+    b.send(q("v11"), Arc::from(&b"w"[..]), Some(2), 100, &mut late);
+    assert_eq!(late[0].ttl_remaining, Some(2));
+    let (mut b, _) = broker();
+    b.connect(1);
+    b.handle(1, Request::Send { queue: q("t"), content: Arc::from(&b""[..]), ttl: Some(2) }, 0, &mut out);
+    out.clear();
+    b.consume(1, q("t"), 1, 1_001, &mut out);
+    assert_eq!(out[0].ttl_remaining, Some(1), "999 ms left rounds up to 1 s");
+}
+
+#[test]
+fn expired_messages_are_never_dispatched() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.send(q("jobs"), Arc::from(&b"short"[..]), Some(1), 0, &mut out);
+    b.send(q("jobs"), Arc::from(&b"forever"[..]), Some(0), 0, &mut out);
+    b.send(q("jobs"), Arc::from(&b"long"[..]), Some(100), 0, &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 10, 1_000, &mut out);
+    assert_eq!(bodies(&out), ["forever", "long"]);
+    assert_eq!(b.totals().expired, 1);
+}
+
+#[test]
+fn sweep_expires_waiting_messages_and_drops_empty_queues() {
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    let short = b.send(q("jobs"), Arc::from(&b"short"[..]), Some(1), 0, &mut out);
+    assert_eq!(b.expire(999), 0);
+    assert_eq!(b.expire(1_000), 1);
+    assert_eq!(b.message_count(), 0);
+    assert_eq!(b.queue_stats("jobs"), None);
+    assert_eq!(store.0.lock().unwrap().last(), Some(&StoreOp::Delete(short)));
+}
+
+#[test]
+fn sweep_leaves_held_messages_to_their_holder() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.send(q("jobs"), Arc::from(&b"x"[..]), Some(1), 0, &mut out);
+    assert_eq!(b.expire(5_000), 0);
+    assert_eq!(b.message_count(), 1);
+    // Back from the holder after its expiry: dropped, not dispatched.
+    b.disconnect(1, 5_000, &mut out);
+    b.connect(2);
+    out.clear();
+    b.consume(2, q("jobs"), 1, 5_000, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(b.message_count(), 0);
+}
+
+#[test]
+fn many_expired_entries_are_compacted() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for i in 0..200 {
+        let ttl = if i % 10 == 0 { None } else { Some(1) };
+        b.send(q("jobs"), Arc::from(i.to_string().as_bytes()), ttl, 0, &mut out);
+    }
+    assert_eq!(b.expire(1_000), 180);
+    assert!(b.queues["jobs"].ready.len() < 64);
+    b.connect(1);
+    b.consume(1, q("jobs"), 100, 1_000, &mut out);
+    let expected: Vec<String> = (0..200).step_by(10).map(|i: i32| i.to_string()).collect();
+    assert_eq!(bodies(&out), expected);
+}
+
+#[test]
+fn store_sees_every_change() {
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, 0, &mut out);
+    let id = send(&mut b, "jobs", "x", &mut out);
+    b.ack(1, &q("jobs"), Some(id), 0, &mut out);
+    let ops = store.0.lock().unwrap();
+    assert_eq!(ops.len(), 2);
+    assert!(matches!(&ops[0], StoreOp::Insert(m) if m.id == id && m.seq == 1 && &*m.content == b"x"));
+    assert_eq!(ops[1], StoreOp::Delete(id));
+}
+
+#[test]
+fn queues_exist_while_in_use() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, 0, &mut out);
+    assert!(b.queue_stats("jobs").is_some(), "created by a consume request");
+    let id = send(&mut b, "jobs", "x", &mut out);
+    b.consume(1, q("jobs"), 0, 0, &mut out);
+    assert!(b.queue_stats("jobs").is_some(), "still a message in flight");
+    b.ack(1, &q("jobs"), Some(id), 0, &mut out);
+    assert_eq!(b.queue_stats("jobs"), None);
+    b.disconnect(1, 0, &mut out);
+    assert_eq!(b.message_count(), 0);
+}

@@ -1,0 +1,21 @@
+//! phpmq: a persistent message-queue server speaking the PHPMQ v1 wire protocol.
+//!
+//! Layout, from the bytes up:
+//! - [`codec`]: PHPMQ v1 frames to and from bytes; pure functions.
+//! - [`request`]: typed, validated client requests and the server's dispatch frame.
+//! - [`id`]: message ids.
+//! - [`broker`]: the queue state machine (FIFO queues, consumer rings, holds); no I/O.
+//! - [`store`]: the seam where the broker reports changes for persistence.
+//! - [`net`]: the one place that names TCP and Unix sockets.
+//! - [`outbox`]: a connection's pending output and the thread that writes it.
+//! - [`connection`]: one client's read loop: bytes in, requests to the broker.
+//! - [`server`]: binds the listeners, accepts, owns the shared broker and the shutdown order.
+//! - [`config`]: the server's settings and listen addresses.
+
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod codec;
+pub mod id;
+pub mod request;
+pub mod store;

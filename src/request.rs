@@ -1,0 +1,305 @@
+//! Typed client requests and server dispatches on top of the codec: validates what the packets
+//! carry (queue names, decimal numbers) and knows which frames a client may send. No I/O.
+
+use crate::codec::{self, Frame, MessageType, PacketType};
+use crate::id::MessageId;
+use std::borrow::Borrow;
+use std::fmt;
+use std::sync::Arc;
+
+/// The longest queue name, in bytes.
+pub const MAX_QUEUE_NAME_LEN: usize = 255;
+
+/// A valid queue name: 1..=255 bytes of UTF-8 without control characters. Cheap to clone.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueName(Arc<str>);
+
+impl QueueName {
+    pub fn new(bytes: &[u8]) -> Result<QueueName, RequestError> {
+        if bytes.is_empty() || bytes.len() > MAX_QUEUE_NAME_LEN {
+            return Err(RequestError::QueueName(QueueNameProblem::Length(bytes.len())));
+        }
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| RequestError::QueueName(QueueNameProblem::NotUtf8))?;
+        if text.chars().any(char::is_control) {
+            return Err(RequestError::QueueName(QueueNameProblem::ControlCharacter));
+        }
+        Ok(QueueName(Arc::from(text)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for QueueName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What is wrong with a queue name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueNameProblem {
+    Length(usize),
+    NotUtf8,
+    ControlCharacter,
+}
+
+/// Why a well-framed message is still not a valid request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestError {
+    QueueName(QueueNameProblem),
+    /// A count or TTL packet that is not a decimal number that fits.
+    NotANumber { packet: PacketType, preview: String },
+    /// A frame only the server sends (003 dispatch).
+    ServerOnly(MessageType),
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestError::QueueName(QueueNameProblem::Length(len)) => {
+                write!(f, "invalid queue name: {len} bytes (must be 1 to {MAX_QUEUE_NAME_LEN})")
+            }
+            RequestError::QueueName(QueueNameProblem::NotUtf8) => {
+                write!(f, "invalid queue name: not UTF-8")
+            }
+            RequestError::QueueName(QueueNameProblem::ControlCharacter) => {
+                write!(f, "invalid queue name: contains a control character")
+            }
+            RequestError::NotANumber { packet, preview } => {
+                write!(f, "packet {packet} is not a decimal number: {preview:?}")
+            }
+            RequestError::ServerOnly(t) => {
+                write!(f, "message type {t} is sent by servers, not clients")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+/// A client's request, owned and validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// 001. `ttl` is the TTL packet if one was sent (v1.1); `Some(0)` means "never expires".
+    Send {
+        queue: QueueName,
+        content: Arc<[u8]>,
+        ttl: Option<u64>,
+    },
+    /// 002: hold up to `count` unacknowledged messages of `queue`.
+    Consume { queue: QueueName, count: u64 },
+    /// 004. `id` is `None` when the id is not of our form: such an id cannot be known.
+    Ack {
+        queue: QueueName,
+        id: Option<MessageId>,
+    },
+    /// 005: back to the tail with a new TTL (0 = never expires).
+    Requeue {
+        queue: QueueName,
+        id: Option<MessageId>,
+        ttl: u64,
+    },
+    /// 006: remove regardless of TTL.
+    DeadLetter {
+        queue: QueueName,
+        id: Option<MessageId>,
+    },
+}
+
+impl Request {
+    /// Validates a decoded frame sent by a client.
+    pub fn from_frame(frame: &Frame<'_>) -> Result<Request, RequestError> {
+        let queue = QueueName::new(frame.required(PacketType::Queue))?;
+        let id = || MessageId::parse(frame.required(PacketType::MessageId));
+        Ok(match frame.message_type {
+            MessageType::Send => Request::Send {
+                queue,
+                content: Arc::from(frame.required(PacketType::Content)),
+                ttl: frame
+                    .packet(PacketType::Ttl)
+                    .map(|t| number(PacketType::Ttl, t))
+                    .transpose()?,
+            },
+            MessageType::Consume => Request::Consume {
+                queue,
+                count: number(PacketType::Count, frame.required(PacketType::Count))?,
+            },
+            MessageType::Ack => Request::Ack { queue, id: id() },
+            MessageType::Requeue => Request::Requeue {
+                queue,
+                id: id(),
+                ttl: number(PacketType::Ttl, frame.required(PacketType::Ttl))?,
+            },
+            MessageType::DeadLetter => Request::DeadLetter { queue, id: id() },
+            MessageType::Dispatch => return Err(RequestError::ServerOnly(MessageType::Dispatch)),
+        })
+    }
+
+    /// Whether this request exists only in the v1.1 dialect, so the sender can read a TTL packet.
+    pub fn shows_v11(&self) -> bool {
+        match self {
+            Request::Send { ttl, .. } => ttl.is_some(),
+            Request::Requeue { .. } | Request::DeadLetter { .. } => true,
+            Request::Consume { .. } | Request::Ack { .. } => false,
+        }
+    }
+}
+
+fn number(packet: PacketType, bytes: &[u8]) -> Result<u64, RequestError> {
+    codec::parse_decimal(bytes)
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| RequestError::NotANumber {
+            packet,
+            preview: String::from_utf8_lossy(&bytes[..bytes.len().min(24)]).into_owned(),
+        })
+}
+
+/// Appends a 003 dispatch frame. `ttl_remaining` is given only to v1.1 connections.
+pub fn encode_dispatch(
+    out: &mut Vec<u8>,
+    queue: &QueueName,
+    content: &[u8],
+    id: MessageId,
+    ttl_remaining: Option<u64>,
+) {
+    let id = id.to_hex();
+    let ttl_text;
+    let mut packets: [(PacketType, &[u8]); 4] = [
+        (PacketType::Queue, queue.as_str().as_bytes()),
+        (PacketType::Content, content),
+        (PacketType::MessageId, &id),
+        (PacketType::Ttl, b""),
+    ];
+    let used = match ttl_remaining {
+        Some(ttl) => {
+            ttl_text = ttl.to_string();
+            packets[3].1 = ttl_text.as_bytes();
+            4
+        }
+        None => 3,
+    };
+    codec::encode_frame(out, MessageType::Dispatch, &packets[..used]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode_frame, Decoded};
+
+    fn request(bytes: &[u8]) -> Result<Request, RequestError> {
+        match decode_frame(bytes, 1 << 20) {
+            Ok(Decoded::Frame(frame, _)) => Request::from_frame(&frame),
+            other => panic!("not a frame: {other:?}"),
+        }
+    }
+
+    fn frame(t: MessageType, packets: &[(PacketType, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        codec::encode_frame(&mut out, t, packets);
+        out
+    }
+
+    #[test]
+    fn queue_names() {
+        assert!(QueueName::new(b"orders").is_ok());
+        assert!(QueueName::new("zürich-ünïcode".as_bytes()).is_ok());
+        assert!(QueueName::new(&[b'a'; 255]).is_ok());
+        assert_eq!(
+            QueueName::new(&[b'a'; 256]),
+            Err(RequestError::QueueName(QueueNameProblem::Length(256)))
+        );
+        assert_eq!(
+            QueueName::new(b""),
+            Err(RequestError::QueueName(QueueNameProblem::Length(0)))
+        );
+        assert_eq!(
+            QueueName::new(b"a\nb"),
+            Err(RequestError::QueueName(QueueNameProblem::ControlCharacter))
+        );
+        assert_eq!(
+            QueueName::new(b"\xff"),
+            Err(RequestError::QueueName(QueueNameProblem::NotUtf8))
+        );
+    }
+
+    #[test]
+    fn send_in_both_dialects() {
+        let v10 = request(&frame(
+            MessageType::Send,
+            &[(PacketType::Queue, b"q"), (PacketType::Content, b"body")],
+        ))
+        .unwrap();
+        assert!(!v10.shows_v11());
+        let v11 = request(&frame(
+            MessageType::Send,
+            &[(PacketType::Queue, b"q"), (PacketType::Content, b"body"), (PacketType::Ttl, b"60")],
+        ))
+        .unwrap();
+        assert!(v11.shows_v11());
+        assert!(matches!(v11, Request::Send { ttl: Some(60), .. }));
+    }
+
+    #[test]
+    fn numbers_must_be_decimal() {
+        let bad = request(&frame(
+            MessageType::Consume,
+            &[(PacketType::Queue, b"q"), (PacketType::Count, b"ten")],
+        ));
+        assert!(matches!(bad, Err(RequestError::NotANumber { packet: PacketType::Count, .. })));
+        let bad = request(&frame(
+            MessageType::Requeue,
+            &[(PacketType::Queue, b"q"), (PacketType::MessageId, b"x"), (PacketType::Ttl, b"-1")],
+        ));
+        assert!(matches!(bad, Err(RequestError::NotANumber { packet: PacketType::Ttl, .. })));
+        let too_big = request(&frame(
+            MessageType::Consume,
+            &[(PacketType::Queue, b"q"), (PacketType::Count, b"99999999999999999999999")],
+        ));
+        assert!(too_big.is_err());
+    }
+
+    #[test]
+    fn clients_cannot_dispatch() {
+        let bytes = frame(
+            MessageType::Dispatch,
+            &[(PacketType::Queue, b"q"), (PacketType::Content, b"c"), (PacketType::MessageId, b"i")],
+        );
+        assert_eq!(request(&bytes), Err(RequestError::ServerOnly(MessageType::Dispatch)));
+    }
+
+    #[test]
+    fn foreign_ids_are_kept_as_unknown() {
+        let ack = request(&frame(
+            MessageType::Ack,
+            &[(PacketType::Queue, b"q"), (PacketType::MessageId, b"not-ours")],
+        ))
+        .unwrap();
+        assert!(matches!(ack, Request::Ack { id: None, .. }));
+    }
+
+    #[test]
+    fn dispatch_has_three_packets_without_ttl_and_four_with() {
+        let queue = QueueName::new(b"q").unwrap();
+        let id = MessageId::from_u128(255);
+        let mut out = Vec::new();
+        encode_dispatch(&mut out, &queue, b"hi", id, None);
+        assert_eq!(&out[..8], b"H0100303");
+        let mut expected = b"H0100303P0100000000000000000000000000001qP0200000000000000000000000000002hi".to_vec();
+        expected.extend_from_slice(b"P0300000000000000000000000000032000000000000000000000000000000ff");
+        assert_eq!(out, expected);
+
+        out.clear();
+        encode_dispatch(&mut out, &queue, b"hi", id, Some(42));
+        assert_eq!(&out[..8], b"H0100304");
+        assert!(out.ends_with(b"P050000000000000000000000000000242"));
+    }
+}
