@@ -194,16 +194,29 @@ pub enum CodecError {
     UnsupportedVersion(u8),
     UnknownMessageType(u16),
     /// The header's packet count does not fit the message type.
-    PacketCount { message_type: MessageType, count: usize },
+    PacketCount {
+        message_type: MessageType,
+        count: usize,
+    },
     /// A packet header does not start with `P` or has non-digit fields.
     BadPacketHeader([u8; PACKET_HEADER_LEN]),
     UnknownPacketType(u8),
     /// A packet type that this message type does not carry.
-    UnexpectedPacket { message_type: MessageType, packet: PacketType },
+    UnexpectedPacket {
+        message_type: MessageType,
+        packet: PacketType,
+    },
     DuplicatePacket(PacketType),
-    MissingPacket { message_type: MessageType, packet: PacketType },
+    MissingPacket {
+        message_type: MessageType,
+        packet: PacketType,
+    },
     /// A packet's declared length is over the configured maximum.
-    PacketTooLarge { packet: PacketType, length: u128, max: usize },
+    PacketTooLarge {
+        packet: PacketType,
+        length: u128,
+        max: usize,
+    },
 }
 
 impl fmt::Display for CodecError {
@@ -213,29 +226,47 @@ impl fmt::Display for CodecError {
                 write!(f, "frame does not start with 'H' (got byte 0x{byte:02x})")
             }
             CodecError::BadHeader(h) => {
-                write!(f, "malformed message header {:?}", String::from_utf8_lossy(h))
+                write!(
+                    f,
+                    "malformed message header {:?}",
+                    String::from_utf8_lossy(h)
+                )
             }
             CodecError::UnsupportedVersion(v) => write!(f, "unsupported protocol version {v:02}"),
             CodecError::UnknownMessageType(t) => write!(f, "unknown message type {t:03}"),
-            CodecError::PacketCount { message_type, count } => write!(
+            CodecError::PacketCount {
+                message_type,
+                count,
+            } => write!(
                 f,
                 "message type {message_type} cannot have {count} packets (expected {:?})",
                 message_type.packet_counts()
             ),
             CodecError::BadPacketHeader(h) => {
-                write!(f, "malformed packet header {:?}", String::from_utf8_lossy(h))
+                write!(
+                    f,
+                    "malformed packet header {:?}",
+                    String::from_utf8_lossy(h)
+                )
             }
             CodecError::UnknownPacketType(t) => write!(f, "unknown packet type {t:02}"),
             CodecError::UnexpectedPacket {
                 message_type,
                 packet,
-            } => write!(f, "message type {message_type} does not carry packet {packet}"),
+            } => write!(
+                f,
+                "message type {message_type} does not carry packet {packet}"
+            ),
             CodecError::DuplicatePacket(p) => write!(f, "duplicated packet {p}"),
             CodecError::MissingPacket {
                 message_type,
                 packet,
             } => write!(f, "message type {message_type} is missing packet {packet}"),
-            CodecError::PacketTooLarge { packet, length, max } => write!(
+            CodecError::PacketTooLarge {
+                packet,
+                length,
+                max,
+            } => write!(
                 f,
                 "packet {packet} declares {length} bytes, over the limit of {max} bytes"
             ),
@@ -445,13 +476,22 @@ mod tests {
         encode_frame(
             &mut out,
             MessageType::Send,
-            &[(PacketType::Queue, b"Queue"), (PacketType::Content, b"Hello World")],
+            &[
+                (PacketType::Queue, b"Queue"),
+                (PacketType::Content, b"Hello World"),
+            ],
         );
         assert_eq!(
             out,
             b"H0100102P0100000000000000000000000000005QueueP0200000000000000000000000000011Hello World"
         );
-        assert_eq!(out.len(), encoded_len(&[(PacketType::Queue, b"Queue"), (PacketType::Content, b"Hello World")]));
+        assert_eq!(
+            out.len(),
+            encoded_len(&[
+                (PacketType::Queue, b"Queue"),
+                (PacketType::Content, b"Hello World")
+            ])
+        );
     }
 
     #[test]
@@ -487,7 +527,9 @@ mod tests {
         let bytes = b"H0100102P0100000000000000000000000000005QueueP0200000000000000000000000000011Hello World";
         for cut in 0..bytes.len() {
             match decode_frame(&bytes[..cut], MAX) {
-                Ok(Decoded::Incomplete { needed }) => assert!(needed > cut && needed <= bytes.len()),
+                Ok(Decoded::Incomplete { needed }) => {
+                    assert!(needed > cut && needed <= bytes.len())
+                }
                 other => panic!("cut at {cut}: {other:?}"),
             }
         }
@@ -502,11 +544,17 @@ mod tests {
         assert_eq!(err(b"H0100000"), CodecError::UnknownMessageType(0));
         assert_eq!(
             err(b"H0100205"),
-            CodecError::PacketCount { message_type: MessageType::Consume, count: 5 }
+            CodecError::PacketCount {
+                message_type: MessageType::Consume,
+                count: 5
+            }
         );
         assert_eq!(
             err(b"H0100101"),
-            CodecError::PacketCount { message_type: MessageType::Send, count: 1 }
+            CodecError::PacketCount {
+                message_type: MessageType::Send,
+                count: 1
+            }
         );
     }
 
@@ -526,7 +574,10 @@ mod tests {
         );
         assert_eq!(
             err(b"H0100102P0400000000000000000000000000001q"),
-            CodecError::UnexpectedPacket { message_type: MessageType::Send, packet: PacketType::Count }
+            CodecError::UnexpectedPacket {
+                message_type: MessageType::Send,
+                packet: PacketType::Count
+            }
         );
         assert_eq!(
             err(b"H0100102P0100000000000000000000000000001qP0100000000000000000000000000001q"),
@@ -534,7 +585,10 @@ mod tests {
         );
         assert_eq!(
             err(b"H0100102P0100000000000000000000000000001qP0500000000000000000000000000001q"),
-            CodecError::MissingPacket { message_type: MessageType::Send, packet: PacketType::Content }
+            CodecError::MissingPacket {
+                message_type: MessageType::Send,
+                packet: PacketType::Content
+            }
         );
     }
 
@@ -542,7 +596,11 @@ mod tests {
     fn rejects_oversized_packets_before_reading_them() {
         assert_eq!(
             decode_frame(b"H0100102P0100000000000000000000000000011", 10),
-            Err(CodecError::PacketTooLarge { packet: PacketType::Queue, length: 11, max: 10 })
+            Err(CodecError::PacketTooLarge {
+                packet: PacketType::Queue,
+                length: 11,
+                max: 10
+            })
         );
         assert!(matches!(
             err(b"H0100102P0199999999999999999999999999999"),

@@ -16,6 +16,12 @@
 
 pub mod broker;
 pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod hub;
 pub mod id;
+pub mod net;
+pub mod outbox;
 pub mod request;
+pub mod server;
 pub mod store;

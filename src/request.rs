@@ -17,7 +17,9 @@ pub struct QueueName(Arc<str>);
 impl QueueName {
     pub fn new(bytes: &[u8]) -> Result<QueueName, RequestError> {
         if bytes.is_empty() || bytes.len() > MAX_QUEUE_NAME_LEN {
-            return Err(RequestError::QueueName(QueueNameProblem::Length(bytes.len())));
+            return Err(RequestError::QueueName(QueueNameProblem::Length(
+                bytes.len(),
+            )));
         }
         let text = std::str::from_utf8(bytes)
             .map_err(|_| RequestError::QueueName(QueueNameProblem::NotUtf8))?;
@@ -57,7 +59,10 @@ pub enum QueueNameProblem {
 pub enum RequestError {
     QueueName(QueueNameProblem),
     /// A count or TTL packet that is not a decimal number that fits.
-    NotANumber { packet: PacketType, preview: String },
+    NotANumber {
+        packet: PacketType,
+        preview: String,
+    },
     /// A frame only the server sends (003 dispatch).
     ServerOnly(MessageType),
 }
@@ -66,7 +71,10 @@ impl fmt::Display for RequestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RequestError::QueueName(QueueNameProblem::Length(len)) => {
-                write!(f, "invalid queue name: {len} bytes (must be 1 to {MAX_QUEUE_NAME_LEN})")
+                write!(
+                    f,
+                    "invalid queue name: {len} bytes (must be 1 to {MAX_QUEUE_NAME_LEN})"
+                )
             }
             RequestError::QueueName(QueueNameProblem::NotUtf8) => {
                 write!(f, "invalid queue name: not UTF-8")
@@ -241,7 +249,11 @@ mod tests {
         assert!(!v10.shows_v11());
         let v11 = request(&frame(
             MessageType::Send,
-            &[(PacketType::Queue, b"q"), (PacketType::Content, b"body"), (PacketType::Ttl, b"60")],
+            &[
+                (PacketType::Queue, b"q"),
+                (PacketType::Content, b"body"),
+                (PacketType::Ttl, b"60"),
+            ],
         ))
         .unwrap();
         assert!(v11.shows_v11());
@@ -254,15 +266,34 @@ mod tests {
             MessageType::Consume,
             &[(PacketType::Queue, b"q"), (PacketType::Count, b"ten")],
         ));
-        assert!(matches!(bad, Err(RequestError::NotANumber { packet: PacketType::Count, .. })));
+        assert!(matches!(
+            bad,
+            Err(RequestError::NotANumber {
+                packet: PacketType::Count,
+                ..
+            })
+        ));
         let bad = request(&frame(
             MessageType::Requeue,
-            &[(PacketType::Queue, b"q"), (PacketType::MessageId, b"x"), (PacketType::Ttl, b"-1")],
+            &[
+                (PacketType::Queue, b"q"),
+                (PacketType::MessageId, b"x"),
+                (PacketType::Ttl, b"-1"),
+            ],
         ));
-        assert!(matches!(bad, Err(RequestError::NotANumber { packet: PacketType::Ttl, .. })));
+        assert!(matches!(
+            bad,
+            Err(RequestError::NotANumber {
+                packet: PacketType::Ttl,
+                ..
+            })
+        ));
         let too_big = request(&frame(
             MessageType::Consume,
-            &[(PacketType::Queue, b"q"), (PacketType::Count, b"99999999999999999999999")],
+            &[
+                (PacketType::Queue, b"q"),
+                (PacketType::Count, b"99999999999999999999999"),
+            ],
         ));
         assert!(too_big.is_err());
     }
@@ -271,16 +302,26 @@ mod tests {
     fn clients_cannot_dispatch() {
         let bytes = frame(
             MessageType::Dispatch,
-            &[(PacketType::Queue, b"q"), (PacketType::Content, b"c"), (PacketType::MessageId, b"i")],
+            &[
+                (PacketType::Queue, b"q"),
+                (PacketType::Content, b"c"),
+                (PacketType::MessageId, b"i"),
+            ],
         );
-        assert_eq!(request(&bytes), Err(RequestError::ServerOnly(MessageType::Dispatch)));
+        assert_eq!(
+            request(&bytes),
+            Err(RequestError::ServerOnly(MessageType::Dispatch))
+        );
     }
 
     #[test]
     fn foreign_ids_are_kept_as_unknown() {
         let ack = request(&frame(
             MessageType::Ack,
-            &[(PacketType::Queue, b"q"), (PacketType::MessageId, b"not-ours")],
+            &[
+                (PacketType::Queue, b"q"),
+                (PacketType::MessageId, b"not-ours"),
+            ],
         ))
         .unwrap();
         assert!(matches!(ack, Request::Ack { id: None, .. }));
@@ -293,8 +334,10 @@ mod tests {
         let mut out = Vec::new();
         encode_dispatch(&mut out, &queue, b"hi", id, None);
         assert_eq!(&out[..8], b"H0100303");
-        let mut expected = b"H0100303P0100000000000000000000000000001qP0200000000000000000000000000002hi".to_vec();
-        expected.extend_from_slice(b"P0300000000000000000000000000032000000000000000000000000000000ff");
+        let mut expected =
+            b"H0100303P0100000000000000000000000000001qP0200000000000000000000000000002hi".to_vec();
+        expected
+            .extend_from_slice(b"P0300000000000000000000000000032000000000000000000000000000000ff");
         assert_eq!(out, expected);
 
         out.clear();

@@ -1,1 +1,129 @@
-fn main() {}
+//! `phpmq-server`: parses flags, sets up logging and signals, and runs the server.
+
+use argh::FromArgs;
+use crossbeam_channel::{bounded, Sender};
+use log::{info, warn, LevelFilter};
+use phpmq::config::{self, Config, ListenAddr};
+use phpmq::server::Server;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// A lightweight, persistent message-queue server speaking the PHPMQ v1 wire protocol.
+#[derive(FromArgs)]
+struct Args {
+    /// address to listen on, repeatable: HOST:PORT (IPv4), [IPv6]:PORT or unix:/path/to.sock
+    /// (default 127.0.0.1:9100)
+    #[argh(option, from_str_fn(parse_listen))]
+    listen: Vec<ListenAddr>,
+
+    /// most clients connected at once; more are refused (default 1024)
+    #[argh(option, default = "config::DEFAULT_MAX_CONNECTIONS")]
+    max_connections: usize,
+
+    /// largest packet a client may send, in bytes (default 16777216 = 16 MiB)
+    #[argh(option, default = "config::DEFAULT_MAX_MESSAGE_SIZE")]
+    max_message_size: usize,
+
+    /// how long one frame may take to arrive once it has started, in milliseconds (default 30000)
+    #[argh(option, default = "config::DEFAULT_FRAME_TIMEOUT.as_millis() as u64")]
+    frame_timeout_ms: u64,
+
+    /// log level: error, warn, info, debug or trace (default info)
+    #[argh(option, default = "LevelFilter::Info", from_str_fn(parse_level))]
+    log_level: LevelFilter,
+
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+}
+
+fn parse_listen(text: &str) -> Result<ListenAddr, String> {
+    text.parse()
+}
+
+fn parse_level(text: &str) -> Result<LevelFilter, String> {
+    match text {
+        "error" | "warn" | "info" | "debug" | "trace" => text
+            .parse()
+            .map_err(|_| format!("unknown log level {text:?}")),
+        _ => Err(format!(
+            "unknown log level {text:?}: use error, warn, info, debug or trace"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    if args.version {
+        println!("phpmq-server {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    init_logging(args.log_level);
+    let mut config = Config {
+        max_connections: args.max_connections,
+        max_message_size: args.max_message_size,
+        frame_timeout: Duration::from_millis(args.frame_timeout_ms),
+        ..Config::default()
+    };
+    if !args.listen.is_empty() {
+        config.listen = args.listen;
+    }
+    let server = match Server::bind(&config) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("phpmq-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (shutdown_tx, shutdown_rx) = bounded(1);
+    if let Err(e) = watch_signals(shutdown_tx) {
+        eprintln!("phpmq-server: cannot install signal handlers: {e}");
+        return ExitCode::FAILURE;
+    }
+    let addrs: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
+    // Scripts and tests wait for this line: keep its form stable.
+    eprintln!("phpmq-server: ready; listening on {}", addrs.join(", "));
+    match server.run(shutdown_rx) {
+        Ok(()) => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("phpmq-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: LevelFilter) {
+    let config = simplelog::ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_thread_level(LevelFilter::Off)
+        .set_target_level(LevelFilter::Off)
+        .build();
+    // Only fails if a logger is already set, which cannot happen here.
+    let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
+}
+
+/// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
+fn watch_signals(shutdown: Sender<()>) -> std::io::Result<()> {
+    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("phpmq-signals".into())
+        .spawn(move || {
+            let mut received = 0;
+            for signal in signals.forever() {
+                received += 1;
+                if received == 1 {
+                    info!("signal {signal} received, shutting down");
+                    let _ = shutdown.try_send(());
+                } else {
+                    warn!("signal {signal} received again, exiting at once");
+                    std::process::exit(130);
+                }
+            }
+        })?;
+    Ok(())
+}

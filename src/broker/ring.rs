@@ -66,12 +66,6 @@ impl<T: Copy + PartialEq> Ring<T> {
             self.cursor = (index + 1) % self.members.len();
         }
     }
-
-    /// Members in ring order starting with the one whose turn it is.
-    pub fn iter_from_cursor(&self) -> impl Iterator<Item = T> + '_ {
-        let len = self.members.len();
-        (0..len).map(move |step| self.members[(self.cursor + step) % len])
-    }
 }
 
 #[cfg(test)]
@@ -158,6 +152,5 @@ mod tests {
         ring.advance_past(2);
         assert_eq!(ring.peek_next(|_| true), Some(3));
         assert_eq!(ring.peek_next(|_| false), None);
-        assert_eq!(ring.iter_from_cursor().collect::<Vec<_>>(), [3, 1, 2]);
     }
 }

@@ -64,7 +64,11 @@ fn prefetch_limits_holds_and_each_ack_frees_one() {
     assert_eq!(bodies(&out), ["3"]);
     assert_eq!(
         b.queue_stats("jobs"),
-        Some(QueueStats { ready: 6, in_flight: 3, consumers: 1 })
+        Some(QueueStats {
+            ready: 6,
+            in_flight: 3,
+            consumers: 1
+        })
     );
 }
 
@@ -112,7 +116,14 @@ fn new_consume_request_changes_the_count_and_keeps_holds() {
     out.clear();
     b.consume(1, q("jobs"), 0, 0, &mut out);
     let held = b.queue_stats("jobs").unwrap();
-    assert_eq!(held, QueueStats { ready: 2, in_flight: 3, consumers: 0 });
+    assert_eq!(
+        held,
+        QueueStats {
+            ready: 2,
+            in_flight: 3,
+            consumers: 0
+        }
+    );
     // Count 0 stops new deliveries, acks still count.
     send(&mut b, "jobs", "5", &mut out);
     assert!(out.is_empty());
@@ -139,12 +150,21 @@ fn ack_rules() {
     b.connect(2);
     b.consume(1, q("jobs"), 1, 0, &mut out);
     let id = send(&mut b, "jobs", "x", &mut out);
-    assert!(!b.ack(2, &q("jobs"), Some(id), 0, &mut out), "not the holder");
+    assert!(
+        !b.ack(2, &q("jobs"), Some(id), 0, &mut out),
+        "not the holder"
+    );
     assert!(!b.ack(1, &q("other"), Some(id), 0, &mut out), "wrong queue");
     assert!(!b.ack(1, &q("jobs"), None, 0, &mut out), "malformed id");
-    assert!(!b.ack(1, &q("jobs"), Some(MessageId::from_u128(1)), 0, &mut out), "unknown id");
+    assert!(
+        !b.ack(1, &q("jobs"), Some(MessageId::from_u128(1)), 0, &mut out),
+        "unknown id"
+    );
     assert!(b.ack(1, &q("jobs"), Some(id), 0, &mut out));
-    assert!(!b.ack(1, &q("jobs"), Some(id), 0, &mut out), "already acked");
+    assert!(
+        !b.ack(1, &q("jobs"), Some(id), 0, &mut out),
+        "already acked"
+    );
     assert_eq!(b.message_count(), 0);
     assert_eq!(b.totals().acknowledged, 1);
 }
@@ -187,7 +207,14 @@ fn disconnect_redelivers_to_remaining_consumers_at_once() {
     b.disconnect(1, 0, &mut out);
     assert!(out.is_empty(), "consumer 2 is full");
     let stats = b.queue_stats("jobs").unwrap();
-    assert_eq!(stats, QueueStats { ready: 2, in_flight: 2, consumers: 1 });
+    assert_eq!(
+        stats,
+        QueueStats {
+            ready: 2,
+            in_flight: 2,
+            consumers: 1
+        }
+    );
 }
 
 #[test]
@@ -206,9 +233,16 @@ fn requeue_goes_to_the_tail_with_a_new_ttl() {
     out.clear();
     b.ack(1, &q("jobs"), Some(b_id), 1_000, &mut out);
     assert_eq!(out[0].id, a, "same id after a requeue");
-    assert_eq!(out[0].ttl_remaining, None, "v1.0 connections never see a TTL");
+    assert_eq!(
+        out[0].ttl_remaining, None,
+        "v1.0 connections never see a TTL"
+    );
     let ops = store.0.lock().unwrap();
-    assert!(ops.contains(&StoreOp::Requeue { id: a, seq: 3, expires_at: Some(61_000) }));
+    assert!(ops.contains(&StoreOp::Requeue {
+        id: a,
+        seq: 3,
+        expires_at: Some(61_000)
+    }));
 }
 
 #[test]
@@ -216,11 +250,27 @@ fn dead_letter_removes_regardless_of_ttl() {
     let (mut b, store) = broker();
     let mut out = Vec::new();
     b.connect(1);
-    b.handle(1, Request::Consume { queue: q("jobs"), count: 1 }, 0, &mut out);
+    b.handle(
+        1,
+        Request::Consume {
+            queue: q("jobs"),
+            count: 1,
+        },
+        0,
+        &mut out,
+    );
     let id = b.send(q("jobs"), Arc::from(&b"x"[..]), Some(3600), 0, &mut out);
     assert_eq!(out[0].ttl_remaining, None, "not yet known to speak v1.1");
     out.clear();
-    b.handle(1, Request::DeadLetter { queue: q("jobs"), id: Some(id) }, 0, &mut out);
+    b.handle(
+        1,
+        Request::DeadLetter {
+            queue: q("jobs"),
+            id: Some(id),
+        },
+        0,
+        &mut out,
+    );
     assert_eq!(b.message_count(), 0);
     assert_eq!(b.totals().dead_lettered, 1);
     assert_eq!(store.0.lock().unwrap().last(), Some(&StoreOp::Delete(id)));
@@ -233,7 +283,11 @@ fn ttl_packet_only_for_v11_connections_rounded_up() {
     b.connect(1);
     b.handle(
         1,
-        Request::Send { queue: q("v11"), content: Arc::from(&b"x"[..]), ttl: Some(10) },
+        Request::Send {
+            queue: q("v11"),
+            content: Arc::from(&b"x"[..]),
+            ttl: Some(10),
+        },
         0,
         &mut out,
     );
@@ -248,10 +302,23 @@ fn ttl_packet_only_for_v11_connections_rounded_up() {
     assert_eq!(late[0].ttl_remaining, Some(2));
     let (mut b, _) = broker();
     b.connect(1);
-    b.handle(1, Request::Send { queue: q("t"), content: Arc::from(&b""[..]), ttl: Some(2) }, 0, &mut out);
+    b.handle(
+        1,
+        Request::Send {
+            queue: q("t"),
+            content: Arc::from(&b""[..]),
+            ttl: Some(2),
+        },
+        0,
+        &mut out,
+    );
     out.clear();
     b.consume(1, q("t"), 1, 1_001, &mut out);
-    assert_eq!(out[0].ttl_remaining, Some(1), "999 ms left rounds up to 1 s");
+    assert_eq!(
+        out[0].ttl_remaining,
+        Some(1),
+        "999 ms left rounds up to 1 s"
+    );
 }
 
 #[test]
@@ -276,7 +343,10 @@ fn sweep_expires_waiting_messages_and_drops_empty_queues() {
     assert_eq!(b.expire(1_000), 1);
     assert_eq!(b.message_count(), 0);
     assert_eq!(b.queue_stats("jobs"), None);
-    assert_eq!(store.0.lock().unwrap().last(), Some(&StoreOp::Delete(short)));
+    assert_eq!(
+        store.0.lock().unwrap().last(),
+        Some(&StoreOp::Delete(short))
+    );
 }
 
 #[test]
@@ -303,7 +373,13 @@ fn many_expired_entries_are_compacted() {
     let mut out = Vec::new();
     for i in 0..200 {
         let ttl = if i % 10 == 0 { None } else { Some(1) };
-        b.send(q("jobs"), Arc::from(i.to_string().as_bytes()), ttl, 0, &mut out);
+        b.send(
+            q("jobs"),
+            Arc::from(i.to_string().as_bytes()),
+            ttl,
+            0,
+            &mut out,
+        );
     }
     assert_eq!(b.expire(1_000), 180);
     assert!(b.queues["jobs"].ready.len() < 64);
@@ -323,7 +399,9 @@ fn store_sees_every_change() {
     b.ack(1, &q("jobs"), Some(id), 0, &mut out);
     let ops = store.0.lock().unwrap();
     assert_eq!(ops.len(), 2);
-    assert!(matches!(&ops[0], StoreOp::Insert(m) if m.id == id && m.seq == 1 && &*m.content == b"x"));
+    assert!(
+        matches!(&ops[0], StoreOp::Insert(m) if m.id == id && m.seq == 1 && &*m.content == b"x")
+    );
     assert_eq!(ops[1], StoreOp::Delete(id));
 }
 
@@ -333,7 +411,10 @@ fn queues_exist_while_in_use() {
     let mut out = Vec::new();
     b.connect(1);
     b.consume(1, q("jobs"), 1, 0, &mut out);
-    assert!(b.queue_stats("jobs").is_some(), "created by a consume request");
+    assert!(
+        b.queue_stats("jobs").is_some(),
+        "created by a consume request"
+    );
     let id = send(&mut b, "jobs", "x", &mut out);
     b.consume(1, q("jobs"), 0, 0, &mut out);
     assert!(b.queue_stats("jobs").is_some(), "still a message in flight");

@@ -1,0 +1,95 @@
+//! The server's settings and the forms of a listen address.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The default message endpoint: loopback only, so exposing the server is an explicit choice.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9100";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a listener binds: `HOST:PORT` (IPv4 or `[IPv6]:PORT`) or `unix:/path/to.sock`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("{text:?}: the unix: form needs a path"));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        text.parse::<SocketAddr>()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| {
+                format!(
+                    "{text:?} is not an address: use HOST:PORT (IPv4), [IPv6]:PORT or unix:/path"
+                )
+            })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Everything the server needs to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: Vec<ListenAddr>,
+    pub max_connections: usize,
+    /// The largest packet content a client may send, in bytes.
+    pub max_message_size: usize,
+    /// How long one frame may take to arrive once its first byte is in.
+    pub frame_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![DEFAULT_LISTEN.parse().expect("the default address parses")],
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            frame_timeout: DEFAULT_FRAME_TIMEOUT,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_forms() {
+        assert_eq!(
+            "127.0.0.1:9100".parse::<ListenAddr>(),
+            Ok(ListenAddr::Tcp("127.0.0.1:9100".parse().unwrap()))
+        );
+        assert!(matches!("[::1]:0".parse::<ListenAddr>(), Ok(ListenAddr::Tcp(a)) if a.is_ipv6()));
+        assert_eq!(
+            "unix:/run/phpmq.sock".parse::<ListenAddr>(),
+            Ok(ListenAddr::Unix("/run/phpmq.sock".into()))
+        );
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!("localhost".parse::<ListenAddr>().is_err());
+        assert!("9100".parse::<ListenAddr>().is_err());
+        let shown = ListenAddr::Unix("/tmp/x.sock".into()).to_string();
+        assert_eq!(shown, "unix:/tmp/x.sock");
+        assert_eq!(Config::default().listen[0].to_string(), DEFAULT_LISTEN);
+    }
+}

@@ -1,0 +1,346 @@
+//! One client connection: reads frames, hands the requests to the hub in batches, and cleans up
+//! when the client goes, whatever the reason.
+//!
+//! Reading is idle-tolerant between frames but bounded inside one: once a frame's first byte is
+//! in, the rest must arrive within the frame timeout. The writer thread that sends dispatches is
+//! started only when the connection first asks to consume.
+
+use crate::broker::ConnId;
+use crate::codec::{self, CodecError, Decoded};
+use crate::hub::{BrokerDown, Hub, Peer};
+use crate::net::Stream;
+use crate::outbox::Outbox;
+use crate::request::{Request, RequestError};
+use log::{debug, info, warn};
+use std::fmt;
+use std::io::{self, Read};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// The read buffer's usual size; it grows for a large frame and shrinks back after it.
+const READ_BUFFER: usize = 64 << 10;
+/// Most requests applied under one lock: bounds the lock hold time of a pipelining producer.
+const MAX_BATCH: usize = 512;
+/// Stack size of connection threads: they recurse nowhere and there may be thousands.
+pub const THREAD_STACK: usize = 256 << 10;
+
+/// Limits a connection enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_packet_len: usize,
+    pub frame_timeout: Duration,
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client closed the connection between frames.
+    Closed,
+    /// The server hung up (shutdown).
+    ServerShutdown,
+    Codec(CodecError),
+    Request(RequestError),
+    /// EOF in the middle of a frame.
+    CutOff {
+        buffered: usize,
+    },
+    /// A frame started but did not finish within the frame timeout.
+    Stalled {
+        buffered: usize,
+        timeout: Duration,
+    },
+    Io(io::Error),
+    WriterSpawn(io::Error),
+    BrokerDown(BrokerDown),
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            End::Closed => f.write_str("closed by the client"),
+            End::ServerShutdown => f.write_str("closed by the server"),
+            End::Codec(e) => write!(f, "bad frame: {e}"),
+            End::Request(e) => write!(f, "bad request: {e}"),
+            End::CutOff { buffered } => {
+                write!(
+                    f,
+                    "connection closed in the middle of a frame ({buffered} bytes of it received)"
+                )
+            }
+            End::Stalled { buffered, timeout } => write!(
+                f,
+                "frame not completed within {} ms ({buffered} bytes of it received)",
+                timeout.as_millis()
+            ),
+            End::Io(e) => write!(f, "read failed: {e}"),
+            End::WriterSpawn(e) => write!(f, "cannot start the writer thread: {e}"),
+            End::BrokerDown(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Serves one client until it goes; always unregisters it so its held messages are released.
+pub fn serve(hub: &Hub, conn: ConnId, stream: Stream, name: String, limits: Limits) {
+    let peer = Arc::new(Peer {
+        name,
+        stream: Arc::new(stream),
+        outbox: Outbox::new(),
+    });
+    let label = format!("{} (connection {conn})", peer.name);
+    match hub.register(conn, peer.clone()) {
+        Ok(true) => {}
+        Ok(false) => {
+            debug!("{label}: server is shutting down, closing");
+            peer.hang_up();
+            return;
+        }
+        Err(e) => {
+            warn!("{label}: {e}");
+            peer.hang_up();
+            return;
+        }
+    }
+    debug!("{label}: connected");
+    let mut session = Session {
+        hub,
+        conn,
+        peer: peer.clone(),
+        writer: None,
+        label: label.clone(),
+    };
+    let end = session.read_loop(limits);
+    match &end {
+        End::Closed => debug!("{label}: disconnected"),
+        End::ServerShutdown => debug!("{label}: closed for shutdown"),
+        End::Io(e) if is_disconnect(e) => info!("{label}: connection lost: {e}"),
+        End::BrokerDown(_) => {}
+        _ => warn!("{label}: closing connection: {end}"),
+    }
+    // Unregister first: the held messages go to other consumers before this socket closes.
+    if let Err(e) = hub.unregister(conn) {
+        warn!("{label}: {e}");
+    }
+    peer.hang_up();
+    if let Some(writer) = session.writer.take() {
+        let _ = writer.join();
+    }
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+struct Session<'a> {
+    hub: &'a Hub,
+    conn: ConnId,
+    peer: Arc<Peer>,
+    writer: Option<JoinHandle<()>>,
+    label: String,
+}
+
+impl Session<'_> {
+    fn read_loop(&mut self, limits: Limits) -> End {
+        let mut reader = FrameReader::new(limits);
+        let stream = self.peer.stream.clone();
+        loop {
+            let mut batch = Vec::new();
+            let parsed = loop {
+                if batch.len() == MAX_BATCH {
+                    break Ok(());
+                }
+                match reader.next_request() {
+                    Ok(Some(request)) => batch.push(request),
+                    Ok(None) => break Ok(()),
+                    Err(end) => break Err(end),
+                }
+            };
+            // Requests before a bad frame are still honoured: nothing accepted is lost.
+            if let Err(end) = self.apply(batch) {
+                return end;
+            }
+            if let Err(end) = parsed {
+                return end;
+            }
+            if reader.has_whole_frames_pending() {
+                continue;
+            }
+            match reader.fill(&stream) {
+                Ok(true) => {}
+                _ if self.peer.outbox.is_closed() => return End::ServerShutdown,
+                Ok(false) => return End::Closed,
+                Err(end) => return end,
+            }
+        }
+    }
+
+    fn apply(&mut self, batch: Vec<Request>) -> Result<(), End> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if self.writer.is_none() && batch.iter().any(|r| matches!(r, Request::Consume { .. })) {
+            self.start_writer()?;
+        }
+        self.hub.apply(self.conn, batch).map_err(End::BrokerDown)
+    }
+
+    fn start_writer(&mut self) -> Result<(), End> {
+        let peer = self.peer.clone();
+        let label = self.label.clone();
+        let handle = thread::Builder::new()
+            .name(format!("phpmq-write-{}", self.conn))
+            .stack_size(THREAD_STACK)
+            .spawn(move || {
+                if let Err(e) = peer.outbox.write_loop(&*peer.stream) {
+                    info!("{label}: write failed: {e}");
+                    // Wake the reader so the connection is cleaned up.
+                    peer.hang_up();
+                }
+            })
+            .map_err(End::WriterSpawn)?;
+        self.writer = Some(handle);
+        Ok(())
+    }
+}
+
+/// Accumulates bytes from the socket and cuts them into requests.
+struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Bytes from `start` that the frame in progress needs in all, as far as known.
+    needed: usize,
+    limits: Limits,
+    /// When the frame in progress must be complete.
+    deadline: Option<Instant>,
+    timeout_armed: bool,
+    /// Set when a whole frame is buffered but the batch was full.
+    more_pending: bool,
+}
+
+impl FrameReader {
+    fn new(limits: Limits) -> FrameReader {
+        FrameReader {
+            buf: vec![0; READ_BUFFER],
+            start: 0,
+            end: 0,
+            needed: codec::HEADER_LEN,
+            limits,
+            deadline: None,
+            timeout_armed: false,
+            more_pending: false,
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn has_whole_frames_pending(&self) -> bool {
+        self.more_pending
+    }
+
+    /// The next whole request in the buffer, if there is one.
+    fn next_request(&mut self) -> Result<Option<Request>, End> {
+        self.more_pending = false;
+        let decoded =
+            codec::decode_frame(&self.buf[self.start..self.end], self.limits.max_packet_len)
+                .map_err(End::Codec)?;
+        match decoded {
+            Decoded::Frame(frame, used) => {
+                let request = Request::from_frame(&frame).map_err(End::Request)?;
+                self.start += used;
+                self.needed = codec::HEADER_LEN;
+                self.deadline = None;
+                if self.start == self.end {
+                    self.start = 0;
+                    self.end = 0;
+                    if self.buf.len() > 4 * READ_BUFFER {
+                        self.buf = vec![0; READ_BUFFER];
+                    }
+                } else {
+                    // Assume the caller's batch may end here; it asks again if not.
+                    self.more_pending = true;
+                }
+                Ok(Some(request))
+            }
+            Decoded::Incomplete { needed } => {
+                self.needed = needed;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reads once more from the socket. `Ok(false)`: the peer closed between frames.
+    fn fill(&mut self, mut stream: &Stream) -> Result<bool, End> {
+        self.more_pending = false;
+        let buffered = self.buffered();
+        self.arm_timeout(stream, buffered)?;
+        self.make_room();
+        loop {
+            match stream.read(&mut self.buf[self.end..]) {
+                Ok(0) if buffered == 0 => return Ok(false),
+                Ok(0) => return Err(End::CutOff { buffered }),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(End::Stalled {
+                        buffered,
+                        timeout: self.limits.frame_timeout,
+                    })
+                }
+                Err(e) => return Err(End::Io(e)),
+            }
+        }
+    }
+
+    /// No timeout while idle between frames; the frame's remaining time while inside one.
+    fn arm_timeout(&mut self, stream: &Stream, buffered: usize) -> Result<(), End> {
+        if buffered == 0 {
+            if self.timeout_armed {
+                stream.set_read_timeout(None).map_err(End::Io)?;
+                self.timeout_armed = false;
+            }
+            return Ok(());
+        }
+        let now = Instant::now();
+        let deadline = *self.deadline.get_or_insert(now + self.limits.frame_timeout);
+        let left = deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            return Err(End::Stalled {
+                buffered,
+                timeout: self.limits.frame_timeout,
+            });
+        }
+        stream.set_read_timeout(Some(left)).map_err(End::Io)?;
+        self.timeout_armed = true;
+        Ok(())
+    }
+
+    /// Ensures the buffer has space after `end`, and room for the whole frame in progress.
+    fn make_room(&mut self) {
+        let buffered = self.buffered();
+        let wanted = self.needed.max(buffered + 1).max(READ_BUFFER);
+        if self.buf.len() - self.start < wanted || self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.start = 0;
+            self.end = buffered;
+        }
+        if self.buf.len() < wanted {
+            self.buf.resize(wanted, 0);
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The shared broker: the one lock around the broker core, the registry of connected peers,
+//! and the fan-out of deliveries to their outboxes after the lock is released.
+//!
+//! Nothing here writes to a socket or waits on one while the lock is held. A poisoned lock (a
+//! thread panicked inside the broker, whose state may then be half-changed) is fatal: it is
+//! reported once on the fatal channel and the server shuts down rather than run half-alive.
+
+use crate::broker::{Broker, ConnId, Delivery, QueueStats, Totals};
+use crate::net::Stream;
+use crate::outbox::Outbox;
+use crate::request::{encode_dispatch, Request};
+use crate::store::Millis;
+use crossbeam_channel::Sender;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::Shutdown;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The broker lock was poisoned by a panic: the server is going down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerDown;
+
+impl fmt::Display for BrokerDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the broker stopped after a thread panicked while holding its lock")
+    }
+}
+
+impl std::error::Error for BrokerDown {}
+
+/// A connected client as the rest of the server sees it.
+#[derive(Debug)]
+pub struct Peer {
+    pub name: String,
+    pub stream: Arc<Stream>,
+    pub outbox: Outbox,
+}
+
+impl Peer {
+    /// Ends the connection from outside: its blocked read returns and its thread cleans up.
+    pub fn hang_up(&self) {
+        self.outbox.close();
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+struct State {
+    broker: Broker,
+    peers: HashMap<ConnId, Arc<Peer>>,
+    /// False once shutdown began: late connections are turned away.
+    open: bool,
+}
+
+pub struct Hub {
+    state: Mutex<State>,
+    fatal: Sender<BrokerDown>,
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or_default()
+}
+
+impl Hub {
+    pub fn new(broker: Broker, fatal: Sender<BrokerDown>) -> Hub {
+        Hub {
+            state: Mutex::new(State {
+                broker,
+                peers: HashMap::new(),
+                open: true,
+            }),
+            fatal,
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>, BrokerDown> {
+        self.state.lock().map_err(|_| {
+            let _ = self.fatal.try_send(BrokerDown);
+            BrokerDown
+        })
+    }
+
+    /// Adds a connection; false if the server is shutting down.
+    pub fn register(&self, conn: ConnId, peer: Arc<Peer>) -> Result<bool, BrokerDown> {
+        let mut state = self.lock()?;
+        if !state.open {
+            return Ok(false);
+        }
+        state.broker.connect(conn);
+        state.peers.insert(conn, peer);
+        Ok(true)
+    }
+
+    /// Applies a connection's requests in order, under one lock, then writes the deliveries out.
+    pub fn apply(&self, conn: ConnId, requests: Vec<Request>) -> Result<(), BrokerDown> {
+        let now = now_millis();
+        let mut deliveries = Vec::new();
+        let routed = {
+            let mut state = self.lock()?;
+            for request in requests {
+                state.broker.handle(conn, request, now, &mut deliveries);
+            }
+            route(&state.peers, deliveries)
+        };
+        fan_out(routed);
+        Ok(())
+    }
+
+    /// Removes a connection; what it held is redelivered to the others.
+    pub fn unregister(&self, conn: ConnId) -> Result<(), BrokerDown> {
+        let now = now_millis();
+        let mut deliveries = Vec::new();
+        let routed = {
+            let mut state = self.lock()?;
+            state.peers.remove(&conn);
+            state.broker.disconnect(conn, now, &mut deliveries);
+            route(&state.peers, deliveries)
+        };
+        fan_out(routed);
+        Ok(())
+    }
+
+    /// Drops ready messages whose TTL ran out.
+    pub fn expire(&self) -> Result<usize, BrokerDown> {
+        let now = now_millis();
+        Ok(self.lock()?.broker.expire(now))
+    }
+
+    /// Turns new connections away and hangs up on every connected one.
+    pub fn close_all(&self) {
+        let peers: Vec<Arc<Peer>> = match self.state.lock() {
+            Ok(mut state) => {
+                state.open = false;
+                state.peers.values().cloned().collect()
+            }
+            // Even with the broker gone, the sockets must still be closed.
+            Err(poisoned) => {
+                let mut state = poisoned.into_inner();
+                state.open = false;
+                state.peers.values().cloned().collect()
+            }
+        };
+        for peer in peers {
+            peer.hang_up();
+        }
+    }
+
+    pub fn totals(&self) -> Result<Totals, BrokerDown> {
+        Ok(self.lock()?.broker.totals())
+    }
+
+    pub fn queue_stats(&self, queue: &str) -> Result<Option<QueueStats>, BrokerDown> {
+        Ok(self.lock()?.broker.queue_stats(queue))
+    }
+}
+
+/// Pairs each delivery with its peer, grouped by peer in delivery order.
+fn route(
+    peers: &HashMap<ConnId, Arc<Peer>>,
+    mut deliveries: Vec<Delivery>,
+) -> Vec<(Arc<Peer>, Vec<Delivery>)> {
+    let mut routed: Vec<(Arc<Peer>, Vec<Delivery>)> = Vec::new();
+    if deliveries.is_empty() {
+        return routed;
+    }
+    // Stable: each connection's deliveries keep their order.
+    deliveries.sort_by_key(|d| d.conn);
+    let mut current: Option<ConnId> = None;
+    for delivery in deliveries {
+        if current != Some(delivery.conn) {
+            let Some(peer) = peers.get(&delivery.conn) else {
+                // Cannot happen: only registered connections consume. The message stays held
+                // and comes back when the connection is unregistered.
+                continue;
+            };
+            current = Some(delivery.conn);
+            routed.push((peer.clone(), Vec::new()));
+        }
+        if let Some((_, group)) = routed.last_mut() {
+            group.push(delivery);
+        }
+    }
+    routed
+}
+
+/// Encodes each peer's dispatches into its outbox, one append per peer.
+fn fan_out(routed: Vec<(Arc<Peer>, Vec<Delivery>)>) {
+    for (peer, deliveries) in routed {
+        peer.outbox.push(|buffer| {
+            for d in &deliveries {
+                encode_dispatch(buffer, &d.queue, &d.content, d.id, d.ttl_remaining);
+            }
+        });
+    }
+}

@@ -1,0 +1,233 @@
+//! The one module that names TCP and Unix sockets: a listener and a stream type over both, and
+//! the rules for a Unix socket path (refuse a live one, replace a stale one, remove ours on exit).
+
+use crate::config::ListenAddr;
+use std::fmt;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why a listener could not be set up.
+#[derive(Debug)]
+pub enum BindError {
+    Io {
+        addr: ListenAddr,
+        source: io::Error,
+    },
+    /// Another server answers on this Unix socket path.
+    SocketInUse(PathBuf),
+    /// The path exists and is not a socket: we never delete a file we did not make.
+    NotASocket(PathBuf),
+}
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BindError::Io { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            BindError::SocketInUse(path) => write!(
+                f,
+                "cannot listen on unix:{}: another server is already listening there",
+                path.display()
+            ),
+            BindError::NotASocket(path) => write!(
+                f,
+                "cannot listen on unix:{}: the path exists and is not a socket",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BindError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BindError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// A bound socket file, removed when the listener goes, unless someone replaced it meanwhile.
+#[derive(Debug)]
+struct SocketFile {
+    path: PathBuf,
+    inode: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A bound listener of either kind.
+#[derive(Debug)]
+pub struct Listener(ListenerKind);
+
+#[derive(Debug)]
+enum ListenerKind {
+    Tcp(TcpListener),
+    Unix(UnixListener, SocketFile),
+}
+
+impl Listener {
+    pub fn bind(addr: &ListenAddr) -> Result<Listener, BindError> {
+        let io_error = |source| BindError::Io {
+            addr: addr.clone(),
+            source,
+        };
+        match addr {
+            ListenAddr::Tcp(socket_addr) => TcpListener::bind(socket_addr)
+                .map(|l| Listener(ListenerKind::Tcp(l)))
+                .map_err(io_error),
+            ListenAddr::Unix(path) => {
+                let listener = bind_unix(path).map_err(|e| match e {
+                    UnixBindError::Io(source) => io_error(source),
+                    UnixBindError::Other(e) => e,
+                })?;
+                let inode = fs::symlink_metadata(path).map_err(io_error)?.ino();
+                let file = SocketFile {
+                    path: path.clone(),
+                    inode,
+                };
+                Ok(Listener(ListenerKind::Unix(listener, file)))
+            }
+        }
+    }
+
+    /// The address actually bound (with the real port for port 0).
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        Ok(match &self.0 {
+            ListenerKind::Tcp(listener) => ListenAddr::Tcp(listener.local_addr()?),
+            ListenerKind::Unix(_, file) => ListenAddr::Unix(file.path.clone()),
+        })
+    }
+
+    /// Waits for a client; also returns a name for it to use in log lines.
+    pub fn accept(&self) -> io::Result<(Stream, String)> {
+        match &self.0 {
+            ListenerKind::Tcp(listener) => {
+                let (stream, peer) = listener.accept()?;
+                // Dispatches are latency-sensitive small writes: never wait for Nagle.
+                stream.set_nodelay(true)?;
+                Ok((Stream::Tcp(stream), peer.to_string()))
+            }
+            ListenerKind::Unix(listener, file) => {
+                let (stream, _) = listener.accept()?;
+                Ok((
+                    Stream::Unix(stream),
+                    format!("unix:{}", file.path.display()),
+                ))
+            }
+        }
+    }
+
+    /// Unblocks a thread waiting in [`Listener::accept`] by connecting to ourselves.
+    pub fn wake(&self) {
+        match &self.0 {
+            ListenerKind::Tcp(listener) => {
+                if let Ok(mut addr) = listener.local_addr() {
+                    if addr.ip().is_unspecified() {
+                        addr.set_ip(match addr {
+                            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+                        });
+                    }
+                    let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+                }
+            }
+            ListenerKind::Unix(_, file) => {
+                let _ = UnixStream::connect(&file.path);
+            }
+        }
+    }
+}
+
+enum UnixBindError {
+    Io(io::Error),
+    Other(BindError),
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, UnixBindError> {
+    match UnixListener::bind(path) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+        other => return other.map_err(UnixBindError::Io),
+    }
+    let metadata = fs::symlink_metadata(path).map_err(UnixBindError::Io)?;
+    if !metadata.file_type().is_socket() {
+        return Err(UnixBindError::Other(BindError::NotASocket(path.to_owned())));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(UnixBindError::Other(BindError::SocketInUse(
+            path.to_owned(),
+        )));
+    }
+    // Nobody answers: a stale file left by a server that did not exit cleanly.
+    log::info!("replacing stale socket file {}", path.display());
+    fs::remove_file(path).map_err(UnixBindError::Io)?;
+    UnixListener::bind(path).map_err(UnixBindError::Io)
+}
+
+/// A connected client over either kind of socket. `&Stream` reads and writes, so one socket can
+/// be shared by a connection's reader, its writer and the server's shutdown.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(timeout),
+            Stream::Unix(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(how),
+            Stream::Unix(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => {
+                let mut s: &TcpStream = s;
+                s.read(buf)
+            }
+            Stream::Unix(s) => {
+                let mut s: &UnixStream = s;
+                s.read(buf)
+            }
+        }
+    }
+}
+
+impl Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => {
+                let mut s: &TcpStream = s;
+                s.write(buf)
+            }
+            Stream::Unix(s) => {
+                let mut s: &UnixStream = s;
+                s.write(buf)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

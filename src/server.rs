@@ -1,0 +1,269 @@
+//! The server: binds every listener, runs one accept thread per listener and one thread per
+//! client, sweeps expired messages, and owns the one shutdown path.
+//!
+//! Shutdown order: stop accepting (and wake the accept threads), hang up on every client so its
+//! blocked read returns and its held messages go back, wait for the connection threads, stop the
+//! sweeper, then drop the listeners, which removes our Unix socket files.
+
+use crate::broker::Broker;
+use crate::config::{Config, ListenAddr};
+use crate::connection::{self, Limits, THREAD_STACK};
+use crate::hub::{BrokerDown, Hub};
+use crate::net::{BindError, Listener};
+use crate::store::NullStore;
+use crossbeam_channel::{select, tick, unbounded, Receiver};
+use log::{error, info, warn};
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// How often ready messages are checked for expiry.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// How long shutdown waits for connection threads to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug)]
+pub enum ServerError {
+    NoListeners,
+    Bind(BindError),
+    Spawn(io::Error),
+    BrokerDown(BrokerDown),
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::NoListeners => f.write_str("no address to listen on"),
+            ServerError::Bind(e) => write!(f, "{e}"),
+            ServerError::Spawn(e) => write!(f, "cannot start a thread: {e}"),
+            ServerError::BrokerDown(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// Counts live connections against the limit, and lets shutdown wait for them to end.
+#[derive(Default)]
+struct ConnectionCount {
+    live: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl ConnectionCount {
+    fn try_acquire(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if *live >= max {
+            return None;
+        }
+        *live += 1;
+        Some(ConnectionSlot(self.clone()))
+    }
+
+    /// Waits until no connection is left; false on timeout.
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        while *live > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            live = match self.changed.wait_timeout(live, left) {
+                Ok((guard, _)) => guard,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        true
+    }
+}
+
+/// One counted connection; released when dropped, even if its thread panics.
+struct ConnectionSlot(Arc<ConnectionCount>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut live = self.0.live.lock().unwrap_or_else(|p| p.into_inner());
+        *live -= 1;
+        self.0.changed.notify_all();
+    }
+}
+
+/// What the accept threads share.
+struct Shared {
+    hub: Hub,
+    connections: Arc<ConnectionCount>,
+    max_connections: usize,
+    limits: Limits,
+    next_conn: AtomicU64,
+    stopping: AtomicBool,
+}
+
+/// A bound server, ready to run.
+pub struct Server {
+    listeners: Vec<Arc<Listener>>,
+    shared: Arc<Shared>,
+    fatal: Receiver<BrokerDown>,
+}
+
+impl Server {
+    /// Binds every listen address; fails on the first that cannot be bound.
+    pub fn bind(config: &Config) -> Result<Server, ServerError> {
+        if config.listen.is_empty() {
+            return Err(ServerError::NoListeners);
+        }
+        let listeners = config
+            .listen
+            .iter()
+            .map(|addr| Listener::bind(addr).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ServerError::Bind)?;
+        let (fatal_tx, fatal) = unbounded();
+        let shared = Arc::new(Shared {
+            hub: Hub::new(Broker::new(Box::new(NullStore)), fatal_tx),
+            connections: Arc::default(),
+            max_connections: config.max_connections,
+            limits: Limits {
+                max_packet_len: config.max_message_size,
+                frame_timeout: config.frame_timeout,
+            },
+            next_conn: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+        });
+        Ok(Server {
+            listeners,
+            shared,
+            fatal,
+        })
+    }
+
+    /// The bound addresses, with real port numbers where port 0 was asked for.
+    pub fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Serves until `shutdown` receives (or is dropped), then shuts down in order.
+    pub fn run(self, shutdown: Receiver<()>) -> Result<(), ServerError> {
+        let mut accept_threads = Vec::new();
+        for listener in &self.listeners {
+            match spawn_acceptor(listener.clone(), self.shared.clone()) {
+                Ok(handle) => accept_threads.push(handle),
+                Err(e) => {
+                    self.stop(accept_threads, None);
+                    return Err(ServerError::Spawn(e));
+                }
+            }
+        }
+        let (stop_sweeper, sweeper_stopped) = unbounded::<()>();
+        let sweeper = spawn_sweeper(self.shared.clone(), sweeper_stopped);
+        let sweeper = match sweeper {
+            Ok(handle) => handle,
+            Err(e) => {
+                self.stop(accept_threads, None);
+                return Err(ServerError::Spawn(e));
+            }
+        };
+        let outcome = select! {
+            recv(shutdown) -> _ => Ok(()),
+            recv(self.fatal) -> down => Err(ServerError::BrokerDown(down.unwrap_or(BrokerDown))),
+        };
+        match &outcome {
+            Ok(()) => info!("shutting down"),
+            Err(e) => error!("shutting down: {e}"),
+        }
+        drop(stop_sweeper);
+        self.stop(accept_threads, Some(sweeper));
+        outcome
+    }
+
+    fn stop(self, accept_threads: Vec<JoinHandle<()>>, sweeper: Option<JoinHandle<()>>) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        for listener in &self.listeners {
+            listener.wake();
+        }
+        for handle in accept_threads {
+            let _ = handle.join();
+        }
+        self.shared.hub.close_all();
+        if !self.shared.connections.wait_idle(DRAIN_TIMEOUT) {
+            warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
+        }
+        if let Some(handle) = sweeper {
+            let _ = handle.join();
+        }
+        // Dropping the listeners removes the socket files.
+    }
+}
+
+fn spawn_acceptor(listener: Arc<Listener>, shared: Arc<Shared>) -> io::Result<JoinHandle<()>> {
+    let name = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    thread::Builder::new()
+        .name(format!("phpmq-accept {name}"))
+        .spawn(move || accept_loop(&listener, &shared))
+}
+
+fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
+    loop {
+        let accepted = listener.accept();
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors and the like: wait and go on, never give up listening.
+                warn!("accept failed: {e}; retrying");
+                thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+        };
+        let Some(slot) = shared.connections.try_acquire(shared.max_connections) else {
+            warn!(
+                "refusing connection from {peer}: limit of {} connections reached",
+                shared.max_connections
+            );
+            continue;
+        };
+        let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let for_thread = shared.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("phpmq-conn-{conn}"))
+            .stack_size(THREAD_STACK)
+            .spawn(move || {
+                let _slot = slot;
+                connection::serve(&for_thread.hub, conn, stream, peer, for_thread.limits);
+            });
+        if let Err(e) = spawned {
+            warn!("refusing a connection: cannot start its thread: {e}");
+        }
+    }
+}
+
+fn spawn_sweeper(shared: Arc<Shared>, stop: Receiver<()>) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name("phpmq-sweeper".into())
+        .spawn(move || {
+            let ticker = tick(SWEEP_INTERVAL);
+            loop {
+                select! {
+                    recv(ticker) -> _ => {
+                        if shared.hub.expire().is_err() {
+                            return;
+                        }
+                    }
+                    recv(stop) -> _ => return,
+                }
+            }
+        })
+}
