@@ -110,18 +110,19 @@ pub fn serve(hub: &Hub, conn: ConnId, stream: Stream, name: String, limits: Limi
         label: label.clone(),
     };
     let end = session.read_loop(limits);
-    match &end {
-        End::Closed => debug!("{label}: disconnected"),
-        End::ServerShutdown => debug!("{label}: closed for shutdown"),
-        End::Io(e) if is_disconnect(e) => info!("{label}: connection lost: {e}"),
-        End::BrokerDown(_) => {}
-        _ => warn!("{label}: closing connection: {end}"),
-    }
     // Unregister first: the held messages go to other consumers before this socket closes.
     if let Err(e) = hub.unregister(conn) {
         warn!("{label}: {e}");
     }
     peer.hang_up();
+    // Logged once the connection's messages are released, so the line means "done".
+    match &end {
+        End::Closed => debug!("{label}: disconnected"),
+        End::ServerShutdown => debug!("{label}: closed for shutdown"),
+        End::Io(e) if is_disconnect(e) => info!("{label}: disconnected: {e}"),
+        End::BrokerDown(_) => {}
+        _ => warn!("{label}: closing connection: {end}"),
+    }
     if let Some(writer) = session.writer.take() {
         let _ = writer.join();
     }

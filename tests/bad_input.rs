@@ -1,0 +1,275 @@
+//! Bad input closes only the offending connection, with one warning naming the peer and the
+//! reason; a bystander goes on, and nothing accepted is lost.
+
+mod common;
+
+use common::{Client, TestServer};
+use phpmq::codec::{encode_frame, MessageType, PacketType};
+
+fn frame(t: MessageType, packets: &[(PacketType, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_frame(&mut out, t, packets);
+    out
+}
+
+/// A packet header by hand, for frames the encoder would not write.
+fn packet(code: &str, content: &[u8]) -> Vec<u8> {
+    let mut out = format!("P{code}{:029}", content.len()).into_bytes();
+    out.extend_from_slice(content);
+    out
+}
+
+/// Sends `bad` after a valid send and while holding a message, then checks: the connection is
+/// closed, one warning names the peer and `reason`, the valid send was kept, the held message
+/// went to the bystander, and the bystander kept working throughout.
+fn check_rejected(server: &TestServer, bad: &[u8], reason: &str) {
+    let queue = format!("bystand-{}", reason.len() ^ bad.len());
+    let mut bystander = server.tcp_client();
+    bystander.send(&queue, b"held-by-offender");
+    bystander.sync();
+
+    let mut offender = server.tcp_client();
+    // As the server names it: "127.0.0.1:PORT (connection N)".
+    let peer = format!("{} (", offender.local.clone().expect("tcp"));
+    offender.consume(&queue, 1);
+    let held = offender.recv();
+    assert_eq!(held.text(), "held-by-offender");
+    offender.send(&queue, b"sent-before-the-bad-frame");
+    offender.raw(bad);
+    offender.expect_closed();
+
+    let line = server
+        .log
+        .wait_for(&format!("naming {peer} and {reason:?}"), |l| {
+            l.contains(&peer) && l.contains(reason)
+        });
+    assert!(line.contains("WARN"), "a warning: {line}");
+    let warnings = server
+        .log
+        .text()
+        .lines()
+        .filter(|l| l.contains(&peer) && l.contains("WARN"))
+        .count();
+    assert_eq!(
+        warnings,
+        1,
+        "exactly one warning for the peer:\n{}",
+        server.log.text()
+    );
+
+    bystander.consume(&queue, 10);
+    let mut got = vec![bystander.recv().text(), bystander.recv().text()];
+    got.sort();
+    assert_eq!(got, ["held-by-offender", "sent-before-the-bad-frame"]);
+    assert!(bystander.sync().is_empty());
+}
+
+#[test]
+fn wrong_magic_byte() {
+    let server = TestServer::start(&[]);
+    check_rejected(&server, b"X0100102", "does not start with 'H'");
+}
+
+#[test]
+fn non_digit_header_fields() {
+    let server = TestServer::start(&[]);
+    check_rejected(&server, b"H01x0102", "malformed message header");
+}
+
+#[test]
+fn unknown_version() {
+    let server = TestServer::start(&[]);
+    check_rejected(&server, b"H0200102", "unsupported protocol version 02");
+}
+
+#[test]
+fn unknown_message_type() {
+    let server = TestServer::start(&[]);
+    check_rejected(&server, b"H0100902", "unknown message type 009");
+}
+
+#[test]
+fn server_to_client_type() {
+    let server = TestServer::start(&[]);
+    let bad = frame(
+        MessageType::Dispatch,
+        &[
+            (PacketType::Queue, b"q"),
+            (PacketType::Content, b"c"),
+            (PacketType::MessageId, b"i"),
+        ],
+    );
+    check_rejected(&server, &bad, "sent by servers, not clients");
+}
+
+#[test]
+fn packet_count_that_does_not_fit_the_type() {
+    let server = TestServer::start(&[]);
+    check_rejected(&server, b"H0100205", "cannot have 5 packets");
+}
+
+#[test]
+fn missing_required_packet() {
+    let server = TestServer::start(&[]);
+    let mut bad = b"H0100102".to_vec();
+    bad.extend(packet("01", b"q"));
+    bad.extend(packet("05", b"60"));
+    check_rejected(&server, &bad, "is missing packet 02 (content)");
+}
+
+#[test]
+fn duplicated_packet() {
+    let server = TestServer::start(&[]);
+    let mut bad = b"H0100102".to_vec();
+    bad.extend(packet("01", b"q"));
+    bad.extend(packet("01", b"q"));
+    check_rejected(&server, &bad, "duplicated packet 01 (queue)");
+}
+
+#[test]
+fn unknown_packet_type() {
+    let server = TestServer::start(&[]);
+    let mut bad = b"H0100102".to_vec();
+    bad.extend(packet("07", b"q"));
+    check_rejected(&server, &bad, "unknown packet type 07");
+}
+
+#[test]
+fn packet_over_the_size_limit() {
+    let server = TestServer::start(&["--max-message-size", "1024"]);
+    let mut bad = b"H0100102".to_vec();
+    bad.extend(packet("01", b"q"));
+    bad.extend(format!("P02{:029}", 2048).into_bytes());
+    check_rejected(
+        &server,
+        &bad,
+        "declares 2048 bytes, over the limit of 1024 bytes",
+    );
+}
+
+#[test]
+fn invalid_queue_names() {
+    let server = TestServer::start(&[]);
+    let bad = frame(
+        MessageType::Send,
+        &[(PacketType::Queue, b"a\nb"), (PacketType::Content, b"c")],
+    );
+    check_rejected(
+        &server,
+        &bad,
+        "invalid queue name: contains a control character",
+    );
+    let bad = frame(
+        MessageType::Send,
+        &[(PacketType::Queue, b""), (PacketType::Content, b"c")],
+    );
+    check_rejected(&server, &bad, "invalid queue name: 0 bytes");
+    let long = vec![b'q'; 256];
+    let bad = frame(
+        MessageType::Consume,
+        &[(PacketType::Queue, &long), (PacketType::Count, b"1")],
+    );
+    check_rejected(&server, &bad, "invalid queue name: 256 bytes");
+}
+
+#[test]
+fn non_numeric_count() {
+    let server = TestServer::start(&[]);
+    let bad = frame(
+        MessageType::Consume,
+        &[(PacketType::Queue, b"q"), (PacketType::Count, b"ten")],
+    );
+    check_rejected(&server, &bad, "packet 04 (count) is not a decimal number");
+}
+
+#[test]
+fn non_numeric_ttl() {
+    let server = TestServer::start(&[]);
+    let bad = frame(
+        MessageType::Send,
+        &[
+            (PacketType::Queue, b"q"),
+            (PacketType::Content, b"c"),
+            (PacketType::Ttl, b"-5"),
+        ],
+    );
+    check_rejected(&server, &bad, "packet 05 (ttl) is not a decimal number");
+}
+
+#[test]
+fn frame_cut_off_by_eof() {
+    let server = TestServer::start(&[]);
+    let mut bystander = server.tcp_client();
+    let mut offender = server.tcp_client();
+    let peer = offender.local.clone().expect("tcp");
+    offender.send("cut", b"whole");
+    let whole = frame(
+        MessageType::Send,
+        &[
+            (PacketType::Queue, b"cut"),
+            (PacketType::Content, b"never finished"),
+        ],
+    );
+    offender.raw(&whole[..whole.len() - 3]);
+    offender.shutdown_write();
+    offender.expect_closed();
+    server.log.wait_for("for the cut-off frame", |l| {
+        l.contains(&peer) && l.contains("closed in the middle of a frame")
+    });
+    bystander.consume("cut", 5);
+    assert_eq!(bystander.recv().text(), "whole");
+    assert!(
+        bystander.sync().is_empty(),
+        "the cut-off message was not accepted"
+    );
+}
+
+#[test]
+fn a_stalled_frame_does_not_hold_its_thread() {
+    let server = TestServer::start(&["--frame-timeout-ms", "300"]);
+    let mut bystander = server.tcp_client();
+    let mut staller = server.tcp_client();
+    let peer = staller.local.clone().expect("tcp");
+    staller.raw(b"H0100102P01000");
+    // Idle between frames is fine: this one has said nothing at all.
+    let mut idle = server.tcp_client();
+    staller.expect_closed();
+    server.log.wait_for("for the stall", |l| {
+        l.contains(&peer) && l.contains("not completed within 300 ms")
+    });
+    idle.send("idle", b"still here");
+    idle.consume("idle", 1);
+    assert_eq!(idle.recv().text(), "still here");
+    assert!(bystander.sync().is_empty());
+}
+
+#[test]
+fn garbage_over_a_unix_socket() {
+    let server = TestServer::start(&[]);
+    let mut bystander = server.unix_client();
+    let mut offender = server.unix_client();
+    offender.raw(&[0xff; 64]);
+    offender.expect_closed();
+    server.log.wait_for("for the unix offender", |l| {
+        l.contains("unix:") && l.contains("does not start with 'H' (got byte 0xff)")
+    });
+    bystander.send("u", b"fine");
+    bystander.consume("u", 1);
+    assert_eq!(bystander.recv().text(), "fine");
+}
+
+#[test]
+fn every_byte_value_as_a_first_byte_is_handled() {
+    let server = TestServer::start(&[]);
+    let mut bystander = server.tcp_client();
+    for byte in [0u8, b'\n', b'P', b'h', 0x7f, 0x80, 0xfe] {
+        let mut offender = server.tcp_client();
+        offender.raw(&[byte, b'0', b'1']);
+        offender.expect_closed();
+    }
+    let mut client: Client = server.tcp_client();
+    client.send("after", b"ok");
+    client.consume("after", 1);
+    assert_eq!(client.recv().text(), "ok");
+    assert!(bystander.sync().is_empty());
+}

@@ -1,0 +1,519 @@
+//! Test helpers: start the real `phpmq-server` binary on an ephemeral port and a Unix socket in
+//! a temp dir, talk PHPMQ to it over real sockets, and wait for conditions with deadlines.
+#![allow(dead_code)]
+
+use phpmq::codec::{self, Decoded, MessageType, PacketType};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The longest any single wait in a test may take.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "phpmq-test-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Lines the server wrote to stderr, shared with the thread that reads them.
+#[derive(Clone, Default)]
+pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Log {
+    fn push(&self, line: String) {
+        self.0 .0.lock().unwrap().push(line);
+        self.0 .1.notify_all();
+    }
+
+    pub fn text(&self) -> String {
+        self.0 .0.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a line that satisfies `matches`; returns it.
+    pub fn wait_for(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        let mut lines = self.0 .0.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().find(|l| matches(l)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line {what} within {DEADLINE:?}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = self.0 .1.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+}
+
+pub fn server_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_phpmq-server")
+}
+
+/// A running server, killed when dropped.
+pub struct TestServer {
+    child: Option<Child>,
+    pub log: Log,
+    pub tcp: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+    pub dir: TempDir,
+    args: Vec<String>,
+}
+
+impl TestServer {
+    /// TCP on 127.0.0.1:0 and a Unix socket in a fresh temp dir, plus `extra` flags.
+    pub fn start(extra: &[&str]) -> TestServer {
+        let dir = TempDir::new("srv");
+        let sock = dir.path().join("phpmq.sock");
+        let mut args = vec![
+            "--listen".to_string(),
+            "127.0.0.1:0".to_string(),
+            "--listen".to_string(),
+            format!("unix:{}", sock.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        TestServer::start_with(dir, args)
+    }
+
+    /// Exactly these arguments.
+    pub fn start_with(dir: TempDir, args: Vec<String>) -> TestServer {
+        let (child, log) = spawn(&args, dir.path());
+        let mut server = TestServer {
+            child: Some(child),
+            log,
+            tcp: None,
+            unix: None,
+            dir,
+            args,
+        };
+        let ready = server
+            .log
+            .wait_for("'ready'", |l| l.contains("ready; listening on "));
+        let listed = ready
+            .split("listening on ")
+            .nth(1)
+            .unwrap_or_default()
+            .split(';')
+            .next()
+            .unwrap_or_default();
+        for addr in listed.split(", ") {
+            if let Some(path) = addr.strip_prefix("unix:") {
+                server.unix = Some(PathBuf::from(path));
+            } else if let Ok(tcp) = addr.parse() {
+                server.tcp = Some(tcp);
+            }
+        }
+        server
+    }
+
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp.expect("server listens on TCP")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn tcp_client(&self) -> Client {
+        Client::tcp(self.tcp_addr())
+    }
+
+    pub fn unix_client(&self) -> Client {
+        Client::unix(self.unix.as_ref().expect("server listens on a Unix socket"))
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit; returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit; log:\n{}",
+                self.log.text()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Closes a TCP client and waits until the server has handled the disconnect (its held
+    /// messages are back). Needs `--log-level debug`.
+    pub fn disconnect_and_wait(&self, client: Client) {
+        let peer = client.local.clone().expect("a TCP client");
+        drop(client);
+        self.log.wait_for("for the disconnect", |l| {
+            l.contains(&peer) && l.contains("disconnected")
+        });
+    }
+
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !thread::panicking() {
+            let log = self.log.text();
+            assert!(!log.contains("panicked"), "the server panicked:\n{log}");
+        }
+    }
+}
+
+/// Starts the binary with `args` in `cwd`, collecting stderr lines.
+pub fn spawn(args: &[String], cwd: &Path) -> (Child, Log) {
+    let mut child = Command::new(server_binary())
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start phpmq-server");
+    let log = Log::default();
+    let stderr = child.stderr.take().expect("stderr piped");
+    let sink = log.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            match line {
+                Ok(line) => sink.push(line),
+                Err(_) => break,
+            }
+        }
+    });
+    (child, log)
+}
+
+/// Runs the binary to completion (for start-up errors); returns status and stderr.
+pub fn run_to_exit(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
+    let mut child = Command::new(server_binary())
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start phpmq-server");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            let mut err = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                let _ = stderr.read_to_string(&mut err);
+            }
+            return (status, err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("phpmq-server {args:?} did not exit");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+trait Socket: Read + Write + Send {
+    fn shutdown_write(&self) -> io::Result<()>;
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()>;
+}
+
+impl Socket for TcpStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+impl Socket for UnixStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+/// A message the server dispatched to us.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dispatch {
+    pub queue: String,
+    pub content: Vec<u8>,
+    pub id: String,
+    pub ttl: Option<u64>,
+    pub packet_count: usize,
+}
+
+impl Dispatch {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.content).into_owned()
+    }
+}
+
+/// A PHPMQ client over TCP or a Unix socket. Every read is bounded by [`DEADLINE`].
+pub struct Client {
+    socket: Box<dyn Socket>,
+    buf: Vec<u8>,
+    /// `host:port` of our end, as the server names us in its log (TCP only).
+    pub local: Option<String>,
+    barriers: u64,
+}
+
+static CLIENTS: AtomicU64 = AtomicU64::new(0);
+
+impl Client {
+    pub fn tcp(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect over TCP");
+        stream.set_nodelay(true).unwrap();
+        let local = stream.local_addr().ok().map(|a| a.to_string());
+        Client::over(Box::new(stream), local)
+    }
+
+    pub fn unix(path: &Path) -> Client {
+        let stream = UnixStream::connect(path).expect("connect over the Unix socket");
+        Client::over(Box::new(stream), None)
+    }
+
+    fn over(socket: Box<dyn Socket>, local: Option<String>) -> Client {
+        socket.set_timeout(DEADLINE).unwrap();
+        Client {
+            socket,
+            buf: Vec::new(),
+            local,
+            barriers: 0,
+        }
+    }
+
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Client {
+        self.socket.write_all(bytes).expect("write to server");
+        self
+    }
+
+    /// Writes bytes; the error is the caller's to judge (a refused connection, say).
+    pub fn try_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.socket.write_all(bytes)
+    }
+
+    fn frame(&mut self, t: MessageType, packets: &[(PacketType, &[u8])]) -> &mut Client {
+        let mut out = Vec::new();
+        codec::encode_frame(&mut out, t, packets);
+        self.raw(&out)
+    }
+
+    pub fn send(&mut self, queue: &str, content: &[u8]) -> &mut Client {
+        self.frame(
+            MessageType::Send,
+            &[
+                (PacketType::Queue, queue.as_bytes()),
+                (PacketType::Content, content),
+            ],
+        )
+    }
+
+    pub fn send_ttl(&mut self, queue: &str, content: &[u8], ttl: u64) -> &mut Client {
+        let ttl = ttl.to_string();
+        self.frame(
+            MessageType::Send,
+            &[
+                (PacketType::Queue, queue.as_bytes()),
+                (PacketType::Content, content),
+                (PacketType::Ttl, ttl.as_bytes()),
+            ],
+        )
+    }
+
+    pub fn consume(&mut self, queue: &str, count: u64) -> &mut Client {
+        let count = count.to_string();
+        self.frame(
+            MessageType::Consume,
+            &[
+                (PacketType::Queue, queue.as_bytes()),
+                (PacketType::Count, count.as_bytes()),
+            ],
+        )
+    }
+
+    pub fn ack(&mut self, queue: &str, id: &str) -> &mut Client {
+        self.frame(
+            MessageType::Ack,
+            &[
+                (PacketType::Queue, queue.as_bytes()),
+                (PacketType::MessageId, id.as_bytes()),
+            ],
+        )
+    }
+
+    pub fn requeue(&mut self, queue: &str, id: &str, ttl: u64) -> &mut Client {
+        let ttl = ttl.to_string();
+        self.frame(
+            MessageType::Requeue,
+            &[
+                (PacketType::Queue, queue.as_bytes()),
+                (PacketType::MessageId, id.as_bytes()),
+                (PacketType::Ttl, ttl.as_bytes()),
+            ],
+        )
+    }
+
+    pub fn dead_letter(&mut self, queue: &str, id: &str) -> &mut Client {
+        self.frame(
+            MessageType::DeadLetter,
+            &[
+                (PacketType::Queue, queue.as_bytes()),
+                (PacketType::MessageId, id.as_bytes()),
+            ],
+        )
+    }
+
+    /// The next dispatch; panics if none arrives within the deadline.
+    pub fn recv(&mut self) -> Dispatch {
+        match self.try_recv() {
+            Ok(Some(d)) => d,
+            Ok(None) => panic!("connection closed while waiting for a dispatch"),
+            Err(e) => panic!("no dispatch: {e}"),
+        }
+    }
+
+    /// The next dispatch, `Ok(None)` on EOF.
+    pub fn try_recv(&mut self) -> io::Result<Option<Dispatch>> {
+        loop {
+            match codec::decode_frame(&self.buf, usize::MAX >> 1) {
+                Ok(Decoded::Frame(frame, used)) => {
+                    assert_eq!(
+                        frame.message_type,
+                        MessageType::Dispatch,
+                        "server sent a non-dispatch"
+                    );
+                    let text = |p| String::from_utf8(frame.required(p).to_vec()).unwrap();
+                    let ttl = frame
+                        .packet(PacketType::Ttl)
+                        .map(|t| std::str::from_utf8(t).unwrap().parse().unwrap());
+                    let dispatch = Dispatch {
+                        queue: text(PacketType::Queue),
+                        content: frame.required(PacketType::Content).to_vec(),
+                        id: text(PacketType::MessageId),
+                        ttl,
+                        packet_count: std::str::from_utf8(&self.buf[6..8])
+                            .unwrap()
+                            .parse()
+                            .unwrap(),
+                    };
+                    self.buf.drain(..used);
+                    return Ok(Some(dispatch));
+                }
+                Ok(Decoded::Incomplete { .. }) => {}
+                Err(e) => panic!("server sent a bad frame: {e}"),
+            }
+            let mut chunk = [0u8; 64 << 10];
+            let n = self.socket.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Proves the server has handled everything this connection sent so far, and returns the
+    /// dispatches that arrived before the proof: it sends a message to a private queue, consumes
+    /// it and acks it. The server handles a connection's frames in order and writes its
+    /// dispatches in order, so anything meant for us before that is already here.
+    pub fn sync(&mut self) -> Vec<Dispatch> {
+        self.barriers += 1;
+        let queue = format!(
+            "barrier-{}-{}",
+            CLIENTS.fetch_add(1, Ordering::Relaxed),
+            self.barriers
+        );
+        self.send(&queue, b"barrier").consume(&queue, 1);
+        let mut before = Vec::new();
+        loop {
+            let d = self.recv();
+            if d.queue == queue {
+                self.ack(&queue, &d.id).consume(&queue, 0);
+                return before;
+            }
+            before.push(d);
+        }
+    }
+
+    /// Waits for the server to close this connection (EOF or reset).
+    pub fn expect_closed(&mut self) {
+        let deadline = Instant::now() + DEADLINE;
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.socket.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("server did not close the connection within {DEADLINE:?}")
+                }
+                Err(_) => return,
+            }
+            assert!(Instant::now() < deadline, "server kept the connection open");
+        }
+    }
+
+    pub fn shutdown_write(&mut self) {
+        self.socket.shutdown_write().expect("shutdown write");
+    }
+}
+
+/// Polls `condition` until it holds; panics after [`DEADLINE`].
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,196 @@
+//! Listeners and connections: addresses, Unix socket files, the connection limit, stopping.
+
+mod common;
+
+use common::{run_to_exit, Client, TempDir, TestServer};
+use phpmq::codec::{encode_frame, MessageType, PacketType};
+use std::os::unix::net::UnixListener;
+
+#[test]
+fn ready_line_names_every_bound_address() {
+    let server = TestServer::start(&[]);
+    let ready = server.log.wait_for("ready", |l| l.contains("ready;"));
+    assert!(
+        server.tcp_addr().port() != 0,
+        "the real port is shown: {ready}"
+    );
+    let sock = server.unix.clone().expect("unix address listed");
+    assert!(ready.contains(&format!("unix:{}", sock.display())));
+    assert!(sock.exists());
+}
+
+#[test]
+fn defaults_to_loopback_port_9100() {
+    // Only checks the parsed default; binding 9100 here could clash with a real server.
+    let config = phpmq::config::Config::default();
+    assert_eq!(config.listen[0].to_string(), "127.0.0.1:9100");
+    assert_eq!(config.max_connections, 1024);
+    assert_eq!(config.max_message_size, 16 << 20);
+}
+
+#[test]
+fn a_live_unix_socket_is_not_taken_over() {
+    let server = TestServer::start(&[]);
+    let sock = server.unix.clone().expect("unix");
+    let dir = TempDir::new("second");
+    let (status, stderr) = run_to_exit(
+        &["--listen", &format!("unix:{}", sock.display())],
+        dir.path(),
+    );
+    assert!(!status.success());
+    assert!(
+        stderr.contains("another server is already listening there"),
+        "{stderr}"
+    );
+    // The first server is untouched.
+    let mut client = server.unix_client();
+    client.send("still", b"mine");
+    client.consume("still", 1);
+    assert_eq!(client.recv().text(), "mine");
+}
+
+#[test]
+fn a_stale_unix_socket_is_replaced() {
+    let dir = TempDir::new("stale");
+    let sock = dir.path().join("stale.sock");
+    // A listener dropped without unlinking leaves a file nobody answers on.
+    drop(UnixListener::bind(&sock).expect("bind"));
+    assert!(sock.exists());
+    let args = vec!["--listen".to_string(), format!("unix:{}", sock.display())];
+    let server = TestServer::start_with(dir, args);
+    let mut client = Client::unix(&sock);
+    client.send("fresh", b"ok");
+    client.consume("fresh", 1);
+    assert_eq!(client.recv().text(), "ok");
+    drop(server);
+}
+
+#[test]
+fn a_path_that_is_not_a_socket_is_never_deleted() {
+    let dir = TempDir::new("notsock");
+    let file = dir.path().join("precious.txt");
+    std::fs::write(&file, b"keep me").unwrap();
+    let (status, stderr) = run_to_exit(
+        &["--listen", &format!("unix:{}", file.display())],
+        dir.path(),
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("exists and is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+}
+
+#[test]
+fn bad_flags_are_refused_with_a_clear_error() {
+    let dir = TempDir::new("flags");
+    let (status, stderr) = run_to_exit(&["--listen", "nowhere"], dir.path());
+    assert!(!status.success());
+    assert!(stderr.contains("is not an address"), "{stderr}");
+    let (status, stderr) = run_to_exit(&["--log-level", "loud"], dir.path());
+    assert!(!status.success());
+    assert!(stderr.contains("unknown log level"), "{stderr}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (status, stderr) = run_to_exit(&["--listen", &addr], dir.path());
+    assert!(!status.success());
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_and_help() {
+    let dir = TempDir::new("version");
+    let out = std::process::Command::new(common::server_binary())
+        .arg("--version")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("phpmq-server "));
+    let out = std::process::Command::new(common::server_binary())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--max-connections",
+        "--max-message-size",
+        "--log-level",
+        "--frame-timeout-ms",
+        "--version",
+    ] {
+        assert!(help.contains(flag), "--help lists {flag}");
+    }
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused() {
+    let server = TestServer::start(&["--max-connections", "2"]);
+    let mut first = server.tcp_client();
+    let mut second = server.unix_client();
+    first.sync();
+    second.sync();
+    let mut third = server.tcp_client();
+    let refused = third.local.clone().expect("tcp");
+    third.expect_closed();
+    server.log.wait_for("a refusal", |l| {
+        l.contains(&refused) && l.contains("limit of 2 connections reached")
+    });
+    // The two admitted clients are unaffected.
+    first.send("limit", b"a");
+    second.consume("limit", 1);
+    assert_eq!(second.recv().text(), "a");
+    // A place frees up when a client leaves.
+    drop(first);
+    common::wait_until("a new connection to be admitted", || {
+        let mut next = server.tcp_client();
+        let mut frames = Vec::new();
+        encode_frame(
+            &mut frames,
+            MessageType::Send,
+            &[(PacketType::Queue, b"probe"), (PacketType::Content, b"x")],
+        );
+        encode_frame(
+            &mut frames,
+            MessageType::Consume,
+            &[(PacketType::Queue, b"probe"), (PacketType::Count, b"1")],
+        );
+        next.try_raw(&frames).is_ok() && matches!(next.try_recv(), Ok(Some(_)))
+    });
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_removes_the_socket_file() {
+    let mut server = TestServer::start(&[]);
+    let sock = server.unix.clone().expect("unix");
+    let mut client = server.tcp_client();
+    client.consume("q", 1);
+    client.sync();
+    server.signal("TERM");
+    let status = server.wait_exit();
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        server.log.text()
+    );
+    assert!(!sock.exists(), "socket file removed on exit");
+    client.expect_closed();
+}
+
+#[test]
+fn ipv6_loopback_when_available() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipping");
+        return;
+    }
+    let dir = TempDir::new("v6");
+    let server = TestServer::start_with(dir, vec!["--listen".into(), "[::1]:0".into()]);
+    let addr = server.tcp_addr();
+    assert!(addr.is_ipv6());
+    let mut client = Client::tcp(addr);
+    client.send("v6", b"ok").consume("v6", 1);
+    assert_eq!(client.recv().text(), "ok");
+}
