@@ -102,6 +102,12 @@ pub fn serve(hub: &Hub, conn: ConnId, stream: Stream, name: String, limits: Limi
         }
     }
     debug!("{label}: connected");
+    let registration = Registration {
+        hub,
+        conn,
+        peer: peer.clone(),
+        label: label.clone(),
+    };
     let mut session = Session {
         hub,
         conn,
@@ -111,10 +117,7 @@ pub fn serve(hub: &Hub, conn: ConnId, stream: Stream, name: String, limits: Limi
     };
     let end = session.read_loop(limits);
     // Unregister first: the held messages go to other consumers before this socket closes.
-    if let Err(e) = hub.unregister(conn) {
-        warn!("{label}: {e}");
-    }
-    peer.hang_up();
+    drop(registration);
     // Logged once the connection's messages are released, so the line means "done".
     match &end {
         End::Closed => debug!("{label}: disconnected"),
@@ -125,6 +128,34 @@ pub fn serve(hub: &Hub, conn: ConnId, stream: Stream, name: String, limits: Limi
     }
     if let Some(writer) = session.writer.take() {
         let _ = writer.join();
+    }
+}
+
+/// Unregisters the connection and hangs up when dropped, also when its thread panics, so what
+/// it held is never stranded.
+struct Registration<'a> {
+    hub: &'a Hub,
+    conn: ConnId,
+    peer: Arc<Peer>,
+    label: String,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.hub.unregister(self.conn) {
+            warn!("{}: {e}", self.label);
+        }
+        self.peer.hang_up();
+    }
+}
+
+/// Hangs up when dropped: a writer thread that ends for any reason, a panic included, takes
+/// its connection with it instead of leaving a consumer that silently receives nothing.
+struct HangUpOnExit(Arc<Peer>);
+
+impl Drop for HangUpOnExit {
+    fn drop(&mut self) {
+        self.0.hang_up();
     }
 }
 
@@ -197,10 +228,9 @@ impl Session<'_> {
             .name(format!("phpmq-write-{}", self.conn))
             .stack_size(THREAD_STACK)
             .spawn(move || {
-                if let Err(e) = peer.outbox.write_loop(&*peer.stream) {
+                let peer = HangUpOnExit(peer);
+                if let Err(e) = peer.0.outbox.write_loop(&*peer.0.stream) {
                     info!("{label}: write failed: {e}");
-                    // Wake the reader so the connection is cleaned up.
-                    peer.hang_up();
                 }
             })
             .map_err(End::WriterSpawn)?;

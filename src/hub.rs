@@ -29,6 +29,23 @@ impl fmt::Display for BrokerDown {
 
 impl std::error::Error for BrokerDown {}
 
+/// Why the server must stop on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fatal {
+    BrokerDown,
+    /// A thread the server cannot run without ended early.
+    ThreadExited(String),
+}
+
+impl fmt::Display for Fatal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fatal::BrokerDown => write!(f, "{BrokerDown}"),
+            Fatal::ThreadExited(name) => write!(f, "thread {name} ended unexpectedly"),
+        }
+    }
+}
+
 /// A connected client as the rest of the server sees it.
 #[derive(Debug)]
 pub struct Peer {
@@ -54,7 +71,7 @@ struct State {
 
 pub struct Hub {
     state: Mutex<State>,
-    fatal: Sender<BrokerDown>,
+    fatal: Sender<Fatal>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -66,7 +83,7 @@ pub fn now_millis() -> Millis {
 }
 
 impl Hub {
-    pub fn new(broker: Broker, fatal: Sender<BrokerDown>) -> Hub {
+    pub fn new(broker: Broker, fatal: Sender<Fatal>) -> Hub {
         Hub {
             state: Mutex::new(State {
                 broker,
@@ -79,7 +96,7 @@ impl Hub {
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, BrokerDown> {
         self.state.lock().map_err(|_| {
-            let _ = self.fatal.try_send(BrokerDown);
+            let _ = self.fatal.try_send(Fatal::BrokerDown);
             BrokerDown
         })
     }

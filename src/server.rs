@@ -8,10 +8,10 @@
 use crate::broker::Broker;
 use crate::config::{Config, ListenAddr};
 use crate::connection::{self, Limits, THREAD_STACK};
-use crate::hub::{BrokerDown, Hub};
+use crate::hub::{Fatal, Hub};
 use crate::net::{BindError, Listener};
 use crate::store::NullStore;
-use crossbeam_channel::{select, tick, unbounded, Receiver};
+use crossbeam_channel::{select, tick, unbounded, Receiver, Sender};
 use log::{error, info, warn};
 use std::fmt;
 use std::io;
@@ -32,7 +32,7 @@ pub enum ServerError {
     NoListeners,
     Bind(BindError),
     Spawn(io::Error),
-    BrokerDown(BrokerDown),
+    Fatal(Fatal),
 }
 
 impl fmt::Display for ServerError {
@@ -41,7 +41,7 @@ impl fmt::Display for ServerError {
             ServerError::NoListeners => f.write_str("no address to listen on"),
             ServerError::Bind(e) => write!(f, "{e}"),
             ServerError::Spawn(e) => write!(f, "cannot start a thread: {e}"),
-            ServerError::BrokerDown(e) => write!(f, "{e}"),
+            ServerError::Fatal(e) => write!(f, "{e}"),
         }
     }
 }
@@ -102,13 +102,32 @@ struct Shared {
     limits: Limits,
     next_conn: AtomicU64,
     stopping: AtomicBool,
+    fatal: Sender<Fatal>,
+}
+
+/// Held by a thread the server cannot run without: if the thread ends (a panic included)
+/// before shutdown began, the server is told to stop instead of running half-alive.
+struct Lifeline {
+    shared: Arc<Shared>,
+    name: String,
+}
+
+impl Drop for Lifeline {
+    fn drop(&mut self) {
+        if !self.shared.stopping.load(Ordering::SeqCst) {
+            let _ = self
+                .shared
+                .fatal
+                .try_send(Fatal::ThreadExited(self.name.clone()));
+        }
+    }
 }
 
 /// A bound server, ready to run.
 pub struct Server {
     listeners: Vec<Arc<Listener>>,
     shared: Arc<Shared>,
-    fatal: Receiver<BrokerDown>,
+    fatal: Receiver<Fatal>,
 }
 
 impl Server {
@@ -125,7 +144,7 @@ impl Server {
             .map_err(ServerError::Bind)?;
         let (fatal_tx, fatal) = unbounded();
         let shared = Arc::new(Shared {
-            hub: Hub::new(Broker::new(Box::new(NullStore)), fatal_tx),
+            hub: Hub::new(Broker::new(Box::new(NullStore)), fatal_tx.clone()),
             connections: Arc::default(),
             max_connections: config.max_connections,
             limits: Limits {
@@ -134,6 +153,7 @@ impl Server {
             },
             next_conn: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
+            fatal: fatal_tx,
         });
         Ok(Server {
             listeners,
@@ -173,7 +193,7 @@ impl Server {
         };
         let outcome = select! {
             recv(shutdown) -> _ => Ok(()),
-            recv(self.fatal) -> down => Err(ServerError::BrokerDown(down.unwrap_or(BrokerDown))),
+            recv(self.fatal) -> fatal => Err(ServerError::Fatal(fatal.unwrap_or(Fatal::BrokerDown))),
         };
         match &outcome {
             Ok(()) => info!("shutting down"),
@@ -208,9 +228,14 @@ fn spawn_acceptor(listener: Arc<Listener>, shared: Arc<Shared>) -> io::Result<Jo
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    thread::Builder::new()
-        .name(format!("phpmq-accept {name}"))
-        .spawn(move || accept_loop(&listener, &shared))
+    let name = format!("phpmq-accept {name}");
+    thread::Builder::new().name(name.clone()).spawn(move || {
+        let _lifeline = Lifeline {
+            shared: shared.clone(),
+            name,
+        };
+        accept_loop(&listener, &shared)
+    })
 }
 
 fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
@@ -254,6 +279,10 @@ fn spawn_sweeper(shared: Arc<Shared>, stop: Receiver<()>) -> io::Result<JoinHand
     thread::Builder::new()
         .name("phpmq-sweeper".into())
         .spawn(move || {
+            let _lifeline = Lifeline {
+                shared: shared.clone(),
+                name: "phpmq-sweeper".into(),
+            };
             let ticker = tick(SWEEP_INTERVAL);
             loop {
                 select! {
