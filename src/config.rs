@@ -11,6 +11,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9100";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// The mirror file, relative to the working directory.
+pub const DEFAULT_DB: &str = "phpmq.sqlite";
+pub const DEFAULT_MIRROR_INTERVAL: Duration = Duration::from_millis(1000);
 
 /// Where a listener binds: `HOST:PORT` (IPv4 or `[IPv6]:PORT`) or `unix:/path/to.sock`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +60,10 @@ pub struct Config {
     pub max_message_size: usize,
     /// How long one frame may take to arrive once its first byte is in.
     pub frame_timeout: Duration,
+    /// The SQLite mirror file; `None` keeps messages in memory only.
+    pub db: Option<PathBuf>,
+    /// How often a changed store is mirrored to `db`.
+    pub mirror_interval: Duration,
 }
 
 impl Default for Config {
@@ -66,6 +73,8 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             frame_timeout: DEFAULT_FRAME_TIMEOUT,
+            db: Some(PathBuf::from(DEFAULT_DB)),
+            mirror_interval: DEFAULT_MIRROR_INTERVAL,
         }
     }
 }

@@ -9,7 +9,6 @@ use crate::broker::ConnId;
 use crate::codec::{self, CodecError, Decoded};
 use crate::hub::{BrokerDown, Hub, Peer};
 use crate::net::Stream;
-use crate::outbox::Outbox;
 use crate::request::{Request, RequestError};
 use log::{debug, info, warn};
 use std::fmt;
@@ -24,6 +23,10 @@ const READ_BUFFER: usize = 64 << 10;
 const MAX_BATCH: usize = 512;
 /// Stack size of connection threads: they recurse nowhere and there may be thousands.
 pub const THREAD_STACK: usize = 256 << 10;
+/// How often an idle reader looks up to see whether the server is shutting down.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// At shutdown, a connection ends once its client has sent nothing for this long.
+const QUIET: Duration = Duration::from_millis(100);
 
 /// Limits a connection enforces.
 #[derive(Clone, Copy, Debug)]
@@ -82,11 +85,7 @@ impl fmt::Display for End {
 
 /// Serves one client until it goes; always unregisters it so its held messages are released.
 pub fn serve(hub: &Hub, conn: ConnId, stream: Stream, name: String, limits: Limits) {
-    let peer = Arc::new(Peer {
-        name,
-        stream: Arc::new(stream),
-        outbox: Outbox::new(),
-    });
+    let peer = Arc::new(Peer::new(name, stream));
     let label = format!("{} (connection {conn})", peer.name);
     match hub.register(conn, peer.clone()) {
         Ok(true) => {}
@@ -180,6 +179,9 @@ impl Session<'_> {
     fn read_loop(&mut self, limits: Limits) -> End {
         let mut reader = FrameReader::new(limits);
         let stream = self.peer.stream.clone();
+        if let Err(e) = stream.set_read_timeout(Some(reader.poll_interval())) {
+            return End::Io(e);
+        }
         loop {
             let mut batch = Vec::new();
             let parsed = loop {
@@ -202,9 +204,9 @@ impl Session<'_> {
             if reader.has_whole_frames_pending() {
                 continue;
             }
-            match reader.fill(&stream) {
+            match reader.fill(&stream, &self.peer) {
                 Ok(true) => {}
-                _ if self.peer.outbox.is_closed() => return End::ServerShutdown,
+                _ if self.peer.is_closing() => return End::ServerShutdown,
                 Ok(false) => return End::Closed,
                 Err(end) => return end,
             }
@@ -249,7 +251,8 @@ struct FrameReader {
     limits: Limits,
     /// When the frame in progress must be complete.
     deadline: Option<Instant>,
-    timeout_armed: bool,
+    /// Whether the socket's read timeout was cut to [`QUIET`] for shutdown.
+    quiet_timeout: bool,
     /// Set when a whole frame is buffered but the batch was full.
     more_pending: bool,
 }
@@ -263,7 +266,7 @@ impl FrameReader {
             needed: codec::HEADER_LEN,
             limits,
             deadline: None,
-            timeout_armed: false,
+            quiet_timeout: false,
             more_pending: false,
         }
     }
@@ -307,13 +310,36 @@ impl FrameReader {
         }
     }
 
-    /// Reads once more from the socket. `Ok(false)`: the peer closed between frames.
-    fn fill(&mut self, mut stream: &Stream) -> Result<bool, End> {
+    /// The read timeout between looks at the frame deadline and the closing flag.
+    fn poll_interval(&self) -> Duration {
+        IDLE_POLL
+            .min(self.limits.frame_timeout)
+            .max(Duration::from_millis(1))
+    }
+
+    /// Reads once more from the socket. `Ok(false)`: the peer closed between frames. While the
+    /// server is closing, an idle connection ends once its client has been quiet for [`QUIET`].
+    fn fill(&mut self, mut stream: &Stream, peer: &Peer) -> Result<bool, End> {
         self.more_pending = false;
-        let buffered = self.buffered();
-        self.arm_timeout(stream, buffered)?;
-        self.make_room();
         loop {
+            let buffered = self.buffered();
+            let closing = peer.is_closing();
+            if closing && !self.quiet_timeout {
+                stream.set_read_timeout(Some(QUIET)).map_err(End::Io)?;
+                self.quiet_timeout = true;
+            }
+            if buffered > 0 {
+                let deadline = *self
+                    .deadline
+                    .get_or_insert_with(|| Instant::now() + self.limits.frame_timeout);
+                if Instant::now() >= deadline {
+                    return Err(End::Stalled {
+                        buffered,
+                        timeout: self.limits.frame_timeout,
+                    });
+                }
+            }
+            self.make_room();
             match stream.read(&mut self.buf[self.end..]) {
                 Ok(0) if buffered == 0 => return Ok(false),
                 Ok(0) => return Err(End::CutOff { buffered }),
@@ -321,44 +347,21 @@ impl FrameReader {
                     self.end += n;
                     return Ok(true);
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(End::Stalled {
-                        buffered,
-                        timeout: self.limits.frame_timeout,
-                    })
+                    if closing && buffered == 0 {
+                        return Err(End::ServerShutdown);
+                    }
+                    // Otherwise: idle, or a frame still within its deadline. Look again.
                 }
                 Err(e) => return Err(End::Io(e)),
             }
         }
-    }
-
-    /// No timeout while idle between frames; the frame's remaining time while inside one.
-    fn arm_timeout(&mut self, stream: &Stream, buffered: usize) -> Result<(), End> {
-        if buffered == 0 {
-            if self.timeout_armed {
-                stream.set_read_timeout(None).map_err(End::Io)?;
-                self.timeout_armed = false;
-            }
-            return Ok(());
-        }
-        let now = Instant::now();
-        let deadline = *self.deadline.get_or_insert(now + self.limits.frame_timeout);
-        let left = deadline.saturating_duration_since(now);
-        if left.is_zero() {
-            return Err(End::Stalled {
-                buffered,
-                timeout: self.limits.frame_timeout,
-            });
-        }
-        stream.set_read_timeout(Some(left)).map_err(End::Io)?;
-        self.timeout_armed = true;
-        Ok(())
     }
 
     /// Ensures the buffer has space after `end`, and room for the whole frame in progress.

@@ -14,6 +14,7 @@ use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -35,6 +36,8 @@ pub enum Fatal {
     BrokerDown,
     /// A thread the server cannot run without ended early.
     ThreadExited(String),
+    /// The in-memory store failed: what is accepted from now on could not be persisted.
+    Persistence(String),
 }
 
 impl fmt::Display for Fatal {
@@ -42,6 +45,7 @@ impl fmt::Display for Fatal {
         match self {
             Fatal::BrokerDown => write!(f, "{BrokerDown}"),
             Fatal::ThreadExited(name) => write!(f, "thread {name} ended unexpectedly"),
+            Fatal::Persistence(e) => write!(f, "persistence failed: {e}"),
         }
     }
 }
@@ -52,9 +56,25 @@ pub struct Peer {
     pub name: String,
     pub stream: Arc<Stream>,
     pub outbox: Outbox,
+    /// Set at shutdown: read what the client already sent, then end.
+    pub closing: AtomicBool,
 }
 
 impl Peer {
+    pub fn new(name: String, stream: Stream) -> Peer {
+        Peer {
+            name,
+            stream: Arc::new(stream),
+            outbox: Outbox::new(),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the server is ending this connection (shutdown or a failed write).
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed) || self.outbox.is_closed()
+    }
+
     /// Ends the connection from outside: its blocked read returns and its thread cleans up.
     pub fn hang_up(&self) {
         self.outbox.close();
@@ -147,23 +167,26 @@ impl Hub {
         Ok(self.lock()?.broker.expire(now))
     }
 
-    /// Turns new connections away and hangs up on every connected one.
+    /// Turns new connections away and asks every connected one to finish: each reads what
+    /// its client already sent, then ends.
+    pub fn begin_close(&self) {
+        for peer in self.close_registry() {
+            peer.closing.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Hangs up on every connection still there.
     pub fn close_all(&self) {
-        let peers: Vec<Arc<Peer>> = match self.state.lock() {
-            Ok(mut state) => {
-                state.open = false;
-                state.peers.values().cloned().collect()
-            }
-            // Even with the broker gone, the sockets must still be closed.
-            Err(poisoned) => {
-                let mut state = poisoned.into_inner();
-                state.open = false;
-                state.peers.values().cloned().collect()
-            }
-        };
-        for peer in peers {
+        for peer in self.close_registry() {
             peer.hang_up();
         }
+    }
+
+    fn close_registry(&self) -> Vec<Arc<Peer>> {
+        // Even with the broker gone, the sockets must still be closed.
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.open = false;
+        state.peers.values().cloned().collect()
     }
 
     pub fn totals(&self) -> Result<Totals, BrokerDown> {

@@ -10,6 +10,8 @@
 //! - [`outbox`]: a connection's pending output and the thread that writes it.
 //! - [`connection`]: one client's read loop: bytes in, requests to the broker.
 //! - [`server`]: binds the listeners, accepts, owns the shared broker and the shutdown order.
+//! - [`persist`]: the in-memory SQLite store, its mirror to a file, and recovery.
+//! - [`logfile`]: a log file that SIGHUP can reopen.
 //! - [`config`]: the server's settings and listen addresses.
 
 #![forbid(unsafe_code)]
@@ -20,8 +22,10 @@ pub mod config;
 pub mod connection;
 pub mod hub;
 pub mod id;
+pub mod logfile;
 pub mod net;
 pub mod outbox;
+pub mod persist;
 pub mod request;
 pub mod server;
 pub mod store;

@@ -1,16 +1,18 @@
 //! The server: binds every listener, runs one accept thread per listener and one thread per
 //! client, sweeps expired messages, and owns the one shutdown path.
 //!
-//! Shutdown order: stop accepting (and wake the accept threads), hang up on every client so its
-//! blocked read returns and its held messages go back, wait for the connection threads, stop the
-//! sweeper, then drop the listeners, which removes our Unix socket files.
+//! Shutdown order: stop accepting (and wake the accept threads); let every connection read
+//! what its client already sent and end (hanging up on those still busy after a deadline);
+//! wait for the connection threads; stop the sweeper; apply what is pending to the store and
+//! mirror it one last time; then drop the listeners, which removes our Unix socket files.
 
 use crate::broker::Broker;
 use crate::config::{Config, ListenAddr};
 use crate::connection::{self, Limits, THREAD_STACK};
 use crate::hub::{Fatal, Hub};
 use crate::net::{BindError, Listener};
-use crate::store::NullStore;
+use crate::persist::{PersistError, Persistence};
+use crate::store::{NullStore, Store};
 use crossbeam_channel::{select, tick, unbounded, Receiver, Sender};
 use log::{error, info, warn};
 use std::fmt;
@@ -22,8 +24,10 @@ use std::time::{Duration, Instant};
 
 /// How often ready messages are checked for expiry.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
-/// How long shutdown waits for connection threads to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long shutdown lets connections read what their clients sent before hanging up.
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(2500);
+/// How long shutdown then waits for connection threads to finish.
+const HANG_UP_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -31,6 +35,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub enum ServerError {
     NoListeners,
     Bind(BindError),
+    Persistence(PersistError),
     Spawn(io::Error),
     Fatal(Fatal),
 }
@@ -40,6 +45,7 @@ impl fmt::Display for ServerError {
         match self {
             ServerError::NoListeners => f.write_str("no address to listen on"),
             ServerError::Bind(e) => write!(f, "{e}"),
+            ServerError::Persistence(e) => write!(f, "{e}"),
             ServerError::Spawn(e) => write!(f, "cannot start a thread: {e}"),
             ServerError::Fatal(e) => write!(f, "{e}"),
         }
@@ -128,13 +134,39 @@ pub struct Server {
     listeners: Vec<Arc<Listener>>,
     shared: Arc<Shared>,
     fatal: Receiver<Fatal>,
+    persistence: Option<Persistence>,
+    recovered: usize,
 }
 
 impl Server {
-    /// Binds every listen address; fails on the first that cannot be bound.
+    /// Recovers stored messages, then binds every listen address; fails on the first problem.
     pub fn bind(config: &Config) -> Result<Server, ServerError> {
         if config.listen.is_empty() {
             return Err(ServerError::NoListeners);
+        }
+        // The store first: a database that cannot be used must stop us before anyone connects.
+        let (persistence, recovered) = match &config.db {
+            Some(path) => {
+                let recovered = Persistence::open(path, config.mirror_interval)
+                    .map_err(ServerError::Persistence)?;
+                info!(
+                    "recovered {} messages from {} in {} ms",
+                    recovered.messages.len(),
+                    path.display(),
+                    recovered.took.as_millis()
+                );
+                (Some(recovered.persistence), recovered.messages)
+            }
+            None => (None, Vec::new()),
+        };
+        let store: Box<dyn Store> = match &persistence {
+            Some(p) => Box::new(p.store()),
+            None => Box::new(NullStore),
+        };
+        let recovered_count = recovered.len();
+        let mut broker = Broker::new(store);
+        for message in recovered {
+            broker.restore(message);
         }
         let listeners = config
             .listen
@@ -144,7 +176,7 @@ impl Server {
             .map_err(ServerError::Bind)?;
         let (fatal_tx, fatal) = unbounded();
         let shared = Arc::new(Shared {
-            hub: Hub::new(Broker::new(Box::new(NullStore)), fatal_tx.clone()),
+            hub: Hub::new(broker, fatal_tx.clone()),
             connections: Arc::default(),
             max_connections: config.max_connections,
             limits: Limits {
@@ -159,7 +191,19 @@ impl Server {
             listeners,
             shared,
             fatal,
+            persistence,
+            recovered: recovered_count,
         })
+    }
+
+    /// The mirror file, if messages are persisted.
+    pub fn db_path(&self) -> Option<&std::path::Path> {
+        self.persistence.as_ref().map(Persistence::path)
+    }
+
+    /// How many stored messages were recovered at start.
+    pub fn recovered(&self) -> usize {
+        self.recovered
     }
 
     /// The bound addresses, with real port numbers where port 0 was asked for.
@@ -171,13 +215,21 @@ impl Server {
     }
 
     /// Serves until `shutdown` receives (or is dropped), then shuts down in order.
-    pub fn run(self, shutdown: Receiver<()>) -> Result<(), ServerError> {
+    pub fn run(mut self, shutdown: Receiver<()>) -> Result<(), ServerError> {
+        if let Some(persistence) = &mut self.persistence {
+            let fatal = self.shared.fatal.clone();
+            let on_fatal = Arc::new(move |e: PersistError| {
+                error!("{e}");
+                let _ = fatal.try_send(Fatal::Persistence(e.to_string()));
+            });
+            persistence.start(on_fatal).map_err(ServerError::Spawn)?;
+        }
         let mut accept_threads = Vec::new();
         for listener in &self.listeners {
             match spawn_acceptor(listener.clone(), self.shared.clone()) {
                 Ok(handle) => accept_threads.push(handle),
                 Err(e) => {
-                    self.stop(accept_threads, None);
+                    let _ = self.stop(accept_threads, None);
                     return Err(ServerError::Spawn(e));
                 }
             }
@@ -187,7 +239,7 @@ impl Server {
         let sweeper = match sweeper {
             Ok(handle) => handle,
             Err(e) => {
-                self.stop(accept_threads, None);
+                let _ = self.stop(accept_threads, None);
                 return Err(ServerError::Spawn(e));
             }
         };
@@ -200,11 +252,16 @@ impl Server {
             Err(e) => error!("shutting down: {e}"),
         }
         drop(stop_sweeper);
-        self.stop(accept_threads, Some(sweeper));
-        outcome
+        let stopped = self.stop(accept_threads, Some(sweeper));
+        outcome.and(stopped)
     }
 
-    fn stop(self, accept_threads: Vec<JoinHandle<()>>, sweeper: Option<JoinHandle<()>>) {
+    /// The one shutdown path; see the module docs for the order.
+    fn stop(
+        self,
+        accept_threads: Vec<JoinHandle<()>>,
+        sweeper: Option<JoinHandle<()>>,
+    ) -> Result<(), ServerError> {
         self.shared.stopping.store(true, Ordering::SeqCst);
         for listener in &self.listeners {
             listener.wake();
@@ -212,14 +269,43 @@ impl Server {
         for handle in accept_threads {
             let _ = handle.join();
         }
-        self.shared.hub.close_all();
+        self.shared.hub.begin_close();
         if !self.shared.connections.wait_idle(DRAIN_TIMEOUT) {
-            warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
+            warn!("clients still sending after {DRAIN_TIMEOUT:?}; hanging up on them");
+            self.shared.hub.close_all();
+            if !self.shared.connections.wait_idle(HANG_UP_TIMEOUT) {
+                warn!("some connections did not finish within {HANG_UP_TIMEOUT:?}");
+            }
         }
         if let Some(handle) = sweeper {
             let _ = handle.join();
         }
+        let result = match self.persistence {
+            Some(persistence) => {
+                let path = persistence.path().to_owned();
+                match persistence.finish() {
+                    Ok(report) => {
+                        if let Some(report) = report {
+                            info!(
+                                "final mirror: {} messages in {} ({} bytes)",
+                                report.messages,
+                                path.display(),
+                                report.bytes
+                            );
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        error!("final mirror failed: {e}");
+                        Err(ServerError::Persistence(e))
+                    }
+                }
+            }
+            None => Ok(()),
+        };
         // Dropping the listeners removes the socket files.
+        drop(self.listeners);
+        result
     }
 }
 

@@ -28,11 +28,16 @@ pub struct StoredMessage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreOp {
     Insert(StoredMessage),
-    /// Acknowledged, dead-lettered, expired or flushed.
-    Delete(MessageId),
-    /// Re-queued to the tail with a new position and expiry.
+    /// Acknowledged, dead-lettered, expired or flushed. `seq` is its current position, the
+    /// key a store can find it by.
+    Delete {
+        id: MessageId,
+        seq: u64,
+    },
+    /// Re-queued to the tail: it moves from `old_seq` to `seq` with a new expiry.
     Requeue {
         id: MessageId,
+        old_seq: u64,
         seq: u64,
         expires_at: Option<Millis>,
     },

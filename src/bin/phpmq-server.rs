@@ -4,9 +4,12 @@ use argh::FromArgs;
 use crossbeam_channel::{bounded, Sender};
 use log::{info, warn, LevelFilter};
 use phpmq::config::{self, Config, ListenAddr};
+use phpmq::logfile::LogFile;
 use phpmq::server::Server;
+use signal_hook::consts::SIGHUP;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -29,6 +32,20 @@ struct Args {
     /// how long one frame may take to arrive once it has started, in milliseconds (default 30000)
     #[argh(option, default = "config::DEFAULT_FRAME_TIMEOUT.as_millis() as u64")]
     frame_timeout_ms: u64,
+
+    /// the SQLite file that messages are mirrored to, or "none" to keep them in memory only
+    /// (default phpmq.sqlite in the working directory)
+    #[argh(option, default = "String::from(config::DEFAULT_DB)")]
+    db: String,
+
+    /// how often a changed store is mirrored to the file, in milliseconds (default 1000); a
+    /// hard crash loses at most the changes of this long
+    #[argh(option, default = "config::DEFAULT_MIRROR_INTERVAL.as_millis() as u64")]
+    mirror_interval: u64,
+
+    /// write the log to this file instead of stderr; SIGHUP reopens it (for logrotate)
+    #[argh(option)]
+    log_file: Option<PathBuf>,
 
     /// log level: error, warn, info, debug or trace (default info)
     #[argh(option, default = "LevelFilter::Info", from_str_fn(parse_level))]
@@ -60,11 +77,23 @@ fn main() -> ExitCode {
         println!("phpmq-server {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    init_logging(args.log_level);
+    if args.mirror_interval == 0 {
+        eprintln!("phpmq-server: --mirror-interval must be at least 1 ms");
+        return ExitCode::FAILURE;
+    }
+    let log_file = match init_logging(args.log_level, args.log_file.as_deref()) {
+        Ok(log_file) => log_file,
+        Err(e) => {
+            eprintln!("phpmq-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut config = Config {
         max_connections: args.max_connections,
         max_message_size: args.max_message_size,
         frame_timeout: Duration::from_millis(args.frame_timeout_ms),
+        db: (args.db != "none").then(|| PathBuf::from(&args.db)),
+        mirror_interval: Duration::from_millis(args.mirror_interval),
         ..Config::default()
     };
     if !args.listen.is_empty() {
@@ -78,13 +107,25 @@ fn main() -> ExitCode {
         }
     };
     let (shutdown_tx, shutdown_rx) = bounded(1);
-    if let Err(e) = watch_signals(shutdown_tx) {
+    if let Err(e) = watch_signals(shutdown_tx, log_file) {
         eprintln!("phpmq-server: cannot install signal handlers: {e}");
         return ExitCode::FAILURE;
     }
     let addrs: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
-    // Scripts and tests wait for this line: keep its form stable.
-    eprintln!("phpmq-server: ready; listening on {}", addrs.join(", "));
+    let db = match server.db_path() {
+        Some(path) => format!(
+            "db {} ({} messages recovered)",
+            path.display(),
+            server.recovered()
+        ),
+        None => "db none (memory only)".to_string(),
+    };
+    // Scripts and tests wait for this line on stderr: keep its form stable.
+    let ready = format!("ready; listening on {}; {db}", addrs.join(", "));
+    eprintln!("phpmq-server: {ready}");
+    if args.log_file.is_some() {
+        info!("{ready}");
+    }
     match server.run(shutdown_rx) {
         Ok(()) => {
             info!("stopped");
@@ -97,24 +138,53 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: LevelFilter) {
+/// Logs to stderr, or to `file` (returned, so that SIGHUP can reopen it).
+fn init_logging(
+    level: LevelFilter,
+    file: Option<&std::path::Path>,
+) -> Result<Option<LogFile>, String> {
     let config = simplelog::ConfigBuilder::new()
         .set_time_format_rfc3339()
         .set_thread_level(LevelFilter::Off)
         .set_target_level(LevelFilter::Off)
         .build();
-    // Only fails if a logger is already set, which cannot happen here.
-    let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
+    // init fails only if a logger is already set, which cannot happen here.
+    match file {
+        Some(path) => {
+            let log = LogFile::open(path)
+                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+            let _ = simplelog::WriteLogger::init(level, config, log.clone());
+            Ok(Some(log))
+        }
+        None => {
+            let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
+            Ok(None)
+        }
+    }
 }
 
-/// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
-fn watch_signals(shutdown: Sender<()>) -> std::io::Result<()> {
-    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+/// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once. SIGHUP reopens
+/// the log file.
+fn watch_signals(shutdown: Sender<()>, log_file: Option<LogFile>) -> std::io::Result<()> {
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
         .name("phpmq-signals".into())
         .spawn(move || {
             let mut received = 0;
             for signal in signals.forever() {
+                if signal == SIGHUP {
+                    match &log_file {
+                        Some(log) => match log.reopen() {
+                            Ok(()) => info!("reopened log file {}", log.path().display()),
+                            Err(e) => eprintln!(
+                                "phpmq-server: cannot reopen log file {}: {e}",
+                                log.path().display()
+                            ),
+                        },
+                        None => info!("SIGHUP: logging to stderr, nothing to reopen"),
+                    }
+                    continue;
+                }
                 received += 1;
                 if received == 1 {
                     info!("signal {signal} received, shutting down");

@@ -101,7 +101,10 @@ impl MessageTable {
             if let Some(at) = message.expires_at {
                 self.expiry.remove(&(at, id));
             }
-            self.store.apply(StoreOp::Delete(id));
+            self.store.apply(StoreOp::Delete {
+                id,
+                seq: message.seq,
+            });
         }
     }
 }
@@ -178,6 +181,19 @@ impl Broker {
             ids,
             next_seq: 1,
         }
+    }
+
+    /// Puts back a message recovered from storage, ready again. Call in FIFO (`seq`) order,
+    /// before any client connects; the store already has it, so nothing is reported.
+    pub fn restore(&mut self, message: StoredMessage) {
+        self.next_seq = self.next_seq.max(message.seq + 1);
+        self.insert_ready(
+            message.queue,
+            message.id,
+            message.content,
+            message.seq,
+            message.expires_at,
+        );
     }
 
     pub fn connect(&mut self, conn: ConnId) {
@@ -329,6 +345,7 @@ impl Broker {
         }
         self.table.store.apply(StoreOp::Requeue {
             id,
+            old_seq: message.seq,
             seq,
             expires_at,
         });

@@ -240,6 +240,7 @@ fn requeue_goes_to_the_tail_with_a_new_ttl() {
     let ops = store.0.lock().unwrap();
     assert!(ops.contains(&StoreOp::Requeue {
         id: a,
+        old_seq: 1,
         seq: 3,
         expires_at: Some(61_000)
     }));
@@ -273,7 +274,10 @@ fn dead_letter_removes_regardless_of_ttl() {
     );
     assert_eq!(b.message_count(), 0);
     assert_eq!(b.totals().dead_lettered, 1);
-    assert_eq!(store.0.lock().unwrap().last(), Some(&StoreOp::Delete(id)));
+    assert_eq!(
+        store.0.lock().unwrap().last(),
+        Some(&StoreOp::Delete { id, seq: 1 })
+    );
 }
 
 #[test]
@@ -345,7 +349,7 @@ fn sweep_expires_waiting_messages_and_drops_empty_queues() {
     assert_eq!(b.queue_stats("jobs"), None);
     assert_eq!(
         store.0.lock().unwrap().last(),
-        Some(&StoreOp::Delete(short))
+        Some(&StoreOp::Delete { id: short, seq: 1 })
     );
 }
 
@@ -402,7 +406,7 @@ fn store_sees_every_change() {
     assert!(
         matches!(&ops[0], StoreOp::Insert(m) if m.id == id && m.seq == 1 && &*m.content == b"x")
     );
-    assert_eq!(ops[1], StoreOp::Delete(id));
+    assert_eq!(ops[1], StoreOp::Delete { id, seq: 1 });
 }
 
 #[test]
@@ -422,4 +426,30 @@ fn queues_exist_while_in_use() {
     assert_eq!(b.queue_stats("jobs"), None);
     b.disconnect(1, 0, &mut out);
     assert_eq!(b.message_count(), 0);
+}
+
+#[test]
+fn restored_messages_are_ready_in_order_and_new_ones_follow() {
+    let (mut b, store) = broker();
+    for (seq, body) in [(10, "a"), (11, "b")] {
+        b.restore(StoredMessage {
+            id: MessageId::from_u128(seq.into()),
+            queue: q("jobs"),
+            content: Arc::from(body.as_bytes()),
+            accepted_at: 0,
+            expires_at: None,
+            seq,
+        });
+    }
+    assert!(
+        store.0.lock().unwrap().is_empty(),
+        "restoring reports nothing"
+    );
+    let mut out = Vec::new();
+    send(&mut b, "jobs", "c", &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 10, 0, &mut out);
+    assert_eq!(bodies(&out), ["a", "b", "c"]);
+    assert_eq!(out[0].id, MessageId::from_u128(10));
+    assert!(matches!(&store.0.lock().unwrap()[0], StoreOp::Insert(m) if m.seq == 12));
 }

@@ -188,6 +188,34 @@ impl TestServer {
         });
     }
 
+    /// Stops the process (if still running) and starts it again on the same directory and
+    /// arguments: same socket path, same database file.
+    pub fn restart(mut self) -> TestServer {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let dir = std::mem::replace(&mut self.dir, TempDir::new("moved"));
+        let args = std::mem::take(&mut self.args);
+        drop(self);
+        TestServer::start_with(dir, args)
+    }
+
+    /// The ready line's count of recovered messages.
+    pub fn recovered(&self) -> usize {
+        let ready = self.log.wait_for("ready", |l| l.contains("ready;"));
+        let count = ready
+            .split('(')
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok());
+        count.unwrap_or_else(|| panic!("no recovered count in {ready:?}"))
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("phpmq.sqlite")
+    }
+
     pub fn args(&self) -> &[String] {
         &self.args
     }

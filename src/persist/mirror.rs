@@ -1,0 +1,161 @@
+//! Copying between the in-memory database and the file, with SQLite's online backup API.
+//!
+//! A mirror is written to a temporary file beside the target, synced, renamed over the target,
+//! and the directory synced: the target is always one complete mirror, and a crash at any
+//! point leaves the previous one. Loading opens the file read-only, so a file that is refused
+//! is never changed.
+
+use super::schema;
+use super::writer::Shared;
+use super::PersistError;
+use rusqlite::backup::{Backup, StepResult};
+use rusqlite::{Connection, OpenFlags};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// What one mirror did.
+#[derive(Clone, Debug)]
+pub struct MirrorReport {
+    /// The writer generation the copy reflects.
+    pub generation: u64,
+    /// Messages in the copy.
+    pub messages: i64,
+    pub bytes: u64,
+    /// The whole mirror: copy, sync, rename.
+    pub duration: Duration,
+    /// How long the in-memory database was locked (the store writer waits meanwhile; the
+    /// broker never does).
+    pub locked: Duration,
+}
+
+/// The temporary file a mirror is written to before it replaces `target`.
+pub fn temp_path(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    target.with_file_name(name)
+}
+
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl Fn(std::io::Error) -> PersistError + 'a {
+    move |source| PersistError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Copies all pages of `from` into `to` in one step.
+fn copy_all(from: &Connection, to: &mut Connection) -> rusqlite::Result<()> {
+    let backup = Backup::new(from, to)?;
+    // Nothing else uses these connections, so one step finishes; a few retries cover a
+    // spurious busy without ever spinning forever.
+    for _ in 0..100 {
+        if backup.step(-1)? == StepResult::Done {
+            return Ok(());
+        }
+    }
+    Err(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+        Some("backup did not complete".into()),
+    ))
+}
+
+/// Writes the in-memory database to `target`.
+pub fn write(shared: &Shared, target: &Path) -> Result<MirrorReport, PersistError> {
+    let started = Instant::now();
+    let temp = temp_path(target);
+    match fs::remove_file(&temp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io_error("remove", &temp)(e))
+        }
+        _ => {}
+    }
+    let sqlite = |action| {
+        let temp = temp.clone();
+        move |source| PersistError::Sqlite {
+            action,
+            path: temp.clone(),
+            source,
+        }
+    };
+    let mut file = Connection::open(&temp).map_err(sqlite("create"))?;
+    // We sync the finished file ourselves; SQLite's journal and syncs would only slow the copy.
+    file.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
+        .map_err(sqlite("set up"))?;
+    let (generation, messages, locked) = {
+        let memory = shared.memory.lock().map_err(|_| PersistError::Poisoned)?;
+        let locked_at = Instant::now();
+        copy_all(&memory, &mut file).map_err(sqlite("write"))?;
+        (
+            shared.generation.load(Ordering::Acquire),
+            shared.rows.load(Ordering::Relaxed),
+            locked_at.elapsed(),
+        )
+    };
+    drop(file);
+    let synced = File::open(&temp).map_err(io_error("open", &temp))?;
+    synced.sync_all().map_err(io_error("sync", &temp))?;
+    let bytes = synced.metadata().map(|m| m.len()).unwrap_or_default();
+    drop(synced);
+    fs::rename(&temp, target).map_err(io_error("rename into place", target))?;
+    sync_dir(target)?;
+    Ok(MirrorReport {
+        generation,
+        messages,
+        bytes,
+        duration: started.elapsed(),
+        locked,
+    })
+}
+
+/// Makes a rename durable: sync the directory that holds `path`.
+fn sync_dir(path: &Path) -> Result<(), PersistError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("sync directory of", path))
+}
+
+/// A fresh in-memory database with the schema.
+pub fn new_memory() -> Result<Connection, PersistError> {
+    let fail = |source| PersistError::Sqlite {
+        action: "create",
+        path: ":memory:".into(),
+        source,
+    };
+    let memory = Connection::open_in_memory().map_err(fail)?;
+    tune_memory(&memory).map_err(fail)?;
+    schema::create(&memory).map_err(fail)?;
+    Ok(memory)
+}
+
+/// No rollback journal: a batch that fails makes the server stop anyway.
+fn tune_memory(memory: &Connection) -> rusqlite::Result<()> {
+    memory.execute_batch("PRAGMA journal_mode = OFF;")
+}
+
+/// Opens `path` read-only, checks it is a phpmq database, and copies it into memory.
+pub fn load(path: &Path) -> Result<Connection, PersistError> {
+    let file = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| schema::classify(path, "open", e))?;
+    schema::check(&file, path)?;
+    let fail = |source| PersistError::Sqlite {
+        action: "load",
+        path: path.to_owned(),
+        source,
+    };
+    let mut memory = Connection::open_in_memory().map_err(fail)?;
+    copy_all(&file, &mut memory).map_err(|e| schema::classify(path, "load", e))?;
+    tune_memory(&memory).map_err(fail)?;
+    Ok(memory)
+}

@@ -1,0 +1,148 @@
+//! The on-disk (and in-memory) schema: creating it, recognising a phpmq database, and reading
+//! every stored message back.
+//!
+//! `messages.seq` is the table's rowid: the FIFO position is also the key, so deletes and
+//! re-queues find a row without a secondary index.
+
+use super::PersistError;
+use crate::id::MessageId;
+use crate::request::QueueName;
+use crate::store::StoredMessage;
+use rusqlite::{Connection, ErrorCode};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The schema version this build writes and the newest it reads (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+/// The `phpmq_meta` row that marks a database as ours.
+const FORMAT: &str = "phpmq";
+
+pub fn create(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS phpmq_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+         INSERT OR REPLACE INTO phpmq_meta (key, value) VALUES ('format', '{FORMAT}');
+         CREATE TABLE IF NOT EXISTS messages (
+             seq INTEGER PRIMARY KEY,
+             id BLOB NOT NULL,
+             queue TEXT NOT NULL,
+             content BLOB NOT NULL,
+             accepted_at INTEGER NOT NULL,
+             expires_at INTEGER
+         );
+         PRAGMA user_version = {SCHEMA_VERSION};"
+    ))
+}
+
+/// Turns an SQLite error met while reading `path` into what it means for the operator.
+pub fn classify(path: &Path, action: &'static str, error: rusqlite::Error) -> PersistError {
+    match error.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => PersistError::NotADatabase {
+            path: path.to_owned(),
+        },
+        Some(ErrorCode::DatabaseCorrupt) => PersistError::Corrupt {
+            path: path.to_owned(),
+            detail: error.to_string(),
+        },
+        _ => PersistError::Sqlite {
+            action,
+            path: path.to_owned(),
+            source: error,
+        },
+    }
+}
+
+/// Checks that `conn` is a phpmq database this build can read.
+pub fn check(conn: &Connection, path: &Path) -> Result<(), PersistError> {
+    let has_meta: bool = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'phpmq_meta'",
+            [],
+            |row| row.get::<_, i64>(0).map(|n| n > 0),
+        )
+        .map_err(|e| classify(path, "read", e))?;
+    let format: Option<String> = if has_meta {
+        conn.query_row(
+            "SELECT value FROM phpmq_meta WHERE key = 'format'",
+            [],
+            |row| row.get(0),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(classify(path, "read", e)),
+        })?
+    } else {
+        None
+    };
+    if format.as_deref() != Some(FORMAT) {
+        return Err(PersistError::NotPhpmq {
+            path: path.to_owned(),
+        });
+    }
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(|e| classify(path, "read", e))?;
+    if version > SCHEMA_VERSION {
+        return Err(PersistError::NewerSchema {
+            path: path.to_owned(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Every stored message in FIFO order. Reading every row also walks every page of the table,
+/// so a damaged file shows up here as an error rather than as lost messages later.
+pub fn load(conn: &Connection, path: &Path) -> Result<Vec<StoredMessage>, PersistError> {
+    let read = |e| classify(path, "read", e);
+    let mut statement = conn
+        .prepare(
+            "SELECT seq, id, queue, content, accepted_at, expires_at FROM messages ORDER BY seq",
+        )
+        .map_err(read)?;
+    let mut rows = statement.query([]).map_err(read)?;
+    let mut messages = Vec::new();
+    while let Some(row) = rows.next().map_err(read)? {
+        let corrupt = |detail: String| PersistError::Corrupt {
+            path: path.to_owned(),
+            detail,
+        };
+        let seq: i64 = row.get(0).map_err(read)?;
+        let id_bytes = row
+            .get_ref(1)
+            .map_err(read)?
+            .as_blob()
+            .map_err(|e| corrupt(e.to_string()))?;
+        let id = <[u8; 16]>::try_from(id_bytes)
+            .map(|b| MessageId::from_u128(u128::from_be_bytes(b)))
+            .map_err(|_| {
+                corrupt(format!(
+                    "message {seq} has an id of {} bytes",
+                    id_bytes.len()
+                ))
+            })?;
+        let queue = row
+            .get_ref(2)
+            .map_err(read)?
+            .as_bytes()
+            .map_err(|e| corrupt(e.to_string()))?;
+        let queue = QueueName::new(queue).map_err(|e| corrupt(format!("message {seq}: {e}")))?;
+        let content = row
+            .get_ref(3)
+            .map_err(read)?
+            .as_blob()
+            .map_err(|e| corrupt(e.to_string()))?;
+        let accepted_at: i64 = row.get(4).map_err(read)?;
+        let expires_at: Option<i64> = row.get(5).map_err(read)?;
+        messages.push(StoredMessage {
+            id,
+            queue,
+            content: Arc::from(content),
+            accepted_at: accepted_at.max(0) as u64,
+            expires_at: expires_at.map(|at| at.max(0) as u64),
+            seq: seq.max(0) as u64,
+        });
+    }
+    Ok(messages)
+}

@@ -1,0 +1,488 @@
+//! Persistence and lifecycle against the real binary: mirrors, recovery, refusing bad files,
+//! graceful shutdown by signal, log reopening.
+
+mod common;
+
+use common::{run_to_exit, Client, Dispatch, TempDir, TestServer, DEADLINE};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn texts(dispatches: &[Dispatch]) -> Vec<String> {
+    dispatches.iter().map(Dispatch::text).collect()
+}
+
+/// Consumes `n` messages of `queue` without acknowledging them.
+fn take(client: &mut Client, queue: &str, n: usize) -> Vec<Dispatch> {
+    client.consume(queue, n as u64 + 1);
+    let got: Vec<Dispatch> = (0..n).map(|_| client.recv()).collect();
+    assert!(
+        client.sync().is_empty(),
+        "more than {n} messages in {queue}"
+    );
+    got
+}
+
+fn wait_for_mirror_of(server: &TestServer, messages: usize) {
+    let wanted = format!("mirrored {messages} messages");
+    server.log.wait_for(&wanted, |l| l.contains(&wanted));
+}
+
+#[test]
+fn sigkill_after_a_mirror_loses_nothing() {
+    let mut server = TestServer::start(&["--mirror-interval", "50", "--log-level", "debug"]);
+    let mut producer = server.tcp_client();
+    for i in 0..2000 {
+        producer.send(
+            if i % 2 == 0 { "even" } else { "odd" },
+            format!("m{i}").as_bytes(),
+        );
+    }
+    producer.sync();
+    let mut looker = server.tcp_client();
+    let before = [
+        take(&mut looker, "even", 1000),
+        take(&mut looker, "odd", 1000),
+    ];
+    wait_for_mirror_of(&server, 2000);
+    server.signal("KILL");
+    server.wait_exit();
+
+    let server = server.restart();
+    assert_eq!(server.recovered(), 2000);
+    let mut consumer = server.unix_client();
+    let after = [
+        take(&mut consumer, "even", 1000),
+        take(&mut consumer, "odd", 1000),
+    ];
+    assert_eq!(after, before, "same messages, same order, same ids");
+}
+
+#[test]
+fn sigterm_right_after_sending_loses_nothing() {
+    let mut server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    for i in 0..5000 {
+        producer.send("quick", format!("{i}").as_bytes());
+    }
+    // No sync: the server may not even have read these yet.
+    server.signal("TERM");
+    let status = server.wait_exit();
+    assert!(status.success(), "{status:?}\n{}", server.log.text());
+
+    let server = server.restart();
+    assert_eq!(server.recovered(), 5000);
+    let mut consumer = server.tcp_client();
+    let got = take(&mut consumer, "quick", 5000);
+    let expected: Vec<String> = (0..5000).map(|i| i.to_string()).collect();
+    assert_eq!(texts(&got), expected);
+}
+
+#[test]
+fn acked_messages_stay_gone_and_held_ones_come_back() {
+    let mut server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    for i in 0..10 {
+        producer.send("jobs", format!("{i}").as_bytes());
+    }
+    let mut consumer = server.tcp_client();
+    consumer.consume("jobs", 5);
+    let first: Vec<Dispatch> = (0..5).map(|_| consumer.recv()).collect();
+    for d in &first[..3] {
+        consumer.ack("jobs", &d.id);
+    }
+    assert_eq!(texts(&consumer.sync()), ["5", "6", "7"]);
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+
+    let server = server.restart();
+    assert_eq!(server.recovered(), 7);
+    let mut again = server.tcp_client();
+    let got = take(&mut again, "jobs", 7);
+    assert_eq!(texts(&got), ["3", "4", "5", "6", "7", "8", "9"]);
+    assert_eq!(got[0].id, first[3].id);
+}
+
+#[test]
+fn remaining_ttl_survives_a_restart() {
+    let mut server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    producer
+        .send_ttl("ttl", b"lasting", 3600)
+        .send_ttl("ttl", b"brief", 1);
+    producer.send("ttl", b"forever");
+    producer.sync();
+    let sent = Instant::now();
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    common::wait_until("the 1 s ttl to run out", || {
+        sent.elapsed() > Duration::from_millis(1100)
+    });
+
+    let server = server.restart();
+    let mut consumer = server.tcp_client();
+    consumer.dead_letter("ttl", "00000000000000000000000000000000"); // shows v1.1
+    let got = take(&mut consumer, "ttl", 2);
+    assert_eq!(
+        texts(&got),
+        ["lasting", "forever"],
+        "the expired message is gone"
+    );
+    let ttl = got[0].ttl.expect("remaining ttl");
+    assert!((3590..=3600).contains(&ttl), "{ttl}");
+    assert_eq!(got[1].ttl, None);
+}
+
+/// Makes a valid phpmq database with `n` messages of 1 KiB in `dir`, and returns its path.
+fn make_database(n: usize) -> (TempDir, std::path::PathBuf) {
+    let mut server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    let body = vec![b'x'; 1024];
+    for _ in 0..n {
+        producer.send("q", &body);
+    }
+    producer.sync();
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    let path = server.db_path();
+    let dir = TempDir::new("db");
+    let copy = dir.path().join("phpmq.sqlite");
+    std::fs::copy(&path, &copy).unwrap();
+    (dir, copy)
+}
+
+/// Starting on `db` fails with one line naming the file and `reason`, and leaves it unchanged.
+fn assert_refused(dir: &TempDir, db: &std::path::Path, reason: &str) {
+    let before = std::fs::read(db).unwrap();
+    let sock = dir.path().join("s.sock");
+    let (status, stderr) = run_to_exit(
+        &[
+            "--db",
+            db.to_str().unwrap(),
+            "--listen",
+            &format!("unix:{}", sock.display()),
+        ],
+        dir.path(),
+    );
+    assert!(!status.success(), "started on a bad file");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(
+        lines[0].contains(&db.display().to_string()),
+        "names the file: {stderr}"
+    );
+    assert!(lines[0].contains(reason), "says {reason:?}: {stderr}");
+    assert!(std::fs::read(db).unwrap() == before, "the file was changed");
+    assert!(!sock.exists(), "nothing was bound");
+}
+
+#[test]
+fn refuses_a_corrupt_database_and_leaves_it_alone() {
+    let (dir, db) = make_database(3000);
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() > 64 << 10);
+    for b in &mut bytes[16384..16384 + 4096] {
+        *b = 0xa5;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    assert_refused(&dir, &db, "corrupt");
+}
+
+#[test]
+fn refuses_a_truncated_database() {
+    let (dir, db) = make_database(3000);
+    let bytes = std::fs::read(&db).unwrap();
+    std::fs::write(&db, &bytes[..bytes.len() / 2]).unwrap();
+    assert_refused(&dir, &db, "corrupt");
+}
+
+#[test]
+fn refuses_a_file_that_is_not_sqlite() {
+    let dir = TempDir::new("notdb");
+    let db = dir.path().join("phpmq.sqlite");
+    let junk: Vec<u8> = (0..10_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&db, junk).unwrap();
+    assert_refused(&dir, &db, "not an SQLite database");
+}
+
+#[test]
+fn refuses_a_foreign_sqlite_database() {
+    let dir = TempDir::new("foreign");
+    let db = dir.path().join("phpmq.sqlite");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT); INSERT INTO accounts VALUES (1, 'x');")
+        .unwrap();
+    drop(conn);
+    assert_refused(&dir, &db, "not a phpmq one");
+}
+
+#[test]
+fn refuses_a_database_from_a_newer_phpmq() {
+    let (dir, db) = make_database(1);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("PRAGMA user_version = 99;").unwrap();
+    drop(conn);
+    assert_refused(&dir, &db, "newer phpmq (schema version 99");
+}
+
+#[test]
+fn an_unwritable_location_fails_at_start() {
+    let dir = TempDir::new("nowhere");
+    let (status, stderr) = run_to_exit(
+        &[
+            "--db",
+            "/nonexistent-phpmq-dir/x.sqlite",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        dir.path(),
+    );
+    assert!(!status.success());
+    assert!(
+        stderr.contains("/nonexistent-phpmq-dir/x.sqlite"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigkill_during_a_large_mirror_leaves_the_previous_one() {
+    let mut server = TestServer::start(&["--mirror-interval", "200", "--log-level", "debug"]);
+    let mut producer = server.tcp_client();
+    for i in 0..100u32 {
+        producer.send("big", &i.to_be_bytes());
+    }
+    producer.sync();
+    wait_for_mirror_of(&server, 100);
+    // About 55 MB more: a mirror of it takes long enough to be caught in the act.
+    let mut body = vec![b'.'; 512];
+    for i in 100..100_100u32 {
+        body[..4].copy_from_slice(&i.to_be_bytes());
+        producer.send("big", &body);
+    }
+    producer.sync();
+    let temp = server.dir.path().join("phpmq.sqlite.tmp");
+    let deadline = Instant::now() + DEADLINE;
+    let caught = loop {
+        if temp.exists() {
+            break true;
+        }
+        if server.log.text().contains("mirrored 100100 messages") || Instant::now() > deadline {
+            break false;
+        }
+        thread::sleep(Duration::from_micros(200));
+    };
+    server.signal("KILL");
+    server.wait_exit();
+    eprintln!(
+        "killed {} a mirror",
+        if caught { "during" } else { "after" }
+    );
+
+    let server = server.restart();
+    let recovered = server.recovered();
+    assert!(recovered >= 100, "at least the first mirror: {recovered}");
+    assert!(!temp.exists(), "the half-written mirror was cleared");
+    let mut consumer = server.tcp_client();
+    consumer.consume("big", 1000);
+    for i in 0..recovered as u32 {
+        let d = consumer.recv();
+        assert_eq!(
+            d.content[..4],
+            i.to_be_bytes(),
+            "a FIFO prefix of what was sent"
+        );
+        consumer.ack("big", &d.id);
+    }
+    assert!(consumer.sync().is_empty());
+}
+
+#[test]
+fn sigterm_with_busy_clients_exits_within_5s_and_loses_nothing() {
+    let mut server = TestServer::start(&[]);
+    let addr = server.tcp_addr();
+    let sock = server.unix.clone().unwrap();
+    const PER_PRODUCER: usize = 20_000;
+    // Consumers that keep acknowledging as fast as they can.
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let consumers: Vec<_> = (0..2)
+        .map(|k| {
+            let acked = acked.clone();
+            let sock = sock.clone();
+            thread::spawn(move || {
+                let mut c = if k == 0 {
+                    Client::tcp(addr)
+                } else {
+                    Client::unix(&sock)
+                };
+                c.consume("busy", 16);
+                while let Ok(Some(d)) = c.try_recv() {
+                    if c.try_raw(&ack_frame(&d)).is_err() {
+                        break;
+                    }
+                    acked.lock().unwrap().insert(d.text());
+                }
+            })
+        })
+        .collect();
+    // A producer that never stops sending until the server goes.
+    let endless_stop = Arc::new(AtomicBool::new(false));
+    let endless = {
+        let stop = endless_stop.clone();
+        thread::spawn(move || {
+            let mut c = Client::tcp(addr);
+            let mut frames = Vec::new();
+            phpmq::codec::encode_frame(
+                &mut frames,
+                phpmq::codec::MessageType::Send,
+                &[
+                    (phpmq::codec::PacketType::Queue, b"endless"),
+                    (phpmq::codec::PacketType::Content, b"more"),
+                ],
+            );
+            // Often enough that the connection is never quiet, rarely enough to stay small.
+            while !stop.load(Ordering::Relaxed) && c.try_raw(&frames).is_ok() {
+                thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    // Producers that send a known set and then stop, without waiting for anything.
+    let producers: Vec<_> = (0..2)
+        .map(|p| {
+            thread::spawn(move || {
+                let mut c = Client::tcp(addr);
+                for i in 0..PER_PRODUCER {
+                    c.send("busy", format!("p{p}-{i}").as_bytes());
+                }
+                c
+            })
+        })
+        .collect();
+    let producer_clients: Vec<Client> = producers.into_iter().map(|p| p.join().unwrap()).collect();
+
+    let signalled = Instant::now();
+    server.signal("TERM");
+    let status = server.wait_exit();
+    let took = signalled.elapsed();
+    endless_stop.store(true, Ordering::Relaxed);
+    assert!(status.success(), "{status:?}\n{}", server.log.text());
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    assert!(!sock.exists(), "socket file removed");
+    drop(producer_clients);
+    for c in consumers {
+        c.join().unwrap();
+    }
+    endless.join().unwrap();
+
+    let server = server.restart();
+    let mut drain = server.tcp_client();
+    drain.consume("busy", 256);
+    let mut recovered = HashSet::new();
+    loop {
+        let got = drain.sync();
+        if got.is_empty() {
+            break;
+        }
+        for d in got {
+            drain.ack("busy", &d.id);
+            recovered.insert(d.text());
+        }
+    }
+    let acked = acked.lock().unwrap();
+    let missing: Vec<String> = (0..2)
+        .flat_map(|p| (0..PER_PRODUCER).map(move |i| format!("p{p}-{i}")))
+        .filter(|m| !acked.contains(m) && !recovered.contains(m))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+fn ack_frame(d: &Dispatch) -> Vec<u8> {
+    let mut out = Vec::new();
+    phpmq::codec::encode_frame(
+        &mut out,
+        phpmq::codec::MessageType::Ack,
+        &[
+            (phpmq::codec::PacketType::Queue, d.queue.as_bytes()),
+            (phpmq::codec::PacketType::MessageId, d.id.as_bytes()),
+        ],
+    );
+    out
+}
+
+#[test]
+fn a_second_signal_during_shutdown_exits_at_once() {
+    let mut server = TestServer::start(&[]);
+    let addr = server.tcp_addr();
+    // A client that keeps sending holds shutdown in its drain phase for a while.
+    let sender = thread::spawn(move || {
+        let mut c = Client::tcp(addr);
+        let deadline = Instant::now() + DEADLINE;
+        let ack = ack_frame(&Dispatch {
+            queue: "q".into(),
+            content: Vec::new(),
+            id: "0".repeat(32),
+            ttl: None,
+            packet_count: 2,
+        });
+        while Instant::now() < deadline && c.try_raw(&ack).is_ok() {
+            thread::sleep(Duration::from_millis(2));
+        }
+    });
+    server.tcp_client().sync();
+    server.signal("TERM");
+    server
+        .log
+        .wait_for("shutdown to begin", |l| l.contains("shutting down"));
+    server.signal("TERM");
+    let status = server.wait_exit();
+    assert_eq!(status.code(), Some(130), "{}", server.log.text());
+    sender.join().unwrap();
+}
+
+#[test]
+fn sighup_reopens_the_log_file() {
+    let dir = TempDir::new("logs");
+    let log = dir.path().join("phpmq.log");
+    let sock = dir.path().join("s.sock");
+    let args = vec![
+        "--listen".to_string(),
+        format!("unix:{}", sock.display()),
+        "--log-file".to_string(),
+        log.display().to_string(),
+    ];
+    let server = TestServer::start_with(dir, args);
+    common::wait_until("the ready line in the log file", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ready;")
+    });
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    server.signal("HUP");
+    common::wait_until("a new log file", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("reopened log file")
+    });
+    assert!(std::fs::read_to_string(&rotated)
+        .unwrap()
+        .contains("ready;"));
+}
+
+#[test]
+fn db_none_keeps_messages_in_memory_only() {
+    let mut server = TestServer::start(&["--db", "none"]);
+    let ready = server.log.wait_for("ready", |l| l.contains("ready;"));
+    assert!(ready.contains("db none (memory only)"), "{ready}");
+    server.tcp_client().send("q", b"x").sync();
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    let files: Vec<_> = std::fs::read_dir(server.dir.path()).unwrap().collect();
+    assert!(files.is_empty(), "no file written: {files:?}");
+}
