@@ -13,10 +13,12 @@
 //! - [`persist`]: the in-memory SQLite store, its mirror to a file, and recovery.
 //! - [`logfile`]: a log file that SIGHUP can reopen.
 //! - [`config`]: the server's settings and listen addresses.
+//! - [`client`]: a blocking PHPMQ client for the `phpmq` command line.
 
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod connection;

@@ -183,6 +183,18 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// Connects as a client.
+    pub fn connect(addr: &ListenAddr) -> io::Result<Stream> {
+        match addr {
+            ListenAddr::Tcp(addr) => {
+                let stream = TcpStream::connect(addr)?;
+                stream.set_nodelay(true)?;
+                Ok(Stream::Tcp(stream))
+            }
+            ListenAddr::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
+        }
+    }
+
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(timeout),

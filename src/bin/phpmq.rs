@@ -1,0 +1,256 @@
+//! `phpmq`: the command-line client. Sends, consumes and probes a phpmq server.
+
+use argh::FromArgs;
+use phpmq::client::{Client, ClientError};
+use phpmq::config::{ListenAddr, DEFAULT_LISTEN};
+use std::io::{self, BufRead, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The command-line client of the phpmq message-queue server.
+#[derive(FromArgs)]
+struct Args {
+    /// the server's message endpoint: HOST:PORT, [IPv6]:PORT or unix:/path (default
+    /// 127.0.0.1:9100)
+    #[argh(
+        option,
+        default = "DEFAULT_LISTEN.parse().expect(\"default parses\")",
+        from_str_fn(parse_addr)
+    )]
+    server: ListenAddr,
+
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+
+    #[argh(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Command {
+    Send(SendArgs),
+    Consume(ConsumeArgs),
+    Ping(PingArgs),
+}
+
+/// Send messages: one per TEXT, or one per line of standard input when there is none. Exits
+/// once the server has taken them all.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "send")]
+struct SendArgs {
+    /// the queue
+    #[argh(positional)]
+    queue: String,
+
+    /// message texts
+    #[argh(positional)]
+    texts: Vec<String>,
+
+    /// seconds until the messages expire (0: never)
+    #[argh(option)]
+    ttl: Option<u64>,
+}
+
+/// Consume messages: print each one on a line of its own, acknowledge it, and exit after
+/// --count messages.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "consume")]
+struct ConsumeArgs {
+    /// the queue
+    #[argh(positional)]
+    queue: String,
+
+    /// how many messages to consume before exiting (default 1)
+    #[argh(option, default = "1")]
+    count: u64,
+
+    /// how many unacknowledged messages to hold at once (default 16)
+    #[argh(option, default = "16")]
+    prefetch: u64,
+
+    /// give up after this many seconds without a message (default: wait forever)
+    #[argh(option)]
+    timeout: Option<u64>,
+}
+
+/// Measure round trips (send, dispatch, ack) on a private queue; prints one summary line.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "ping")]
+struct PingArgs {
+    /// how many round trips (default 1000)
+    #[argh(option, default = "1000")]
+    count: usize,
+
+    /// pause between round trips, in milliseconds (default 1)
+    #[argh(option, default = "1")]
+    interval_ms: u64,
+}
+
+fn parse_addr(text: &str) -> Result<ListenAddr, String> {
+    text.parse()
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    if args.version {
+        println!("phpmq {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let Some(command) = args.command else {
+        eprintln!("phpmq: no command given; see phpmq --help");
+        return ExitCode::from(2);
+    };
+    let result = match command {
+        Command::Send(cmd) => send(&args.server, cmd),
+        Command::Consume(cmd) => consume(&args.server, cmd),
+        Command::Ping(cmd) => ping(&args.server, cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("phpmq: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug)]
+enum CliError {
+    Client(ClientError),
+    Stdin(io::Error),
+    Stdout(io::Error),
+    Timeout(u64),
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Client(e) => write!(f, "{e}"),
+            CliError::Stdin(e) => write!(f, "cannot read standard input: {e}"),
+            CliError::Stdout(e) => write!(f, "cannot write standard output: {e}"),
+            CliError::Timeout(s) => write!(f, "no message within {s} s"),
+        }
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        CliError::Client(e)
+    }
+}
+
+/// A queue name nobody else uses.
+fn private_queue(purpose: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("phpmq-{purpose}-{}-{nanos}", std::process::id())
+}
+
+/// Returns once the server has handled everything sent so far on this connection: it handles a
+/// connection's frames in order, so a message to a private queue coming back proves it.
+fn confirm(client: &mut Client) -> Result<(), ClientError> {
+    let queue = private_queue("confirm");
+    client.send(&queue, b"", None)?;
+    client.consume(&queue, 1)?;
+    loop {
+        let d = client.recv()?;
+        if d.queue == queue {
+            client.ack(&queue, &d.id)?;
+            client.consume(&queue, 0)?;
+            return client.flush();
+        }
+    }
+}
+
+fn send(server: &ListenAddr, cmd: SendArgs) -> Result<(), CliError> {
+    let mut client = Client::connect(server)?;
+    if cmd.texts.is_empty() {
+        for line in io::stdin().lock().lines() {
+            let line = line.map_err(CliError::Stdin)?;
+            client.send(&cmd.queue, line.as_bytes(), cmd.ttl)?;
+        }
+    } else {
+        for text in &cmd.texts {
+            client.send(&cmd.queue, text.as_bytes(), cmd.ttl)?;
+        }
+    }
+    confirm(&mut client)?;
+    Ok(())
+}
+
+fn consume(server: &ListenAddr, cmd: ConsumeArgs) -> Result<(), CliError> {
+    let mut client = Client::connect(server)?;
+    client.set_read_timeout(cmd.timeout.map(Duration::from_secs))?;
+    let prefetch = cmd.prefetch.max(1);
+    let mut asked = prefetch.min(cmd.count);
+    client.consume(&cmd.queue, asked)?;
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    for done in 0..cmd.count {
+        let d = match client.recv() {
+            Ok(d) => d,
+            Err(ClientError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(CliError::Timeout(cmd.timeout.unwrap_or_default()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        out.write_all(&d.content).map_err(CliError::Stdout)?;
+        out.write_all(b"\n").map_err(CliError::Stdout)?;
+        out.flush().map_err(CliError::Stdout)?;
+        client.ack(&cmd.queue, &d.id)?;
+        // Never hold more than is left to take: what we held would only go back.
+        let left = cmd.count - done - 1;
+        if left < asked {
+            asked = left;
+            client.consume(&cmd.queue, asked)?;
+        }
+    }
+    client.flush()?;
+    Ok(())
+}
+
+fn ping(server: &ListenAddr, cmd: PingArgs) -> Result<(), CliError> {
+    let mut client = Client::connect(server)?;
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let queue = private_queue("ping");
+    client.consume(&queue, 1)?;
+    let mut rtts = Vec::with_capacity(cmd.count);
+    for _ in 0..cmd.count {
+        let started = Instant::now();
+        client.send(&queue, b"ping", None)?;
+        let d = client.recv()?;
+        rtts.push(started.elapsed());
+        client.ack(&queue, &d.id)?;
+        client.flush()?;
+        if cmd.interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(cmd.interval_ms));
+        }
+    }
+    client.consume(&queue, 0)?;
+    client.flush()?;
+    rtts.sort();
+    let at = |q: f64| {
+        rtts.get(((rtts.len() as f64 - 1.0) * q).round() as usize)
+            .map(|d| d.as_micros())
+            .unwrap_or_default()
+    };
+    println!(
+        "pings={} min_us={} p50_us={} p99_us={} p999_us={} max_us={}",
+        rtts.len(),
+        at(0.0),
+        at(0.5),
+        at(0.99),
+        at(0.999),
+        at(1.0)
+    );
+    Ok(())
+}
