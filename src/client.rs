@@ -1,4 +1,5 @@
-//! A blocking PHPMQ client, for the `phpmq` command line and the benchmarks.
+//! Blocking clients for the `phpmq` command line: one for the PHPMQ message endpoint, one
+//! for the maintenance console.
 //!
 //! Writes are buffered: frames go out on [`Client::flush`] or before any blocking read, so a
 //! caller can pipeline without thinking about it.
@@ -30,6 +31,8 @@ pub enum ClientError {
     Protocol(String),
     /// The server closed the connection.
     Closed,
+    /// The console answered with an error.
+    Console(String),
 }
 
 impl fmt::Display for ClientError {
@@ -41,6 +44,7 @@ impl fmt::Display for ClientError {
             ClientError::Io(e) => write!(f, "{}", describe(e)),
             ClientError::Protocol(e) => write!(f, "unexpected data from the server: {e}"),
             ClientError::Closed => f.write_str("the server closed the connection"),
+            ClientError::Console(e) => f.write_str(e),
         }
     }
 }
@@ -192,6 +196,57 @@ impl Client {
                 self.start = 0;
             }
             let mut chunk = [0u8; 64 << 10];
+            let n = (&self.stream).read(&mut chunk)?;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// A session with the maintenance console: sends a command line, returns the reply.
+pub struct Console {
+    stream: Stream,
+    buf: Vec<u8>,
+}
+
+impl Console {
+    pub fn connect(addr: &ListenAddr) -> Result<Console, ClientError> {
+        let stream = Stream::connect(addr).map_err(|source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut console = Console {
+            stream,
+            buf: Vec::new(),
+        };
+        console.read_reply()?; // the greeting
+        Ok(console)
+    }
+
+    /// Runs one command; the reply without its prompt. A reply starting with `error: ` is
+    /// returned as [`ClientError::Console`].
+    pub fn command(&mut self, line: &str) -> Result<String, ClientError> {
+        (&self.stream).write_all(format!("{line}\n").as_bytes())?;
+        let reply = self.read_reply()?;
+        match reply.strip_prefix("error: ") {
+            Some(message) => Err(ClientError::Console(message.trim_end().to_string())),
+            None => Ok(reply),
+        }
+    }
+
+    fn read_reply(&mut self) -> Result<String, ClientError> {
+        let prompt = crate::admin::PROMPT.as_bytes();
+        loop {
+            if self.buf.ends_with(prompt) {
+                let reply = String::from_utf8_lossy(&self.buf[..self.buf.len() - prompt.len()])
+                    .into_owned();
+                self.buf.clear();
+                return Ok(reply);
+            }
+            let mut chunk = [0u8; 16 << 10];
             let n = (&self.stream).read(&mut chunk)?;
             if n == 0 {
                 return Err(ClientError::Closed);

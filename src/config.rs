@@ -8,6 +8,8 @@ use std::time::Duration;
 
 /// The default message endpoint: loopback only, so exposing the server is an explicit choice.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9100";
+/// The default maintenance console, loopback only as well.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9101";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,6 +57,8 @@ impl fmt::Display for ListenAddr {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Vec<ListenAddr>,
+    /// Maintenance console endpoints; empty turns the console off.
+    pub admin: Vec<ListenAddr>,
     pub max_connections: usize,
     /// The largest packet content a client may send, in bytes.
     pub max_message_size: usize,
@@ -70,6 +74,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: vec![DEFAULT_LISTEN.parse().expect("the default address parses")],
+            admin: vec![DEFAULT_ADMIN.parse().expect("the default address parses")],
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             frame_timeout: DEFAULT_FRAME_TIMEOUT,

@@ -5,18 +5,17 @@
 //! thread panicked inside the broker, whose state may then be half-changed) is fatal: it is
 //! reported once on the fatal channel and the server shuts down rather than run half-alive.
 
-use crate::broker::{Broker, ConnId, Delivery, QueueStats, Totals};
+use crate::broker::{Broker, ConnId, Delivery};
 use crate::net::Stream;
 use crate::outbox::Outbox;
 use crate::request::{encode_dispatch, Request};
-use crate::store::Millis;
+use crate::store::{now_millis, Millis};
 use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The broker lock was poisoned by a panic: the server is going down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,14 +93,6 @@ pub struct Hub {
     fatal: Sender<Fatal>,
 }
 
-/// Wall-clock milliseconds since the Unix epoch.
-pub fn now_millis() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or_default()
-}
-
 impl Hub {
     pub fn new(broker: Broker, fatal: Sender<Fatal>) -> Hub {
         Hub {
@@ -134,17 +125,11 @@ impl Hub {
 
     /// Applies a connection's requests in order, under one lock, then writes the deliveries out.
     pub fn apply(&self, conn: ConnId, requests: Vec<Request>) -> Result<(), BrokerDown> {
-        let now = now_millis();
-        let mut deliveries = Vec::new();
-        let routed = {
-            let mut state = self.lock()?;
+        self.modify(|broker, now, out| {
             for request in requests {
-                state.broker.handle(conn, request, now, &mut deliveries);
+                broker.handle(conn, request, now, out);
             }
-            route(&state.peers, deliveries)
-        };
-        fan_out(routed);
-        Ok(())
+        })
     }
 
     /// Removes a connection; what it held is redelivered to the others.
@@ -163,8 +148,34 @@ impl Hub {
 
     /// Drops ready messages whose TTL ran out.
     pub fn expire(&self) -> Result<usize, BrokerDown> {
+        self.read_mut(|broker, now| broker.expire(now))
+    }
+
+    /// Looks at the broker under the lock.
+    pub fn read<R>(&self, f: impl FnOnce(&Broker, Millis) -> R) -> Result<R, BrokerDown> {
         let now = now_millis();
-        Ok(self.lock()?.broker.expire(now))
+        Ok(f(&self.lock()?.broker, now))
+    }
+
+    fn read_mut<R>(&self, f: impl FnOnce(&mut Broker, Millis) -> R) -> Result<R, BrokerDown> {
+        let now = now_millis();
+        Ok(f(&mut self.lock()?.broker, now))
+    }
+
+    /// Changes the broker under the lock, then writes out the deliveries that caused.
+    pub fn modify<R>(
+        &self,
+        f: impl FnOnce(&mut Broker, Millis, &mut Vec<Delivery>) -> R,
+    ) -> Result<R, BrokerDown> {
+        let now = now_millis();
+        let mut deliveries = Vec::new();
+        let (result, routed) = {
+            let mut state = self.lock()?;
+            let result = f(&mut state.broker, now, &mut deliveries);
+            (result, route(&state.peers, deliveries))
+        };
+        fan_out(routed);
+        Ok(result)
     }
 
     /// Turns new connections away and asks every connected one to finish: each reads what
@@ -187,14 +198,6 @@ impl Hub {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.open = false;
         state.peers.values().cloned().collect()
-    }
-
-    pub fn totals(&self) -> Result<Totals, BrokerDown> {
-        Ok(self.lock()?.broker.totals())
-    }
-
-    pub fn queue_stats(&self, queue: &str) -> Result<Option<QueueStats>, BrokerDown> {
-        Ok(self.lock()?.broker.queue_stats(queue))
     }
 }
 

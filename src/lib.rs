@@ -9,6 +9,7 @@
 //! - [`net`]: the one place that names TCP and Unix sockets.
 //! - [`outbox`]: a connection's pending output and the thread that writes it.
 //! - [`connection`]: one client's read loop: bytes in, requests to the broker.
+//! - [`admin`]: the maintenance console (status, monitor, show, search, flush).
 //! - [`server`]: binds the listeners, accepts, owns the shared broker and the shutdown order.
 //! - [`persist`]: the in-memory SQLite store, its mirror to a file, and recovery.
 //! - [`logfile`]: a log file that SIGHUP can reopen.
@@ -17,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod broker;
 pub mod client;
 pub mod codec;

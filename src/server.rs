@@ -6,17 +6,20 @@
 //! wait for the connection threads; stop the sweeper; apply what is pending to the store and
 //! mirror it one last time; then drop the listeners, which removes our Unix socket files.
 
-use crate::broker::Broker;
+use crate::admin::{self, Backend, Status};
+use crate::broker::{Broker, Listing};
 use crate::config::{Config, ListenAddr};
 use crate::connection::{self, Limits, THREAD_STACK};
-use crate::hub::{Fatal, Hub};
+use crate::hub::{BrokerDown, Fatal, Hub};
 use crate::net::{BindError, Listener};
-use crate::persist::{PersistError, Persistence};
+use crate::persist::{MirrorStatus, PersistError, Persistence};
+use crate::request::QueueName;
 use crate::store::{NullStore, Store};
 use crossbeam_channel::{select, tick, unbounded, Receiver, Sender};
 use log::{error, info, warn};
 use std::fmt;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -30,6 +33,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_millis(2500);
 const HANG_UP_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Console sessions at once: it is a tool for people, not a second data path.
+const MAX_CONSOLE_SESSIONS: usize = 16;
 
 #[derive(Debug)]
 pub enum ServerError {
@@ -71,6 +76,10 @@ impl ConnectionCount {
         Some(ConnectionSlot(self.clone()))
     }
 
+    fn live(&self) -> usize {
+        *self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Waits until no connection is left; false on timeout.
     fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -104,11 +113,67 @@ impl Drop for ConnectionSlot {
 struct Shared {
     hub: Hub,
     connections: Arc<ConnectionCount>,
+    console_sessions: Arc<ConnectionCount>,
     max_connections: usize,
     limits: Limits,
     next_conn: AtomicU64,
     stopping: AtomicBool,
     fatal: Sender<Fatal>,
+    started: Instant,
+    db: Option<PathBuf>,
+    mirror: Option<MirrorStatus>,
+}
+
+impl Backend for Shared {
+    fn status(&self) -> Result<Status, BrokerDown> {
+        let (totals, queues, now) = self
+            .hub
+            .read(|broker, now| (broker.totals(), broker.queue_statuses(now), now))?;
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime: self.started.elapsed(),
+            connections: self.connections.live(),
+            rss_bytes: resident_memory(),
+            totals,
+            queues,
+            db: self.db.clone(),
+            last_mirror: self.mirror.as_ref().and_then(MirrorStatus::latest),
+            now,
+        })
+    }
+
+    fn list_messages(&self, queue: &str, limit: usize) -> Result<Option<Listing>, BrokerDown> {
+        self.hub
+            .read(|broker, now| broker.list_messages(queue, limit, now))
+    }
+
+    fn queue_names(&self) -> Result<Vec<QueueName>, BrokerDown> {
+        self.hub.read(|broker, _| broker.queue_names())
+    }
+
+    fn flush(&self, queue: &str) -> Result<Option<usize>, BrokerDown> {
+        self.hub
+            .modify(|broker, now, out| broker.flush(queue, now, out))
+    }
+
+    fn flush_all(&self) -> Result<(usize, usize), BrokerDown> {
+        self.hub.modify(|broker, now, out| {
+            let queues = broker.queue_names().len();
+            (broker.flush_all(now, out), queues)
+        })
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
+/// The process's resident memory, from /proc (Linux).
+fn resident_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Held by a thread the server cannot run without: if the thread ends (a panic included)
@@ -132,6 +197,7 @@ impl Drop for Lifeline {
 /// A bound server, ready to run.
 pub struct Server {
     listeners: Vec<Arc<Listener>>,
+    console_listeners: Vec<Arc<Listener>>,
     shared: Arc<Shared>,
     fatal: Receiver<Fatal>,
     persistence: Option<Persistence>,
@@ -168,12 +234,15 @@ impl Server {
         for message in recovered {
             broker.restore(message);
         }
-        let listeners = config
-            .listen
-            .iter()
-            .map(|addr| Listener::bind(addr).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ServerError::Bind)?;
+        let bind_all = |addrs: &[ListenAddr]| {
+            addrs
+                .iter()
+                .map(|addr| Listener::bind(addr).map(Arc::new))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(ServerError::Bind)
+        };
+        let listeners = bind_all(&config.listen)?;
+        let console_listeners = bind_all(&config.admin)?;
         let (fatal_tx, fatal) = unbounded();
         let shared = Arc::new(Shared {
             hub: Hub::new(broker, fatal_tx.clone()),
@@ -186,9 +255,14 @@ impl Server {
             next_conn: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             fatal: fatal_tx,
+            console_sessions: Arc::default(),
+            started: Instant::now(),
+            db: persistence.as_ref().map(|p| p.path().to_owned()),
+            mirror: persistence.as_ref().map(Persistence::mirror_status),
         });
         Ok(Server {
             listeners,
+            console_listeners,
             shared,
             fatal,
             persistence,
@@ -196,8 +270,16 @@ impl Server {
         })
     }
 
+    /// The bound console addresses.
+    pub fn console_addrs(&self) -> Vec<ListenAddr> {
+        self.console_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
     /// The mirror file, if messages are persisted.
-    pub fn db_path(&self) -> Option<&std::path::Path> {
+    pub fn db_path(&self) -> Option<&Path> {
         self.persistence.as_ref().map(Persistence::path)
     }
 
@@ -225,8 +307,17 @@ impl Server {
             persistence.start(on_fatal).map_err(ServerError::Spawn)?;
         }
         let mut accept_threads = Vec::new();
-        for listener in &self.listeners {
-            match spawn_acceptor(listener.clone(), self.shared.clone()) {
+        let endpoints = self
+            .listeners
+            .iter()
+            .map(|l| (l, Endpoint::Messages))
+            .chain(
+                self.console_listeners
+                    .iter()
+                    .map(|l| (l, Endpoint::Console)),
+            );
+        for (listener, endpoint) in endpoints {
+            match spawn_acceptor(listener.clone(), self.shared.clone(), endpoint) {
                 Ok(handle) => accept_threads.push(handle),
                 Err(e) => {
                     let _ = self.stop(accept_threads, None);
@@ -263,7 +354,7 @@ impl Server {
         sweeper: Option<JoinHandle<()>>,
     ) -> Result<(), ServerError> {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        for listener in &self.listeners {
+        for listener in self.listeners.iter().chain(&self.console_listeners) {
             listener.wake();
         }
         for handle in accept_threads {
@@ -280,6 +371,8 @@ impl Server {
         if let Some(handle) = sweeper {
             let _ = handle.join();
         }
+        // Console sessions notice the stop on their own within half a second.
+        self.shared.console_sessions.wait_idle(HANG_UP_TIMEOUT);
         let result = match self.persistence {
             Some(persistence) => {
                 let path = persistence.path().to_owned();
@@ -305,22 +398,40 @@ impl Server {
         };
         // Dropping the listeners removes the socket files.
         drop(self.listeners);
+        drop(self.console_listeners);
         result
     }
 }
 
-fn spawn_acceptor(listener: Arc<Listener>, shared: Arc<Shared>) -> io::Result<JoinHandle<()>> {
+/// What a listener serves.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Messages,
+    Console,
+}
+
+fn spawn_acceptor(
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+) -> io::Result<JoinHandle<()>> {
     let name = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let name = format!("phpmq-accept {name}");
+    let name = match endpoint {
+        Endpoint::Messages => format!("phpmq-accept {name}"),
+        Endpoint::Console => format!("phpmq-console {name}"),
+    };
     thread::Builder::new().name(name.clone()).spawn(move || {
         let _lifeline = Lifeline {
             shared: shared.clone(),
             name,
         };
-        accept_loop(&listener, &shared)
+        match endpoint {
+            Endpoint::Messages => accept_loop(&listener, &shared),
+            Endpoint::Console => console_accept_loop(&listener, &shared),
+        }
     })
 }
 
@@ -357,6 +468,38 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
             });
         if let Err(e) = spawned {
             warn!("refusing a connection: cannot start its thread: {e}");
+        }
+    }
+}
+
+fn console_accept_loop(listener: &Listener, shared: &Arc<Shared>) {
+    loop {
+        let accepted = listener.accept();
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!("console accept failed: {e}; retrying");
+                thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+        };
+        let Some(slot) = shared.console_sessions.try_acquire(MAX_CONSOLE_SESSIONS) else {
+            warn!("refusing console connection from {peer}: {MAX_CONSOLE_SESSIONS} sessions open");
+            continue;
+        };
+        let for_thread = shared.clone();
+        let spawned = thread::Builder::new()
+            .name("phpmq-console-session".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || {
+                let _slot = slot;
+                admin::serve(stream, &peer, &*for_thread);
+            });
+        if let Err(e) = spawned {
+            warn!("refusing a console connection: cannot start its thread: {e}");
         }
     }
 }

@@ -7,9 +7,18 @@
 use crate::id::MessageId;
 use crate::request::QueueName;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch: the wall-clock time unit of the broker and the store.
 pub type Millis = u64;
+
+/// The wall clock now, in [`Millis`].
+pub fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or_default()
+}
 
 /// A message as it is persisted.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -21,6 +21,11 @@ struct Args {
     #[argh(option, from_str_fn(parse_listen))]
     listen: Vec<ListenAddr>,
 
+    /// maintenance console address, repeatable, same forms as --listen, or "none" to turn the
+    /// console off (default 127.0.0.1:9101)
+    #[argh(option, from_str_fn(parse_admin))]
+    admin: Vec<Option<ListenAddr>>,
+
     /// most clients connected at once; more are refused (default 1024)
     #[argh(option, default = "config::DEFAULT_MAX_CONNECTIONS")]
     max_connections: usize,
@@ -58,6 +63,14 @@ struct Args {
 
 fn parse_listen(text: &str) -> Result<ListenAddr, String> {
     text.parse()
+}
+
+fn parse_admin(text: &str) -> Result<Option<ListenAddr>, String> {
+    if text == "none" {
+        Ok(None)
+    } else {
+        text.parse().map(Some)
+    }
 }
 
 fn parse_level(text: &str) -> Result<LevelFilter, String> {
@@ -99,6 +112,14 @@ fn main() -> ExitCode {
     if !args.listen.is_empty() {
         config.listen = args.listen;
     }
+    if !args.admin.is_empty() {
+        // "none" anywhere turns the console off.
+        config.admin = args
+            .admin
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default();
+    }
     let server = match Server::bind(&config) {
         Ok(server) => server,
         Err(e) => {
@@ -120,8 +141,18 @@ fn main() -> ExitCode {
         ),
         None => "db none (memory only)".to_string(),
     };
+    let console: Vec<String> = server
+        .console_addrs()
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let console = if console.is_empty() {
+        "console off".to_string()
+    } else {
+        format!("console {}", console.join(", "))
+    };
     // Scripts and tests wait for this line on stderr: keep its form stable.
-    let ready = format!("ready; listening on {}; {db}", addrs.join(", "));
+    let ready = format!("ready; listening on {}; {console}; {db}", addrs.join(", "));
     eprintln!("phpmq-server: {ready}");
     if args.log_file.is_some() {
         info!("{ready}");

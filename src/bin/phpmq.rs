@@ -1,8 +1,8 @@
 //! `phpmq`: the command-line client. Sends, consumes and probes a phpmq server.
 
 use argh::FromArgs;
-use phpmq::client::{Client, ClientError};
-use phpmq::config::{ListenAddr, DEFAULT_LISTEN};
+use phpmq::client::{Client, ClientError, Console};
+use phpmq::config::{ListenAddr, DEFAULT_ADMIN, DEFAULT_LISTEN};
 use std::io::{self, BufRead, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,6 +19,14 @@ struct Args {
     )]
     server: ListenAddr,
 
+    /// the server's maintenance console, for status and flush (default 127.0.0.1:9101)
+    #[argh(
+        option,
+        default = "DEFAULT_ADMIN.parse().expect(\"default parses\")",
+        from_str_fn(parse_addr)
+    )]
+    admin: ListenAddr,
+
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -32,7 +40,31 @@ struct Args {
 enum Command {
     Send(SendArgs),
     Consume(ConsumeArgs),
+    Status(StatusArgs),
+    Flush(FlushArgs),
     Ping(PingArgs),
+}
+
+/// Show the server and its queues (through the maintenance console).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "status")]
+struct StatusArgs {
+    /// print one JSON document instead of a table
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Drop every message of a queue, ready and in flight (through the maintenance console).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "flush")]
+struct FlushArgs {
+    /// the queue
+    #[argh(positional)]
+    queue: Option<String>,
+
+    /// flush every queue
+    #[argh(switch)]
+    all: bool,
 }
 
 /// Send messages: one per TEXT, or one per line of standard input when there is none. Exits
@@ -105,6 +137,8 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Send(cmd) => send(&args.server, cmd),
         Command::Consume(cmd) => consume(&args.server, cmd),
+        Command::Status(cmd) => status(&args.admin, cmd),
+        Command::Flush(cmd) => flush(&args.admin, cmd),
         Command::Ping(cmd) => ping(&args.server, cmd),
     };
     match result {
@@ -122,6 +156,7 @@ enum CliError {
     Stdin(io::Error),
     Stdout(io::Error),
     Timeout(u64),
+    Usage(&'static str),
 }
 
 impl std::fmt::Display for CliError {
@@ -131,6 +166,7 @@ impl std::fmt::Display for CliError {
             CliError::Stdin(e) => write!(f, "cannot read standard input: {e}"),
             CliError::Stdout(e) => write!(f, "cannot write standard output: {e}"),
             CliError::Timeout(s) => write!(f, "no message within {s} s"),
+            CliError::Usage(u) => write!(f, "usage: {u}"),
         }
     }
 }
@@ -215,6 +251,25 @@ fn consume(server: &ListenAddr, cmd: ConsumeArgs) -> Result<(), CliError> {
         }
     }
     client.flush()?;
+    Ok(())
+}
+
+fn status(admin: &ListenAddr, cmd: StatusArgs) -> Result<(), CliError> {
+    let mut console = Console::connect(admin)?;
+    let reply = console.command(if cmd.json { "status json" } else { "status" })?;
+    print!("{reply}");
+    let _ = console.command("quit");
+    Ok(())
+}
+
+fn flush(admin: &ListenAddr, cmd: FlushArgs) -> Result<(), CliError> {
+    let line = match (&cmd.queue, cmd.all) {
+        (Some(queue), false) => format!("flush {queue}"),
+        (None, true) => "flushall".to_string(),
+        _ => return Err(CliError::Usage("phpmq flush QUEUE | phpmq flush --all")),
+    };
+    let mut console = Console::connect(admin)?;
+    print!("{}", console.command(&line)?);
     Ok(())
 }
 

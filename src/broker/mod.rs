@@ -12,7 +12,10 @@
 //! - a connection is in a queue's ring iff its subscription to that queue has a limit above 0;
 //! - a queue exists while it has ready or held messages or consumers.
 
+mod inspect;
 mod ring;
+
+pub use inspect::{Listing, MessageRow, MessageState, QueueStatus};
 
 use crate::id::{IdGenerator, MessageId};
 use crate::request::{QueueName, Request};
@@ -45,6 +48,8 @@ pub struct Totals {
     pub requeued: u64,
     pub dead_lettered: u64,
     pub expired: u64,
+    /// Dropped by a flush.
+    pub flushed: u64,
 }
 
 /// A queue's counts, for status and tests.
@@ -60,6 +65,7 @@ struct Message {
     queue: QueueName,
     content: Arc<[u8]>,
     seq: u64,
+    accepted_at: Millis,
     expires_at: Option<Millis>,
     holder: Option<ConnId>,
 }
@@ -69,6 +75,8 @@ struct Queue {
     ready: VecDeque<(u64, MessageId)>,
     ready_count: usize,
     in_flight: usize,
+    /// Content bytes of the queue's messages, ready and in flight.
+    bytes: u64,
     consumers: Ring<ConnId>,
 }
 
@@ -95,17 +103,19 @@ struct MessageTable {
 }
 
 impl MessageTable {
-    /// Removes a message for good.
-    fn forget(&mut self, id: MessageId) {
-        if let Some(message) = self.messages.remove(&id) {
-            if let Some(at) = message.expires_at {
-                self.expiry.remove(&(at, id));
-            }
-            self.store.apply(StoreOp::Delete {
-                id,
-                seq: message.seq,
-            });
+    /// Removes a message for good; returns its content size.
+    fn forget(&mut self, id: MessageId) -> u64 {
+        let Some(message) = self.messages.remove(&id) else {
+            return 0;
+        };
+        if let Some(at) = message.expires_at {
+            self.expiry.remove(&(at, id));
         }
+        self.store.apply(StoreOp::Delete {
+            id,
+            seq: message.seq,
+        });
+        message.content.len() as u64
     }
 }
 
@@ -121,7 +131,7 @@ impl Queue {
             }
             self.ready_count -= 1;
             if message.expires_at.is_some_and(|at| at <= now) {
-                table.forget(id);
+                self.bytes -= table.forget(id);
                 table.totals.expired += 1;
                 continue;
             }
@@ -188,11 +198,15 @@ impl Broker {
     pub fn restore(&mut self, message: StoredMessage) {
         self.next_seq = self.next_seq.max(message.seq + 1);
         self.insert_ready(
-            message.queue,
             message.id,
-            message.content,
-            message.seq,
-            message.expires_at,
+            Message {
+                queue: message.queue,
+                content: message.content,
+                seq: message.seq,
+                accepted_at: message.accepted_at,
+                expires_at: message.expires_at,
+                holder: None,
+            },
         );
     }
 
@@ -249,7 +263,17 @@ impl Broker {
             seq,
         }));
         self.table.totals.accepted += 1;
-        self.insert_ready(queue.clone(), id, content, seq, expires_at);
+        self.insert_ready(
+            id,
+            Message {
+                queue: queue.clone(),
+                content,
+                seq,
+                accepted_at: now,
+                expires_at,
+                holder: None,
+            },
+        );
         self.pump(&queue, now, out);
         id
     }
@@ -296,7 +320,7 @@ impl Broker {
         let Some(id) = self.release_hold(conn, queue, id, "ack") else {
             return false;
         };
-        self.table.forget(id);
+        self.forget_in(queue, id);
         self.table.totals.acknowledged += 1;
         self.pump(queue, now, out);
         self.drop_queue_if_unused(queue);
@@ -315,7 +339,7 @@ impl Broker {
         let Some(id) = self.release_hold(conn, queue, id, "dead letter") else {
             return false;
         };
-        self.table.forget(id);
+        self.forget_in(queue, id);
         self.table.totals.dead_lettered += 1;
         self.pump(queue, now, out);
         self.drop_queue_if_unused(queue);
@@ -337,11 +361,14 @@ impl Broker {
         };
         let seq = self.take_seq();
         let expires_at = expiry(now, Some(ttl));
-        let Some(message) = self.table.messages.remove(&id) else {
+        let Some(mut message) = self.table.messages.remove(&id) else {
             return false;
         };
         if let Some(at) = message.expires_at {
             self.table.expiry.remove(&(at, id));
+        }
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.bytes -= message.content.len() as u64;
         }
         self.table.store.apply(StoreOp::Requeue {
             id,
@@ -350,7 +377,9 @@ impl Broker {
             expires_at,
         });
         self.table.totals.requeued += 1;
-        self.insert_ready(message.queue, id, message.content, seq, expires_at);
+        message.seq = seq;
+        message.expires_at = expires_at;
+        self.insert_ready(id, message);
         self.pump(queue, now, out);
         true
     }
@@ -409,11 +438,12 @@ impl Broker {
                 continue;
             }
             let name = message.queue.clone();
-            self.table.forget(id);
+            let size = self.table.forget(id);
             self.table.totals.expired += 1;
             expired += 1;
             if let Some(queue) = self.queues.get_mut(&name) {
                 queue.ready_count -= 1;
+                queue.bytes -= size;
                 // Stale entries are skipped when popped; compact when they dominate.
                 if queue.ready.len() > 64 && queue.ready.len() > 2 * queue.ready_count {
                     let messages = &self.table.messages;
@@ -452,30 +482,24 @@ impl Broker {
         seq
     }
 
-    fn insert_ready(
-        &mut self,
-        queue: QueueName,
-        id: MessageId,
-        content: Arc<[u8]>,
-        seq: u64,
-        expires_at: Option<Millis>,
-    ) {
-        if let Some(at) = expires_at {
+    /// Adds a message at the tail of its queue.
+    fn insert_ready(&mut self, id: MessageId, message: Message) {
+        if let Some(at) = message.expires_at {
             self.table.expiry.insert((at, id));
         }
-        let entry = self.queues.entry(queue.clone()).or_default();
-        entry.ready.push_back((seq, id));
-        entry.ready_count += 1;
-        self.table.messages.insert(
-            id,
-            Message {
-                queue,
-                content,
-                seq,
-                expires_at,
-                holder: None,
-            },
-        );
+        let queue = self.queues.entry(message.queue.clone()).or_default();
+        queue.ready.push_back((message.seq, id));
+        queue.ready_count += 1;
+        queue.bytes += message.content.len() as u64;
+        self.table.messages.insert(id, message);
+    }
+
+    /// Removes a message of `queue` for good, keeping the queue's byte count.
+    fn forget_in(&mut self, queue: &QueueName, id: MessageId) {
+        let size = self.table.forget(id);
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.bytes -= size;
+        }
     }
 
     /// Checks that `conn` holds `id` in `queue` and ends the hold; the message stays stored.

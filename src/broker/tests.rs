@@ -453,3 +453,104 @@ fn restored_messages_are_ready_in_order_and_new_ones_follow() {
     assert_eq!(out[0].id, MessageId::from_u128(10));
     assert!(matches!(&store.0.lock().unwrap()[0], StoreOp::Insert(m) if m.seq == 12));
 }
+
+#[test]
+fn status_counts_bytes_and_the_age_of_the_oldest_ready_message() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.send(q("a"), Arc::from(&b"12345"[..]), None, 1_000, &mut out);
+    b.send(q("a"), Arc::from(&b"123"[..]), None, 2_000, &mut out);
+    b.send(q("b"), Arc::from(&b"1"[..]), None, 3_000, &mut out);
+    b.connect(1);
+    b.consume(1, q("a"), 1, 4_000, &mut out);
+    let statuses = b.queue_statuses(5_000);
+    assert_eq!(statuses.len(), 2);
+    assert_eq!(statuses[0].name.as_str(), "a");
+    assert_eq!(
+        (
+            statuses[0].ready,
+            statuses[0].in_flight,
+            statuses[0].consumers
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(statuses[0].bytes, 8);
+    assert_eq!(
+        statuses[0].oldest_ready_ms,
+        Some(3_000),
+        "the oldest *ready* one"
+    );
+    assert_eq!(statuses[1].bytes, 1);
+    let id = out[0].id;
+    b.ack(1, &q("a"), Some(id), 5_000, &mut out);
+    assert_eq!(b.queue_statuses(5_000)[0].bytes, 3);
+}
+
+#[test]
+fn listing_shows_ready_in_order_then_in_flight() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for i in 0..5 {
+        send(&mut b, "jobs", &"x".repeat(i + 1), &mut out);
+    }
+    b.connect(1);
+    b.consume(1, q("jobs"), 2, 0, &mut out);
+    let listing = b.list_messages("jobs", 10, 0).unwrap();
+    assert_eq!(listing.total, 5);
+    let sizes: Vec<(Option<usize>, usize, MessageState)> = listing
+        .rows
+        .iter()
+        .map(|r| (r.position, r.size, r.state))
+        .collect();
+    assert_eq!(
+        sizes,
+        [
+            (Some(1), 3, MessageState::Ready),
+            (Some(2), 4, MessageState::Ready),
+            (Some(3), 5, MessageState::Ready),
+            (None, 1, MessageState::InFlight),
+            (None, 2, MessageState::InFlight),
+        ]
+    );
+    assert_eq!(b.list_messages("jobs", 2, 0).unwrap().rows.len(), 2);
+    assert_eq!(b.list_messages("nope", 2, 0), None);
+}
+
+#[test]
+fn flush_drops_ready_and_in_flight_and_later_acks_are_ignored() {
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    for i in 0..4 {
+        send(&mut b, "jobs", &i.to_string(), &mut out);
+    }
+    send(&mut b, "other", "keep", &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 2, 0, &mut out);
+    let held = out[0].id;
+    out.clear();
+    assert_eq!(b.flush("jobs", 0, &mut out), Some(4));
+    assert_eq!(b.totals().flushed, 4);
+    assert!(
+        !b.ack(1, &q("jobs"), Some(held), 0, &mut out),
+        "ack after a flush is ignored"
+    );
+    // The consumer has room again and gets what comes next.
+    send(&mut b, "jobs", "new", &mut out);
+    assert_eq!(bodies(&out), ["new"]);
+    out.clear();
+    b.disconnect(1, 0, &mut out);
+    b.connect(2);
+    b.consume(2, q("jobs"), 10, 0, &mut out);
+    assert_eq!(bodies(&out), ["new"], "flushed messages never come back");
+    let deletes = store
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|op| matches!(op, StoreOp::Delete { .. }))
+        .count();
+    assert_eq!(deletes, 4);
+    assert_eq!(b.flush("nope", 0, &mut out), None);
+    assert_eq!(b.flush_all(0, &mut out), 2);
+    assert_eq!(b.message_count(), 0);
+}

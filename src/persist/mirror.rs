@@ -8,6 +8,7 @@
 use super::schema;
 use super::writer::Shared;
 use super::PersistError;
+use crate::store::{now_millis, Millis};
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 use std::fs::{self, File};
@@ -28,6 +29,8 @@ pub struct MirrorReport {
     /// How long the in-memory database was locked (the store writer waits meanwhile; the
     /// broker never does).
     pub locked: Duration,
+    /// When it was complete on disk.
+    pub finished_at: Millis,
 }
 
 /// The temporary file a mirror is written to before it replaces `target`.
@@ -109,6 +112,7 @@ pub fn write(shared: &Shared, target: &Path) -> Result<MirrorReport, PersistErro
         bytes,
         duration: started.elapsed(),
         locked,
+        finished_at: now_millis(),
     })
 }
 

@@ -117,6 +117,16 @@ pub struct Persistence {
     on_disk: Arc<AtomicU64>,
 }
 
+/// Reports the latest completed mirror.
+#[derive(Clone)]
+pub struct MirrorStatus(Arc<Mutex<Option<MirrorReport>>>);
+
+impl MirrorStatus {
+    pub fn latest(&self) -> Option<MirrorReport> {
+        lock_report(&self.0).clone()
+    }
+}
+
 /// What [`Persistence::open`] found.
 pub struct Recovered {
     pub persistence: Persistence,
@@ -190,6 +200,11 @@ impl Persistence {
     /// The most recent completed mirror.
     pub fn last_mirror(&self) -> Option<MirrorReport> {
         lock_report(&self.last_mirror).clone()
+    }
+
+    /// A handle that reports the latest mirror, for status displays.
+    pub fn mirror_status(&self) -> MirrorStatus {
+        MirrorStatus(self.last_mirror.clone())
     }
 
     /// Starts the writer and mirror threads. `on_fatal` hears of a write to the in-memory

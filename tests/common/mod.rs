@@ -86,6 +86,8 @@ pub struct TestServer {
     pub log: Log,
     pub tcp: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
+    /// The maintenance console (TCP), unless turned off.
+    pub console: Option<SocketAddr>,
     pub dir: TempDir,
     args: Vec<String>,
 }
@@ -105,14 +107,19 @@ impl TestServer {
         TestServer::start_with(dir, args)
     }
 
-    /// Exactly these arguments.
-    pub fn start_with(dir: TempDir, args: Vec<String>) -> TestServer {
+    /// These arguments, plus a console on an ephemeral port unless they name one: the default
+    /// port would clash between tests running at once.
+    pub fn start_with(dir: TempDir, mut args: Vec<String>) -> TestServer {
+        if !args.iter().any(|a| a == "--admin") {
+            args.extend(["--admin".to_string(), "127.0.0.1:0".to_string()]);
+        }
         let (child, log) = spawn(&args, dir.path());
         let mut server = TestServer {
             child: Some(child),
             log,
             tcp: None,
             unix: None,
+            console: None,
             dir,
             args,
         };
@@ -126,6 +133,13 @@ impl TestServer {
             .split(';')
             .next()
             .unwrap_or_default();
+        let console = ready
+            .split("; console ")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .and_then(|addr| addr.split(", ").next())
+            .and_then(|addr| addr.parse().ok());
+        server.console = console;
         for addr in listed.split(", ") {
             if let Some(path) = addr.strip_prefix("unix:") {
                 server.unix = Some(PathBuf::from(path));
@@ -262,6 +276,7 @@ pub fn spawn(args: &[String], cwd: &Path) -> (Child, Log) {
 pub fn run_to_exit(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
     let mut child = Command::new(server_binary())
         .args(args)
+        .args(["--admin", "none"])
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,0 +1,357 @@
+//! The maintenance console: a line-based text protocol on its own listeners, for people (with
+//! `nc` or `telnet`) and for the `phpmq` command line.
+//!
+//! Every reply ends with the prompt `phpmq> `, so a program reads up to it. Replies that report
+//! a failure start with `error: `. Commands run against a [`Backend`], so they are tested
+//! without sockets.
+
+mod render;
+
+pub use render::{status_json, status_text};
+
+use crate::broker::{Listing, QueueStatus, Totals};
+use crate::hub::BrokerDown;
+use crate::net::Stream;
+use crate::persist::MirrorReport;
+use crate::request::QueueName;
+use crate::store::Millis;
+use log::{debug, info};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What every reply ends with.
+pub const PROMPT: &str = "phpmq> ";
+/// Rows `show` lists at most.
+pub const SHOW_LIMIT: usize = 50;
+/// The longest command line accepted.
+const MAX_LINE: usize = 4096;
+/// How often a waiting session looks up to see whether the server is stopping.
+const POLL: Duration = Duration::from_millis(500);
+/// How often `monitor` redraws.
+const MONITOR_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A snapshot of the whole server.
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub version: &'static str,
+    pub uptime: Duration,
+    pub connections: usize,
+    pub rss_bytes: Option<u64>,
+    pub totals: Totals,
+    pub queues: Vec<QueueStatus>,
+    pub db: Option<PathBuf>,
+    pub last_mirror: Option<MirrorReport>,
+    /// When the snapshot was taken.
+    pub now: Millis,
+}
+
+/// What the console needs from the server.
+pub trait Backend: Send + Sync {
+    fn status(&self) -> Result<Status, BrokerDown>;
+    fn list_messages(&self, queue: &str, limit: usize) -> Result<Option<Listing>, BrokerDown>;
+    fn queue_names(&self) -> Result<Vec<QueueName>, BrokerDown>;
+    /// Flushes one queue (`None` if it does not exist).
+    fn flush(&self, queue: &str) -> Result<Option<usize>, BrokerDown>;
+    /// Flushes every queue: (messages, queues).
+    fn flush_all(&self) -> Result<(usize, usize), BrokerDown>;
+    fn stopping(&self) -> bool;
+}
+
+/// What a command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    Text(String),
+    Monitor,
+    Quit,
+}
+
+struct CommandHelp {
+    name: &'static str,
+    usage: &'static str,
+    summary: &'static str,
+}
+
+const COMMANDS: &[CommandHelp] = &[
+    CommandHelp {
+        name: "help",
+        usage: "help [COMMAND]",
+        summary: "list the commands, or explain one",
+    },
+    CommandHelp {
+        name: "status",
+        usage: "status [json]",
+        summary: "the server and a table of its queues; 'status json' prints one JSON document",
+    },
+    CommandHelp {
+        name: "monitor",
+        usage: "monitor",
+        summary: "the status, redrawn twice a second until you type q and Enter",
+    },
+    CommandHelp {
+        name: "show",
+        usage: "show QUEUE",
+        summary: "the first messages of a queue: position, id, size, age, ready or in flight",
+    },
+    CommandHelp {
+        name: "search",
+        usage: "search PATTERN",
+        summary: "queue names matching PATTERN, * matching anything, case-insensitive",
+    },
+    CommandHelp {
+        name: "flush",
+        usage: "flush QUEUE",
+        summary:
+            "drop every message of a queue, ready and in flight (later acks for those are ignored)",
+    },
+    CommandHelp {
+        name: "flushall",
+        usage: "flushall",
+        summary: "flush every queue",
+    },
+    CommandHelp {
+        name: "clear",
+        usage: "clear",
+        summary: "clear the screen",
+    },
+    CommandHelp {
+        name: "quit",
+        usage: "quit | exit",
+        summary: "close this console",
+    },
+];
+
+fn help(topic: Option<&str>) -> String {
+    match topic {
+        None => {
+            let mut out = String::from("commands:\n");
+            for c in COMMANDS {
+                out.push_str(&format!("  {:<16} {}\n", c.usage, c.summary));
+            }
+            out
+        }
+        Some(topic) => match COMMANDS
+            .iter()
+            .find(|c| c.name == topic || (topic == "exit" && c.name == "quit"))
+        {
+            Some(c) => format!("{}\n  {}\n", c.usage, c.summary),
+            None => format!("error: no command {topic:?}; type help for the list\n"),
+        },
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` matches any run of characters; case-insensitive.
+pub fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let pattern: Vec<char> = pattern.to_lowercase().chars().collect();
+    let name: Vec<char> = name.to_lowercase().chars().collect();
+    // Greedy matching with backtracking to the last star: linear in practice.
+    let (mut p, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        if p < pattern.len() && pattern[p] == '*' {
+            star = Some((p, n));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == name[n] {
+            p += 1;
+            n += 1;
+        } else if let Some((sp, sn)) = star {
+            p = sp + 1;
+            n = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '*')
+}
+
+/// Runs one command line.
+pub fn execute(line: &str, backend: &dyn Backend) -> Reply {
+    let line = line.trim();
+    let (command, rest) = match line.split_once(char::is_whitespace) {
+        Some((command, rest)) => (command, rest.trim()),
+        None => (line, ""),
+    };
+    let down = |e: BrokerDown| Reply::Text(format!("error: {e}\n"));
+    match (command.to_lowercase().as_str(), rest) {
+        ("", _) => Reply::Text(String::new()),
+        ("help", topic) => Reply::Text(help((!topic.is_empty()).then_some(topic))),
+        ("status", "") => match backend.status() {
+            Ok(status) => Reply::Text(status_text(&status)),
+            Err(e) => down(e),
+        },
+        ("status", "json") => match backend.status() {
+            Ok(status) => Reply::Text(status_json(&status) + "\n"),
+            Err(e) => down(e),
+        },
+        ("monitor", "") => Reply::Monitor,
+        ("show", "") => Reply::Text("error: usage: show QUEUE\n".into()),
+        ("show", queue) => match backend.list_messages(queue, SHOW_LIMIT) {
+            Ok(Some(listing)) => Reply::Text(render::listing_text(queue, &listing)),
+            Ok(None) => Reply::Text(format!("error: no queue named {queue:?}\n")),
+            Err(e) => down(e),
+        },
+        ("search", "") => Reply::Text("error: usage: search PATTERN\n".into()),
+        ("search", pattern) => match backend.queue_names() {
+            Ok(names) => {
+                let found: Vec<&QueueName> = names
+                    .iter()
+                    .filter(|n| wildcard_match(pattern, n.as_str()))
+                    .collect();
+                let mut out: String = found.iter().map(|n| format!("{n}\n")).collect();
+                out.push_str(&format!(
+                    "({} queue{} matching {pattern:?})\n",
+                    found.len(),
+                    if found.len() == 1 { "" } else { "s" }
+                ));
+                Reply::Text(out)
+            }
+            Err(e) => down(e),
+        },
+        ("flush", "") => Reply::Text("error: usage: flush QUEUE\n".into()),
+        ("flush", queue) => match backend.flush(queue) {
+            Ok(Some(n)) => {
+                info!("console: flushed {n} messages from {queue}");
+                Reply::Text(format!("flushed {n} messages from {queue}\n"))
+            }
+            Ok(None) => Reply::Text(format!("error: no queue named {queue:?}\n")),
+            Err(e) => down(e),
+        },
+        ("flushall", "") => match backend.flush_all() {
+            Ok((messages, queues)) => {
+                info!("console: flushed {messages} messages from {queues} queues");
+                Reply::Text(format!(
+                    "flushed {messages} messages from {queues} queues\n"
+                ))
+            }
+            Err(e) => down(e),
+        },
+        ("clear", "") => Reply::Text("\x1b[2J\x1b[H".into()),
+        ("quit" | "exit", "") => Reply::Quit,
+        ("status" | "monitor" | "flushall" | "clear" | "quit" | "exit", extra) => Reply::Text(
+            format!("error: {command} takes no argument {extra:?}; type help {command}\n"),
+        ),
+        _ => Reply::Text(format!(
+            "error: unknown command {command:?}; type help for the list\n"
+        )),
+    }
+}
+
+/// One console session, until the user quits, the connection drops or the server stops.
+pub fn serve(stream: Stream, peer: &str, backend: &dyn Backend) {
+    match session(&stream, backend) {
+        Ok(()) => debug!("console {peer}: closed"),
+        Err(e) => debug!("console {peer}: {e}"),
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// What reading a line found.
+enum Line {
+    Text(String),
+    Quiet,
+    Eof,
+}
+
+struct LineReader<'a> {
+    reader: BufReader<&'a Stream>,
+    partial: Vec<u8>,
+}
+
+impl<'a> LineReader<'a> {
+    fn next(&mut self) -> io::Result<Line> {
+        match self.reader.read_until(b'\n', &mut self.partial) {
+            Ok(0) => Ok(Line::Eof),
+            // A last line without a newline, at EOF: still a command.
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&self.partial).into_owned();
+                self.partial.clear();
+                Ok(Line::Text(line))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if self.partial.len() > MAX_LINE {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "command line too long",
+                    ));
+                }
+                Ok(Line::Quiet)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn session(stream: &Stream, backend: &dyn Backend) -> io::Result<()> {
+    let mut out = stream;
+    stream.set_read_timeout(Some(POLL))?;
+    out.write_all(
+        format!(
+            "phpmq-server {} maintenance console; type help for the commands\n{PROMPT}",
+            env!("CARGO_PKG_VERSION")
+        )
+        .as_bytes(),
+    )?;
+    let mut lines = LineReader {
+        reader: BufReader::with_capacity(MAX_LINE, stream),
+        partial: Vec::new(),
+    };
+    loop {
+        let line = match lines.next()? {
+            Line::Eof => return Ok(()),
+            Line::Quiet if backend.stopping() => {
+                out.write_all(b"\nserver shutting down\n")?;
+                return Ok(());
+            }
+            Line::Quiet => continue,
+            Line::Text(line) => line,
+        };
+        if line.len() > MAX_LINE {
+            out.write_all(b"error: command line too long\n")?;
+            return Ok(());
+        }
+        match execute(&line, backend) {
+            Reply::Text(text) => {
+                out.write_all(text.as_bytes())?;
+                out.write_all(PROMPT.as_bytes())?;
+            }
+            Reply::Quit => {
+                out.write_all(b"bye\n")?;
+                return Ok(());
+            }
+            Reply::Monitor => {
+                monitor(stream, &mut lines, backend)?;
+                out.write_all(PROMPT.as_bytes())?;
+            }
+        }
+    }
+}
+
+/// Redraws the status until the user types `q` (or the server stops).
+fn monitor(stream: &Stream, lines: &mut LineReader<'_>, backend: &dyn Backend) -> io::Result<()> {
+    let mut out = stream;
+    stream.set_read_timeout(Some(MONITOR_INTERVAL))?;
+    let result = loop {
+        let screen = match backend.status() {
+            Ok(status) => status_text(&status),
+            Err(e) => format!("error: {e}\n"),
+        };
+        out.write_all(format!("\x1b[2J\x1b[H{screen}\ntype q and Enter to stop\n").as_bytes())?;
+        match lines.next()? {
+            Line::Eof => break Ok(()),
+            Line::Text(line) if line.trim().eq_ignore_ascii_case("q") => break Ok(()),
+            _ if backend.stopping() => break Ok(()),
+            _ => {}
+        }
+    };
+    stream.set_read_timeout(Some(POLL))?;
+    result
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,247 @@
+//! Turning a [`Status`] or a [`Listing`] into text for people and JSON for programs.
+
+use super::Status;
+use crate::broker::{Listing, MessageState};
+use std::fmt::Write;
+use std::time::Duration;
+
+/// `1.5 kB`, `25.6 MB`: decimal units, as `ls -lh --si` would.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit < UNITS.len() - 1 {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// `850 ms`, `12.3 s`, `5m07s`, `3h02m`, `2d04h`.
+pub fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        _ if ms < 1000 => format!("{ms} ms"),
+        0..=59 => format!("{:.1} s", ms as f64 / 1000.0),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn duration(d: Duration) -> String {
+    age(d.as_millis() as u64)
+}
+
+/// The human-readable status: the server, then a table of queues.
+pub fn status_text(status: &Status) -> String {
+    let mut out = String::new();
+    let t = &status.totals;
+    let _ = writeln!(
+        out,
+        "phpmq-server {}, up {}, {} connection{}, memory {}",
+        status.version,
+        duration(status.uptime),
+        status.connections,
+        if status.connections == 1 { "" } else { "s" },
+        status
+            .rss_bytes
+            .map(bytes)
+            .unwrap_or_else(|| "unknown".into())
+    );
+    let _ = writeln!(
+        out,
+        "messages: {} accepted, {} delivered, {} acknowledged, {} requeued, {} expired, {} dead-lettered, {} flushed",
+        t.accepted, t.delivered, t.acknowledged, t.requeued, t.expired, t.dead_lettered, t.flushed
+    );
+    match (&status.db, &status.last_mirror) {
+        (None, _) => out.push_str("persistence: none (memory only)\n"),
+        (Some(db), None) => {
+            let _ = writeln!(out, "last mirror: none yet, to {}", db.display());
+        }
+        (Some(db), Some(m)) => {
+            let _ = writeln!(
+                out,
+                "last mirror: {} ago, took {}, {} messages, {}, to {}",
+                age(status.now.saturating_sub(m.finished_at)),
+                duration(m.duration),
+                m.messages,
+                bytes(m.bytes),
+                db.display()
+            );
+        }
+    }
+    let width = status
+        .queues
+        .iter()
+        .map(|q| q.name.as_str().chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(5, 40);
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}",
+        "queue", "ready", "in flight", "consumers", "bytes", "oldest"
+    );
+    for q in &status.queues {
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}",
+            q.name.as_str(),
+            q.ready,
+            q.in_flight,
+            q.consumers,
+            bytes(q.bytes),
+            q.oldest_ready_ms.map(age).unwrap_or_else(|| "-".into())
+        );
+    }
+    let _ = writeln!(
+        out,
+        "({} queue{})",
+        status.queues.len(),
+        if status.queues.len() == 1 { "" } else { "s" }
+    );
+    out
+}
+
+/// A JSON string literal.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_opt(value: Option<u64>) -> String {
+    value.map_or_else(|| "null".into(), |v| v.to_string())
+}
+
+/// The machine-readable status: one JSON document on one line. Its shape is documented in
+/// phpmq(1) and stable: fields may be added, never renamed or removed.
+pub fn status_json(status: &Status) -> String {
+    let t = &status.totals;
+    let mirror = match &status.last_mirror {
+        None => "null".to_string(),
+        Some(m) => format!(
+            r#"{{"at_ms":{},"age_ms":{},"duration_ms":{},"messages":{},"bytes":{}}}"#,
+            m.finished_at,
+            status.now.saturating_sub(m.finished_at),
+            m.duration.as_millis(),
+            m.messages,
+            m.bytes
+        ),
+    };
+    let db = status
+        .db
+        .as_ref()
+        .map_or_else(|| "null".into(), |p| json_string(&p.display().to_string()));
+    let queues: Vec<String> = status
+        .queues
+        .iter()
+        .map(|q| {
+            format!(
+                r#"{{"name":{},"ready":{},"in_flight":{},"consumers":{},"bytes":{},"oldest_ready_ms":{}}}"#,
+                json_string(q.name.as_str()),
+                q.ready,
+                q.in_flight,
+                q.consumers,
+                q.bytes,
+                json_opt(q.oldest_ready_ms)
+            )
+        })
+        .collect();
+    format!(
+        concat!(
+            r#"{{"server":{{"version":{},"uptime_s":{},"connections":{},"rss_bytes":{},"db":{},"last_mirror":{},"#,
+            r#""totals":{{"accepted":{},"delivered":{},"acknowledged":{},"requeued":{},"expired":{},"dead_lettered":{},"flushed":{}}}}},"#,
+            r#""queues":[{}]}}"#
+        ),
+        json_string(status.version),
+        status.uptime.as_secs(),
+        status.connections,
+        json_opt(status.rss_bytes),
+        db,
+        mirror,
+        t.accepted,
+        t.delivered,
+        t.acknowledged,
+        t.requeued,
+        t.expired,
+        t.dead_lettered,
+        t.flushed,
+        queues.join(",")
+    )
+}
+
+/// The messages of one queue.
+pub fn listing_text(queue: &str, listing: &Listing) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "queue {queue}: {} message{}",
+        listing.total,
+        if listing.total == 1 { "" } else { "s" }
+    );
+    let _ = writeln!(
+        out,
+        "{:>8}  {:<32}  {:>10}  {:>8}  state",
+        "position", "id", "size", "age"
+    );
+    for row in &listing.rows {
+        let _ = writeln!(
+            out,
+            "{:>8}  {:<32}  {:>10}  {:>8}  {}",
+            row.position.map_or_else(|| "-".into(), |p| p.to_string()),
+            row.id,
+            bytes(row.size as u64),
+            age(row.age_ms),
+            match row.state {
+                MessageState::Ready => "ready",
+                MessageState::InFlight => "in flight",
+            }
+        );
+    }
+    let rest = listing.total.saturating_sub(listing.rows.len());
+    if rest > 0 {
+        let _ = writeln!(out, "... and {rest} more");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(bytes(999), "999 B");
+        assert_eq!(bytes(25_600), "25.6 kB");
+        assert_eq!(bytes(315_887_616), "315.9 MB");
+        assert_eq!(age(850), "850 ms");
+        assert_eq!(age(12_345), "12.3 s");
+        assert_eq!(age(307_000), "5m07s");
+        assert_eq!(age(3 * 3_600_000 + 120_000), "3h02m");
+        assert_eq!(age(2 * 86_400_000 + 4 * 3_600_000), "2d04h");
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_string(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(json_string("\u{1}"), r#""\u0001""#);
+        assert_eq!(json_string("zürich"), "\"zürich\"");
+    }
+}

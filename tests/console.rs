@@ -1,0 +1,331 @@
+//! The maintenance console and the `phpmq status` / `phpmq flush` commands, against a real
+//! server.
+
+mod common;
+
+use common::{TestServer, DEADLINE};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+
+const PROMPT: &str = "phpmq> ";
+
+/// A raw console session, as a person with `nc` would have it.
+struct Session {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Session {
+    fn open(server: &TestServer) -> (Session, String) {
+        let stream =
+            TcpStream::connect(server.console.expect("console on")).expect("connect console");
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut session = Session {
+            stream,
+            buf: Vec::new(),
+        };
+        let greeting = session.until(PROMPT);
+        (session, greeting)
+    }
+
+    /// Reads until `marker`; returns what came before it.
+    fn until(&mut self, marker: &str) -> String {
+        loop {
+            let text = String::from_utf8_lossy(&self.buf).into_owned();
+            if let Some(at) = text.find(marker) {
+                self.buf.drain(..at + marker.len());
+                return text[..at].to_string();
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .expect("console reply within the deadline");
+            assert!(n > 0, "console closed; so far: {text:?}");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn run(&mut self, line: &str) -> String {
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+        self.until(PROMPT)
+    }
+}
+
+fn busy_server() -> TestServer {
+    let server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    for i in 0..30 {
+        producer.send("orders", format!("order {i}").as_bytes());
+    }
+    producer.send("mail", b"hello").send("Mail-EU", b"hallo");
+    producer.sync();
+    server
+}
+
+#[test]
+fn greeting_help_and_unknown_commands() {
+    let server = busy_server();
+    let (mut s, greeting) = Session::open(&server);
+    assert!(greeting.starts_with("phpmq-server "), "{greeting}");
+    let help = s.run("help");
+    for command in [
+        "help",
+        "status",
+        "monitor",
+        "show QUEUE",
+        "search PATTERN",
+        "flush QUEUE",
+        "flushall",
+        "quit",
+    ] {
+        assert!(help.contains(command), "help lists {command}: {help}");
+    }
+    assert!(s.run("help show").starts_with("show QUEUE"));
+    assert_eq!(
+        s.run("launch rockets"),
+        "error: unknown command \"launch\"; type help for the list\n"
+    );
+    assert!(
+        s.run("status").contains("orders"),
+        "the session goes on after an error"
+    );
+}
+
+#[test]
+fn status_shows_queues_and_server_totals() {
+    let server = busy_server();
+    let mut consumer = server.tcp_client();
+    consumer.consume("orders", 5);
+    assert_eq!(consumer.sync().len(), 5);
+    let (mut s, _) = Session::open(&server);
+    let status = s.run("status");
+    let lines: Vec<&str> = status.lines().collect();
+    assert!(
+        lines[0].starts_with("phpmq-server ") && lines[0].contains(" 1 connection,"),
+        "{status}"
+    );
+    // 32 sent plus one barrier message for each of the two sync() calls.
+    assert!(status.contains("messages: 34 accepted"), "{status}");
+    assert!(status.contains("last mirror: "), "{status}");
+    let header = lines
+        .iter()
+        .find(|l| l.starts_with("queue"))
+        .expect("table header");
+    for column in ["ready", "in flight", "consumers", "bytes", "oldest"] {
+        assert!(header.contains(column), "{header}");
+    }
+    let orders = lines
+        .iter()
+        .find(|l| l.starts_with("orders"))
+        .expect("orders row");
+    let cells: Vec<&str> = orders.split_whitespace().collect();
+    assert_eq!(&cells[1..4], ["25", "5", "1"], "{orders}");
+    assert!(status.contains("(3 queues)"));
+
+    let json = s.run("status json");
+    assert_eq!(json.lines().count(), 1);
+    assert!(json.starts_with(r#"{"server":{"version":""#), "{json}");
+    assert!(
+        json.contains(r#"{"name":"orders","ready":25,"in_flight":5,"consumers":1,"bytes":"#),
+        "{json}"
+    );
+    assert!(json.contains(r#""totals":{"accepted":34,"#), "{json}");
+}
+
+#[test]
+fn monitor_redraws_until_q() {
+    let server = busy_server();
+    let (mut s, _) = Session::open(&server);
+    s.stream.write_all(b"monitor\n").unwrap();
+    let first = s.until("type q and Enter to stop");
+    assert!(first.contains("orders"), "{first}");
+    // A second screen comes by itself.
+    let second = s.until("type q and Enter to stop");
+    assert!(second.contains("\x1b[2J"), "the screen is redrawn");
+    s.stream.write_all(b"q\n").unwrap();
+    s.until(PROMPT);
+    assert!(s.run("status").contains("orders"), "back at the prompt");
+}
+
+#[test]
+fn show_lists_messages_capped_with_a_count_of_the_rest() {
+    let server = busy_server();
+    let mut producer = server.tcp_client();
+    for i in 30..80 {
+        producer.send("orders", format!("order {i}").as_bytes());
+    }
+    let mut consumer = server.tcp_client();
+    consumer.consume("orders", 2);
+    let held = [consumer.recv(), consumer.recv()];
+    producer.sync();
+    let (mut s, _) = Session::open(&server);
+    let listing = s.run("show orders");
+    assert!(
+        listing.starts_with("queue orders: 80 messages\n"),
+        "{listing}"
+    );
+    let rows: Vec<&str> = listing.lines().filter(|l| l.contains(" B ")).collect();
+    assert_eq!(rows.len(), 50, "capped at 50 rows");
+    assert!(rows[0].trim_start().starts_with("1 "), "{}", rows[0]);
+    assert!(rows[0].ends_with("ready"));
+    assert!(listing.ends_with("... and 30 more\n"), "{listing}");
+    assert!(
+        !listing.contains(&held[0].id),
+        "in-flight rows come after the ready ones"
+    );
+    assert_eq!(
+        s.run("show nothing-here"),
+        "error: no queue named \"nothing-here\"\n"
+    );
+    let small = s.run("show mail");
+    assert!(small.contains("ready"));
+}
+
+#[test]
+fn search_is_case_insensitive_with_wildcards() {
+    let server = busy_server();
+    let (mut s, _) = Session::open(&server);
+    assert_eq!(
+        s.run("search mail*"),
+        "Mail-EU\nmail\n(2 queues matching \"mail*\")\n"
+    );
+    assert_eq!(
+        s.run("search *RDER*"),
+        "orders\n(1 queue matching \"*RDER*\")\n"
+    );
+    assert_eq!(s.run("search x"), "(0 queues matching \"x\")\n");
+}
+
+#[test]
+fn flush_drops_messages_for_good_and_ignores_later_acks() {
+    let server = busy_server();
+    let mut consumer = server.tcp_client();
+    consumer.consume("orders", 1);
+    let held = consumer.recv();
+    let (mut s, _) = Session::open(&server);
+    assert_eq!(s.run("flush orders"), "flushed 30 messages from orders\n");
+    consumer.ack("orders", &held.id);
+    assert!(
+        consumer.sync().is_empty(),
+        "the ack was ignored and nothing came"
+    );
+    let mut producer = server.tcp_client();
+    producer.send("orders", b"after the flush");
+    assert_eq!(
+        consumer.recv().text(),
+        "after the flush",
+        "the consumer has room again"
+    );
+    assert_eq!(s.run("flushall"), "flushed 3 messages from 3 queues\n");
+    let json = s.run("status json");
+    assert!(json.contains(r#""flushed":33"#), "{json}");
+    assert!(json.ends_with("\"queues\":[{\"name\":\"orders\",\"ready\":0,\"in_flight\":0,\"consumers\":1,\"bytes\":0,\"oldest_ready_ms\":null}]}\n"), "{json}");
+}
+
+#[test]
+fn quit_and_exit_close_the_session() {
+    let server = busy_server();
+    for word in ["quit", "exit"] {
+        let (mut s, _) = Session::open(&server);
+        s.stream.write_all(format!("{word}\n").as_bytes()).unwrap();
+        let mut rest = String::new();
+        s.stream.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "bye\n");
+    }
+}
+
+#[test]
+fn console_over_a_unix_socket_and_turned_off() {
+    let dir = common::TempDir::new("console-unix");
+    let console = dir.path().join("console.sock");
+    let msg = dir.path().join("msg.sock");
+    let args = vec![
+        "--listen".into(),
+        format!("unix:{}", msg.display()),
+        "--admin".into(),
+        format!("unix:{}", console.display()),
+    ];
+    let server = TestServer::start_with(dir, args);
+    let mut stream = std::os::unix::net::UnixStream::connect(&console).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(b"status\nquit\n").unwrap();
+    let mut all = String::new();
+    stream.read_to_string(&mut all).unwrap();
+    assert!(all.contains("(0 queues)"), "{all}");
+    drop(server);
+
+    let off = TestServer::start(&["--admin", "none"]);
+    let ready = off.log.wait_for("ready", |l| l.contains("ready;"));
+    assert!(ready.contains("console off"), "{ready}");
+    assert!(off.console.is_none());
+}
+
+fn phpmq(server: &TestServer, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_phpmq"))
+        .args(["--admin", &server.console.unwrap().to_string()])
+        .args(["--server", &server.tcp_addr().to_string()])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_status_and_flush() {
+    let server = busy_server();
+    let out = phpmq(&server, &["status"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("phpmq-server ") && text.contains("orders"),
+        "{text}"
+    );
+    assert!(!text.contains(PROMPT));
+
+    let out = phpmq(&server, &["status", "--json"]);
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        json.starts_with("{\"server\":{") && json.trim_end().ends_with("]}"),
+        "{json}"
+    );
+    assert_eq!(json.lines().count(), 1);
+
+    let out = phpmq(&server, &["flush", "mail"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "flushed 1 messages from mail\n"
+    );
+    let out = phpmq(&server, &["flush", "mail"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "phpmq: no queue named \"mail\"\n"
+    );
+    let out = phpmq(&server, &["flush", "--all"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "flushed 31 messages from 2 queues\n"
+    );
+    let out = phpmq(&server, &["flush"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("phpmq: usage: "));
+}
+
+#[test]
+fn cli_status_without_a_console_says_so() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let out = Command::new(env!("CARGO_BIN_EXE_phpmq"))
+        .args(["--admin", &addr, "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("phpmq: cannot connect to {addr}: connection refused\n")
+    );
+}
