@@ -428,14 +428,23 @@ fn spawn_acceptor(
             shared: shared.clone(),
             name,
         };
-        match endpoint {
-            Endpoint::Messages => accept_loop(&listener, &shared),
-            Endpoint::Console => console_accept_loop(&listener, &shared),
-        }
+        accept_loop(&listener, &shared, endpoint)
     })
 }
 
-fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
+impl Endpoint {
+    /// Who counts this endpoint's connections, and how many it admits.
+    fn pool<'a>(&self, shared: &'a Shared) -> (&'a Arc<ConnectionCount>, usize) {
+        match self {
+            Endpoint::Messages => (&shared.connections, shared.max_connections),
+            Endpoint::Console => (&shared.console_sessions, MAX_CONSOLE_SESSIONS),
+        }
+    }
+}
+
+/// Accepts until shutdown; each admitted client gets a thread of its own.
+fn accept_loop(listener: &Listener, shared: &Arc<Shared>, endpoint: Endpoint) {
+    let (pool, limit) = endpoint.pool(shared);
     loop {
         let accepted = listener.accept();
         if shared.stopping.load(Ordering::SeqCst) {
@@ -450,11 +459,8 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
                 continue;
             }
         };
-        let Some(slot) = shared.connections.try_acquire(shared.max_connections) else {
-            warn!(
-                "refusing connection from {peer}: limit of {} connections reached",
-                shared.max_connections
-            );
+        let Some(slot) = pool.try_acquire(limit) else {
+            warn!("refusing connection from {peer}: limit of {limit} connections reached");
             continue;
         };
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -464,42 +470,16 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
             .stack_size(THREAD_STACK)
             .spawn(move || {
                 let _slot = slot;
-                connection::serve(&for_thread.hub, conn, stream, peer, for_thread.limits);
+                let shared = &*for_thread;
+                match endpoint {
+                    Endpoint::Messages => {
+                        connection::serve(&shared.hub, conn, stream, peer, shared.limits)
+                    }
+                    Endpoint::Console => admin::serve(stream, &peer, shared),
+                }
             });
         if let Err(e) = spawned {
             warn!("refusing a connection: cannot start its thread: {e}");
-        }
-    }
-}
-
-fn console_accept_loop(listener: &Listener, shared: &Arc<Shared>) {
-    loop {
-        let accepted = listener.accept();
-        if shared.stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!("console accept failed: {e}; retrying");
-                thread::sleep(ACCEPT_BACKOFF);
-                continue;
-            }
-        };
-        let Some(slot) = shared.console_sessions.try_acquire(MAX_CONSOLE_SESSIONS) else {
-            warn!("refusing console connection from {peer}: {MAX_CONSOLE_SESSIONS} sessions open");
-            continue;
-        };
-        let for_thread = shared.clone();
-        let spawned = thread::Builder::new()
-            .name("phpmq-console-session".into())
-            .stack_size(THREAD_STACK)
-            .spawn(move || {
-                let _slot = slot;
-                admin::serve(stream, &peer, &*for_thread);
-            });
-        if let Err(e) = spawned {
-            warn!("refusing a console connection: cannot start its thread: {e}");
         }
     }
 }

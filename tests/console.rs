@@ -93,6 +93,11 @@ fn greeting_help_and_unknown_commands() {
         s.run("status").contains("orders"),
         "the session goes on after an error"
     );
+    assert_eq!(
+        s.run("clear"),
+        "\x1b[2J\x1b[H",
+        "clear sends the clear-screen sequence"
+    );
 }
 
 #[test]

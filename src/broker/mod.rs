@@ -39,6 +39,13 @@ pub struct Delivery {
     pub ttl_remaining: Option<u64>,
 }
 
+/// Why a held message leaves for good.
+#[derive(Clone, Copy)]
+enum Removal {
+    Acknowledged,
+    DeadLettered,
+}
+
 /// Counters since the broker started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -317,14 +324,7 @@ impl Broker {
         now: Millis,
         out: &mut Vec<Delivery>,
     ) -> bool {
-        let Some(id) = self.release_hold(conn, queue, id, "ack") else {
-            return false;
-        };
-        self.forget_in(queue, id);
-        self.table.totals.acknowledged += 1;
-        self.pump(queue, now, out);
-        self.drop_queue_if_unused(queue);
-        true
+        self.remove_held(conn, queue, id, Removal::Acknowledged, now, out)
     }
 
     /// Removes a held message regardless of its TTL. Returns whether it was held by `conn`.
@@ -336,11 +336,31 @@ impl Broker {
         now: Millis,
         out: &mut Vec<Delivery>,
     ) -> bool {
-        let Some(id) = self.release_hold(conn, queue, id, "dead letter") else {
+        self.remove_held(conn, queue, id, Removal::DeadLettered, now, out)
+    }
+
+    fn remove_held(
+        &mut self,
+        conn: ConnId,
+        queue: &QueueName,
+        id: Option<MessageId>,
+        removal: Removal,
+        now: Millis,
+        out: &mut Vec<Delivery>,
+    ) -> bool {
+        let action = match removal {
+            Removal::Acknowledged => "ack",
+            Removal::DeadLettered => "dead letter",
+        };
+        let Some(id) = self.release_hold(conn, queue, id, action) else {
             return false;
         };
         self.forget_in(queue, id);
-        self.table.totals.dead_lettered += 1;
+        match removal {
+            Removal::Acknowledged => self.table.totals.acknowledged += 1,
+            Removal::DeadLettered => self.table.totals.dead_lettered += 1,
+        }
+        // The holder has room again.
         self.pump(queue, now, out);
         self.drop_queue_if_unused(queue);
         true
