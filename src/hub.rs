@@ -233,7 +233,7 @@ fn route(
 /// Encodes each peer's dispatches into its outbox, one append per peer.
 fn fan_out(routed: Vec<(Arc<Peer>, Vec<Delivery>)>) {
     for (peer, deliveries) in routed {
-        peer.outbox.push(|buffer| {
+        peer.outbox.push(&*peer.stream, |buffer| {
             for d in &deliveries {
                 encode_dispatch(buffer, &d.queue, &d.content, d.id, d.ttl_remaining);
             }

@@ -210,6 +210,20 @@ impl Stream {
     }
 }
 
+impl crate::outbox::SendNow for Stream {
+    /// Sends what the socket takes right now without blocking (and without SIGPIPE); the
+    /// rest is the caller's to write later.
+    fn send_now(&self, buf: &[u8]) -> io::Result<usize> {
+        use rustix::net::{send, SendFlags};
+        let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+        let sent = match self {
+            Stream::Tcp(s) => send(s, buf, flags),
+            Stream::Unix(s) => send(s, buf, flags),
+        };
+        sent.map_err(io::Error::from)
+    }
+}
+
 impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {

@@ -1,10 +1,11 @@
-//! A connection's pending output: frames that other threads append, and the loop that writes
-//! them to the socket.
+//! A connection's pending output: frames that other threads hand over, written in order.
 //!
-//! Whoever has frames for a connection appends them here and goes on: only the connection's own
-//! writer thread ever blocks on its socket, so a consumer that reads slowly stalls nobody else.
-//! Everything pending is written in one `write_all`, so frames are whole and coalesced. Its size
-//! is bounded by the consumer's prefetch: only dispatches are written here.
+//! The thread that decides a delivery tries to write it at once with a non-blocking send: no
+//! thread wake-up on the way to the consumer. Whatever the socket does not take at once (a slow
+//! consumer, a full buffer) waits here for the connection's writer thread, the only thread that
+//! ever blocks on this socket, so a slow consumer stalls nobody else. Frames are only ever
+//! written whole and in order; several pending frames go out in one write. The pending size is
+//! bounded by the consumer's prefetch: only dispatches come here.
 
 use std::io::{self, Write};
 use std::mem;
@@ -12,6 +13,12 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Past this size the writer's spare buffer is not kept for reuse.
 const KEEP_BUFFER_BYTES: usize = 1 << 20;
+
+/// A socket that can take bytes without blocking.
+pub trait SendNow {
+    /// Sends what fits right now; `WouldBlock` when nothing does.
+    fn send_now(&self, buf: &[u8]) -> io::Result<usize>;
+}
 
 #[derive(Debug, Default)]
 pub struct Outbox {
@@ -23,6 +30,8 @@ pub struct Outbox {
 struct State {
     pending: Vec<u8>,
     closed: bool,
+    /// The writer thread has taken a batch and is writing it: new frames must queue behind it.
+    writing: bool,
 }
 
 impl Outbox {
@@ -35,18 +44,31 @@ impl Outbox {
         self.state.lock().ok()
     }
 
-    /// Appends frames written by `encode`; returns false if the outbox is closed.
-    pub fn push(&self, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+    /// Appends the frames `encode` writes and sends them at once if nothing is queued ahead of
+    /// them; the rest is left to the writer thread. False if the outbox is closed.
+    pub fn push(&self, socket: &impl SendNow, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
         let Some(mut state) = self.lock() else {
             return false;
         };
         if state.closed {
             return false;
         }
-        let was_empty = state.pending.is_empty();
+        let was_idle = state.pending.is_empty() && !state.writing;
         encode(&mut state.pending);
-        drop(state);
-        if was_empty {
+        if was_idle {
+            match socket.send_now(&state.pending) {
+                Ok(n) if n == state.pending.len() => {
+                    state.pending.clear();
+                    return true;
+                }
+                Ok(n) => {
+                    state.pending.drain(..n);
+                }
+                // WouldBlock: the writer will wait for room. Any other error: its blocking
+                // write meets the same error and ends the connection.
+                Err(_) => {}
+            }
+            drop(state);
             self.wake.notify_one();
         }
         true
@@ -66,7 +88,7 @@ impl Outbox {
         self.wake.notify_all();
     }
 
-    /// Writes everything pushed until the outbox is closed or the socket fails.
+    /// Writes what the direct sends left over, until the outbox is closed or the socket fails.
     pub fn write_loop(&self, mut sink: impl Write) -> io::Result<()> {
         let mut batch = Vec::new();
         loop {
@@ -84,8 +106,13 @@ impl Outbox {
                     return Ok(());
                 }
                 mem::swap(&mut state.pending, &mut batch);
+                state.writing = true;
             }
-            sink.write_all(&batch)?;
+            let written = sink.write_all(&batch);
+            if let Some(mut state) = self.lock() {
+                state.writing = false;
+            }
+            written?;
             batch.clear();
             if batch.capacity() > KEEP_BUFFER_BYTES {
                 batch = Vec::new();
@@ -99,14 +126,30 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex as StdMutex};
     use std::thread;
+    use std::time::{Duration, Instant};
 
-    /// A sink that records each write call separately.
+    /// Records writes; `send_now` takes at most `room` bytes (0: would block).
     #[derive(Clone, Default)]
-    struct Writes(Arc<StdMutex<Vec<Vec<u8>>>>);
+    struct Socket {
+        written: Arc<StdMutex<Vec<Vec<u8>>>>,
+        room: Arc<StdMutex<usize>>,
+    }
 
-    impl Write for Writes {
+    impl SendNow for Socket {
+        fn send_now(&self, buf: &[u8]) -> io::Result<usize> {
+            let room = *self.room.lock().unwrap();
+            if room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = room.min(buf.len());
+            self.written.lock().unwrap().push(buf[..n].to_vec());
+            Ok(n)
+        }
+    }
+
+    impl Write for Socket {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().push(buf.to_vec());
+            self.written.lock().unwrap().push(buf.to_vec());
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -114,25 +157,78 @@ mod tests {
         }
     }
 
-    #[test]
-    fn frames_pushed_before_the_writer_runs_go_out_in_one_write() {
-        let outbox = Arc::new(Outbox::new());
-        assert!(outbox.push(|b| b.extend_from_slice(b"one")));
-        assert!(outbox.push(|b| b.extend_from_slice(b"two")));
-        let writes = Writes::default();
-        let writer = {
-            let (outbox, writes) = (outbox.clone(), writes.clone());
-            thread::spawn(move || outbox.write_loop(writes))
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while writes.0.lock().unwrap().is_empty() {
-            assert!(std::time::Instant::now() < deadline, "writer wrote nothing");
+    fn all_written(socket: &Socket) -> Vec<u8> {
+        socket.written.lock().unwrap().concat()
+    }
+
+    fn wait_for(socket: &Socket, len: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while all_written(socket).len() < len {
+            assert!(
+                Instant::now() < deadline,
+                "writer wrote {:?}",
+                all_written(socket)
+            );
             thread::yield_now();
         }
+    }
+
+    #[test]
+    fn an_idle_outbox_sends_at_once() {
+        let socket = Socket::default();
+        *socket.room.lock().unwrap() = 1000;
+        let outbox = Outbox::new();
+        assert!(outbox.push(&socket, |b| b.extend_from_slice(b"frame")));
+        assert_eq!(
+            *socket.written.lock().unwrap(),
+            vec![b"frame".to_vec()],
+            "no writer thread needed"
+        );
+    }
+
+    #[test]
+    fn what_does_not_fit_goes_to_the_writer_in_order() {
+        let socket = Socket::default();
+        *socket.room.lock().unwrap() = 3;
+        let outbox = Arc::new(Outbox::new());
+        assert!(outbox.push(&socket, |b| b.extend_from_slice(b"first")));
+        *socket.room.lock().unwrap() = 1000;
+        // Queued behind the remainder, not sent directly past it.
+        assert!(outbox.push(&socket, |b| b.extend_from_slice(b"second")));
+        assert_eq!(all_written(&socket), b"fir");
+        let writer = {
+            let (outbox, socket) = (outbox.clone(), socket.clone());
+            thread::spawn(move || outbox.write_loop(socket))
+        };
+        wait_for(&socket, 11);
+        assert_eq!(all_written(&socket), b"firstsecond");
         outbox.close();
         writer.join().unwrap().unwrap();
-        assert_eq!(*writes.0.lock().unwrap(), vec![b"onetwo".to_vec()]);
-        assert!(!outbox.push(|b| b.push(0)), "closed outboxes refuse frames");
+        assert!(
+            !outbox.push(&socket, |b| b.push(0)),
+            "closed outboxes refuse frames"
+        );
+    }
+
+    #[test]
+    fn a_full_socket_leaves_everything_to_the_writer() {
+        let socket = Socket::default();
+        let outbox = Arc::new(Outbox::new());
+        outbox.push(&socket, |b| b.extend_from_slice(b"one"));
+        outbox.push(&socket, |b| b.extend_from_slice(b"two"));
+        assert!(all_written(&socket).is_empty());
+        let writer = {
+            let (outbox, socket) = (outbox.clone(), socket.clone());
+            thread::spawn(move || outbox.write_loop(socket))
+        };
+        wait_for(&socket, 6);
+        assert_eq!(
+            *socket.written.lock().unwrap(),
+            vec![b"onetwo".to_vec()],
+            "one write for both"
+        );
+        outbox.close();
+        writer.join().unwrap().unwrap();
     }
 
     #[test]
@@ -147,7 +243,7 @@ mod tests {
             }
         }
         let outbox = Outbox::new();
-        outbox.push(|b| b.push(1));
+        outbox.push(&Socket::default(), |b| b.push(1));
         assert!(outbox.write_loop(Broken).is_err());
     }
 }

@@ -1,6 +1,6 @@
 //! What the admin console sees and does: per-queue status, message listings, flushes.
 
-use super::{Broker, Delivery, Message};
+use super::{Broker, ConnId, Delivery, Message};
 use crate::id::MessageId;
 use crate::request::QueueName;
 use crate::store::Millis;
@@ -125,7 +125,17 @@ impl Broker {
             q.ready_count = 0;
             q.in_flight = 0;
         }
-        for connection in self.connections.values_mut() {
+        let holders: Vec<ConnId> = self
+            .queues
+            .get(queue)
+            .map(|q| q.subscribers.keys().copied().collect())
+            .unwrap_or_default();
+        for conn in holders {
+            let (Some(connection), Some(q)) =
+                (self.connections.get_mut(&conn), self.queues.get_mut(queue))
+            else {
+                continue;
+            };
             let messages = &self.table.messages;
             let held_here: Vec<MessageId> = connection
                 .held
@@ -133,18 +143,13 @@ impl Broker {
                 .copied()
                 .filter(|id| messages.get(id).is_some_and(|m| m.queue == name))
                 .collect();
-            if held_here.is_empty() {
-                continue;
-            }
             for id in &held_here {
                 connection.held.remove(id);
             }
-            if let Some(subscription) = connection.subscriptions.get_mut(&name) {
+            if let Some(subscription) = q.subscribers.get_mut(&conn) {
                 subscription.held = 0;
-                if subscription.limit == 0 {
-                    connection.subscriptions.remove(&name);
-                }
             }
+            q.forget_idle_subscriber(conn, connection, &name);
             doomed.extend(held_here);
         }
         for &id in &doomed {

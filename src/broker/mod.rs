@@ -10,6 +10,8 @@
 //!   held by exactly one connection (`holder`); `ready` may also hold stale entries of messages
 //!   that expired while waiting, skipped when popped (`ready_count` counts only live ones);
 //! - a connection is in a queue's ring iff its subscription to that queue has a limit above 0;
+//! - a queue's `subscribers` has an entry for a connection iff its limit or its holds in that
+//!   queue are above 0, and the connection's `queues` names exactly those queues;
 //! - a queue exists while it has ready or held messages or consumers.
 
 mod inspect;
@@ -17,12 +19,12 @@ mod ring;
 
 pub use inspect::{Listing, MessageRow, MessageState, QueueStatus};
 
-use crate::id::{IdGenerator, MessageId};
+use crate::id::{IdGenerator, IdMap, IdSet, MessageId};
 use crate::request::{QueueName, Request};
 use crate::store::{Millis, Store, StoreOp, StoredMessage};
 use log::debug;
 use ring::Ring;
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 /// Identifies one client connection for the lifetime of the process.
@@ -85,6 +87,8 @@ struct Queue {
     /// Content bytes of the queue's messages, ready and in flight.
     bytes: u64,
     consumers: Ring<ConnId>,
+    /// What each connection may hold of this queue and holds.
+    subscribers: IdMap<ConnId, Subscription>,
 }
 
 #[derive(Debug)]
@@ -96,14 +100,15 @@ struct Subscription {
 #[derive(Debug, Default)]
 struct Connection {
     speaks_v11: bool,
-    subscriptions: HashMap<QueueName, Subscription>,
-    held: HashSet<MessageId>,
+    /// The queues where this connection has a subscription (usually one or two).
+    queues: Vec<QueueName>,
+    held: IdSet<MessageId>,
 }
 
 /// The messages themselves, their expiry index, the store and the counters: everything that
 /// `pump` needs besides the queue and the connections, so the borrows can be split.
 struct MessageTable {
-    messages: HashMap<MessageId, Message>,
+    messages: IdMap<MessageId, Message>,
     expiry: BTreeSet<(Millis, MessageId)>,
     store: Box<dyn Store>,
     totals: Totals,
@@ -157,13 +162,30 @@ impl Queue {
     }
 
     fn is_unused(&self) -> bool {
-        self.ready_count == 0 && self.in_flight == 0 && self.consumers.is_empty()
+        self.ready_count == 0 && self.in_flight == 0 && self.subscribers.is_empty()
+    }
+
+    /// Ends a connection's subscription once it neither may nor does hold anything here.
+    fn forget_idle_subscriber(
+        &mut self,
+        conn: ConnId,
+        connection: &mut Connection,
+        name: &QueueName,
+    ) {
+        if self
+            .subscribers
+            .get(&conn)
+            .is_some_and(|s| s.limit == 0 && s.held == 0)
+        {
+            self.subscribers.remove(&conn);
+            connection.queues.retain(|q| q != name);
+        }
     }
 }
 
 pub struct Broker {
     queues: HashMap<QueueName, Queue>,
-    connections: HashMap<ConnId, Connection>,
+    connections: IdMap<ConnId, Connection>,
     table: MessageTable,
     ids: IdGenerator,
     next_seq: u64,
@@ -188,9 +210,9 @@ impl Broker {
     pub fn with_ids(store: Box<dyn Store>, ids: IdGenerator) -> Broker {
         Broker {
             queues: HashMap::new(),
-            connections: HashMap::new(),
+            connections: IdMap::default(),
             table: MessageTable {
-                messages: HashMap::new(),
+                messages: IdMap::default(),
                 expiry: BTreeSet::new(),
                 store,
                 totals: Totals::default(),
@@ -297,19 +319,17 @@ impl Broker {
         let Some(connection) = self.connections.get_mut(&conn) else {
             return;
         };
-        let ring = &mut self.queues.entry(queue.clone()).or_default().consumers;
-        let subscription = connection
-            .subscriptions
-            .entry(queue.clone())
-            .or_insert(Subscription { limit: 0, held: 0 });
+        let q = self.queues.entry(queue.clone()).or_default();
+        let subscription = q.subscribers.entry(conn).or_insert_with(|| {
+            connection.queues.push(queue.clone());
+            Subscription { limit: 0, held: 0 }
+        });
         subscription.limit = count;
         if count > 0 {
-            ring.insert(conn);
+            q.consumers.insert(conn);
         } else {
-            ring.remove(conn);
-            if subscription.held == 0 {
-                connection.subscriptions.remove(&queue);
-            }
+            q.consumers.remove(conn);
+            q.forget_idle_subscriber(conn, connection, &queue);
         }
         self.pump(&queue, now, out);
         self.drop_queue_if_unused(&queue);
@@ -420,10 +440,11 @@ impl Broker {
                     .push((message.seq, id));
             }
         }
-        let mut affected: Vec<QueueName> = connection.subscriptions.into_keys().collect();
+        let mut affected = connection.queues;
         for name in &affected {
             if let Some(queue) = self.queues.get_mut(name) {
                 queue.consumers.remove(conn);
+                queue.subscribers.remove(&conn);
             }
         }
         for (name, mut entries) in returned {
@@ -546,17 +567,15 @@ impl Broker {
         if let Some(message) = self.table.messages.get_mut(&id) {
             message.holder = None;
         }
-        if let Some(connection) = self.connections.get_mut(&conn) {
+        if let (Some(connection), Some(q)) =
+            (self.connections.get_mut(&conn), self.queues.get_mut(queue))
+        {
             connection.held.remove(&id);
-            if let Some(subscription) = connection.subscriptions.get_mut(queue) {
-                subscription.held -= 1;
-                if subscription.limit == 0 && subscription.held == 0 {
-                    connection.subscriptions.remove(queue);
-                }
-            }
-        }
-        if let Some(q) = self.queues.get_mut(queue) {
             q.in_flight -= 1;
+            if let Some(subscription) = q.subscribers.get_mut(&conn) {
+                subscription.held -= 1;
+            }
+            q.forget_idle_subscriber(conn, connection, queue);
         }
         Some(id)
     }
@@ -569,12 +588,8 @@ impl Broker {
         let connections = &mut self.connections;
         let table = &mut self.table;
         while queue.ready_count > 0 {
-            let has_room = |conn: ConnId| {
-                connections
-                    .get(&conn)
-                    .and_then(|c| c.subscriptions.get(name))
-                    .is_some_and(|s| s.held < s.limit)
-            };
+            let subscribers = &queue.subscribers;
+            let has_room = |conn: ConnId| subscribers.get(&conn).is_some_and(|s| s.held < s.limit);
             let Some(conn) = queue.consumers.peek_next(has_room) else {
                 break;
             };
@@ -588,7 +603,7 @@ impl Broker {
             };
             message.holder = Some(conn);
             connection.held.insert(id);
-            if let Some(subscription) = connection.subscriptions.get_mut(name) {
+            if let Some(subscription) = queue.subscribers.get_mut(&conn) {
                 subscription.held += 1;
             }
             queue.in_flight += 1;

@@ -23,6 +23,7 @@ impl<T: Copy + PartialEq> Ring<T> {
         self.members.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
     }

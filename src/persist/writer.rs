@@ -11,9 +11,13 @@ use rusqlite::{params, Connection};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::thread;
+use std::time::Duration;
 
-/// The most commands applied in one transaction.
+/// The most changes applied in one transaction.
 const MAX_BATCH: usize = 8192;
+/// How long the writer gathers changes after the first one before writing them.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
 
 pub enum Command {
     Op(StoreOp),
@@ -49,15 +53,23 @@ pub fn run(shared: &Shared, commands: &Receiver<Command>, on_error: &dyn Fn(Pers
         let Ok(first) = commands.recv() else {
             return;
         };
+        // Gather what comes within the window: an accept acknowledged inside it never reaches
+        // SQLite, and a busy stream costs one transaction per window, not one per message.
+        // Sleeping (rather than waiting on the channel) matters: senders then never have to
+        // wake this thread, which keeps that cost off the delivery path.
+        let urgent = matches!(first, Command::Flush(_) | Command::Stop);
+        if !urgent && commands.len() < MAX_BATCH {
+            thread::sleep(BATCH_WINDOW);
+        }
         let mut stop = false;
-        for command in std::iter::once(first).chain(commands.try_iter().take(MAX_BATCH)) {
+        for command in std::iter::once(first).chain(commands.try_iter()) {
             match command {
                 Command::Op(op) => batch.push(op),
                 Command::Flush(reply) => flushes.push(reply),
-                Command::Stop => {
-                    stop = true;
-                    break;
-                }
+                Command::Stop => stop = true,
+            }
+            if stop || batch.len() >= MAX_BATCH {
+                break;
             }
         }
         if !batch.is_empty() {

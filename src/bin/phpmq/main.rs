@@ -1,4 +1,6 @@
-//! `phpmq`: the command-line client. Sends, consumes and probes a phpmq server.
+//! `phpmq`: the command-line client. Sends, consumes, benchmarks and probes a phpmq server.
+
+mod bench;
 
 use argh::FromArgs;
 use phpmq::client::{Client, ClientError, Console};
@@ -43,6 +45,7 @@ enum Command {
     Status(StatusArgs),
     Flush(FlushArgs),
     Ping(PingArgs),
+    Bench(bench::BenchArgs),
 }
 
 /// Show the server and its queues (through the maintenance console).
@@ -140,6 +143,7 @@ fn main() -> ExitCode {
         Command::Status(cmd) => status(&args.admin, cmd),
         Command::Flush(cmd) => flush(&args.admin, cmd),
         Command::Ping(cmd) => ping(&args.server, cmd),
+        Command::Bench(cmd) => bench::run(&args.server, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
