@@ -8,9 +8,10 @@ use super::PersistError;
 use crate::store::{Store, StoreOp, StoredMessage};
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{params, Connection};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -125,7 +126,53 @@ fn coalesce(ops: Vec<StoreOp>) -> Vec<StoreOp> {
     slots.into_iter().flatten().collect()
 }
 
+/// Inserts per multi-row INSERT statement: one statement costs about as much as a row.
+const INSERT_CHUNK: usize = 64;
+
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO messages (seq, id, queue, content, accepted_at, expires_at) VALUES ",
+    );
+    for row in 0..rows {
+        let base = row * 6;
+        if row > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!(
+            "(?{},?{},?{},?{},?{},?{})",
+            base + 1,
+            base + 2,
+            base + 3,
+            base + 4,
+            base + 5,
+            base + 6
+        ));
+    }
+    sql
+}
+
+/// Applies a coalesced batch in one transaction. Inserts and re-queues touch different rows,
+/// and a deleted message is never touched again, so the batch is applied by kind: inserts in
+/// multi-row statements, then re-queues, then deletes as ranges of consecutive positions
+/// (consumers acknowledge in FIFO order, so a batch's deletes are mostly long runs).
 fn write_batch(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
+    let mut inserts: Vec<&StoredMessage> = Vec::new();
+    let mut requeues = Vec::new();
+    let mut deletes: Vec<i64> = Vec::new();
+    for op in ops {
+        match op {
+            StoreOp::Insert(message) => inserts.push(message),
+            StoreOp::Requeue {
+                old_seq,
+                seq,
+                expires_at,
+                ..
+            } => requeues.push((*old_seq as i64, *seq as i64, expires_at.map(|at| at as i64))),
+            StoreOp::Delete { seq, .. } => deletes.push(*seq as i64),
+        }
+    }
+    deletes.sort_unstable();
+
     let mut conn = shared.memory.lock().map_err(|_| PersistError::Poisoned)?;
     let fail = |source| PersistError::Sqlite {
         action: "write to",
@@ -134,58 +181,59 @@ fn write_batch(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
     };
     let tx = conn.transaction().map_err(fail)?;
     let mut row_delta = 0i64;
-    {
-        let mut insert = tx
-            .prepare_cached(
-                "INSERT INTO messages (seq, id, queue, content, accepted_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .map_err(fail)?;
-        let mut delete = tx
-            .prepare_cached("DELETE FROM messages WHERE seq = ?1")
-            .map_err(fail)?;
+    static FULL_CHUNK_SQL: OnceLock<String> = OnceLock::new();
+    let full_chunk_sql = FULL_CHUNK_SQL.get_or_init(|| insert_sql(INSERT_CHUNK));
+    for chunk in inserts.chunks(INSERT_CHUNK) {
+        let sql = if chunk.len() == INSERT_CHUNK {
+            Cow::Borrowed(full_chunk_sql.as_str())
+        } else {
+            Cow::Owned(insert_sql(chunk.len()))
+        };
+        let mut insert = tx.prepare_cached(&sql).map_err(fail)?;
+        for (row, m) in chunk.iter().enumerate() {
+            let at = row * 6;
+            insert
+                .raw_bind_parameter(at + 1, m.seq as i64)
+                .map_err(fail)?;
+            insert
+                .raw_bind_parameter(at + 2, &m.id.as_u128().to_be_bytes()[..])
+                .map_err(fail)?;
+            insert
+                .raw_bind_parameter(at + 3, m.queue.as_str())
+                .map_err(fail)?;
+            insert
+                .raw_bind_parameter(at + 4, &m.content[..])
+                .map_err(fail)?;
+            insert
+                .raw_bind_parameter(at + 5, m.accepted_at as i64)
+                .map_err(fail)?;
+            insert
+                .raw_bind_parameter(at + 6, m.expires_at.map(|at| at as i64))
+                .map_err(fail)?;
+        }
+        row_delta += insert.raw_execute().map_err(fail)? as i64;
+    }
+    if !requeues.is_empty() {
         let mut requeue = tx
             .prepare_cached("UPDATE messages SET seq = ?1, expires_at = ?2 WHERE seq = ?3")
             .map_err(fail)?;
-        for op in ops {
-            match op {
-                StoreOp::Insert(StoredMessage {
-                    id,
-                    queue,
-                    content,
-                    accepted_at,
-                    expires_at,
-                    seq,
-                }) => {
-                    insert
-                        .execute(params![
-                            *seq as i64,
-                            &id.as_u128().to_be_bytes()[..],
-                            queue.as_str(),
-                            &content[..],
-                            *accepted_at as i64,
-                            expires_at.map(|at| at as i64),
-                        ])
-                        .map_err(fail)?;
-                    row_delta += 1;
-                }
-                StoreOp::Delete { seq, .. } => {
-                    row_delta -= delete.execute([*seq as i64]).map_err(fail)? as i64;
-                }
-                StoreOp::Requeue {
-                    old_seq,
-                    seq,
-                    expires_at,
-                    ..
-                } => {
-                    requeue
-                        .execute(params![
-                            *seq as i64,
-                            expires_at.map(|at| at as i64),
-                            *old_seq as i64
-                        ])
-                        .map_err(fail)?;
-                }
+        for (old_seq, seq, expires_at) in requeues {
+            requeue
+                .execute(params![seq, expires_at, old_seq])
+                .map_err(fail)?;
+        }
+    }
+    if !deletes.is_empty() {
+        let mut delete = tx
+            .prepare_cached("DELETE FROM messages WHERE seq BETWEEN ?1 AND ?2")
+            .map_err(fail)?;
+        let mut run_start = 0;
+        for i in 1..=deletes.len() {
+            if i == deletes.len() || deletes[i] != deletes[i - 1] + 1 {
+                row_delta -= delete
+                    .execute(params![deletes[run_start], deletes[i - 1]])
+                    .map_err(fail)? as i64;
+                run_start = i;
             }
         }
     }
@@ -247,14 +295,47 @@ mod tests {
     }
 
     #[test]
-    fn ops_reach_the_database() {
+    fn chunked_inserts_and_ranged_deletes_touch_exactly_their_rows() {
+        let shared = memory();
+        let inserts: Vec<StoreOp> = (1..=150).map(insert).collect();
+        write_batch(&shared, &inserts).unwrap();
+        let doomed: Vec<u64> = [3, 4, 5, 10, 149, 7777]
+            .into_iter()
+            .chain(100..=120)
+            .collect();
+        // Out of order, as acks from several consumers arrive.
+        let deletes: Vec<StoreOp> = doomed.iter().rev().map(|&s| delete(s)).collect();
+        write_batch(&shared, &deletes).unwrap();
+        let expected: Vec<i64> = (1..=150)
+            .filter(|s| !doomed.contains(s))
+            .map(|s| s as i64)
+            .collect();
+        assert_eq!(seqs(&shared), expected);
+        assert_eq!(shared.rows.load(Ordering::Relaxed), expected.len() as i64);
+    }
+
+    fn memory() -> Shared {
         let conn = Connection::open_in_memory().unwrap();
         super::super::schema::create(&conn).unwrap();
-        let shared = Shared {
+        Shared {
             memory: Mutex::new(conn),
             generation: AtomicU64::new(0),
             rows: AtomicI64::new(0),
-        };
+        }
+    }
+
+    fn seqs(shared: &Shared) -> Vec<i64> {
+        let conn = shared.memory.lock().unwrap();
+        let mut statement = conn
+            .prepare("SELECT seq FROM messages ORDER BY seq")
+            .unwrap();
+        let rows = statement.query_map([], |r| r.get(0)).unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    }
+
+    #[test]
+    fn ops_reach_the_database() {
+        let shared = memory();
         write_batch(&shared, &[insert(1), insert(2), insert(3)]).unwrap();
         write_batch(
             &shared,
@@ -269,15 +350,7 @@ mod tests {
             ],
         )
         .unwrap();
-        let conn = shared.memory.lock().unwrap();
-        let seqs: Vec<i64> = conn
-            .prepare("SELECT seq FROM messages ORDER BY seq")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(seqs, [3, 4]);
+        assert_eq!(seqs(&shared), [3, 4]);
         assert_eq!(shared.rows.load(Ordering::Relaxed), 2);
         assert_eq!(shared.generation.load(Ordering::Relaxed), 2);
     }
