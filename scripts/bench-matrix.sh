@@ -7,6 +7,7 @@
 #
 # Environment: REPEAT (default 3), ONLY (a regex over config names, default all),
 # MQBENCH_SRC (default ../shared/bench), PHPMQ_ARGS (extra phpmq-server flags).
+# The config phpmq-tcp-idle1000 runs the e2e case with 1,000 extra idle clients connected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT=${REPEAT:-3}
@@ -27,9 +28,12 @@ server=$PWD/target/release/phpmq-server
 
 work=$(mktemp -d /tmp/phpmq-matrix.XXXXXX)
 pid=""
+idle_pid=""
 stop() {
+    if [ -n "$idle_pid" ]; then kill "$idle_pid" 2>/dev/null || true; wait "$idle_pid" 2>/dev/null || true; fi
     if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
     pid=""
+    idle_pid=""
 }
 trap 'stop; rm -rf "$work"' EXIT
 
@@ -44,14 +48,24 @@ start() { # config -> sets pid, driver, addr
     port=$(free_port)
     rm -rf "$dir"; mkdir -p "$dir"
     case $cfg in
-        phpmq-tcp|phpmq-unix)
+        phpmq-tcp|phpmq-unix|phpmq-tcp-idle1000)
             driver=phpmq
             # shellcheck disable=SC2086
             "$server" --listen "127.0.0.1:$port" --listen "unix:$dir/phpmq.sock" --admin none \
                 --db "$dir/phpmq.sqlite" --mirror-interval 1000 $PHPMQ_ARGS 2>"$dir/log" &
             pid=$!
-            if [ "$cfg" = phpmq-tcp ]; then addr=127.0.0.1:$port; else addr=unix:$dir/phpmq.sock; fi
-            wait_for "grep -q 'ready;' '$dir/log'" ;;
+            if [ "$cfg" = phpmq-unix ]; then addr=unix:$dir/phpmq.sock; else addr=127.0.0.1:$port; fi
+            wait_for "grep -q 'ready;' '$dir/log'"
+            if [ "$cfg" = phpmq-tcp-idle1000 ]; then
+                # 1,000 clients that connect and say nothing, held open for the whole case.
+                python3 -c "
+import socket, sys, time
+held = [socket.create_connection(('127.0.0.1', $port)) for _ in range(1000)]
+print('# idle clients connected: %d' % len(held), flush=True)
+time.sleep(3600)" &
+                idle_pid=$!
+                wait_for "[ \$(ls /proc/$pid/task | wc -l) -gt 1000 ]"
+            fi ;;
         beanstalkd-mem|beanstalkd-binlog)
             driver=beanstalkd; addr=127.0.0.1:$port
             if [ "$cfg" = beanstalkd-mem ]; then
@@ -82,9 +96,11 @@ cases=(
 )
 echo "# $(date -u +%FT%TZ) nproc=$(nproc) repeat=$REPEAT $(uname -r)"
 echo "# $("$server" --version); beanstalkd $(beanstalkd -v 2>&1 | cut -d' ' -f2); redis $(redis-server --version | cut -d' ' -f3)"
-for cfg in phpmq-tcp phpmq-unix beanstalkd-mem beanstalkd-binlog redis-mem redis-aof; do
+for cfg in phpmq-tcp phpmq-unix phpmq-tcp-idle1000 beanstalkd-mem beanstalkd-binlog redis-mem redis-aof; do
     [[ $cfg =~ $ONLY ]] || continue
     for args in "${cases[@]}"; do
+        # With idle clients, only the end-to-end 256 B case.
+        if [ "$cfg" = phpmq-tcp-idle1000 ] && [ "$args" != "${cases[1]}" ]; then continue; fi
         start "$cfg"
         echo "# $cfg: mqbench --driver $driver --addr $addr $args -R $REPEAT --label $cfg"
         # shellcheck disable=SC2086
