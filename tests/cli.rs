@@ -123,3 +123,47 @@ fn errors_are_one_line_and_a_nonzero_exit() {
     let out = phpmq("nowhere", &["send", "q", "x"], None);
     assert!(!out.status.success());
 }
+
+#[test]
+fn bench_reports_one_result_line_with_nothing_lost() {
+    let server = TestServer::start(&[]);
+    for addr in [
+        server.tcp_addr().to_string(),
+        format!("unix:{}", server.unix.as_ref().unwrap().display()),
+    ] {
+        let out = phpmq(
+            &addr,
+            &[
+                "bench", "-P", "2", "-C", "3", "-N", "3000", "-S", "64", "-K", "8",
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{out:?}");
+        let line = stdout(&out);
+        assert_eq!(line.lines().count(), 1, "{line}");
+        for field in [
+            "P=2",
+            "C=3",
+            "N=3000",
+            "S=64",
+            "K=8",
+            "delivered=3000",
+            "lost=0",
+            "dups=0",
+            "foreign=0",
+            "msgs_per_s=",
+            "p50_us=",
+            "p99_us=",
+        ] {
+            assert!(line.contains(field), "{field} in {line}");
+        }
+        let transport = if addr.starts_with("unix:") {
+            "transport=unix"
+        } else {
+            "transport=tcp"
+        };
+        assert!(line.starts_with(&format!("bench {transport} ")), "{line}");
+    }
+    let out = phpmq(&server.tcp_addr().to_string(), &["bench", "-S", "8"], None);
+    assert!(!out.status.success(), "payloads under 16 bytes are refused");
+}
