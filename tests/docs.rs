@@ -89,7 +89,7 @@ fn every_cli_command_and_flag_is_in_its_man_page() {
     let man = man_text("man/phpmq.1");
     let cli = env!("CARGO_BIN_EXE_phpmq");
     let mut all = flags(&help(cli, &[]));
-    for command in ["send", "consume", "status", "flush", "ping"] {
+    for command in ["send", "consume", "status", "flush", "ping", "bench"] {
         assert!(
             man.contains(&format!(".B {command}"))
                 || man.contains(&format!(".BI {command}"))
