@@ -8,11 +8,11 @@
 use crate::broker::ConnId;
 use crate::codec::{self, CodecError, Decoded};
 use crate::hub::{BrokerDown, Hub, Peer};
-use crate::net::Stream;
+use crate::net::{Bell, Readiness, Stream};
 use crate::request::{Request, RequestError};
 use log::{debug, info, warn};
 use std::fmt;
-use std::io::{self, Read};
+use std::io;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -23,8 +23,6 @@ const READ_BUFFER: usize = 64 << 10;
 const MAX_BATCH: usize = 512;
 /// Stack size of connection threads: they recurse nowhere and there may be thousands.
 pub const THREAD_STACK: usize = 256 << 10;
-/// How often an idle reader looks up to see whether the server is shutting down.
-const IDLE_POLL: Duration = Duration::from_secs(1);
 /// At shutdown, a connection ends once its client has sent nothing for this long.
 const QUIET: Duration = Duration::from_millis(100);
 
@@ -179,9 +177,6 @@ impl Session<'_> {
     fn read_loop(&mut self, limits: Limits) -> End {
         let mut reader = FrameReader::new(limits);
         let stream = self.peer.stream.clone();
-        if let Err(e) = stream.set_read_timeout(Some(reader.poll_interval())) {
-            return End::Io(e);
-        }
         loop {
             let mut batch = Vec::new();
             let parsed = loop {
@@ -204,7 +199,7 @@ impl Session<'_> {
             if reader.has_whole_frames_pending() {
                 continue;
             }
-            match reader.fill(&stream, &self.peer) {
+            match reader.fill(&stream, &self.peer, self.hub.bell()) {
                 Ok(true) => {}
                 _ if self.peer.is_closing() => return End::ServerShutdown,
                 Ok(false) => return End::Closed,
@@ -251,8 +246,8 @@ struct FrameReader {
     limits: Limits,
     /// When the frame in progress must be complete.
     deadline: Option<Instant>,
-    /// Whether the socket's read timeout was cut to [`QUIET`] for shutdown.
-    quiet_timeout: bool,
+    /// The last read filled the buffer: more is probably waiting, so read before sleeping.
+    likely_more: bool,
     /// Set when a whole frame is buffered but the batch was full.
     more_pending: bool,
 }
@@ -266,7 +261,7 @@ impl FrameReader {
             needed: codec::HEADER_LEN,
             limits,
             deadline: None,
-            quiet_timeout: false,
+            likely_more: false,
             more_pending: false,
         }
     }
@@ -310,55 +305,59 @@ impl FrameReader {
         }
     }
 
-    /// The read timeout between looks at the frame deadline and the closing flag.
-    fn poll_interval(&self) -> Duration {
-        IDLE_POLL
-            .min(self.limits.frame_timeout)
-            .max(Duration::from_millis(1))
-    }
-
-    /// Reads once more from the socket. `Ok(false)`: the peer closed between frames. While the
-    /// server is closing, an idle connection ends once its client has been quiet for [`QUIET`].
-    fn fill(&mut self, mut stream: &Stream, peer: &Peer) -> Result<bool, End> {
+    /// Reads once more from the socket. `Ok(false)`: the peer closed between frames. While
+    /// the server is closing, a connection ends once its client has been quiet for [`QUIET`].
+    fn fill(&mut self, stream: &Stream, peer: &Peer, bell: &Bell) -> Result<bool, End> {
         self.more_pending = false;
         loop {
             let buffered = self.buffered();
             let closing = peer.is_closing();
-            if closing && !self.quiet_timeout {
-                stream.set_read_timeout(Some(QUIET)).map_err(End::Io)?;
-                self.quiet_timeout = true;
-            }
-            if buffered > 0 {
-                let deadline = *self
+            let now = Instant::now();
+            let deadline = (buffered > 0).then(|| {
+                *self
                     .deadline
-                    .get_or_insert_with(|| Instant::now() + self.limits.frame_timeout);
-                if Instant::now() >= deadline {
-                    return Err(End::Stalled {
-                        buffered,
-                        timeout: self.limits.frame_timeout,
-                    });
-                }
+                    .get_or_insert_with(|| now + self.limits.frame_timeout)
+            });
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(End::Stalled {
+                    buffered,
+                    timeout: self.limits.frame_timeout,
+                });
             }
             self.make_room();
-            match stream.read(&mut self.buf[self.end..]) {
+            // A busy client has more waiting: read at once. Otherwise sleep first; waking costs
+            // nothing until there is data or the shutdown bell rings.
+            if !self.likely_more {
+                let timeout = match (closing, deadline) {
+                    (true, _) => Some(QUIET),
+                    (false, Some(d)) => Some(d.saturating_duration_since(now)),
+                    (false, None) => None,
+                };
+                let ring = (!closing).then_some(bell);
+                match stream.wait_readable(ring, timeout).map_err(End::Io)? {
+                    Readiness::Readable => {}
+                    Readiness::Bell => {
+                        peer.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
+                    Readiness::TimedOut if closing && buffered == 0 => {
+                        return Err(End::ServerShutdown)
+                    }
+                    // The frame deadline (checked above) or, while closing, a partial frame.
+                    Readiness::TimedOut => continue,
+                }
+            }
+            let space = self.buf.len() - self.end;
+            match stream.recv_now(&mut self.buf[self.end..]) {
                 Ok(0) if buffered == 0 => return Ok(false),
                 Ok(0) => return Err(End::CutOff { buffered }),
                 Ok(n) => {
                     self.end += n;
+                    self.likely_more = n == space;
                     return Ok(true);
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.likely_more = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if closing && buffered == 0 {
-                        return Err(End::ServerShutdown);
-                    }
-                    // Otherwise: idle, or a frame still within its deadline. Look again.
-                }
                 Err(e) => return Err(End::Io(e)),
             }
         }

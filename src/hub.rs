@@ -6,7 +6,7 @@
 //! reported once on the fatal channel and the server shuts down rather than run half-alive.
 
 use crate::broker::{Broker, ConnId, Delivery};
-use crate::net::Stream;
+use crate::net::{Bell, Stream};
 use crate::outbox::Outbox;
 use crate::request::{encode_dispatch, Request};
 use crate::store::{now_millis, Millis};
@@ -91,10 +91,12 @@ struct State {
 pub struct Hub {
     state: Mutex<State>,
     fatal: Sender<Fatal>,
+    /// Rung once shutdown begins, to wake every idle reader at once.
+    bell: Bell,
 }
 
 impl Hub {
-    pub fn new(broker: Broker, fatal: Sender<Fatal>) -> Hub {
+    pub fn new(broker: Broker, fatal: Sender<Fatal>, bell: Bell) -> Hub {
         Hub {
             state: Mutex::new(State {
                 broker,
@@ -102,7 +104,13 @@ impl Hub {
                 open: true,
             }),
             fatal,
+            bell,
         }
+    }
+
+    /// What wakes idle readers at shutdown.
+    pub fn bell(&self) -> &Bell {
+        &self.bell
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, BrokerDown> {
@@ -184,6 +192,7 @@ impl Hub {
         for peer in self.close_registry() {
             peer.closing.store(true, Ordering::Relaxed);
         }
+        self.bell.ring();
     }
 
     /// Hangs up on every connection still there.

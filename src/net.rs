@@ -210,6 +210,77 @@ impl Stream {
     }
 }
 
+/// Wakes every reader waiting in [`Stream::wait_readable`] at once, for good: an eventfd that
+/// once written stays readable. Rung when the server starts shutting down.
+#[derive(Debug)]
+pub struct Bell(rustix::fd::OwnedFd);
+
+impl Bell {
+    pub fn new() -> io::Result<Bell> {
+        use rustix::event::{eventfd, EventfdFlags};
+        Ok(Bell(eventfd(0, EventfdFlags::CLOEXEC)?))
+    }
+
+    pub fn ring(&self) {
+        // Only fails if the counter would overflow, when it is readable anyway.
+        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
+    }
+}
+
+/// What [`Stream::wait_readable`] saw.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Data, end of file or an error is there to read.
+    Readable,
+    /// The bell was rung.
+    Bell,
+    TimedOut,
+}
+
+impl Stream {
+    fn fd(&self) -> rustix::fd::BorrowedFd<'_> {
+        use rustix::fd::AsFd;
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+
+    /// Reads what is there now without blocking; `WouldBlock` if nothing is.
+    pub fn recv_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use rustix::net::{recv, RecvFlags};
+        Ok(recv(self.fd(), buf, RecvFlags::DONTWAIT)?.0)
+    }
+
+    /// Sleeps until the socket is readable, the bell rings, or `timeout` passes (`None`:
+    /// no limit). Sleeping costs nothing, unlike a read timeout that wakes to look around.
+    pub fn wait_readable(&self, bell: Option<&Bell>, timeout: Option<Duration>) -> io::Result<Readiness> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let timespec = timeout.map(|t| Timespec {
+            tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
+            tv_nsec: t.subsec_nanos().into(),
+        });
+        let mut fds = vec![PollFd::from_borrowed_fd(self.fd(), PollFlags::IN)];
+        if let Some(bell) = bell {
+            fds.push(PollFd::new(&bell.0, PollFlags::IN));
+        }
+        loop {
+            match poll(&mut fds, timespec.as_ref()) {
+                Ok(0) => return Ok(Readiness::TimedOut),
+                Ok(_) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Data first: what a client sent before the bell rang is still read.
+        if !fds[0].revents().is_empty() {
+            Ok(Readiness::Readable)
+        } else {
+            Ok(Readiness::Bell)
+        }
+    }
+}
+
 impl crate::outbox::SendNow for Stream {
     /// Sends what the socket takes right now without blocking (and without SIGPIPE); the
     /// rest is the caller's to write later.

@@ -11,7 +11,7 @@ use crate::broker::{Broker, Listing};
 use crate::config::{Config, ListenAddr};
 use crate::connection::{self, Limits, THREAD_STACK};
 use crate::hub::{BrokerDown, Fatal, Hub};
-use crate::net::{BindError, Listener};
+use crate::net::{Bell, BindError, Listener};
 use crate::persist::{MirrorStatus, PersistError, Persistence};
 use crate::request::QueueName;
 use crate::store::{NullStore, Store};
@@ -42,6 +42,8 @@ pub enum ServerError {
     Bind(BindError),
     Persistence(PersistError),
     Spawn(io::Error),
+    /// The shutdown bell (an eventfd) could not be made.
+    Bell(io::Error),
     Fatal(Fatal),
 }
 
@@ -52,6 +54,7 @@ impl fmt::Display for ServerError {
             ServerError::Bind(e) => write!(f, "{e}"),
             ServerError::Persistence(e) => write!(f, "{e}"),
             ServerError::Spawn(e) => write!(f, "cannot start a thread: {e}"),
+            ServerError::Bell(e) => write!(f, "cannot create an eventfd: {e}"),
             ServerError::Fatal(e) => write!(f, "{e}"),
         }
     }
@@ -245,7 +248,7 @@ impl Server {
         let console_listeners = bind_all(&config.admin)?;
         let (fatal_tx, fatal) = unbounded();
         let shared = Arc::new(Shared {
-            hub: Hub::new(broker, fatal_tx.clone()),
+            hub: Hub::new(broker, fatal_tx.clone(), Bell::new().map_err(ServerError::Bell)?),
             connections: Arc::default(),
             max_connections: config.max_connections,
             limits: Limits {
