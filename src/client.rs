@@ -51,6 +51,13 @@ impl fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
+impl ClientError {
+    /// A read that ran into its timeout (nothing arrived in time).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    }
+}
+
 /// "connection refused" rather than "Connection refused (os error 111)".
 fn describe(e: &io::Error) -> String {
     let text = e.to_string();

@@ -337,7 +337,8 @@ impl FrameReader {
                 match stream.wait_readable(ring, timeout).map_err(End::Io)? {
                     Readiness::Readable => {}
                     Readiness::Bell => {
-                        peer.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+                        peer.closing
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
                         continue;
                     }
                     Readiness::TimedOut if closing && buffered == 0 => {

@@ -254,7 +254,11 @@ impl Stream {
 
     /// Sleeps until the socket is readable, the bell rings, or `timeout` passes (`None`:
     /// no limit). Sleeping costs nothing, unlike a read timeout that wakes to look around.
-    pub fn wait_readable(&self, bell: Option<&Bell>, timeout: Option<Duration>) -> io::Result<Readiness> {
+    pub fn wait_readable(
+        &self,
+        bell: Option<&Bell>,
+        timeout: Option<Duration>,
+    ) -> io::Result<Readiness> {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
         let timespec = timeout.map(|t| Timespec {
             tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),

@@ -248,7 +248,11 @@ impl Server {
         let console_listeners = bind_all(&config.admin)?;
         let (fatal_tx, fatal) = unbounded();
         let shared = Arc::new(Shared {
-            hub: Hub::new(broker, fatal_tx.clone(), Bell::new().map_err(ServerError::Bell)?),
+            hub: Hub::new(
+                broker,
+                fatal_tx.clone(),
+                Bell::new().map_err(ServerError::Bell)?,
+            ),
             connections: Arc::default(),
             max_connections: config.max_connections,
             limits: Limits {

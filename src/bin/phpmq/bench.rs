@@ -194,14 +194,7 @@ fn consume(mut client: Client, run: &Run) -> Result<(), ClientError> {
         }
         let d = match client.recv() {
             Ok(d) => d,
-            Err(ClientError::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
-            }
+            Err(e) if e.is_timeout() => continue,
             Err(e) => break Err(e),
         };
         let now = run.start.elapsed().as_nanos() as u64;

@@ -233,12 +233,7 @@ fn consume(server: &ListenAddr, cmd: ConsumeArgs) -> Result<(), CliError> {
     for done in 0..cmd.count {
         let d = match client.recv() {
             Ok(d) => d,
-            Err(ClientError::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if e.is_timeout() => {
                 return Err(CliError::Timeout(cmd.timeout.unwrap_or_default()));
             }
             Err(e) => return Err(e.into()),
