@@ -238,8 +238,24 @@ fn write_batch(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
         }
     }
     tx.commit().map_err(fail)?;
-    shared.rows.fetch_add(row_delta, Ordering::Relaxed);
+    let rows = shared.rows.fetch_add(row_delta, Ordering::Relaxed) + row_delta;
+    if rows == 0 {
+        shrink_if_mostly_free(&conn).map_err(fail)?;
+    }
     shared.generation.fetch_add(1, Ordering::Release);
+    Ok(())
+}
+
+/// Free pages worth giving back: 16 MiB at SQLite's default 4 KiB pages.
+const SHRINK_FREE_PAGES: i64 = 4096;
+
+/// Once a burst has drained, the database would keep every page it ever had (and the mirror
+/// file its size); rebuilding an empty database is instant and returns them.
+fn shrink_if_mostly_free(conn: &Connection) -> rusqlite::Result<()> {
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    if free >= SHRINK_FREE_PAGES {
+        conn.execute_batch("VACUUM")?;
+    }
     Ok(())
 }
 
@@ -312,6 +328,32 @@ mod tests {
             .collect();
         assert_eq!(seqs(&shared), expected);
         assert_eq!(shared.rows.load(Ordering::Relaxed), expected.len() as i64);
+    }
+
+    #[test]
+    fn an_emptied_store_gives_its_pages_back() {
+        let shared = memory();
+        let big = |seq: u64| {
+            StoreOp::Insert(StoredMessage {
+                content: Arc::from(vec![7u8; 1024]),
+                ..match insert(seq) {
+                    StoreOp::Insert(m) => m,
+                    _ => unreachable!(),
+                }
+            })
+        };
+        let pages = |shared: &Shared| -> i64 {
+            let conn = shared.memory.lock().unwrap();
+            conn.query_row("PRAGMA page_count", [], |r| r.get(0))
+                .unwrap()
+        };
+        write_batch(&shared, &(1..=20_000).map(big).collect::<Vec<_>>()).unwrap();
+        assert!(pages(&shared) > 5000);
+        write_batch(&shared, &(1..=19_999).map(delete).collect::<Vec<_>>()).unwrap();
+        assert!(pages(&shared) > 5000, "not empty yet: nothing is rebuilt");
+        write_batch(&shared, &[delete(20_000)]).unwrap();
+        assert!(pages(&shared) < 50, "{} pages left", pages(&shared));
+        assert_eq!(seqs(&shared), Vec::<i64>::new());
     }
 
     fn memory() -> Shared {
