@@ -264,12 +264,14 @@ impl Stream {
             tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
             tv_nsec: t.subsec_nanos().into(),
         });
-        let mut fds = vec![PollFd::from_borrowed_fd(self.fd(), PollFlags::IN)];
-        if let Some(bell) = bell {
-            fds.push(PollFd::new(&bell.0, PollFlags::IN));
-        }
+        let socket = PollFd::from_borrowed_fd(self.fd(), PollFlags::IN);
+        let mut fds = match bell {
+            Some(bell) => [socket, PollFd::new(&bell.0, PollFlags::IN)],
+            None => [socket.clone(), socket],
+        };
+        let watched = if bell.is_some() { 2 } else { 1 };
         loop {
-            match poll(&mut fds, timespec.as_ref()) {
+            match poll(&mut fds[..watched], timespec.as_ref()) {
                 Ok(0) => return Ok(Readiness::TimedOut),
                 Ok(_) => break,
                 Err(rustix::io::Errno::INTR) => continue,
