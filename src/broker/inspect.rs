@@ -1,6 +1,6 @@
 //! What the admin console sees and does: per-queue status, message listings, flushes.
 
-use super::{Broker, ConnId, Delivery, Message};
+use super::{Broker, Delivery};
 use crate::id::MessageId;
 use crate::request::QueueName;
 use crate::store::Millis;
@@ -57,8 +57,8 @@ impl Broker {
                 oldest_ready_ms: queue
                     .ready
                     .iter()
-                    .find_map(|(seq, id)| self.live_ready(*seq, *id))
-                    .map(|m| now.saturating_sub(m.accepted_at)),
+                    .find(|e| !e.dead)
+                    .map(|e| now.saturating_sub(e.accepted_at)),
             })
             .collect();
         statuses.sort_by(|a, b| a.name.cmp(&b.name));
@@ -76,35 +76,40 @@ impl Broker {
     /// ones in flight. `None` if there is no such queue.
     pub fn list_messages(&self, queue: &str, limit: usize, now: Millis) -> Option<Listing> {
         let q = self.queues.get(queue)?;
-        let row = |id: MessageId, m: &Message, position, state| MessageRow {
-            position,
-            id,
-            size: m.content.len(),
-            age_ms: now.saturating_sub(m.accepted_at),
-            state,
-        };
         let ready = q
             .ready
             .iter()
-            .filter_map(|&(seq, id)| self.live_ready(seq, id).map(|m| (id, m)))
+            .filter(|e| !e.dead)
             .enumerate()
-            .map(|(i, (id, m))| row(id, m, Some(i + 1), MessageState::Ready));
-        let mut in_flight: Vec<(u64, MessageId)> = self
-            .connections
-            .values()
-            .flat_map(|c| c.held.iter())
-            .filter_map(|id| {
-                let m = self.table.messages.get(id)?;
-                (m.queue.as_str() == queue).then_some((m.seq, *id))
+            .map(|(i, e)| MessageRow {
+                position: Some(i + 1),
+                id: e.id,
+                size: e.content.len(),
+                age_ms: now.saturating_sub(e.accepted_at),
+                state: MessageState::Ready,
+            });
+        let mut in_flight: Vec<(u64, MessageRow)> = self
+            .table
+            .held
+            .iter()
+            .filter(|(_, h)| h.queue.as_str() == queue)
+            .map(|(id, h)| {
+                let row = MessageRow {
+                    position: None,
+                    id: *id,
+                    size: h.content.len(),
+                    age_ms: now.saturating_sub(h.accepted_at),
+                    state: MessageState::InFlight,
+                };
+                (h.seq, row)
             })
             .collect();
-        in_flight.sort_unstable();
-        let in_flight = in_flight.into_iter().filter_map(|(_, id)| {
-            let m = self.table.messages.get(&id)?;
-            Some(row(id, m, None, MessageState::InFlight))
-        });
+        in_flight.sort_unstable_by_key(|(seq, _)| *seq);
         Some(Listing {
-            rows: ready.chain(in_flight).take(limit).collect(),
+            rows: ready
+                .chain(in_flight.into_iter().map(|(_, row)| row))
+                .take(limit)
+                .collect(),
             total: q.ready_count + q.in_flight,
         })
     }
@@ -113,47 +118,42 @@ impl Broker {
     /// for those are ignored). Returns how many, or `None` if there is no such queue.
     pub fn flush(&mut self, queue: &str, now: Millis, out: &mut Vec<Delivery>) -> Option<usize> {
         let name = self.queues.get_key_value(queue)?.0.clone();
-        let mut doomed: Vec<MessageId> = Vec::new();
+        let mut doomed: Vec<(MessageId, u64, Millis)> = Vec::new();
         if let Some(q) = self.queues.get_mut(queue) {
-            let messages = &self.table.messages;
-            doomed.extend(q.ready.drain(..).filter_map(|(seq, id)| {
-                messages
-                    .get(&id)
-                    .is_some_and(|m| m.seq == seq && m.holder.is_none())
-                    .then_some(id)
-            }));
+            doomed.extend(
+                q.ready
+                    .drain(..)
+                    .filter(|e| !e.dead)
+                    .map(|e| (e.id, e.seq, e.expires_at)),
+            );
             q.ready_count = 0;
             q.in_flight = 0;
+            q.bytes = 0;
         }
-        let holders: Vec<ConnId> = self
-            .queues
-            .get(queue)
-            .map(|q| q.subscribers.keys().copied().collect())
-            .unwrap_or_default();
-        for conn in holders {
-            let (Some(connection), Some(q)) =
-                (self.connections.get_mut(&conn), self.queues.get_mut(queue))
-            else {
+        let held_here: Vec<MessageId> = self
+            .table
+            .held
+            .iter()
+            .filter(|(_, h)| h.queue == name)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in held_here {
+            let Some(held) = self.table.held.remove(&id) else {
                 continue;
             };
-            let messages = &self.table.messages;
-            let held_here: Vec<MessageId> = connection
-                .held
-                .iter()
-                .copied()
-                .filter(|id| messages.get(id).is_some_and(|m| m.queue == name))
-                .collect();
-            for id in &held_here {
-                connection.held.remove(id);
+            if let (Some(connection), Some(q)) = (
+                self.connections.get_mut(&held.holder),
+                self.queues.get_mut(queue),
+            ) {
+                if let Some(subscription) = q.subscribers.get_mut(&held.holder) {
+                    subscription.held = subscription.held.saturating_sub(1);
+                }
+                q.forget_idle_subscriber(held.holder, connection, &name);
             }
-            if let Some(subscription) = q.subscribers.get_mut(&conn) {
-                subscription.held = 0;
-            }
-            q.forget_idle_subscriber(conn, connection, &name);
-            doomed.extend(held_here);
+            doomed.push((id, held.seq, held.expires_at));
         }
-        for &id in &doomed {
-            self.forget_in(&name, id);
+        for &(id, seq, expires_at) in &doomed {
+            self.table.delete(id, seq, expires_at);
         }
         self.table.totals.flushed += doomed.len() as u64;
         // Consumers that held some have room again; new messages may already be waiting.
@@ -168,12 +168,5 @@ impl Broker {
             .iter()
             .filter_map(|name| self.flush(name.as_str(), now, out))
             .sum()
-    }
-
-    fn live_ready(&self, seq: u64, id: MessageId) -> Option<&Message> {
-        self.table
-            .messages
-            .get(&id)
-            .filter(|m| m.seq == seq && m.holder.is_none())
     }
 }

@@ -6,9 +6,9 @@
 //! the set of accepted messages goes to the [`Store`].
 //!
 //! Invariants:
-//! - a message is either ready (an entry `(seq, id)` in its queue's `ready`, sorted by `seq`) or
-//!   held by exactly one connection (`holder`); `ready` may also hold stale entries of messages
-//!   that expired while waiting, skipped when popped (`ready_count` counts only live ones);
+//! - a message is either ready (an entry in its queue's `ready`, sorted by `seq`) or held by
+//!   exactly one connection (an entry in `held`, keyed by id); only held messages are indexed
+//!   by id, since only they can be named by a client (ack, re-queue, dead letter);
 //! - a connection is in a queue's ring iff its subscription to that queue has a limit above 0;
 //! - a queue's `subscribers` has an entry for a connection iff its limit or its holds in that
 //!   queue are above 0, and the connection's `queues` names exactly those queues;
@@ -19,12 +19,12 @@ mod ring;
 
 pub use inspect::{Listing, MessageRow, MessageState, QueueStatus};
 
-use crate::id::{IdGenerator, IdMap, IdSet, MessageId};
+use crate::id::{IdGenerator, IdMap, MessageId};
 use crate::request::{QueueName, Request};
 use crate::store::{Millis, Store, StoreOp, StoredMessage};
 use log::debug;
 use ring::Ring;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 /// Identifies one client connection for the lifetime of the process.
@@ -69,19 +69,52 @@ pub struct QueueStats {
     pub consumers: usize,
 }
 
+/// "Never expires", as an expiry time.
+const NEVER: Millis = 0;
+
+/// A message waiting in its queue. The queue is implicit, which keeps the entry small: a
+/// million waiting messages cost their payloads plus 64 MB here, and no hash table.
 #[derive(Debug)]
-struct Message {
-    queue: QueueName,
-    content: Arc<[u8]>,
+struct Ready {
     seq: u64,
+    id: MessageId,
+    content: Arc<[u8]>,
     accepted_at: Millis,
-    expires_at: Option<Millis>,
-    holder: Option<ConnId>,
+    /// [`NEVER`] or when it expires.
+    expires_at: Millis,
+    /// Expired in the middle of the queue: skipped when reached (see [`Queue::ready`]).
+    dead: bool,
+}
+
+/// A message a connection holds until it acknowledges, re-queues or dead-letters it.
+#[derive(Debug)]
+struct Held {
+    queue: QueueName,
+    seq: u64,
+    content: Arc<[u8]>,
+    accepted_at: Millis,
+    expires_at: Millis,
+    holder: ConnId,
+}
+
+impl Held {
+    fn into_ready(self, id: MessageId) -> Ready {
+        Ready {
+            seq: self.seq,
+            id,
+            content: self.content,
+            accepted_at: self.accepted_at,
+            expires_at: self.expires_at,
+            dead: false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Queue {
-    ready: VecDeque<(u64, MessageId)>,
+    /// Waiting messages in FIFO order (ascending `seq`). Entries marked dead expired while
+    /// waiting and are dropped when reached or compacted away; `ready_count` counts the rest.
+    ready: VecDeque<Ready>,
     ready_count: usize,
     in_flight: usize,
     /// Content bytes of the queue's messages, ready and in flight.
@@ -102,63 +135,68 @@ struct Connection {
     speaks_v11: bool,
     /// The queues where this connection has a subscription (usually one or two).
     queues: Vec<QueueName>,
-    held: IdSet<MessageId>,
 }
 
-/// The messages themselves, their expiry index, the store and the counters: everything that
-/// `pump` needs besides the queue and the connections, so the borrows can be split.
+/// Held messages, the expiry index, the store and the counters: everything that `pump` needs
+/// besides the queue and the connections, so the borrows can be split.
 struct MessageTable {
-    messages: IdMap<MessageId, Message>,
-    expiry: BTreeSet<(Millis, MessageId)>,
+    held: IdMap<MessageId, Held>,
+    /// (expires at, seq) of messages with a TTL, and their queue. Entries of messages that are
+    /// held, re-queued or gone are skipped when they come up.
+    expiry: BTreeMap<(Millis, u64), QueueName>,
     store: Box<dyn Store>,
     totals: Totals,
+    /// Stands in for the content of dead entries, so they free theirs.
+    empty: Arc<[u8]>,
 }
 
 impl MessageTable {
-    /// Removes a message for good; returns its content size.
-    fn forget(&mut self, id: MessageId) -> u64 {
-        let Some(message) = self.messages.remove(&id) else {
-            return 0;
-        };
-        if let Some(at) = message.expires_at {
-            self.expiry.remove(&(at, id));
+    /// Reports a message gone for good and drops its expiry entry.
+    fn delete(&mut self, id: MessageId, seq: u64, expires_at: Millis) {
+        if expires_at != NEVER {
+            self.expiry.remove(&(expires_at, seq));
         }
-        self.store.apply(StoreOp::Delete {
-            id,
-            seq: message.seq,
-        });
-        message.content.len() as u64
+        self.store.apply(StoreOp::Delete { id, seq });
     }
+
+    fn index_expiry(&mut self, queue: &QueueName, seq: u64, expires_at: Millis) {
+        if expires_at != NEVER {
+            self.expiry.insert((expires_at, seq), queue.clone());
+        }
+    }
+}
+
+fn is_expired(expires_at: Millis, now: Millis) -> bool {
+    expires_at != NEVER && expires_at <= now
 }
 
 impl Queue {
     /// Pops the oldest live, unexpired message, dropping expired ones on the way.
-    fn pop_ready(&mut self, table: &mut MessageTable, now: Millis) -> Option<MessageId> {
-        while let Some((seq, id)) = self.ready.pop_front() {
-            let Some(message) = table.messages.get(&id) else {
-                continue;
-            };
-            if message.seq != seq || message.holder.is_some() {
+    fn pop_ready(&mut self, table: &mut MessageTable, now: Millis) -> Option<Ready> {
+        while let Some(entry) = self.ready.pop_front() {
+            if entry.dead {
                 continue;
             }
             self.ready_count -= 1;
-            if message.expires_at.is_some_and(|at| at <= now) {
-                self.bytes -= table.forget(id);
+            if is_expired(entry.expires_at, now) {
+                self.bytes -= entry.content.len() as u64;
+                table.delete(entry.id, entry.seq, entry.expires_at);
                 table.totals.expired += 1;
                 continue;
             }
-            return Some(id);
+            return Some(entry);
         }
         None
     }
 
-    /// Puts messages back at their original places (`entries` sorted by seq).
-    fn return_ready(&mut self, entries: &[(u64, MessageId)]) {
-        for &entry in entries {
-            let at = self.ready.partition_point(|&(seq, _)| seq < entry.0);
+    /// Puts messages back at their original places.
+    fn return_ready(&mut self, mut entries: Vec<Ready>) {
+        entries.sort_unstable_by_key(|e| e.seq);
+        self.ready_count += entries.len();
+        for entry in entries {
+            let at = self.ready.partition_point(|e| e.seq < entry.seq);
             self.ready.insert(at, entry);
         }
-        self.ready_count += entries.len();
     }
 
     fn is_unused(&self) -> bool {
@@ -191,10 +229,17 @@ pub struct Broker {
     next_seq: u64,
 }
 
-/// When a message with `ttl` seconds accepted at `now` expires; 0 means never.
-fn expiry(now: Millis, ttl: Option<u64>) -> Option<Millis> {
-    ttl.filter(|&seconds| seconds > 0)
-        .map(|seconds| now.saturating_add(seconds.saturating_mul(1000)))
+/// When a message with `ttl` seconds accepted at `now` expires; [`NEVER`] for no TTL or 0.
+fn expiry(now: Millis, ttl: Option<u64>) -> Millis {
+    match ttl {
+        Some(seconds) if seconds > 0 => now.saturating_add(seconds.saturating_mul(1000)).max(1),
+        _ => NEVER,
+    }
+}
+
+/// The stored form of an expiry time.
+fn stored_expiry(expires_at: Millis) -> Option<Millis> {
+    (expires_at != NEVER).then_some(expires_at)
 }
 
 /// Whole seconds left until `expires_at`, rounded up, at least 1.
@@ -212,10 +257,11 @@ impl Broker {
             queues: HashMap::new(),
             connections: IdMap::default(),
             table: MessageTable {
-                messages: IdMap::default(),
-                expiry: BTreeSet::new(),
+                held: IdMap::default(),
+                expiry: BTreeMap::new(),
                 store,
                 totals: Totals::default(),
+                empty: Arc::from(&[][..]),
             },
             ids,
             next_seq: 1,
@@ -226,17 +272,15 @@ impl Broker {
     /// before any client connects; the store already has it, so nothing is reported.
     pub fn restore(&mut self, message: StoredMessage) {
         self.next_seq = self.next_seq.max(message.seq + 1);
-        self.insert_ready(
-            message.id,
-            Message {
-                queue: message.queue,
-                content: message.content,
-                seq: message.seq,
-                accepted_at: message.accepted_at,
-                expires_at: message.expires_at,
-                holder: None,
-            },
-        );
+        let ready = Ready {
+            seq: message.seq,
+            id: message.id,
+            content: message.content,
+            accepted_at: message.accepted_at,
+            expires_at: message.expires_at.unwrap_or(NEVER),
+            dead: false,
+        };
+        self.append_ready(&message.queue, ready);
     }
 
     pub fn connect(&mut self, conn: ConnId) {
@@ -288,21 +332,19 @@ impl Broker {
             queue: queue.clone(),
             content: content.clone(),
             accepted_at: now,
-            expires_at,
+            expires_at: stored_expiry(expires_at),
             seq,
         }));
         self.table.totals.accepted += 1;
-        self.insert_ready(
+        let ready = Ready {
+            seq,
             id,
-            Message {
-                queue: queue.clone(),
-                content,
-                seq,
-                accepted_at: now,
-                expires_at,
-                holder: None,
-            },
-        );
+            content,
+            accepted_at: now,
+            expires_at,
+            dead: false,
+        };
+        self.append_ready(&queue, ready);
         self.pump(&queue, now, out);
         id
     }
@@ -372,10 +414,13 @@ impl Broker {
             Removal::Acknowledged => "ack",
             Removal::DeadLettered => "dead letter",
         };
-        let Some(id) = self.release_hold(conn, queue, id, action) else {
+        let Some((id, held)) = self.release_hold(conn, queue, id, action) else {
             return false;
         };
-        self.forget_in(queue, id);
+        self.table.delete(id, held.seq, held.expires_at);
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.bytes -= held.content.len() as u64;
+        }
         match removal {
             Removal::Acknowledged => self.table.totals.acknowledged += 1,
             Removal::DeadLettered => self.table.totals.dead_lettered += 1,
@@ -396,30 +441,34 @@ impl Broker {
         now: Millis,
         out: &mut Vec<Delivery>,
     ) -> bool {
-        let Some(id) = self.release_hold(conn, queue, id, "requeue") else {
+        let Some((id, held)) = self.release_hold(conn, queue, id, "requeue") else {
             return false;
         };
+        if held.expires_at != NEVER {
+            self.table.expiry.remove(&(held.expires_at, held.seq));
+        }
         let seq = self.take_seq();
         let expires_at = expiry(now, Some(ttl));
-        let Some(mut message) = self.table.messages.remove(&id) else {
-            return false;
-        };
-        if let Some(at) = message.expires_at {
-            self.table.expiry.remove(&(at, id));
-        }
-        if let Some(q) = self.queues.get_mut(queue) {
-            q.bytes -= message.content.len() as u64;
-        }
         self.table.store.apply(StoreOp::Requeue {
             id,
-            old_seq: message.seq,
+            old_seq: held.seq,
             seq,
-            expires_at,
+            expires_at: stored_expiry(expires_at),
         });
         self.table.totals.requeued += 1;
-        message.seq = seq;
-        message.expires_at = expires_at;
-        self.insert_ready(id, message);
+        // append_ready counts its bytes again.
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.bytes -= held.content.len() as u64;
+        }
+        let ready = Ready {
+            seq,
+            id,
+            content: held.content,
+            accepted_at: held.accepted_at,
+            expires_at,
+            dead: false,
+        };
+        self.append_ready(queue, ready);
         self.pump(queue, now, out);
         true
     }
@@ -430,16 +479,6 @@ impl Broker {
         let Some(connection) = self.connections.remove(&conn) else {
             return;
         };
-        let mut returned: HashMap<QueueName, Vec<(u64, MessageId)>> = HashMap::new();
-        for id in connection.held {
-            if let Some(message) = self.table.messages.get_mut(&id) {
-                message.holder = None;
-                returned
-                    .entry(message.queue.clone())
-                    .or_default()
-                    .push((message.seq, id));
-            }
-        }
         let mut affected = connection.queues;
         for name in &affected {
             if let Some(queue) = self.queues.get_mut(name) {
@@ -447,11 +486,27 @@ impl Broker {
                 queue.subscribers.remove(&conn);
             }
         }
-        for (name, mut entries) in returned {
-            entries.sort_unstable();
+        // Held messages are few (bounded by the consumers' counts): a scan is cheap.
+        let ids: Vec<MessageId> = self
+            .table
+            .held
+            .iter()
+            .filter(|(_, h)| h.holder == conn)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut returned: HashMap<QueueName, Vec<Ready>> = HashMap::new();
+        for id in ids {
+            if let Some(held) = self.table.held.remove(&id) {
+                self.table
+                    .index_expiry(&held.queue, held.seq, held.expires_at);
+                let queue = held.queue.clone();
+                returned.entry(queue).or_default().push(held.into_ready(id));
+            }
+        }
+        for (name, entries) in returned {
             if let Some(queue) = self.queues.get_mut(&name) {
                 queue.in_flight -= entries.len();
-                queue.return_ready(&entries);
+                queue.return_ready(entries);
             }
             if !affected.contains(&name) {
                 affected.push(name);
@@ -467,33 +522,34 @@ impl Broker {
     /// their holder and dropped only if they come back.
     pub fn expire(&mut self, now: Millis) -> usize {
         let mut expired = 0;
-        while let Some(&(at, id)) = self.table.expiry.first() {
+        while let Some((&(at, seq), _)) = self.table.expiry.first_key_value() {
             if at > now {
                 break;
             }
-            self.table.expiry.pop_first();
-            let Some(message) = self.table.messages.get(&id) else {
+            let Some((_, name)) = self.table.expiry.pop_first() else {
+                break;
+            };
+            let Some(queue) = self.queues.get_mut(&name) else {
                 continue;
             };
-            if message.holder.is_some() {
+            let Ok(at_pos) = queue.ready.binary_search_by_key(&seq, |e| e.seq) else {
+                continue; // held, or gone
+            };
+            let entry = &mut queue.ready[at_pos];
+            if entry.dead || entry.expires_at != at {
                 continue;
             }
-            let name = message.queue.clone();
-            let size = self.table.forget(id);
+            entry.dead = true;
+            let content = std::mem::replace(&mut entry.content, self.table.empty.clone());
+            let id = entry.id;
+            queue.ready_count -= 1;
+            queue.bytes -= content.len() as u64;
+            self.table.store.apply(StoreOp::Delete { id, seq });
             self.table.totals.expired += 1;
             expired += 1;
-            if let Some(queue) = self.queues.get_mut(&name) {
-                queue.ready_count -= 1;
-                queue.bytes -= size;
-                // Stale entries are skipped when popped; compact when they dominate.
-                if queue.ready.len() > 64 && queue.ready.len() > 2 * queue.ready_count {
-                    let messages = &self.table.messages;
-                    queue.ready.retain(|(seq, id)| {
-                        messages
-                            .get(id)
-                            .is_some_and(|m| m.seq == *seq && m.holder.is_none())
-                    });
-                }
+            // Dead entries are skipped when reached; compact when they dominate.
+            if queue.ready.len() > 64 && queue.ready.len() > 2 * queue.ready_count {
+                queue.ready.retain(|e| !e.dead);
             }
             self.drop_queue_if_unused(&name);
         }
@@ -514,7 +570,7 @@ impl Broker {
 
     /// How many messages are stored (ready and held).
     pub fn message_count(&self) -> usize {
-        self.table.messages.len()
+        self.table.held.len() + self.queues.values().map(|q| q.ready_count).sum::<usize>()
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -523,61 +579,47 @@ impl Broker {
         seq
     }
 
-    /// Adds a message at the tail of its queue.
-    fn insert_ready(&mut self, id: MessageId, message: Message) {
-        if let Some(at) = message.expires_at {
-            self.table.expiry.insert((at, id));
-        }
-        let queue = self.queues.entry(message.queue.clone()).or_default();
-        queue.ready.push_back((message.seq, id));
-        queue.ready_count += 1;
-        queue.bytes += message.content.len() as u64;
-        self.table.messages.insert(id, message);
+    /// Adds a message at the tail of its queue: its `seq` is the newest.
+    fn append_ready(&mut self, queue: &QueueName, ready: Ready) {
+        self.table.index_expiry(queue, ready.seq, ready.expires_at);
+        let q = self.queues.entry(queue.clone()).or_default();
+        q.ready_count += 1;
+        q.bytes += ready.content.len() as u64;
+        q.ready.push_back(ready);
     }
 
-    /// Removes a message of `queue` for good, keeping the queue's byte count.
-    fn forget_in(&mut self, queue: &QueueName, id: MessageId) {
-        let size = self.table.forget(id);
-        if let Some(q) = self.queues.get_mut(queue) {
-            q.bytes -= size;
-        }
-    }
-
-    /// Checks that `conn` holds `id` in `queue` and ends the hold; the message stays stored.
+    /// Checks that `conn` holds `id` in `queue` and ends the hold, returning the message.
     fn release_hold(
         &mut self,
         conn: ConnId,
         queue: &QueueName,
         id: Option<MessageId>,
         action: &str,
-    ) -> Option<MessageId> {
+    ) -> Option<(MessageId, Held)> {
         let Some(id) = id else {
             debug!("connection {conn}: ignoring {action} for a malformed message id");
             return None;
         };
         let held_here = self
             .table
-            .messages
+            .held
             .get(&id)
-            .is_some_and(|m| m.holder == Some(conn) && m.queue == *queue);
+            .is_some_and(|h| h.holder == conn && h.queue == *queue);
         if !held_here {
             debug!("connection {conn}: ignoring {action} for message {id} in {queue}: not held by this connection");
             return None;
         }
-        if let Some(message) = self.table.messages.get_mut(&id) {
-            message.holder = None;
-        }
+        let held = self.table.held.remove(&id)?;
         if let (Some(connection), Some(q)) =
             (self.connections.get_mut(&conn), self.queues.get_mut(queue))
         {
-            connection.held.remove(&id);
             q.in_flight -= 1;
             if let Some(subscription) = q.subscribers.get_mut(&conn) {
                 subscription.held -= 1;
             }
             q.forget_idle_subscriber(conn, connection, queue);
         }
-        Some(id)
+        Some((id, held))
     }
 
     /// Hands ready messages of one queue to its consumers with free capacity, round-robin.
@@ -585,7 +627,7 @@ impl Broker {
         let Some(queue) = self.queues.get_mut(name) else {
             return;
         };
-        let connections = &mut self.connections;
+        let connections = &self.connections;
         let table = &mut self.table;
         while queue.ready_count > 0 {
             let subscribers = &queue.subscribers;
@@ -593,16 +635,10 @@ impl Broker {
             let Some(conn) = queue.consumers.peek_next(has_room) else {
                 break;
             };
-            let Some(id) = queue.pop_ready(table, now) else {
+            let speaks_v11 = connections.get(&conn).is_some_and(|c| c.speaks_v11);
+            let Some(entry) = queue.pop_ready(table, now) else {
                 break;
             };
-            let (Some(connection), Some(message)) =
-                (connections.get_mut(&conn), table.messages.get_mut(&id))
-            else {
-                break;
-            };
-            message.holder = Some(conn);
-            connection.held.insert(id);
             if let Some(subscription) = queue.subscribers.get_mut(&conn) {
                 subscription.held += 1;
             }
@@ -612,14 +648,22 @@ impl Broker {
             out.push(Delivery {
                 conn,
                 queue: name.clone(),
-                id,
-                content: message.content.clone(),
-                ttl_remaining: if connection.speaks_v11 {
-                    message.expires_at.map(|at| remaining_seconds(at, now))
-                } else {
-                    None
-                },
+                id: entry.id,
+                content: entry.content.clone(),
+                ttl_remaining: (speaks_v11 && entry.expires_at != NEVER)
+                    .then(|| remaining_seconds(entry.expires_at, now)),
             });
+            table.held.insert(
+                entry.id,
+                Held {
+                    queue: name.clone(),
+                    seq: entry.seq,
+                    content: entry.content,
+                    accepted_at: entry.accepted_at,
+                    expires_at: entry.expires_at,
+                    holder: conn,
+                },
+            );
         }
     }
 

@@ -554,3 +554,142 @@ fn flush_drops_ready_and_in_flight_and_later_acks_are_ignored() {
     assert_eq!(b.flush_all(0, &mut out), 2);
     assert_eq!(b.message_count(), 0);
 }
+
+impl Broker {
+    /// Checks every invariant of the module docs, and that the broker holds exactly the
+    /// messages the store was told about.
+    fn check_invariants(&self, store: &Recorder, replay_store: bool) {
+        let mut live_ids = std::collections::HashSet::new();
+        for (name, q) in &self.queues {
+            let live: Vec<&Ready> = q.ready.iter().filter(|e| !e.dead).collect();
+            assert_eq!(q.ready_count, live.len(), "{name}: ready_count");
+            assert!(
+                q.ready
+                    .iter()
+                    .zip(q.ready.iter().skip(1))
+                    .all(|(a, b)| a.seq < b.seq),
+                "{name}: FIFO order"
+            );
+            let held: Vec<&Held> = self
+                .table
+                .held
+                .values()
+                .filter(|h| h.queue == *name)
+                .collect();
+            assert_eq!(q.in_flight, held.len(), "{name}: in_flight");
+            let bytes: u64 = live.iter().map(|e| e.content.len() as u64).sum::<u64>()
+                + held.iter().map(|h| h.content.len() as u64).sum::<u64>();
+            assert_eq!(q.bytes, bytes, "{name}: bytes");
+            for (conn, sub) in &q.subscribers {
+                let holds = held.iter().filter(|h| h.holder == *conn).count() as u64;
+                assert_eq!(sub.held, holds, "{name}: holds of {conn}");
+                assert!(
+                    sub.limit > 0 || sub.held > 0,
+                    "{name}: idle subscription of {conn}"
+                );
+                assert!(self.connections[conn].queues.contains(name));
+                assert_eq!(q.consumers.contains(*conn), sub.limit > 0);
+            }
+            assert!(!q.is_unused(), "{name}: unused queue kept");
+            live_ids.extend(live.iter().map(|e| e.id));
+        }
+        for (id, h) in &self.table.held {
+            assert!(self.queues.contains_key(&h.queue));
+            assert!(live_ids.insert(*id), "{id} both ready and held");
+        }
+        if !replay_store {
+            return;
+        }
+        let mut stored = std::collections::HashMap::new();
+        for op in store.0.lock().unwrap().iter() {
+            match op {
+                StoreOp::Insert(m) => {
+                    stored.insert(m.id, m.seq);
+                }
+                StoreOp::Delete { id, seq } => {
+                    assert_eq!(
+                        stored.remove(id),
+                        Some(*seq),
+                        "delete of {id} at its current seq"
+                    );
+                }
+                StoreOp::Requeue {
+                    id, old_seq, seq, ..
+                } => {
+                    assert_eq!(stored.insert(*id, *seq), Some(*old_seq), "requeue of {id}");
+                }
+            }
+        }
+        let stored: std::collections::HashSet<MessageId> = stored.into_keys().collect();
+        assert_eq!(
+            stored, live_ids,
+            "the store holds exactly the broker's messages"
+        );
+    }
+}
+
+#[test]
+fn random_operations_keep_every_invariant() {
+    let (mut b, store) = broker();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let queues = ["a", "b"];
+    let mut out = Vec::new();
+    let mut delivered: Vec<Delivery> = Vec::new();
+    let mut now = 0;
+    for conn in 1..=3 {
+        b.connect(conn);
+    }
+    for step in 0..6000 {
+        now += next(40);
+        let queue = q(queues[next(2) as usize]);
+        let conn = 1 + next(3);
+        match next(100) {
+            0..=34 => {
+                let ttl = [None, Some(0), Some(1), Some(3)][next(4) as usize];
+                let body = "x".repeat(next(20) as usize);
+                b.send(queue, Arc::from(body.as_bytes()), ttl, now, &mut out);
+            }
+            35..=44 => b.consume(conn, queue, next(4), now, &mut out),
+            45..=84 if !delivered.is_empty() => {
+                let d = delivered.swap_remove(next(delivered.len() as u64) as usize);
+                let q = d.queue.clone();
+                match next(10) {
+                    0 => b.requeue(d.conn, &q, Some(d.id), next(3), now, &mut out),
+                    1 => b.dead_letter(d.conn, &q, Some(d.id), now, &mut out),
+                    // Sometimes from the wrong connection: must be ignored.
+                    2 => b.ack(1 + next(3), &q, Some(d.id), now, &mut out),
+                    _ => b.ack(d.conn, &q, Some(d.id), now, &mut out),
+                };
+            }
+            85..=89 => {
+                b.disconnect(conn, now, &mut out);
+                b.connect(conn);
+                delivered.retain(|d| d.conn != conn);
+            }
+            90..=94 => {
+                b.expire(now);
+            }
+            95 => {
+                b.flush(queue.as_str(), now, &mut out);
+                delivered.retain(|d| d.queue != queue);
+            }
+            _ => {}
+        }
+        delivered.append(&mut out);
+        b.check_invariants(&store, step % 100 == 0);
+    }
+    b.flush_all(now, &mut out);
+    assert!(out.is_empty());
+    for conn in 1..=3 {
+        b.disconnect(conn, now, &mut out);
+    }
+    assert_eq!(b.message_count(), 0);
+    b.check_invariants(&store, true);
+    assert!(b.totals().delivered > 500 && b.totals().expired > 0 && b.totals().requeued > 0);
+}
