@@ -71,6 +71,8 @@ pub struct QueueStats {
 
 /// "Never expires", as an expiry time.
 const NEVER: Millis = 0;
+/// The most messages one [`Broker::expire`] call drops.
+pub const EXPIRE_BATCH: usize = 10_000;
 
 /// A message waiting in its queue. The queue is implicit, which keeps the entry small: a
 /// million waiting messages cost their payloads plus 64 MB here, and no hash table.
@@ -518,12 +520,14 @@ impl Broker {
         }
     }
 
-    /// Drops ready messages whose TTL has run out; returns how many. Held messages are left to
-    /// their holder and dropped only if they come back.
+    /// Drops ready messages whose TTL has run out, at most [`EXPIRE_BATCH`] per call so the
+    /// broker lock is never held long (the rest go on the next call, and an expired message is
+    /// never dispatched meanwhile); returns how many. Held messages are left to their holder
+    /// and dropped only if they come back.
     pub fn expire(&mut self, now: Millis) -> usize {
         let mut expired = 0;
         while let Some((&(at, seq), _)) = self.table.expiry.first_key_value() {
-            if at > now {
+            if at > now || expired >= EXPIRE_BATCH {
                 break;
             }
             let Some((_, name)) = self.table.expiry.pop_first() else {

@@ -693,3 +693,33 @@ fn random_operations_keep_every_invariant() {
     b.check_invariants(&store, true);
     assert!(b.totals().delivered > 500 && b.totals().expired > 0 && b.totals().requeued > 0);
 }
+
+#[test]
+fn a_sweep_is_bounded_and_the_rest_never_dispatched() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for i in 0..EXPIRE_BATCH + 5 {
+        b.send(
+            q("mass"),
+            Arc::from(i.to_string().as_bytes()),
+            Some(1),
+            0,
+            &mut out,
+        );
+    }
+    b.send(q("mass"), Arc::from(&b"survivor"[..]), None, 0, &mut out);
+    assert_eq!(
+        b.expire(1_000),
+        EXPIRE_BATCH,
+        "one sweep drops at most a batch"
+    );
+    b.connect(1);
+    b.consume(1, q("mass"), 10, 1_000, &mut out);
+    assert_eq!(
+        bodies(&out),
+        ["survivor"],
+        "the rest are dropped when reached, not dispatched"
+    );
+    assert_eq!(b.totals().expired as usize, EXPIRE_BATCH + 5);
+    assert_eq!(b.expire(1_000), 0);
+}
