@@ -2,8 +2,11 @@
 //! when the client goes, whatever the reason.
 //!
 //! Reading is idle-tolerant between frames but bounded inside one: once a frame's first byte is
-//! in, the rest must arrive within the frame timeout. The writer thread that sends dispatches is
-//! started only when the connection first asks to consume.
+//! in, the rest must arrive within the frame timeout. An idle reader sleeps in `poll` until data
+//! arrives or the hub rings the shutdown bell, so idle clients cost nothing; at shutdown it reads
+//! what its client already sent and ends once the client has been quiet for `QUIET`. The writer
+//! thread, which takes what direct sends could not, is started only when the connection first
+//! asks to consume.
 
 use crate::broker::ConnId;
 use crate::codec::{self, CodecError, Decoded};

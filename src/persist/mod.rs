@@ -2,9 +2,9 @@
 //! thread copies to a file in the background, so messages survive a restart without the broker
 //! ever waiting for a disk.
 //!
-//! - [`schema`]: the tables, recognising our files, reading messages back.
-//! - [`writer`]: the thread that applies the broker's changes to the in-memory database.
-//! - [`mirror`]: copying memory to file (atomically) and file to memory.
+//! - `schema`: the tables, recognising our files, reading messages back.
+//! - `writer`: the thread that applies the broker's changes to the in-memory database.
+//! - `mirror`: copying memory to file (atomically) and file to memory.
 //!
 //! The loss window: a hard crash loses what changed since the last completed mirror.
 
