@@ -6,12 +6,12 @@
 //! reported once on the fatal channel and the server shuts down rather than run half-alive.
 
 use crate::broker::{Broker, ConnId, Delivery};
+use crate::id::IdMap;
 use crate::net::{Bell, Stream};
 use crate::outbox::Outbox;
 use crate::request::{encode_dispatch, Request};
 use crate::store::{now_millis, Millis};
 use crossbeam_channel::Sender;
-use std::collections::HashMap;
 use std::fmt;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,7 +83,7 @@ impl Peer {
 
 struct State {
     broker: Broker,
-    peers: HashMap<ConnId, Arc<Peer>>,
+    peers: IdMap<ConnId, Arc<Peer>>,
     /// False once shutdown began: late connections are turned away.
     open: bool,
 }
@@ -100,7 +100,7 @@ impl Hub {
         Hub {
             state: Mutex::new(State {
                 broker,
-                peers: HashMap::new(),
+                peers: IdMap::default(),
                 open: true,
             }),
             fatal,
@@ -212,7 +212,7 @@ impl Hub {
 
 /// Pairs each delivery with its peer, grouped by peer in delivery order.
 fn route(
-    peers: &HashMap<ConnId, Arc<Peer>>,
+    peers: &IdMap<ConnId, Arc<Peer>>,
     mut deliveries: Vec<Delivery>,
 ) -> Vec<(Arc<Peer>, Vec<Delivery>)> {
     let mut routed: Vec<(Arc<Peer>, Vec<Delivery>)> = Vec::new();
