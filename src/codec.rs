@@ -608,6 +608,59 @@ mod tests {
         ));
     }
 
+    /// Random bytes and mutated valid frames: the decoder answers every one without panicking,
+    /// never claims more bytes than it was given, and whatever it accepts re-encodes the same.
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut valid = Vec::new();
+        encode_frame(
+            &mut valid,
+            MessageType::Send,
+            &[
+                (PacketType::Queue, b"q"),
+                (PacketType::Content, b"hello"),
+                (PacketType::Ttl, b"60"),
+            ],
+        );
+        for round in 0..100_000 {
+            let mut input = if round % 2 == 0 {
+                valid.clone()
+            } else {
+                (0..(random() % 120)).map(|_| random() as u8).collect()
+            };
+            for _ in 0..(random() % 4) {
+                if input.is_empty() {
+                    break;
+                }
+                let at = (random() as usize) % input.len();
+                input[at] = match random() % 3 {
+                    0 => b'0' + (random() % 10) as u8,
+                    1 => random() as u8,
+                    _ => b'9',
+                };
+            }
+            let cut = (random() as usize) % (input.len() + 1);
+            let input = &input[..cut];
+            if let Ok(Decoded::Frame(frame, used)) = decode_frame(input, 1 << 20) {
+                assert!(used <= input.len());
+                let packets: Vec<(PacketType, &[u8])> = PacketType::ALL
+                    .into_iter()
+                    .filter_map(|p| frame.packet(p).map(|c| (p, c)))
+                    .collect();
+                assert_eq!(encoded_len(&packets), used, "{input:?}");
+                // Validation must not panic on what the decoder lets through either.
+                let _ = crate::request::Request::from_frame(&frame);
+            }
+        }
+    }
+
     #[test]
     fn parse_decimal_rejects_non_digits() {
         assert_eq!(parse_decimal(b"3600"), Some(3600));
