@@ -290,6 +290,22 @@ pub fn parse_decimal(digits: &[u8]) -> Option<u128> {
     })
 }
 
+/// Parses the 29-digit length field. Real lengths have at least ten leading zeros, so the rest
+/// fits in u64 arithmetic; only an absurd length takes the slow u128 path (29 digits always fit
+/// in u128, which holds 38).
+fn parse_length(digits: &[u8]) -> Option<u128> {
+    let (high, low) = digits.split_at(digits.len().saturating_sub(19));
+    if high.iter().all(|&c| c == b'0') {
+        low.iter()
+            .try_fold(0u64, |n, &c| {
+                c.is_ascii_digit().then(|| n * 10 + u64::from(c - b'0'))
+            })
+            .map(u128::from)
+    } else {
+        parse_decimal(digits)
+    }
+}
+
 /// Decodes one frame from the start of `buf`, refusing any packet longer than `max_packet_len`.
 pub fn decode_frame(buf: &[u8], max_packet_len: usize) -> Result<Decoded<'_>, CodecError> {
     if let Some(&first) = buf.first() {
@@ -377,8 +393,7 @@ fn decode_packet_header(
         return Err(bad());
     }
     let code = parse_decimal(&header[1..3]).ok_or_else(bad)? as u8;
-    // 29 digits always fit in u128 (which holds 38).
-    let length = parse_decimal(&header[3..]).ok_or_else(bad)?;
+    let length = parse_length(&header[3..]).ok_or_else(bad)?;
     let packet = PacketType::from_code(code).ok_or(CodecError::UnknownPacketType(code))?;
     match usize::try_from(length) {
         Ok(length) if length <= max_packet_len => Ok((packet, length)),
@@ -391,10 +406,14 @@ fn decode_packet_header(
 }
 
 /// Appends `value` as exactly `width` zero-padded decimal digits.
-fn push_digits(out: &mut Vec<u8>, mut value: u128, width: usize) {
+fn push_digits(out: &mut Vec<u8>, mut value: u64, width: usize) {
     let start = out.len();
     out.resize(start + width, b'0');
+    // u64, not u128: a 128-bit division is a library call, and this runs for every packet.
     for slot in out[start..].iter_mut().rev() {
+        if value == 0 {
+            break;
+        }
         *slot = b'0' + (value % 10) as u8;
         value /= 10;
     }
@@ -409,13 +428,13 @@ pub fn encode_frame(out: &mut Vec<u8>, message_type: MessageType, packets: &[(Pa
         .sum();
     out.reserve(HEADER_LEN + size);
     out.push(b'H');
-    push_digits(out, u128::from(PROTOCOL_VERSION), 2);
-    push_digits(out, u128::from(message_type.code()), 3);
-    push_digits(out, packets.len() as u128, 2);
+    push_digits(out, u64::from(PROTOCOL_VERSION), 2);
+    push_digits(out, u64::from(message_type.code()), 3);
+    push_digits(out, packets.len() as u64, 2);
     for (packet, content) in packets {
         out.push(b'P');
-        push_digits(out, u128::from(packet.code()), 2);
-        push_digits(out, content.len() as u128, 29);
+        push_digits(out, u64::from(packet.code()), 2);
+        push_digits(out, content.len() as u64, 29);
         out.extend_from_slice(content);
     }
 }
@@ -659,6 +678,25 @@ mod tests {
                 let _ = crate::request::Request::from_frame(&frame);
             }
         }
+    }
+
+    #[test]
+    fn length_fields_parse_on_both_paths() {
+        assert_eq!(parse_length(b"00000000000000000000000000011"), Some(11));
+        assert_eq!(
+            parse_length(b"00000000009999999999999999999"),
+            Some(9_999_999_999_999_999_999)
+        );
+        assert_eq!(
+            parse_length(b"99999999999999999999999999999"),
+            Some(99_999_999_999_999_999_999_999_999_999)
+        );
+        assert_eq!(parse_length(b"0000000000000000000000000001x"), None);
+        assert_eq!(parse_length(b"x0000000000000000000000000001"), None);
+        let mut out = Vec::new();
+        push_digits(&mut out, 0, 3);
+        push_digits(&mut out, 1_234_567, 29);
+        assert_eq!(out, format!("000{:029}", 1_234_567).into_bytes());
     }
 
     #[test]
