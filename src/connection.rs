@@ -17,7 +17,7 @@ use log::{debug, info, warn};
 use std::fmt;
 use std::io;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 /// The read buffer's usual size; it grows for a large frame and shrinks back after it.
@@ -86,7 +86,7 @@ impl fmt::Display for End {
 
 /// Serves one client until it goes; always unregisters it so its held messages are released.
 pub fn serve(hub: &Hub, conn: ConnId, stream: Stream, name: String, limits: Limits) {
-    let peer = Arc::new(Peer::new(name, stream));
+    let peer = Arc::new(Peer::new(conn, name, stream));
     let label = format!("{} (connection {conn})", peer.name);
     match hub.register(conn, peer.clone()) {
         Ok(true) => {}
@@ -108,27 +108,30 @@ pub fn serve(hub: &Hub, conn: ConnId, stream: Stream, name: String, limits: Limi
         peer: peer.clone(),
         label: label.clone(),
     };
-    let mut session = Session {
-        hub,
-        conn,
-        peer: peer.clone(),
-        writer: None,
-        label: label.clone(),
-    };
-    let end = session.read_loop(limits);
-    // Unregister first: the held messages go to other consumers before this socket closes.
-    drop(registration);
-    // Logged once the connection's messages are released, so the line means "done".
-    match &end {
-        End::Closed => debug!("{label}: disconnected"),
-        End::ServerShutdown => debug!("{label}: closed for shutdown"),
-        End::Io(e) if is_disconnect(e) => info!("{label}: disconnected: {e}"),
-        End::BrokerDown(_) => {}
-        _ => warn!("{label}: closing connection: {end}"),
-    }
-    if let Some(writer) = session.writer.take() {
-        let _ = writer.join();
-    }
+    // The writer (started on the first consume request) is a scoped thread: it can call the
+    // hub, and it is always joined before this function returns.
+    thread::scope(|scope| {
+        let mut session = Session {
+            hub,
+            conn,
+            peer: peer.clone(),
+            writer_started: false,
+            label: label.clone(),
+            scope,
+        };
+        let end = session.read_loop(limits);
+        // Unregister first: the held messages go to other consumers before this socket closes.
+        // Hanging up also ends the writer.
+        drop(registration);
+        // Logged once the connection's messages are released, so the line means "done".
+        match &end {
+            End::Closed => debug!("{label}: disconnected"),
+            End::ServerShutdown => debug!("{label}: closed for shutdown"),
+            End::Io(e) if is_disconnect(e) => info!("{label}: disconnected: {e}"),
+            End::BrokerDown(_) => {}
+            _ => warn!("{label}: closing connection: {end}"),
+        }
+    });
 }
 
 /// Unregisters the connection and hangs up when dropped, also when its thread panics, so what
@@ -168,15 +171,16 @@ fn is_disconnect(e: &io::Error) -> bool {
     )
 }
 
-struct Session<'a> {
-    hub: &'a Hub,
+struct Session<'scope, 'env> {
+    hub: &'env Hub,
     conn: ConnId,
     peer: Arc<Peer>,
-    writer: Option<JoinHandle<()>>,
+    writer_started: bool,
     label: String,
+    scope: &'scope thread::Scope<'scope, 'env>,
 }
 
-impl Session<'_> {
+impl Session<'_, '_> {
     fn read_loop(&mut self, limits: Limits) -> End {
         let mut reader = FrameReader::new(limits);
         let stream = self.peer.stream.clone();
@@ -215,7 +219,7 @@ impl Session<'_> {
         if batch.is_empty() {
             return Ok(());
         }
-        if self.writer.is_none() && batch.iter().any(|r| matches!(r, Request::Consume { .. })) {
+        if !self.writer_started && batch.iter().any(|r| matches!(r, Request::Consume { .. })) {
             self.start_writer()?;
         }
         self.hub.apply(self.conn, batch).map_err(End::BrokerDown)
@@ -224,17 +228,23 @@ impl Session<'_> {
     fn start_writer(&mut self) -> Result<(), End> {
         let peer = self.peer.clone();
         let label = self.label.clone();
-        let handle = thread::Builder::new()
+        let hub = self.hub;
+        thread::Builder::new()
             .name(format!("phpmq-write-{}", self.conn))
             .stack_size(THREAD_STACK)
-            .spawn(move || {
+            .spawn_scoped(self.scope, move || {
                 let peer = HangUpOnExit(peer);
-                if let Err(e) = peer.0.outbox.write_loop(&*peer.0.stream) {
+                let written = peer.0.outbox.write_loop(&*peer.0.stream, || {
+                    if let Err(e) = hub.resume_if_drained(&peer.0) {
+                        warn!("{label}: {e}");
+                    }
+                });
+                if let Err(e) = written {
                     info!("{label}: write failed: {e}");
                 }
             })
             .map_err(End::WriterSpawn)?;
-        self.writer = Some(handle);
+        self.writer_started = true;
         Ok(())
     }
 }

@@ -49,19 +49,30 @@ impl fmt::Display for Fatal {
     }
 }
 
+/// Output backed up beyond this pauses deliveries to the connection (its client is not
+/// reading): what it would get stays ready for others, and memory stays bounded.
+pub const OUTBOX_HIGH_WATER: usize = 16 << 20;
+/// Deliveries resume once the backlog is down to this.
+pub const OUTBOX_LOW_WATER: usize = 4 << 20;
+
 /// A connected client as the rest of the server sees it.
 #[derive(Debug)]
 pub struct Peer {
+    pub conn: ConnId,
     pub name: String,
     pub stream: Arc<Stream>,
     pub outbox: Outbox,
     /// Set at shutdown: read what the client already sent, then end.
     pub closing: AtomicBool,
+    /// Deliveries to it are paused (a hint; the broker's flag, set under the lock, decides).
+    pub paused: AtomicBool,
 }
 
 impl Peer {
-    pub fn new(name: String, stream: Stream) -> Peer {
+    pub fn new(conn: ConnId, name: String, stream: Stream) -> Peer {
         Peer {
+            conn,
+            paused: AtomicBool::new(false),
             name,
             stream: Arc::new(stream),
             outbox: Outbox::new(),
@@ -150,7 +161,7 @@ impl Hub {
             state.broker.disconnect(conn, now, &mut deliveries);
             route(&state.peers, deliveries)
         };
-        fan_out(routed);
+        self.deliver(routed);
         Ok(())
     }
 
@@ -182,8 +193,51 @@ impl Hub {
             let result = f(&mut state.broker, now, &mut deliveries);
             (result, route(&state.peers, deliveries))
         };
-        fan_out(routed);
+        self.deliver(routed);
         Ok(result)
+    }
+
+    /// Writes deliveries out, then pauses connections whose output backed up past the
+    /// high-water mark (re-checked under the lock, so a pause is never missed by the writer).
+    fn deliver(&self, routed: Vec<(Arc<Peer>, Vec<Delivery>)>) {
+        let backed_up = fan_out(routed);
+        if backed_up.is_empty() {
+            return;
+        }
+        let now = now_millis();
+        let Ok(mut state) = self.lock() else {
+            return;
+        };
+        let mut none = Vec::new();
+        for peer in backed_up {
+            if peer.outbox.pending_len() > OUTBOX_HIGH_WATER {
+                state.broker.set_paused(peer.conn, true, now, &mut none);
+                peer.paused.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Called by a connection's writer after each write: resumes deliveries to a paused
+    /// connection once its output is down to the low-water mark.
+    pub fn resume_if_drained(&self, peer: &Peer) -> Result<(), BrokerDown> {
+        if !peer.paused.load(Ordering::Acquire) || peer.outbox.pending_len() > OUTBOX_LOW_WATER {
+            return Ok(());
+        }
+        let now = now_millis();
+        let mut deliveries = Vec::new();
+        let routed = {
+            let mut state = self.lock()?;
+            if peer.outbox.pending_len() > OUTBOX_LOW_WATER {
+                return Ok(());
+            }
+            peer.paused.store(false, Ordering::Release);
+            state
+                .broker
+                .set_paused(peer.conn, false, now, &mut deliveries);
+            route(&state.peers, deliveries)
+        };
+        self.deliver(routed);
+        Ok(())
     }
 
     /// Turns new connections away and asks every connected one to finish: each reads what
@@ -239,13 +293,19 @@ fn route(
     routed
 }
 
-/// Encodes each peer's dispatches into its outbox, one append per peer.
-fn fan_out(routed: Vec<(Arc<Peer>, Vec<Delivery>)>) {
+/// Encodes each peer's dispatches into its outbox, one append per peer. Returns the peers
+/// whose output backed up past the high-water mark and are not paused yet.
+fn fan_out(routed: Vec<(Arc<Peer>, Vec<Delivery>)>) -> Vec<Arc<Peer>> {
+    let mut backed_up = Vec::new();
     for (peer, deliveries) in routed {
         peer.outbox.push(&*peer.stream, |buffer| {
             for d in &deliveries {
                 encode_dispatch(buffer, &d.queue, &d.content, d.id, d.ttl_remaining);
             }
         });
+        if !peer.paused.load(Ordering::Acquire) && peer.outbox.pending_len() > OUTBOX_HIGH_WATER {
+            backed_up.push(peer);
+        }
     }
+    backed_up
 }

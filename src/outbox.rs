@@ -74,6 +74,11 @@ impl Outbox {
         true
     }
 
+    /// Bytes waiting for the writer thread (0 for a closed outbox).
+    pub fn pending_len(&self) -> usize {
+        self.lock().map_or(0, |state| state.pending.len())
+    }
+
     /// Whether [`Outbox::close`] was called: the connection is being torn down.
     pub fn is_closed(&self) -> bool {
         self.lock().is_none_or(|state| state.closed)
@@ -89,7 +94,12 @@ impl Outbox {
     }
 
     /// Writes what the direct sends left over, until the outbox is closed or the socket fails.
-    pub fn write_loop(&self, mut sink: impl Write) -> io::Result<()> {
+    /// `after_batch` runs after each completed write, with no lock held.
+    pub fn write_loop(
+        &self,
+        mut sink: impl Write,
+        mut after_batch: impl FnMut(),
+    ) -> io::Result<()> {
         let mut batch = Vec::new();
         loop {
             {
@@ -113,6 +123,7 @@ impl Outbox {
                 state.writing = false;
             }
             written?;
+            after_batch();
             batch.clear();
             if batch.capacity() > KEEP_BUFFER_BYTES {
                 batch = Vec::new();
@@ -198,7 +209,7 @@ mod tests {
         assert_eq!(all_written(&socket), b"fir");
         let writer = {
             let (outbox, socket) = (outbox.clone(), socket.clone());
-            thread::spawn(move || outbox.write_loop(socket))
+            thread::spawn(move || outbox.write_loop(socket, || {}))
         };
         wait_for(&socket, 11);
         assert_eq!(all_written(&socket), b"firstsecond");
@@ -219,7 +230,7 @@ mod tests {
         assert!(all_written(&socket).is_empty());
         let writer = {
             let (outbox, socket) = (outbox.clone(), socket.clone());
-            thread::spawn(move || outbox.write_loop(socket))
+            thread::spawn(move || outbox.write_loop(socket, || {}))
         };
         wait_for(&socket, 6);
         assert_eq!(
@@ -244,6 +255,6 @@ mod tests {
         }
         let outbox = Outbox::new();
         outbox.push(&Socket::default(), |b| b.push(1));
-        assert!(outbox.write_loop(Broken).is_err());
+        assert!(outbox.write_loop(Broken, || {}).is_err());
     }
 }

@@ -427,3 +427,42 @@ fn a_slow_consumer_stalls_nobody_else() {
     other.consume("slow", 1);
     assert_eq!(other.recv().content.len(), chunk.len());
 }
+
+#[test]
+fn a_consumer_that_stops_reading_does_not_hoard_the_queue() {
+    let server = TestServer::start(&[]);
+    // Asks for a thousand, reads nothing.
+    let mut stuck = server.tcp_client();
+    stuck.consume("hoard", 1000);
+    stuck.sync();
+    let mut producer = server.tcp_client();
+    let body = vec![b'h'; 256 << 10];
+    for _ in 0..300 {
+        producer.send("hoard", &body);
+    }
+    producer.sync();
+    // Its output backs up past the high-water mark (16 MiB), so deliveries to it pause and the
+    // rest stays ready for a consumer that reads.
+    let mut reader = server.unix_client();
+    reader.consume("hoard", 1000);
+    let mut got = 0;
+    loop {
+        let batch = reader.sync();
+        if batch.is_empty() {
+            break;
+        }
+        for d in &batch {
+            reader.ack("hoard", &d.id);
+        }
+        got += batch.len();
+    }
+    assert!(got >= 150, "the reading consumer got only {got} of 300");
+    drop(stuck);
+    // What the stuck one held comes back once it is gone.
+    let rest = 300 - got;
+    for _ in 0..rest {
+        let d = reader.recv();
+        reader.ack("hoard", &d.id);
+    }
+    assert!(reader.sync().is_empty());
+}

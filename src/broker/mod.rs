@@ -135,6 +135,8 @@ struct Subscription {
 #[derive(Debug, Default)]
 struct Connection {
     speaks_v11: bool,
+    /// Its output is backed up (the client is not reading): it gets nothing new until resumed.
+    paused: bool,
     /// The queues where this connection has a subscription (usually one or two).
     queues: Vec<QueueName>,
 }
@@ -520,6 +522,20 @@ impl Broker {
         }
     }
 
+    /// Stops or resumes deliveries to a connection whose client is not keeping up; what it
+    /// already holds stays held. Resuming offers it its queues' ready messages at once.
+    pub fn set_paused(&mut self, conn: ConnId, paused: bool, now: Millis, out: &mut Vec<Delivery>) {
+        let Some(connection) = self.connections.get_mut(&conn) else {
+            return;
+        };
+        connection.paused = paused;
+        if !paused {
+            for name in connection.queues.clone() {
+                self.pump(&name, now, out);
+            }
+        }
+    }
+
     /// Drops ready messages whose TTL has run out, at most [`EXPIRE_BATCH`] per call so the
     /// broker lock is never held long (the rest go on the next call, and an expired message is
     /// never dispatched meanwhile); returns how many. Held messages are left to their holder
@@ -635,7 +651,10 @@ impl Broker {
         let table = &mut self.table;
         while queue.ready_count > 0 {
             let subscribers = &queue.subscribers;
-            let has_room = |conn: ConnId| subscribers.get(&conn).is_some_and(|s| s.held < s.limit);
+            let has_room = |conn: ConnId| {
+                subscribers.get(&conn).is_some_and(|s| s.held < s.limit)
+                    && connections.get(&conn).is_some_and(|c| !c.paused)
+            };
             let Some(conn) = queue.consumers.peek_next(has_room) else {
                 break;
             };

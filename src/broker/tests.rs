@@ -679,6 +679,7 @@ fn random_operations_keep_every_invariant() {
                 b.flush(queue.as_str(), now, &mut out);
                 delivered.retain(|d| d.queue != queue);
             }
+            96..=97 => b.set_paused(conn, next(2) == 0, now, &mut out),
             _ => {}
         }
         delivered.append(&mut out);
@@ -722,4 +723,26 @@ fn a_sweep_is_bounded_and_the_rest_never_dispatched() {
     );
     assert_eq!(b.totals().expired as usize, EXPIRE_BATCH + 5);
     assert_eq!(b.expire(1_000), 0);
+}
+
+#[test]
+fn a_paused_connection_gets_nothing_new_until_resumed() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.connect(2);
+    b.consume(1, q("jobs"), 10, 0, &mut out);
+    b.consume(2, q("jobs"), 10, 0, &mut out);
+    b.set_paused(1, true, 0, &mut out);
+    for i in 0..4 {
+        send(&mut b, "jobs", &i.to_string(), &mut out);
+    }
+    assert!(out.iter().all(|d| d.conn == 2), "the paused one is skipped");
+    b.consume(2, q("jobs"), 0, 0, &mut out);
+    out.clear();
+    send(&mut b, "jobs", "waiting", &mut out);
+    assert!(out.is_empty(), "nobody with room that is not paused");
+    b.set_paused(1, false, 0, &mut out);
+    assert_eq!(bodies(&out), ["waiting"]);
+    assert_eq!(out[0].conn, 1);
 }
