@@ -130,13 +130,7 @@ impl Broker {
             q.in_flight = 0;
             q.bytes = 0;
         }
-        let held_here: Vec<MessageId> = self
-            .table
-            .held
-            .iter()
-            .filter(|(_, h)| h.queue == name)
-            .map(|(id, _)| *id)
-            .collect();
+        let held_here = self.table.held_ids(|h| h.queue == name);
         for id in held_here {
             let Some(held) = self.table.held.remove(&id) else {
                 continue;

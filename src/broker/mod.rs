@@ -163,6 +163,16 @@ impl MessageTable {
         self.store.apply(StoreOp::Delete { id, seq });
     }
 
+    /// Ids of the held messages `matches` picks. Held messages are few (bounded by the
+    /// consumers' counts), so a scan is cheap.
+    fn held_ids(&self, matches: impl Fn(&Held) -> bool) -> Vec<MessageId> {
+        self.held
+            .iter()
+            .filter(|(_, h)| matches(h))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     fn index_expiry(&mut self, queue: &QueueName, seq: u64, expires_at: Millis) {
         if expires_at != NEVER {
             self.expiry.insert((expires_at, seq), queue.clone());
@@ -490,14 +500,7 @@ impl Broker {
                 queue.subscribers.remove(&conn);
             }
         }
-        // Held messages are few (bounded by the consumers' counts): a scan is cheap.
-        let ids: Vec<MessageId> = self
-            .table
-            .held
-            .iter()
-            .filter(|(_, h)| h.holder == conn)
-            .map(|(id, _)| *id)
-            .collect();
+        let ids = self.table.held_ids(|h| h.holder == conn);
         let mut returned: HashMap<QueueName, Vec<Ready>> = HashMap::new();
         for id in ids {
             if let Some(held) = self.table.held.remove(&id) {
