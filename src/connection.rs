@@ -222,6 +222,9 @@ impl Session<'_, '_> {
         if !self.writer_started && batch.iter().any(|r| matches!(r, Request::Consume { .. })) {
             self.start_writer()?;
         }
+        if batch.iter().any(|r| matches!(r, Request::Send { .. })) {
+            self.hub.wait_for_store(&self.peer);
+        }
         self.hub.apply(self.conn, batch).map_err(End::BrokerDown)
     }
 

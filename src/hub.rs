@@ -10,12 +10,14 @@ use crate::id::IdMap;
 use crate::net::{Bell, Stream};
 use crate::outbox::Outbox;
 use crate::request::{encode_dispatch, Request};
-use crate::store::{now_millis, Millis};
+use crate::store::{now_millis, Backlog, Millis};
 use crossbeam_channel::Sender;
 use std::fmt;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
 
 /// The broker lock was poisoned by a panic: the server is going down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +106,8 @@ pub struct Hub {
     fatal: Sender<Fatal>,
     /// Rung once shutdown begins, to wake every idle reader at once.
     bell: Bell,
+    /// The store's unapplied changes, if messages are persisted.
+    store_backlog: Option<Arc<Backlog>>,
 }
 
 impl Hub {
@@ -116,6 +120,32 @@ impl Hub {
             }),
             fatal,
             bell,
+            store_backlog: None,
+        }
+    }
+
+    /// Holds producers back while this store backlog is high ([`Hub::wait_for_store`]).
+    pub fn with_store_backlog(mut self, backlog: Arc<Backlog>) -> Hub {
+        self.store_backlog = Some(backlog);
+        self
+    }
+
+    /// Waits, before a producer's messages are taken, while the store writer is far behind:
+    /// what it has not applied is held in memory, so a store that cannot keep up slows the
+    /// producers down rather than letting memory grow without bound. Returns at once when
+    /// the backlog is below its high-water mark (nearly always); once above, waits until it
+    /// is down to half, or the connection is closing.
+    pub fn wait_for_store(&self, peer: &Peer) {
+        let Some(backlog) = &self.store_backlog else {
+            return;
+        };
+        if !backlog.is_high() {
+            return;
+        }
+        // The writer applies thousands of changes per millisecond: a short sleep is the
+        // right grain, and nothing has to wake this thread.
+        while !backlog.is_low() && !peer.is_closing() {
+            thread::sleep(Duration::from_millis(1));
         }
     }
 

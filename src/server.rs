@@ -214,28 +214,29 @@ impl Server {
             return Err(ServerError::NoListeners);
         }
         // The store first: a database that cannot be used must stop us before anyone connects.
-        let (persistence, recovered) = match &config.db {
-            Some(path) => {
-                let recovered = Persistence::open(path, config.mirror_interval)
-                    .map_err(ServerError::Persistence)?;
-                info!(
-                    "recovered {} messages from {} in {} ms",
-                    recovered.messages.len(),
-                    path.display(),
-                    recovered.took.as_millis()
-                );
-                (Some(recovered.persistence), recovered.messages)
-            }
-            None => (None, Vec::new()),
+        let started = Instant::now();
+        let persistence = match &config.db {
+            Some(path) => Some(
+                Persistence::open(path, config.mirror_interval)
+                    .map_err(ServerError::Persistence)?,
+            ),
+            None => None,
         };
         let store: Box<dyn Store> = match &persistence {
             Some(p) => Box::new(p.store()),
             None => Box::new(NullStore),
         };
-        let recovered_count = recovered.len();
         let mut broker = Broker::new(store);
-        for message in recovered {
-            broker.restore(message);
+        let mut recovered_count = 0;
+        if let Some(persistence) = &persistence {
+            recovered_count = persistence
+                .recover(&mut |message| broker.restore(message))
+                .map_err(ServerError::Persistence)?;
+            info!(
+                "recovered {recovered_count} messages from {} in {} ms",
+                persistence.path().display(),
+                started.elapsed().as_millis()
+            );
         }
         let bind_all = |addrs: &[ListenAddr]| {
             addrs
@@ -248,11 +249,17 @@ impl Server {
         let console_listeners = bind_all(&config.admin)?;
         let (fatal_tx, fatal) = unbounded();
         let shared = Arc::new(Shared {
-            hub: Hub::new(
-                broker,
-                fatal_tx.clone(),
-                Bell::new().map_err(ServerError::Bell)?,
-            ),
+            hub: {
+                let hub = Hub::new(
+                    broker,
+                    fatal_tx.clone(),
+                    Bell::new().map_err(ServerError::Bell)?,
+                );
+                match &persistence {
+                    Some(p) => hub.with_store_backlog(p.backlog()),
+                    None => hub,
+                }
+            },
             connections: Arc::default(),
             max_connections: config.max_connections,
             limits: Limits {
@@ -311,7 +318,16 @@ impl Server {
                 error!("{e}");
                 let _ = fatal.try_send(Fatal::Persistence(e.to_string()));
             });
-            persistence.start(on_fatal).map_err(ServerError::Spawn)?;
+            let shared = self.shared.clone();
+            let on_fetched = Arc::new(move |fetched| {
+                // A poisoned broker is already reported as fatal.
+                let _ = shared
+                    .hub
+                    .modify(|broker, now, out| broker.attach(fetched, now, out));
+            });
+            persistence
+                .start(on_fetched, on_fatal)
+                .map_err(ServerError::Spawn)?;
         }
         let mut accept_threads = Vec::new();
         let endpoints = self

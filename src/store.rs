@@ -3,9 +3,14 @@
 //!
 //! The broker calls the store while it holds its lock, so an implementation must only record or
 //! hand off the change (e.g. push it on a channel), never wait for a disk.
+//!
+//! A store that keeps content may also read it back ([`Store::fetch`]): the broker then keeps in
+//! memory the content of only the first messages of each queue's backlog and asks for the rest
+//! ahead of need. The answer comes back later, through [`crate::broker::Broker::attach`].
 
 use crate::id::MessageId;
 use crate::request::QueueName;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,6 +38,18 @@ pub struct StoredMessage {
     pub seq: u64,
 }
 
+/// A stored message as recovery reads it, borrowed from the database row: the broker copies
+/// the content only if it keeps it in memory.
+#[derive(Clone, Copy, Debug)]
+pub struct StoredRow<'a> {
+    pub id: MessageId,
+    pub queue: &'a QueueName,
+    pub content: &'a [u8],
+    pub accepted_at: Millis,
+    pub expires_at: Option<Millis>,
+    pub seq: u64,
+}
+
 /// One change to the set of stored messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreOp {
@@ -52,9 +69,37 @@ pub enum StoreOp {
     },
 }
 
+/// A request for the content of ready messages of one queue, by `seq`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// Identifies the request to the broker that made it.
+    pub token: u64,
+    pub queue: QueueName,
+    /// Ascending.
+    pub seqs: Vec<u64>,
+}
+
+/// The answer to a [`FetchRequest`]: the content of those of its messages that are stored.
+#[derive(Debug)]
+pub struct Fetched {
+    pub request: FetchRequest,
+    /// (seq, content), ascending by seq.
+    pub contents: Vec<(u64, Arc<[u8]>)>,
+}
+
 /// Where the broker reports changes.
 pub trait Store: Send {
     fn apply(&mut self, op: StoreOp);
+
+    /// Whether [`Store::fetch`] works, i.e. whether the broker may let go of content the store
+    /// has. The answer must not change.
+    fn can_fetch(&self) -> bool {
+        false
+    }
+
+    /// Asks for content; answered after every change applied before it. Only called when
+    /// [`Store::can_fetch`] says so.
+    fn fetch(&mut self, _request: FetchRequest) {}
 }
 
 /// Keeps nothing: a memory-only broker.
@@ -63,4 +108,65 @@ pub struct NullStore;
 
 impl Store for NullStore {
     fn apply(&mut self, _op: StoreOp) {}
+}
+
+/// Changes handed to a store that it has not applied yet, and the content bytes they carry.
+/// Producers are held back while it is high ([`Backlog::is_high`]), so a store that cannot keep
+/// up slows them down instead of letting memory grow without bound.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    changes: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Backlog {
+    /// Changes at which producers wait...
+    const HIGH_CHANGES: usize = 65_536;
+    /// ...or bytes of content.
+    const HIGH_BYTES: usize = 32 << 20;
+
+    pub fn add(&self, bytes: usize) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn remove(&self, changes: usize, bytes: usize) {
+        self.changes.fetch_sub(changes, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Past the high-water mark: producers should wait.
+    pub fn is_high(&self) -> bool {
+        self.changes.load(Ordering::Relaxed) > Self::HIGH_CHANGES
+            || self.bytes.load(Ordering::Relaxed) > Self::HIGH_BYTES
+    }
+
+    /// Down to half the high-water mark: waiting producers may go on.
+    pub fn is_low(&self) -> bool {
+        self.changes.load(Ordering::Relaxed) <= Self::HIGH_CHANGES / 2
+            && self.bytes.load(Ordering::Relaxed) <= Self::HIGH_BYTES / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_is_high_past_either_mark_and_low_again_at_half() {
+        let backlog = Backlog::default();
+        assert!(!backlog.is_high() && backlog.is_low());
+        for _ in 0..=Backlog::HIGH_CHANGES {
+            backlog.add(0);
+        }
+        assert!(backlog.is_high() && !backlog.is_low());
+        backlog.remove(Backlog::HIGH_CHANGES / 2, 0);
+        assert!(!backlog.is_high() && !backlog.is_low(), "between the marks");
+        backlog.remove(1, 0);
+        assert!(backlog.is_low());
+        backlog.add(Backlog::HIGH_BYTES);
+        assert!(!backlog.is_high() && !backlog.is_low());
+        backlog.add(1);
+        assert!(backlog.is_high(), "bytes alone count");
+    }
 }

@@ -54,6 +54,41 @@ fn drain(client: &mut Client, queue: &str) -> Vec<Dispatch> {
 }
 
 #[test]
+fn a_backlog_beyond_the_memory_window_comes_back_in_order_across_a_restart() {
+    // More than a queue keeps in memory (16,384 messages or 8 MiB): most of these are read
+    // back from the store as their turn nears, before and after the restart.
+    let body = |i: usize| format!("{i:0>300}");
+    let mut server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    for i in 0..40_000 {
+        producer.send("deep", body(i).as_bytes());
+    }
+    producer.sync();
+    let mut consumer = server.unix_client();
+    consumer.consume("deep", 64);
+    for i in 0..25_000 {
+        let d = consumer.recv();
+        assert_eq!(d.text(), body(i), "message {i}");
+        consumer.ack("deep", &d.id);
+    }
+    // What it holds unacknowledged goes back to the front of the queue.
+    drop(consumer);
+    server.signal("TERM");
+    server.wait_exit();
+
+    let server = server.restart();
+    assert!(server.recovered() >= 15_000);
+    let mut consumer = server.tcp_client();
+    consumer.consume("deep", 64);
+    for i in 25_000..40_000 {
+        let d = consumer.recv();
+        assert_eq!(d.text(), body(i), "message {i} after the restart");
+        consumer.ack("deep", &d.id);
+    }
+    assert!(consumer.sync().is_empty(), "nothing more");
+}
+
+#[test]
 fn sigkill_after_a_mirror_loses_nothing() {
     let mut server = TestServer::start(&["--mirror-interval", "50", "--log-level", "debug"]);
     let mut producer = server.tcp_client();

@@ -84,7 +84,7 @@ impl Broker {
             .map(|(i, e)| MessageRow {
                 position: Some(i + 1),
                 id: e.id,
-                size: e.content.len(),
+                size: e.size,
                 age_ms: now.saturating_sub(e.accepted_at),
                 state: MessageState::Ready,
             });
@@ -127,6 +127,11 @@ impl Broker {
                     .map(|e| (e.id, e.seq, e.expires_at)),
             );
             q.ready_count = 0;
+            q.resident = 0;
+            q.resident_bytes = 0;
+            q.unloaded = 0;
+            // An answer to a fetch under way finds nothing to fill.
+            q.fetching = None;
             q.in_flight = 0;
             q.bytes = 0;
         }

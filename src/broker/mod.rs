@@ -12,7 +12,10 @@
 //! - a connection is in a queue's ring iff its subscription to that queue has a limit above 0;
 //! - a queue's `subscribers` has an entry for a connection iff its limit or its holds in that
 //!   queue are above 0, and the connection's `queues` names exactly those queues;
-//! - a queue exists while it has ready or held messages or consumers.
+//! - a queue exists while it has ready or held messages or consumers;
+//! - with a store that can read content back, a queue's live ready entries are its resident
+//!   ones (content in memory) followed by its unloaded ones (content only in the store); the
+//!   unloaded ones up to `loaded_through` are asked for, the rest are not yet.
 
 mod inspect;
 mod ring;
@@ -21,8 +24,8 @@ pub use inspect::{Listing, MessageRow, MessageState, QueueStatus};
 
 use crate::id::{IdGenerator, IdMap, MessageId};
 use crate::request::{QueueName, Request};
-use crate::store::{Millis, Store, StoreOp, StoredMessage};
-use log::debug;
+use crate::store::{FetchRequest, Fetched, Millis, Store, StoreOp, StoredMessage, StoredRow};
+use log::{debug, error};
 use ring::Ring;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -74,13 +77,30 @@ const NEVER: Millis = 0;
 /// The most messages one [`Broker::expire`] call drops.
 pub const EXPIRE_BATCH: usize = 10_000;
 
+/// With a store that can read content back, a queue keeps the content of only its first ready
+/// messages in memory, up to both of these; the store reads the rest back ahead of need. So a
+/// backlog costs memory per message (an entry here), not per byte of content.
+const RESIDENT_MESSAGES: usize = 16_384;
+const RESIDENT_BYTES: u64 = 8 << 20;
+
+/// How much of a queue's backlog keeps its content in memory.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    messages: usize,
+    bytes: u64,
+}
+
 /// A message waiting in its queue. The queue is implicit, which keeps the entry small: a
-/// million waiting messages cost their payloads plus 64 MB here, and no hash table.
+/// million waiting messages cost 72 MB here (plus the content of the resident ones), and no
+/// hash table.
 #[derive(Debug)]
 struct Ready {
     seq: u64,
     id: MessageId,
-    content: Arc<[u8]>,
+    /// `None` while only the store has it, and once dead.
+    content: Option<Arc<[u8]>>,
+    /// The content's length.
+    size: usize,
     accepted_at: Millis,
     /// [`NEVER`] or when it expires.
     expires_at: Millis,
@@ -104,7 +124,8 @@ impl Held {
         Ready {
             seq: self.seq,
             id,
-            content: self.content,
+            size: self.content.len(),
+            content: Some(self.content),
             accepted_at: self.accepted_at,
             expires_at: self.expires_at,
             dead: false,
@@ -118,6 +139,15 @@ struct Queue {
     /// waiting and are dropped when reached or compacted away; `ready_count` counts the rest.
     ready: VecDeque<Ready>,
     ready_count: usize,
+    /// Live ready entries with their content in memory, and its bytes.
+    resident: usize,
+    resident_bytes: u64,
+    /// Live ready entries whose content only the store has.
+    unloaded: usize,
+    /// The newest seq that is resident or asked for: unloaded entries after it are not.
+    loaded_through: u64,
+    /// The token of the fetch under way.
+    fetching: Option<u64>,
     in_flight: usize,
     /// Content bytes of the queue's messages, ready and in flight.
     bytes: u64,
@@ -149,9 +179,10 @@ struct MessageTable {
     /// held, re-queued or gone are skipped when they come up.
     expiry: BTreeMap<(Millis, u64), QueueName>,
     store: Box<dyn Store>,
+    /// Set when the store can read content back: queues keep only this much in memory.
+    window: Option<Window>,
+    last_fetch_token: u64,
     totals: Totals,
-    /// Stands in for the content of dead entries, so they free theirs.
-    empty: Arc<[u8]>,
 }
 
 impl MessageTable {
@@ -185,29 +216,110 @@ fn is_expired(expires_at: Millis, now: Millis) -> bool {
 }
 
 impl Queue {
-    /// Pops the oldest live, unexpired message, dropping expired ones on the way.
+    /// Pops the oldest live, unexpired message, dropping expired ones on the way. `None` also
+    /// when the oldest one's content is still to come from the store.
     fn pop_ready(&mut self, table: &mut MessageTable, now: Millis) -> Option<Ready> {
-        while let Some(entry) = self.ready.pop_front() {
+        while let Some(entry) = self.ready.front() {
             if entry.dead {
+                self.ready.pop_front();
                 continue;
             }
-            self.ready_count -= 1;
             if is_expired(entry.expires_at, now) {
-                self.bytes -= entry.content.len() as u64;
+                let entry = self.ready.pop_front()?;
+                self.forget_ready(&entry);
+                self.bytes -= entry.size as u64;
                 table.delete(entry.id, entry.seq, entry.expires_at);
                 table.totals.expired += 1;
                 continue;
             }
+            // Its content is still to come from the store.
+            entry.content.as_ref()?;
+            let entry = self.ready.pop_front()?;
+            self.forget_ready(&entry);
             return Some(entry);
         }
         None
     }
 
-    /// Puts messages back at their original places.
+    /// Uncounts a live ready entry that leaves (to a holder, or for good: then the caller
+    /// also takes its bytes off).
+    fn forget_ready(&mut self, entry: &Ready) {
+        self.ready_count -= 1;
+        if entry.content.is_some() {
+            self.resident -= 1;
+            self.resident_bytes -= entry.size as u64;
+        } else {
+            self.unloaded -= 1;
+        }
+    }
+
+    /// Counts a live ready entry that arrives (from a holder, or new: then the caller also
+    /// adds its bytes).
+    fn count_ready(&mut self, entry: &Ready) {
+        self.ready_count += 1;
+        if entry.content.is_some() {
+            self.resident += 1;
+            self.resident_bytes += entry.size as u64;
+        } else {
+            self.unloaded += 1;
+        }
+    }
+
+    /// Whether a message of `size` bytes added at the tail keeps its content in memory.
+    fn keeps_next(&self, size: usize, window: Option<Window>) -> bool {
+        let Some(window) = window else {
+            return true;
+        };
+        self.unloaded == 0
+            && (self.resident == 0
+                || (self.resident < window.messages
+                    && self.resident_bytes + size as u64 <= window.bytes))
+    }
+
+    /// Asks the store for the content of the next unloaded messages once the resident ones
+    /// are down to three quarters of the window, so consumers rarely wait for it.
+    fn fetch_ahead(&mut self, name: &QueueName, table: &mut MessageTable) {
+        let Some(window) = table.window else {
+            return;
+        };
+        if self.unloaded == 0
+            || self.fetching.is_some()
+            || self.resident * 4 > window.messages * 3
+            || self.resident_bytes * 4 > window.bytes * 3
+        {
+            return;
+        }
+        let start = self.ready.partition_point(|e| e.seq <= self.loaded_through);
+        let (mut count, mut bytes) = (self.resident, self.resident_bytes);
+        let mut seqs = Vec::new();
+        for entry in self.ready.range(start..).filter(|e| !e.dead) {
+            if !seqs.is_empty()
+                && (count >= window.messages || bytes + entry.size as u64 > window.bytes)
+            {
+                break;
+            }
+            seqs.push(entry.seq);
+            count += 1;
+            bytes += entry.size as u64;
+        }
+        let Some(&last) = seqs.last() else {
+            return;
+        };
+        self.loaded_through = last;
+        table.last_fetch_token += 1;
+        self.fetching = Some(table.last_fetch_token);
+        table.store.fetch(FetchRequest {
+            token: table.last_fetch_token,
+            queue: name.clone(),
+            seqs,
+        });
+    }
+
+    /// Puts messages back at their original places (with their content: they were held).
     fn return_ready(&mut self, mut entries: Vec<Ready>) {
         entries.sort_unstable_by_key(|e| e.seq);
-        self.ready_count += entries.len();
         for entry in entries {
+            self.count_ready(&entry);
             let at = self.ready.partition_point(|e| e.seq < entry.seq);
             self.ready.insert(at, entry);
         }
@@ -273,9 +385,13 @@ impl Broker {
             table: MessageTable {
                 held: IdMap::default(),
                 expiry: BTreeMap::new(),
+                window: store.can_fetch().then_some(Window {
+                    messages: RESIDENT_MESSAGES,
+                    bytes: RESIDENT_BYTES,
+                }),
                 store,
+                last_fetch_token: 0,
                 totals: Totals::default(),
-                empty: Arc::from(&[][..]),
             },
             ids,
             next_seq: 1,
@@ -283,18 +399,75 @@ impl Broker {
     }
 
     /// Puts back a message recovered from storage, ready again. Call in FIFO (`seq`) order,
-    /// before any client connects; the store already has it, so nothing is reported.
-    pub fn restore(&mut self, message: StoredMessage) {
+    /// before any client connects; the store already has it, so nothing is reported. Its
+    /// content is copied only if the queue keeps it in memory.
+    pub fn restore(&mut self, message: StoredRow<'_>) {
         self.next_seq = self.next_seq.max(message.seq + 1);
+        let size = message.content.len();
+        let window = self.table.window;
+        let keep = self
+            .queues
+            .get(message.queue.as_str())
+            .is_none_or(|q| q.keeps_next(size, window));
         let ready = Ready {
             seq: message.seq,
             id: message.id,
-            content: message.content,
+            content: keep.then(|| Arc::from(message.content)),
+            size,
             accepted_at: message.accepted_at,
             expires_at: message.expires_at.unwrap_or(NEVER),
             dead: false,
         };
-        self.append_ready(&message.queue, ready);
+        self.append_ready(message.queue, ready);
+    }
+
+    /// Takes the content the store read back for a [`FetchRequest`] this broker made, and
+    /// hands out what consumers were waiting for.
+    pub fn attach(&mut self, fetched: Fetched, now: Millis, out: &mut Vec<Delivery>) {
+        let Fetched { request, contents } = fetched;
+        let name = request.queue;
+        let Some(queue) = self.queues.get_mut(&name) else {
+            return;
+        };
+        // A flush since the request dropped what it asked for.
+        if queue.fetching != Some(request.token) {
+            return;
+        }
+        queue.fetching = None;
+        let mut contents = contents.into_iter().peekable();
+        for seq in request.seqs {
+            let Ok(at) = queue.ready.binary_search_by_key(&seq, |e| e.seq) else {
+                continue; // gone meanwhile
+            };
+            if queue.ready[at].dead || queue.ready[at].content.is_some() {
+                continue;
+            }
+            while contents.next_if(|(s, _)| *s < seq).is_some() {}
+            let entry = &mut queue.ready[at];
+            if let Some((_, content)) = contents.next_if(|(s, _)| *s == seq) {
+                entry.content = Some(content);
+                queue.unloaded -= 1;
+                queue.resident += 1;
+                queue.resident_bytes += entry.size as u64;
+            } else {
+                // Cannot happen (the store applies every change before it answers); waiting
+                // for it would stall the queue for good.
+                error!(
+                    "message {} of {name} is missing from the store; dropped",
+                    entry.id
+                );
+                entry.dead = true;
+                let (size, expires_at) = (entry.size, entry.expires_at);
+                queue.unloaded -= 1;
+                queue.ready_count -= 1;
+                queue.bytes -= size as u64;
+                if expires_at != NEVER {
+                    self.table.expiry.remove(&(expires_at, seq));
+                }
+            }
+        }
+        self.pump(&name, now, out);
+        self.drop_queue_if_unused(&name);
     }
 
     pub fn connect(&mut self, conn: ConnId) {
@@ -353,7 +526,8 @@ impl Broker {
         let ready = Ready {
             seq,
             id,
-            content,
+            size: content.len(),
+            content: Some(content),
             accepted_at: now,
             expires_at,
             dead: false,
@@ -477,7 +651,8 @@ impl Broker {
         let ready = Ready {
             seq,
             id,
-            content: held.content,
+            size: held.content.len(),
+            content: Some(held.content),
             accepted_at: held.accepted_at,
             expires_at,
             dead: false,
@@ -562,11 +737,14 @@ impl Broker {
             if entry.dead || entry.expires_at != at {
                 continue;
             }
+            let gone = Ready {
+                content: entry.content.take(),
+                ..*entry
+            };
             entry.dead = true;
-            let content = std::mem::replace(&mut entry.content, self.table.empty.clone());
             let id = entry.id;
-            queue.ready_count -= 1;
-            queue.bytes -= content.len() as u64;
+            queue.forget_ready(&gone);
+            queue.bytes -= gone.size as u64;
             self.table.store.apply(StoreOp::Delete { id, seq });
             self.table.totals.expired += 1;
             expired += 1;
@@ -602,12 +780,18 @@ impl Broker {
         seq
     }
 
-    /// Adds a message at the tail of its queue: its `seq` is the newest.
-    fn append_ready(&mut self, queue: &QueueName, ready: Ready) {
+    /// Adds a message at the tail of its queue: its `seq` is the newest. Past the queue's
+    /// window its content is let go (the store has it, and reads it back when its turn nears).
+    fn append_ready(&mut self, queue: &QueueName, mut ready: Ready) {
         self.table.index_expiry(queue, ready.seq, ready.expires_at);
         let q = self.queues.entry(queue.clone()).or_default();
-        q.ready_count += 1;
-        q.bytes += ready.content.len() as u64;
+        if q.keeps_next(ready.size, self.table.window) {
+            q.loaded_through = ready.seq;
+        } else {
+            ready.content = None;
+        }
+        q.count_ready(&ready);
+        q.bytes += ready.size as u64;
         q.ready.push_back(ready);
     }
 
@@ -665,6 +849,9 @@ impl Broker {
             let Some(entry) = queue.pop_ready(table, now) else {
                 break;
             };
+            let Some(content) = entry.content else {
+                break; // pop_ready only returns entries with content
+            };
             if let Some(subscription) = queue.subscribers.get_mut(&conn) {
                 subscription.held += 1;
             }
@@ -675,7 +862,7 @@ impl Broker {
                 conn,
                 queue: name.clone(),
                 id: entry.id,
-                content: entry.content.clone(),
+                content: content.clone(),
                 ttl_remaining: (speaks_v11 && entry.expires_at != NEVER)
                     .then(|| remaining_seconds(entry.expires_at, now)),
             });
@@ -684,13 +871,14 @@ impl Broker {
                 Held {
                     queue: name.clone(),
                     seq: entry.seq,
-                    content: entry.content,
+                    content,
                     accepted_at: entry.accepted_at,
                     expires_at: entry.expires_at,
                     holder: conn,
                 },
             );
         }
+        queue.fetch_ahead(name, table);
     }
 
     fn drop_queue_if_unused(&mut self, name: &QueueName) {

@@ -3,13 +3,76 @@
 use super::*;
 use std::sync::Mutex;
 
-/// A store that records every operation, shared with the test.
+/// A store that records every operation, shared with the test; a windowed one also takes
+/// fetch requests, which the test answers with [`Recorder::serve`] when it likes.
 #[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<StoreOp>>>);
+struct Recorder {
+    ops: Arc<Mutex<Vec<StoreOp>>>,
+    fetches: Arc<Mutex<Vec<FetchRequest>>>,
+    can_fetch: bool,
+}
 
 impl Store for Recorder {
     fn apply(&mut self, op: StoreOp) {
-        self.0.lock().unwrap().push(op);
+        self.ops.lock().unwrap().push(op);
+    }
+
+    fn can_fetch(&self) -> bool {
+        self.can_fetch
+    }
+
+    fn fetch(&mut self, request: FetchRequest) {
+        assert!(self.can_fetch);
+        self.fetches.lock().unwrap().push(request);
+    }
+}
+
+impl Recorder {
+    /// What the store holds now, by seq, replayed from the ops.
+    fn contents(&self) -> BTreeMap<u64, Arc<[u8]>> {
+        let mut stored = BTreeMap::new();
+        for op in self.ops.lock().unwrap().iter() {
+            match op {
+                StoreOp::Insert(m) => {
+                    stored.insert(m.seq, m.content.clone());
+                }
+                StoreOp::Delete { seq, .. } => {
+                    stored.remove(seq);
+                }
+                StoreOp::Requeue { old_seq, seq, .. } => {
+                    if let Some(content) = stored.remove(old_seq) {
+                        stored.insert(*seq, content);
+                    }
+                }
+            }
+        }
+        stored
+    }
+
+    /// Answers every fetch asked for so far, as the store writer does; returns how many.
+    fn serve(&self, b: &mut Broker, now: Millis, out: &mut Vec<Delivery>) -> usize {
+        let requests = std::mem::take(&mut *self.fetches.lock().unwrap());
+        let stored = self.contents();
+        for request in &requests {
+            let contents = request
+                .seqs
+                .iter()
+                .filter_map(|seq| stored.get(seq).map(|c| (*seq, c.clone())))
+                .collect();
+            b.attach(
+                Fetched {
+                    request: request.clone(),
+                    contents,
+                },
+                now,
+                out,
+            );
+        }
+        requests.len()
+    }
+
+    fn pending_fetches(&self) -> usize {
+        self.fetches.lock().unwrap().len()
     }
 }
 
@@ -20,6 +83,18 @@ fn q(name: &str) -> QueueName {
 fn broker() -> (Broker, Recorder) {
     let recorder = Recorder::default();
     let broker = Broker::with_ids(Box::new(recorder.clone()), IdGenerator::with_nonce(7));
+    (broker, recorder)
+}
+
+/// A broker whose store reads content back, keeping `messages` / `bytes` per queue in memory.
+fn windowed_broker(messages: usize, bytes: u64) -> (Broker, Recorder) {
+    let recorder = Recorder {
+        can_fetch: true,
+        ..Recorder::default()
+    };
+    let mut broker = Broker::with_ids(Box::new(recorder.clone()), IdGenerator::with_nonce(7));
+    assert!(broker.table.window.is_some());
+    broker.table.window = Some(Window { messages, bytes });
     (broker, recorder)
 }
 
@@ -237,7 +312,7 @@ fn requeue_goes_to_the_tail_with_a_new_ttl() {
         out[0].ttl_remaining, None,
         "v1.0 connections never see a TTL"
     );
-    let ops = store.0.lock().unwrap();
+    let ops = store.ops.lock().unwrap();
     assert!(ops.contains(&StoreOp::Requeue {
         id: a,
         old_seq: 1,
@@ -275,7 +350,7 @@ fn dead_letter_removes_regardless_of_ttl() {
     assert_eq!(b.message_count(), 0);
     assert_eq!(b.totals().dead_lettered, 1);
     assert_eq!(
-        store.0.lock().unwrap().last(),
+        store.ops.lock().unwrap().last(),
         Some(&StoreOp::Delete { id, seq: 1 })
     );
 }
@@ -348,7 +423,7 @@ fn sweep_expires_waiting_messages_and_drops_empty_queues() {
     assert_eq!(b.message_count(), 0);
     assert_eq!(b.queue_stats("jobs"), None);
     assert_eq!(
-        store.0.lock().unwrap().last(),
+        store.ops.lock().unwrap().last(),
         Some(&StoreOp::Delete { id: short, seq: 1 })
     );
 }
@@ -401,7 +476,7 @@ fn store_sees_every_change() {
     b.consume(1, q("jobs"), 1, 0, &mut out);
     let id = send(&mut b, "jobs", "x", &mut out);
     b.ack(1, &q("jobs"), Some(id), 0, &mut out);
-    let ops = store.0.lock().unwrap();
+    let ops = store.ops.lock().unwrap();
     assert_eq!(ops.len(), 2);
     assert!(
         matches!(&ops[0], StoreOp::Insert(m) if m.id == id && m.seq == 1 && &*m.content == b"x")
@@ -432,17 +507,17 @@ fn queues_exist_while_in_use() {
 fn restored_messages_are_ready_in_order_and_new_ones_follow() {
     let (mut b, store) = broker();
     for (seq, body) in [(10, "a"), (11, "b")] {
-        b.restore(StoredMessage {
+        b.restore(StoredRow {
             id: MessageId::from_u128(seq.into()),
-            queue: q("jobs"),
-            content: Arc::from(body.as_bytes()),
+            queue: &q("jobs"),
+            content: body.as_bytes(),
             accepted_at: 0,
             expires_at: None,
             seq,
         });
     }
     assert!(
-        store.0.lock().unwrap().is_empty(),
+        store.ops.lock().unwrap().is_empty(),
         "restoring reports nothing"
     );
     let mut out = Vec::new();
@@ -451,7 +526,7 @@ fn restored_messages_are_ready_in_order_and_new_ones_follow() {
     b.consume(1, q("jobs"), 10, 0, &mut out);
     assert_eq!(bodies(&out), ["a", "b", "c"]);
     assert_eq!(out[0].id, MessageId::from_u128(10));
-    assert!(matches!(&store.0.lock().unwrap()[0], StoreOp::Insert(m) if m.seq == 12));
+    assert!(matches!(&store.ops.lock().unwrap()[0], StoreOp::Insert(m) if m.seq == 12));
 }
 
 #[test]
@@ -543,7 +618,7 @@ fn flush_drops_ready_and_in_flight_and_later_acks_are_ignored() {
     b.consume(2, q("jobs"), 10, 0, &mut out);
     assert_eq!(bodies(&out), ["new"], "flushed messages never come back");
     let deletes = store
-        .0
+        .ops
         .lock()
         .unwrap()
         .iter()
@@ -563,6 +638,31 @@ impl Broker {
         for (name, q) in &self.queues {
             let live: Vec<&Ready> = q.ready.iter().filter(|e| !e.dead).collect();
             assert_eq!(q.ready_count, live.len(), "{name}: ready_count");
+            let resident = live.iter().take_while(|e| e.content.is_some()).count();
+            assert!(
+                live[resident..].iter().all(|e| e.content.is_none()),
+                "{name}: resident entries come first"
+            );
+            assert_eq!(q.resident, resident, "{name}: resident");
+            assert_eq!(q.unloaded, live.len() - resident, "{name}: unloaded");
+            assert_eq!(
+                q.resident_bytes,
+                live[..resident].iter().map(|e| e.size as u64).sum::<u64>(),
+                "{name}: resident bytes"
+            );
+            assert!(live[..resident].iter().all(|e| e
+                .content
+                .as_ref()
+                .is_some_and(|c| c.len() == e.size)
+                && e.seq <= q.loaded_through));
+            if q.fetching.is_none() {
+                assert!(
+                    live[resident..].iter().all(|e| e.seq > q.loaded_through),
+                    "{name}: nothing asked for without a fetch under way"
+                );
+            }
+            assert!(self.table.window.is_some() || q.unloaded == 0);
+            assert!(q.ready.iter().all(|e| !e.dead || e.content.is_none()));
             assert!(
                 q.ready
                     .iter()
@@ -577,7 +677,7 @@ impl Broker {
                 .filter(|h| h.queue == *name)
                 .collect();
             assert_eq!(q.in_flight, held.len(), "{name}: in_flight");
-            let bytes: u64 = live.iter().map(|e| e.content.len() as u64).sum::<u64>()
+            let bytes: u64 = live.iter().map(|e| e.size as u64).sum::<u64>()
                 + held.iter().map(|h| h.content.len() as u64).sum::<u64>();
             assert_eq!(q.bytes, bytes, "{name}: bytes");
             for (conn, sub) in &q.subscribers {
@@ -601,7 +701,7 @@ impl Broker {
             return;
         }
         let mut stored = std::collections::HashMap::new();
-        for op in store.0.lock().unwrap().iter() {
+        for op in store.ops.lock().unwrap().iter() {
             match op {
                 StoreOp::Insert(m) => {
                     stored.insert(m.id, m.seq);
@@ -630,7 +730,17 @@ impl Broker {
 
 #[test]
 fn random_operations_keep_every_invariant() {
-    let (mut b, store) = broker();
+    let (b, store) = broker();
+    random_operations(b, &store);
+}
+
+#[test]
+fn random_operations_keep_every_invariant_with_a_small_window() {
+    let (b, store) = windowed_broker(3, 30);
+    random_operations(b, &store);
+}
+
+fn random_operations(mut b: Broker, store: &Recorder) {
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut next = move |n: u64| {
         rng ^= rng << 13;
@@ -642,6 +752,7 @@ fn random_operations_keep_every_invariant() {
     let mut out = Vec::new();
     let mut delivered: Vec<Delivery> = Vec::new();
     let mut now = 0;
+    let mut fetches = 0;
     for conn in 1..=3 {
         b.connect(conn);
     }
@@ -680,19 +791,191 @@ fn random_operations_keep_every_invariant() {
                 delivered.retain(|d| d.queue != queue);
             }
             96..=97 => b.set_paused(conn, next(2) == 0, now, &mut out),
-            _ => {}
+            _ => {
+                // Fetches are answered late, after any number of other changes.
+                fetches += store.serve(&mut b, now, &mut out);
+            }
         }
         delivered.append(&mut out);
-        b.check_invariants(&store, step % 100 == 0);
+        b.check_invariants(store, step % 100 == 0);
     }
+    // Nothing waits for good: a consumer with room gets every ready message, fetched or not.
+    b.connect(9);
+    for name in queues {
+        b.consume(9, q(name), u64::MAX, now, &mut out);
+    }
+    while store.serve(&mut b, now, &mut out) > 0 {}
+    for name in queues {
+        let ready = b.queue_stats(name).map_or(0, |s| s.ready);
+        assert_eq!(ready, 0, "{name}: ready messages left behind");
+    }
+    b.check_invariants(store, true);
+    out.clear();
+    b.disconnect(9, now, &mut out);
     b.flush_all(now, &mut out);
     assert!(out.is_empty());
     for conn in 1..=3 {
         b.disconnect(conn, now, &mut out);
     }
     assert_eq!(b.message_count(), 0);
-    b.check_invariants(&store, true);
+    b.check_invariants(store, true);
     assert!(b.totals().delivered > 500 && b.totals().expired > 0 && b.totals().requeued > 0);
+    assert!(!store.can_fetch || fetches > 100, "{fetches} fetches");
+}
+
+/// Sends `n` numbered messages to `queue`.
+fn send_numbered(b: &mut Broker, queue: &str, n: usize, out: &mut Vec<Delivery>) {
+    for i in 0..n {
+        send(b, queue, &i.to_string(), out);
+    }
+}
+
+fn numbered(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| i.to_string()).collect()
+}
+
+#[test]
+fn a_backlog_beyond_the_window_is_read_back_in_order() {
+    let (mut b, store) = windowed_broker(4, 1 << 20);
+    let mut out = Vec::new();
+    send_numbered(&mut b, "jobs", 10, &mut out);
+    b.check_invariants(&store, true);
+    let jobs = &b.queues["jobs"];
+    assert_eq!(
+        (jobs.resident, jobs.unloaded),
+        (4, 6),
+        "only the window stays"
+    );
+    assert_eq!(b.queue_stats("jobs").unwrap().ready, 10);
+    assert_eq!(
+        b.queue_statuses(0)[0].bytes,
+        10,
+        "sizes are known without content"
+    );
+    assert_eq!(
+        store.pending_fetches(),
+        0,
+        "nothing asked for while the window is full"
+    );
+
+    b.connect(1);
+    b.consume(1, q("jobs"), 100, 0, &mut out);
+    assert_eq!(bodies(&out), numbered(0..4), "the resident ones go at once");
+    assert_eq!(store.pending_fetches(), 1, "the next ones are asked for");
+    assert_eq!(store.fetches.lock().unwrap()[0].seqs, [5, 6, 7, 8]);
+    out.clear();
+    send(&mut b, "jobs", "10", &mut out);
+    assert!(
+        out.is_empty(),
+        "a newer message never overtakes the unloaded ones"
+    );
+    while store.serve(&mut b, 0, &mut out) > 0 {
+        b.check_invariants(&store, true);
+    }
+    assert_eq!(bodies(&out), numbered(4..11), "the rest, in FIFO order");
+    b.check_invariants(&store, true);
+}
+
+#[test]
+fn the_window_counts_bytes_too() {
+    let (mut b, _) = windowed_broker(100, 9);
+    let mut out = Vec::new();
+    for body in ["1234", "5678", "9", "0"] {
+        send(&mut b, "jobs", body, &mut out);
+    }
+    let jobs = &b.queues["jobs"];
+    assert_eq!(
+        (jobs.resident, jobs.unloaded),
+        (3, 1),
+        "9 of 9 bytes resident"
+    );
+    let (mut b, _) = windowed_broker(100, 10);
+    send(&mut b, "big", &"x".repeat(50), &mut out);
+    send(&mut b, "big", "y", &mut out);
+    let big = &b.queues["big"];
+    assert_eq!(
+        (big.resident, big.unloaded),
+        (1, 1),
+        "one oversized message still fits"
+    );
+}
+
+#[test]
+fn restored_content_beyond_the_window_stays_in_the_store() {
+    let (mut b, store) = windowed_broker(2, 1 << 20);
+    let jobs = q("jobs");
+    for seq in 1..=5u64 {
+        let body = seq.to_string();
+        // The store holds what recovery reads.
+        store
+            .ops
+            .lock()
+            .unwrap()
+            .push(StoreOp::Insert(StoredMessage {
+                id: MessageId::from_u128(seq.into()),
+                queue: jobs.clone(),
+                content: Arc::from(body.as_bytes()),
+                accepted_at: 0,
+                expires_at: None,
+                seq,
+            }));
+        b.restore(StoredRow {
+            id: MessageId::from_u128(seq.into()),
+            queue: &jobs,
+            content: body.as_bytes(),
+            accepted_at: 0,
+            expires_at: None,
+            seq,
+        });
+    }
+    let queue = &b.queues["jobs"];
+    assert_eq!((queue.resident, queue.unloaded), (2, 3));
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, jobs, 10, 0, &mut out);
+    while store.serve(&mut b, 0, &mut out) > 0 {}
+    assert_eq!(bodies(&out), ["1", "2", "3", "4", "5"]);
+    b.check_invariants(&store, true);
+}
+
+#[test]
+fn an_answer_to_a_fetch_overtaken_by_a_flush_is_ignored() {
+    let (mut b, store) = windowed_broker(2, 1 << 20);
+    let mut out = Vec::new();
+    send_numbered(&mut b, "jobs", 6, &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, 0, &mut out);
+    assert_eq!(store.pending_fetches(), 1);
+    b.flush("jobs", 0, &mut out);
+    out.clear();
+    assert_eq!(store.serve(&mut b, 0, &mut out), 1);
+    assert!(out.is_empty(), "nothing comes back to life");
+    b.check_invariants(&store, true);
+    send(&mut b, "jobs", "after", &mut out);
+    assert_eq!(bodies(&out), ["after"]);
+}
+
+#[test]
+fn a_message_missing_from_the_store_is_dropped_not_waited_for() {
+    let (mut b, store) = windowed_broker(1, 1 << 20);
+    let mut out = Vec::new();
+    send_numbered(&mut b, "jobs", 4, &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 10, 0, &mut out);
+    // The store lost message 2 (seq 2): answer without it.
+    let request = store.fetches.lock().unwrap().remove(0);
+    assert_eq!(request.seqs, [2]);
+    b.attach(
+        Fetched {
+            request,
+            contents: Vec::new(),
+        },
+        0,
+        &mut out,
+    );
+    while store.serve(&mut b, 0, &mut out) > 0 {}
+    assert_eq!(bodies(&out), ["0", "2", "3"]);
+    assert_eq!(b.queue_stats("jobs").unwrap().ready, 0);
 }
 
 #[test]

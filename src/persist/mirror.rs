@@ -26,8 +26,8 @@ pub struct MirrorReport {
     pub bytes: u64,
     /// The whole mirror: copy, sync, rename.
     pub duration: Duration,
-    /// How long the in-memory database was locked (the store writer waits meanwhile; the
-    /// broker never does).
+    /// The longest the store writer spent copying in one go (its batches and fetches wait
+    /// meanwhile; the broker never does).
     pub locked: Duration,
     /// When it was complete on disk.
     pub finished_at: Millis,
@@ -67,32 +67,54 @@ fn copy_all(from: &Connection, to: &mut Connection) -> rusqlite::Result<()> {
     ))
 }
 
-/// Writes the in-memory database to `target`.
-pub fn write(shared: &Shared, target: &Path) -> Result<MirrorReport, PersistError> {
-    let started = Instant::now();
-    let temp = temp_path(target);
-    match fs::remove_file(&temp) {
+/// Creates a fresh `temp` (replacing a stale one) to copy a mirror into.
+pub fn create_temp(temp: &Path) -> Result<Connection, PersistError> {
+    match fs::remove_file(temp) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io_error("remove", &temp)(e))
+            return Err(io_error("remove", temp)(e))
         }
         _ => {}
     }
     let sqlite = |action| {
-        let temp = temp.clone();
         move |source| PersistError::Sqlite {
             action,
-            path: temp.clone(),
+            path: temp.to_owned(),
             source,
         }
     };
-    let mut file = Connection::open(&temp).map_err(sqlite("create"))?;
+    let file = Connection::open(temp).map_err(sqlite("create"))?;
     // We sync the finished file ourselves; SQLite's journal and syncs would only slow the copy.
     file.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
         .map_err(sqlite("set up"))?;
+    Ok(file)
+}
+
+/// Makes a complete copy at `temp` the mirror: sync it, rename it over `target`, sync the
+/// directory. Returns its size.
+pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
+    let synced = File::open(temp).map_err(io_error("open", temp))?;
+    synced.sync_all().map_err(io_error("sync", temp))?;
+    let bytes = synced.metadata().map(|m| m.len()).unwrap_or_default();
+    drop(synced);
+    fs::rename(temp, target).map_err(io_error("rename into place", target))?;
+    sync_dir(target)?;
+    Ok(bytes)
+}
+
+/// Writes the in-memory database to `target` in one go (at creation and after the writer
+/// stopped; while it runs, the writer copies a few pages at a time).
+pub fn write(shared: &Shared, target: &Path) -> Result<MirrorReport, PersistError> {
+    let started = Instant::now();
+    let temp = temp_path(target);
+    let mut file = create_temp(&temp)?;
     let (generation, messages, locked) = {
         let memory = shared.memory.lock().map_err(|_| PersistError::Poisoned)?;
         let locked_at = Instant::now();
-        copy_all(&memory, &mut file).map_err(sqlite("write"))?;
+        copy_all(&memory, &mut file).map_err(|source| PersistError::Sqlite {
+            action: "write",
+            path: temp.clone(),
+            source,
+        })?;
         (
             shared.generation.load(Ordering::Acquire),
             shared.rows.load(Ordering::Relaxed),
@@ -100,12 +122,7 @@ pub fn write(shared: &Shared, target: &Path) -> Result<MirrorReport, PersistErro
         )
     };
     drop(file);
-    let synced = File::open(&temp).map_err(io_error("open", &temp))?;
-    synced.sync_all().map_err(io_error("sync", &temp))?;
-    let bytes = synced.metadata().map(|m| m.len()).unwrap_or_default();
-    drop(synced);
-    fs::rename(&temp, target).map_err(io_error("rename into place", target))?;
-    sync_dir(target)?;
+    let bytes = put_in_place(&temp, target)?;
     Ok(MirrorReport {
         generation,
         messages,

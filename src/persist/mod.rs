@@ -3,8 +3,9 @@
 //! ever waiting for a disk.
 //!
 //! - `schema`: the tables, recognising our files, reading messages back.
-//! - `writer`: the thread that applies the broker's changes to the in-memory database.
-//! - `mirror`: copying memory to file (atomically) and file to memory.
+//! - `writer`: the thread that owns the in-memory database: applies the broker's changes, reads
+//!   content back for the broker, copies the database for the mirror.
+//! - `mirror`: putting copies in place atomically, and loading a file into memory.
 //!
 //! The loss window: a hard crash loses what changed since the last completed mirror.
 
@@ -16,7 +17,7 @@ pub use mirror::MirrorReport;
 pub use schema::SCHEMA_VERSION;
 pub use writer::ChannelStore;
 
-use crate::store::StoredMessage;
+use crate::store::{Backlog, Fetched, StoredRow};
 use crossbeam_channel::{bounded, select, tick, unbounded, Receiver, Sender};
 use log::{debug, error, info};
 use std::fmt;
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
-use writer::{Command, Shared};
+use writer::{Callbacks, Command, Shared};
 
 /// What went wrong with the database file or the in-memory store.
 #[derive(Debug)]
@@ -109,7 +110,8 @@ pub struct Persistence {
     target: PathBuf,
     interval: Duration,
     commands: Sender<Command>,
-    pending: Option<Receiver<Command>>,
+    fetches: Sender<crate::store::FetchRequest>,
+    pending: Option<(Receiver<Command>, Receiver<crate::store::FetchRequest>)>,
     writer: Option<JoinHandle<()>>,
     mirror: Option<(Sender<()>, JoinHandle<()>)>,
     last_mirror: Arc<Mutex<Option<MirrorReport>>>,
@@ -127,42 +129,35 @@ impl MirrorStatus {
     }
 }
 
-/// What [`Persistence::open`] found.
-pub struct Recovered {
-    pub persistence: Persistence,
-    /// Every stored message, in FIFO order.
-    pub messages: Vec<StoredMessage>,
-    pub took: Duration,
-}
-
 impl Persistence {
     /// Loads `target` if it exists (refusing anything that is not a phpmq database), or starts
     /// empty and writes a first mirror so that an unwritable location fails now, not later.
-    pub fn open(target: &Path, interval: Duration) -> Result<Recovered, PersistError> {
-        let started = Instant::now();
+    /// Then [`Persistence::recover`] hands out what it holds.
+    pub fn open(target: &Path, interval: Duration) -> Result<Persistence, PersistError> {
         let exists = target.try_exists().map_err(|source| PersistError::Io {
             action: "look at",
             path: target.to_owned(),
             source,
         })?;
-        let (memory, messages) = if exists {
-            let memory = mirror::load(target)?;
-            let messages = schema::load(&memory, target)?;
-            (memory, messages)
+        let memory = if exists {
+            mirror::load(target)?
         } else {
-            (mirror::new_memory()?, Vec::new())
+            mirror::new_memory()?
         };
-        let (commands, pending) = unbounded();
+        let (commands, pending_commands) = unbounded();
+        let (fetches, pending_fetches) = unbounded();
         let persistence = Persistence {
             shared: Arc::new(Shared {
                 memory: Mutex::new(memory),
                 generation: AtomicU64::new(0),
-                rows: AtomicI64::new(messages.len() as i64),
+                rows: AtomicI64::new(0),
+                backlog: Arc::default(),
             }),
             target: target.to_owned(),
             interval,
             commands,
-            pending: Some(pending),
+            fetches,
+            pending: Some((pending_commands, pending_fetches)),
             writer: None,
             mirror: None,
             last_mirror: Arc::default(),
@@ -177,11 +172,21 @@ impl Persistence {
             info!("created {}", target.display());
             persistence.record(report);
         }
-        Ok(Recovered {
-            persistence,
-            messages,
-            took: started.elapsed(),
-        })
+        Ok(persistence)
+    }
+
+    /// Hands every stored message to `restore`, in FIFO order, and returns how many. Reading
+    /// every row walks every page, so a damaged file shows up here as an error rather than as
+    /// lost messages later.
+    pub fn recover(&self, restore: &mut dyn FnMut(StoredRow<'_>)) -> Result<usize, PersistError> {
+        let memory = self
+            .shared
+            .memory
+            .lock()
+            .map_err(|_| PersistError::Poisoned)?;
+        let count = schema::load(&memory, &self.target, restore)?;
+        self.shared.rows.store(count as i64, Ordering::Relaxed);
+        Ok(count)
     }
 
     pub fn path(&self) -> &Path {
@@ -194,7 +199,16 @@ impl Persistence {
 
     /// The store to give the broker.
     pub fn store(&self) -> ChannelStore {
-        ChannelStore(self.commands.clone())
+        ChannelStore {
+            commands: self.commands.clone(),
+            fetches: self.fetches.clone(),
+            backlog: self.shared.backlog.clone(),
+        }
+    }
+
+    /// How far the writer is behind the broker (producers wait while it is high).
+    pub fn backlog(&self) -> Arc<Backlog> {
+        self.shared.backlog.clone()
     }
 
     /// The most recent completed mirror.
@@ -207,17 +221,27 @@ impl Persistence {
         MirrorStatus(self.last_mirror.clone())
     }
 
-    /// Starts the writer and mirror threads. `on_fatal` hears of a write to the in-memory
-    /// database that failed: the store is then incomplete and the server must stop.
-    pub fn start(&mut self, on_fatal: Arc<dyn Fn(PersistError) + Send + Sync>) -> io::Result<()> {
-        let Some(pending) = self.pending.take() else {
+    /// Starts the writer and mirror threads. `on_fetched` gets the content the broker asked
+    /// for (give it to [`crate::broker::Broker::attach`]). `on_fatal` hears of a write to or
+    /// read from the in-memory database that failed: the store is then incomplete and the
+    /// server must stop.
+    pub fn start(
+        &mut self,
+        on_fetched: Arc<dyn Fn(Fetched) + Send + Sync>,
+        on_fatal: Arc<dyn Fn(PersistError) + Send + Sync>,
+    ) -> io::Result<()> {
+        let Some((commands, fetches)) = self.pending.take() else {
             return Ok(());
         };
         let shared = self.shared.clone();
+        let callbacks = Callbacks {
+            fetched: on_fetched,
+            error: on_fatal,
+        };
         self.writer = Some(
             thread::Builder::new()
                 .name("phpmq-store".into())
-                .spawn(move || writer::run(&shared, &pending, &*on_fatal))?,
+                .spawn(move || writer::run(&shared, &commands, &fetches, &callbacks))?,
         );
         let (stop, stopped) = bounded(1);
         let shared = self.shared.clone();
@@ -225,9 +249,14 @@ impl Persistence {
         let interval = self.interval;
         let last = self.last_mirror.clone();
         let on_disk = self.on_disk.clone();
+        let writer = self.commands.clone();
         let handle = thread::Builder::new()
             .name("phpmq-mirror".into())
-            .spawn(move || mirror_loop(&shared, &target, interval, &stopped, &on_disk, &last))?;
+            .spawn(move || {
+                mirror_loop(
+                    &shared, &writer, &target, interval, &stopped, &on_disk, &last,
+                )
+            })?;
         self.mirror = Some((stop, handle));
         Ok(())
     }
@@ -286,7 +315,7 @@ fn is_on_disk(shared: &Shared, on_disk: &AtomicU64) -> bool {
 
 fn record(on_disk: &AtomicU64, last: &Mutex<Option<MirrorReport>>, report: MirrorReport) {
     debug!(
-        "mirrored {} messages: {} bytes in {} ms (store locked {} ms)",
+        "mirrored {} messages: {} bytes in {} ms (longest store pause {} ms)",
         report.messages,
         report.bytes,
         report.duration.as_millis(),
@@ -299,6 +328,7 @@ fn record(on_disk: &AtomicU64, last: &Mutex<Option<MirrorReport>>, report: Mirro
 /// Mirrors on every tick when something changed, until the stop channel closes.
 fn mirror_loop(
     shared: &Shared,
+    writer: &Sender<Command>,
     target: &Path,
     interval: Duration,
     stop: &Receiver<()>,
@@ -312,8 +342,10 @@ fn mirror_loop(
                 if is_on_disk(shared, on_disk) {
                     continue;
                 }
-                match mirror::write(shared, target) {
-                    Ok(report) => record(on_disk, last, report),
+                match mirror_once(writer, target, stop) {
+                    Ok(Some(report)) => record(on_disk, last, report),
+                    // The writer has stopped: the final mirror is not ours to write.
+                    Ok(None) => return,
                     // The previous mirror stays in place; try again on the next tick.
                     Err(e) => error!("mirror of {} failed, will retry: {e}", target.display()),
                 }
@@ -321,6 +353,41 @@ fn mirror_loop(
             recv(stop) -> _ => return,
         }
     }
+}
+
+/// Has the writer copy the database beside `target`, then syncs the copy and puts it in place.
+fn mirror_once(
+    writer: &Sender<Command>,
+    target: &Path,
+    stop: &Receiver<()>,
+) -> Result<Option<MirrorReport>, PersistError> {
+    let started = Instant::now();
+    let temp = mirror::temp_path(target);
+    let (reply, copied) = bounded(1);
+    let request = Command::Mirror {
+        temp: temp.clone(),
+        reply,
+    };
+    if writer.send(request).is_err() {
+        return Ok(None);
+    }
+    // The writer answers, or drops the request as it stops (and then `stop` closes).
+    let copy = select! {
+        recv(copied) -> copy => match copy {
+            Ok(copy) => copy?,
+            Err(_) => return Ok(None),
+        },
+        recv(stop) -> _ => return Ok(None),
+    };
+    let bytes = mirror::put_in_place(&temp, target)?;
+    Ok(Some(MirrorReport {
+        generation: copy.generation,
+        messages: copy.messages,
+        bytes,
+        duration: started.elapsed(),
+        locked: copy.longest_step,
+        finished_at: crate::store::now_millis(),
+    }))
 }
 
 #[cfg(test)]

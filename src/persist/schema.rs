@@ -7,10 +7,9 @@
 use super::PersistError;
 use crate::id::MessageId;
 use crate::request::QueueName;
-use crate::store::StoredMessage;
+use crate::store::StoredRow;
 use rusqlite::{Connection, ErrorCode};
 use std::path::Path;
-use std::sync::Arc;
 
 /// The schema version this build writes and the newest it reads (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 1;
@@ -92,22 +91,29 @@ pub fn check(conn: &Connection, path: &Path) -> Result<(), PersistError> {
     Ok(())
 }
 
-/// Every stored message in FIFO order. Reading every row also walks every page of the table,
-/// so a damaged file shows up here as an error rather than as lost messages later.
-pub fn load(conn: &Connection, path: &Path) -> Result<Vec<StoredMessage>, PersistError> {
+/// Hands every stored message to `restore` in FIFO order and returns how many. Reading every
+/// row also walks every page of the table, so a damaged file shows up here as an error rather
+/// than as lost messages later.
+pub fn load(
+    conn: &Connection,
+    path: &Path,
+    restore: &mut dyn FnMut(StoredRow<'_>),
+) -> Result<usize, PersistError> {
     let read = |e| classify(path, "read", e);
+    let corrupt = |detail: String| PersistError::Corrupt {
+        path: path.to_owned(),
+        detail,
+    };
     let mut statement = conn
         .prepare(
             "SELECT seq, id, queue, content, accepted_at, expires_at FROM messages ORDER BY seq",
         )
         .map_err(read)?;
     let mut rows = statement.query([]).map_err(read)?;
-    let mut messages = Vec::new();
+    let mut count = 0;
+    // Rows of one queue mostly follow each other: one name serves them all.
+    let mut queue: Option<QueueName> = None;
     while let Some(row) = rows.next().map_err(read)? {
-        let corrupt = |detail: String| PersistError::Corrupt {
-            path: path.to_owned(),
-            detail,
-        };
         let seq: i64 = row.get(0).map_err(read)?;
         let id_bytes = row
             .get_ref(1)
@@ -122,12 +128,17 @@ pub fn load(conn: &Connection, path: &Path) -> Result<Vec<StoredMessage>, Persis
                     id_bytes.len()
                 ))
             })?;
-        let queue = row
+        let name = row
             .get_ref(2)
             .map_err(read)?
             .as_bytes()
             .map_err(|e| corrupt(e.to_string()))?;
-        let queue = QueueName::new(queue).map_err(|e| corrupt(format!("message {seq}: {e}")))?;
+        if queue.as_ref().is_none_or(|q| q.as_str().as_bytes() != name) {
+            queue = Some(QueueName::new(name).map_err(|e| corrupt(format!("message {seq}: {e}")))?);
+        }
+        let Some(queue) = &queue else {
+            continue;
+        };
         let content = row
             .get_ref(3)
             .map_err(read)?
@@ -135,14 +146,15 @@ pub fn load(conn: &Connection, path: &Path) -> Result<Vec<StoredMessage>, Persis
             .map_err(|e| corrupt(e.to_string()))?;
         let accepted_at: i64 = row.get(4).map_err(read)?;
         let expires_at: Option<i64> = row.get(5).map_err(read)?;
-        messages.push(StoredMessage {
+        restore(StoredRow {
             id,
             queue,
-            content: Arc::from(content),
+            content,
             accepted_at: accepted_at.max(0) as u64,
             expires_at: expires_at.map(|at| at.max(0) as u64),
             seq: seq.max(0) as u64,
         });
+        count += 1;
     }
-    Ok(messages)
+    Ok(count)
 }

@@ -1,92 +1,316 @@
-//! The store writer: the broker's [`Store`] is a channel, and this thread applies what comes
-//! through it to the in-memory SQLite database, in batches of one transaction each.
+//! The store writer: the broker's [`Store`] is a pair of channels, and this thread owns the
+//! in-memory SQLite database: it applies the broker's changes in batches of one transaction
+//! each, reads content back for the broker's fetches, and copies the database for the mirror
+//! a few pages at a time between batches, so neither the broker nor a fetch waits for a copy.
 //!
-//! The broker never waits for SQLite: it only sends on an unbounded channel. A message that is
+//! The broker never waits for SQLite: it only sends on unbounded channels. A message that is
 //! accepted and acknowledged within one batch never touches SQLite at all.
 
+use super::mirror;
 use super::PersistError;
-use crate::store::{Store, StoreOp, StoredMessage};
-use crossbeam_channel::{Receiver, Sender};
+use crate::store::{Backlog, FetchRequest, Fetched, Store, StoreOp, StoredMessage};
+use crossbeam_channel::{select, Receiver, Sender};
+use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{params, Connection};
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// The most changes applied in one transaction.
+/// The most changes applied in one transaction (unless a fetch needs more applied first).
 const MAX_BATCH: usize = 8192;
 /// How long the writer gathers changes after the first one before writing them.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// Pages a mirror copies between two batches: 4 MiB, a few milliseconds.
+const MIRROR_STEP_PAGES: i32 = 1024;
 
 pub enum Command {
     Op(StoreOp),
     /// Replies once everything sent before it is in the database.
     Flush(Sender<()>),
+    /// Copies the database into a new file at `temp` and replies once the copy is complete
+    /// (written, not yet synced).
+    Mirror {
+        temp: PathBuf,
+        reply: Sender<Result<Copy, PersistError>>,
+    },
     Stop,
 }
 
-/// The broker's side of the channel.
-pub struct ChannelStore(pub(super) Sender<Command>);
+/// What a completed copy holds.
+pub struct Copy {
+    /// The writer generation it reflects.
+    pub generation: u64,
+    pub messages: i64,
+    /// The longest the writer spent in one copy step (its batches and fetches wait meanwhile).
+    pub longest_step: Duration,
+}
+
+/// The broker's side of the channels.
+pub struct ChannelStore {
+    pub(super) commands: Sender<Command>,
+    pub(super) fetches: Sender<FetchRequest>,
+    pub(super) backlog: Arc<Backlog>,
+}
 
 impl Store for ChannelStore {
     fn apply(&mut self, op: StoreOp) {
+        self.backlog.add(content_len(&op));
         // Fails only once the writer has stopped, at the very end of shutdown.
-        let _ = self.0.send(Command::Op(op));
+        let _ = self.commands.send(Command::Op(op));
+    }
+
+    fn can_fetch(&self) -> bool {
+        true
+    }
+
+    fn fetch(&mut self, request: FetchRequest) {
+        let _ = self.fetches.send(request);
     }
 }
 
-/// What the writer and the mirror share.
+/// What the writer and the rest of persistence share.
 pub struct Shared {
+    /// Held by the writer while it runs; the final mirror takes it after.
     pub memory: Mutex<Connection>,
     /// Bumped after every committed batch: the mirror copies only when it moved.
     pub generation: AtomicU64,
     /// Rows in `messages`, for the mirror's log line.
     pub rows: AtomicI64,
+    /// What the broker sent and this thread has not applied yet.
+    pub backlog: Arc<Backlog>,
 }
 
-/// Applies commands until `Stop` (or every sender is gone). `on_error` hears of a failed write.
-pub fn run(shared: &Shared, commands: &Receiver<Command>, on_error: &dyn Fn(PersistError)) {
-    let mut batch = Vec::new();
-    let mut flushes = Vec::new();
-    loop {
-        let Ok(first) = commands.recv() else {
-            return;
-        };
-        // Gather what comes within the window: an accept acknowledged inside it never reaches
-        // SQLite, and a busy stream costs one transaction per window, not one per message.
-        // Sleeping (rather than waiting on the channel) matters: senders then never have to
-        // wake this thread, which keeps that cost off the delivery path.
-        let urgent = matches!(first, Command::Flush(_) | Command::Stop);
-        if !urgent && commands.len() < MAX_BATCH {
-            thread::sleep(BATCH_WINDOW);
-        }
-        let mut stop = false;
-        for command in std::iter::once(first).chain(commands.try_iter()) {
-            match command {
-                Command::Op(op) => batch.push(op),
-                Command::Flush(reply) => flushes.push(reply),
-                Command::Stop => stop = true,
+fn content_len(op: &StoreOp) -> usize {
+    match op {
+        StoreOp::Insert(message) => message.content.len(),
+        _ => 0,
+    }
+}
+
+/// Where the writer sends what it read back and what went wrong.
+pub struct Callbacks {
+    pub fetched: Arc<dyn Fn(Fetched) + Send + Sync>,
+    /// A failed write or read: the store is no longer complete, and the writer has stopped.
+    pub error: Arc<dyn Fn(PersistError) + Send + Sync>,
+}
+
+/// Serves both channels until `Stop` (or every sender is gone).
+pub fn run(
+    shared: &Shared,
+    commands: &Receiver<Command>,
+    fetches: &Receiver<FetchRequest>,
+    callbacks: &Callbacks,
+) {
+    let Ok(conn) = shared.memory.lock() else {
+        (callbacks.error)(PersistError::Poisoned);
+        return;
+    };
+    let mut writer = Writer {
+        conn: &conn,
+        shared,
+        commands,
+        fetches,
+        callbacks,
+        batch: Vec::new(),
+        batch_bytes: 0,
+        flushes: Vec::new(),
+        pending_fetches: Vec::new(),
+        mirror: None,
+        copying: false,
+        stop: false,
+    };
+    if let Err(e) = writer.serve() {
+        (callbacks.error)(e);
+    }
+}
+
+struct Writer<'a> {
+    conn: &'a Connection,
+    shared: &'a Shared,
+    commands: &'a Receiver<Command>,
+    fetches: &'a Receiver<FetchRequest>,
+    callbacks: &'a Callbacks,
+    batch: Vec<StoreOp>,
+    /// Content bytes in `batch`.
+    batch_bytes: usize,
+    flushes: Vec<Sender<()>>,
+    pending_fetches: Vec<FetchRequest>,
+    mirror: Option<(PathBuf, Sender<Result<Copy, PersistError>>)>,
+    /// A copy is under way (it must not see the database rebuilt).
+    copying: bool,
+    stop: bool,
+}
+
+impl Writer<'_> {
+    fn serve(&mut self) -> Result<(), PersistError> {
+        while !self.stop {
+            select! {
+                recv(self.commands) -> command => match command {
+                    Ok(command) => self.take(command),
+                    Err(_) => return Ok(()),
+                },
+                recv(self.fetches) -> request => {
+                    if let Ok(request) = request {
+                        self.pending_fetches.push(request);
+                    }
+                }
             }
-            if stop || batch.len() >= MAX_BATCH {
+            // Gather what comes within the window: an accept acknowledged inside it never
+            // reaches SQLite, and a busy stream costs one transaction per window, not one per
+            // message. Senders of changes never have to wake this thread; a fetch does, since
+            // a consumer may be waiting for it.
+            let only_changes = self.flushes.is_empty()
+                && self.pending_fetches.is_empty()
+                && self.mirror.is_none()
+                && !self.stop;
+            if only_changes && self.commands.len() < MAX_BATCH {
+                if let Ok(request) = self.fetches.recv_timeout(BATCH_WINDOW) {
+                    self.pending_fetches.push(request);
+                }
+            }
+            self.work()?;
+            if let Some((temp, reply)) = self.mirror.take() {
+                self.copying = true;
+                let copied = self.copy_to(&temp);
+                self.copying = false;
+                let failed = copied.is_err();
+                let _ = reply.send(copied);
+                if failed {
+                    // The next tick tries again; a failed copy says nothing about the store.
+                    continue;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, command: Command) {
+        match command {
+            Command::Op(op) => {
+                self.batch_bytes += content_len(&op);
+                self.batch.push(op);
+            }
+            Command::Flush(reply) => self.flushes.push(reply),
+            Command::Mirror { temp, reply } => self.mirror = Some((temp, reply)),
+            Command::Stop => self.stop = true,
+        }
+    }
+
+    /// Applies what is waiting, then answers flushes and fetches. Never blocks.
+    fn work(&mut self) -> Result<(), PersistError> {
+        self.pending_fetches.extend(self.fetches.try_iter());
+        // Every change the broker made before asking for a fetch is in the channel by now,
+        // and must be applied before the fetch is answered.
+        let mut owed = if self.pending_fetches.is_empty() {
+            0
+        } else {
+            self.commands.len()
+        };
+        while !self.stop {
+            let Ok(command) = self.commands.try_recv() else {
+                break;
+            };
+            self.take(command);
+            owed = owed.saturating_sub(1);
+            if owed == 0 && self.batch.len() >= MAX_BATCH {
                 break;
             }
         }
-        if !batch.is_empty() {
-            let ops = coalesce(std::mem::take(&mut batch));
-            if let Err(e) = write_batch(shared, &ops) {
-                on_error(e);
-                return;
-            }
+        if !self.batch.is_empty() {
+            let changes = self.batch.len();
+            let ops = coalesce(std::mem::take(&mut self.batch));
+            write_batch(self.shared, self.conn, &ops, !self.copying)?;
+            drop(ops);
+            self.shared
+                .backlog
+                .remove(changes, std::mem::take(&mut self.batch_bytes));
         }
-        for reply in flushes.drain(..) {
+        for reply in self.flushes.drain(..) {
             let _ = reply.send(());
         }
-        if stop {
-            return;
+        for request in std::mem::take(&mut self.pending_fetches) {
+            let contents =
+                read_contents(self.conn, &request.seqs).map_err(|source| PersistError::Sqlite {
+                    action: "read from",
+                    path: ":memory:".into(),
+                    source,
+                })?;
+            (self.callbacks.fetched)(Fetched { request, contents });
+        }
+        Ok(())
+    }
+
+    /// Copies the database into `temp` a few pages at a time, applying changes and answering
+    /// fetches between steps. Changes made meanwhile reach the copy too: SQLite updates a
+    /// backup when its source changes through the same connection.
+    fn copy_to(&mut self, temp: &std::path::Path) -> Result<Copy, PersistError> {
+        let sqlite = |action| {
+            move |source| PersistError::Sqlite {
+                action,
+                path: temp.to_owned(),
+                source,
+            }
+        };
+        let mut file = mirror::create_temp(temp)?;
+        let mut longest_step = Duration::ZERO;
+        {
+            let backup = Backup::new(self.conn, &mut file).map_err(sqlite("write"))?;
+            loop {
+                let started = Instant::now();
+                let step = backup.step(MIRROR_STEP_PAGES).map_err(sqlite("write"))?;
+                longest_step = longest_step.max(started.elapsed());
+                match step {
+                    StepResult::Done => break,
+                    StepResult::More => {}
+                    // Nothing else uses either database; back off rather than spin.
+                    _ => thread::sleep(Duration::from_millis(1)),
+                }
+                // Copy steps do not wait for the batching window.
+                self.work()?;
+            }
+        }
+        drop(file);
+        Ok(Copy {
+            generation: self.shared.generation.load(Ordering::Acquire),
+            messages: self.shared.rows.load(Ordering::Relaxed),
+            longest_step,
+        })
+    }
+}
+
+/// The content of the stored messages among `seqs` (ascending), ascending by seq. A dense run
+/// (the usual case: one queue's backlog) is read with one range scan, a sparse set row by row.
+fn read_contents(conn: &Connection, seqs: &[u64]) -> rusqlite::Result<Vec<(u64, Arc<[u8]>)>> {
+    let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        return Ok(Vec::new());
+    };
+    let mut contents = Vec::with_capacity(seqs.len());
+    if last - first < 2 * seqs.len() as u64 + 64 {
+        let mut statement =
+            conn.prepare_cached("SELECT seq, content FROM messages WHERE seq BETWEEN ?1 AND ?2")?;
+        let mut rows = statement.query(params![first as i64, last as i64])?;
+        let mut wanted = seqs.iter().peekable();
+        while let Some(row) = rows.next()? {
+            let seq = row.get::<_, i64>(0)? as u64;
+            while wanted.next_if(|&&w| w < seq).is_some() {}
+            if wanted.next_if(|&&w| w == seq).is_some() {
+                contents.push((seq, Arc::from(row.get_ref(1)?.as_blob()?)));
+            }
+        }
+    } else {
+        let mut statement = conn.prepare_cached("SELECT content FROM messages WHERE seq = ?1")?;
+        for &seq in seqs {
+            let mut rows = statement.query(params![seq as i64])?;
+            if let Some(row) = rows.next()? {
+                contents.push((seq, Arc::from(row.get_ref(0)?.as_blob()?)));
+            }
         }
     }
+    Ok(contents)
 }
 
 /// Drops inserts that a later op in the same batch deletes, and folds re-queues of messages
@@ -155,7 +379,12 @@ fn insert_sql(rows: usize) -> String {
 /// and a deleted message is never touched again, so the batch is applied by kind: inserts in
 /// multi-row statements, then re-queues, then deletes as ranges of consecutive positions
 /// (consumers acknowledge in FIFO order, so a batch's deletes are mostly long runs).
-fn write_batch(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
+fn write_batch(
+    shared: &Shared,
+    conn: &Connection,
+    ops: &[StoreOp],
+    may_shrink: bool,
+) -> Result<(), PersistError> {
     let mut inserts: Vec<&StoredMessage> = Vec::new();
     let mut requeues = Vec::new();
     let mut deletes: Vec<i64> = Vec::new();
@@ -173,13 +402,13 @@ fn write_batch(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
     }
     deletes.sort_unstable();
 
-    let mut conn = shared.memory.lock().map_err(|_| PersistError::Poisoned)?;
     let fail = |source| PersistError::Sqlite {
         action: "write to",
         path: ":memory:".into(),
         source,
     };
-    let tx = conn.transaction().map_err(fail)?;
+    // Unchecked: a mirror's backup borrows the connection too (shared), between batches.
+    let tx = conn.unchecked_transaction().map_err(fail)?;
     let mut row_delta = 0i64;
     static FULL_CHUNK_SQL: OnceLock<String> = OnceLock::new();
     let full_chunk_sql = FULL_CHUNK_SQL.get_or_init(|| insert_sql(INSERT_CHUNK));
@@ -239,8 +468,8 @@ fn write_batch(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
     }
     tx.commit().map_err(fail)?;
     let rows = shared.rows.fetch_add(row_delta, Ordering::Relaxed) + row_delta;
-    if rows == 0 {
-        shrink_if_mostly_free(&conn).map_err(fail)?;
+    if rows == 0 && may_shrink {
+        shrink_if_mostly_free(conn).map_err(fail)?;
     }
     shared.generation.fetch_add(1, Ordering::Release);
     Ok(())
@@ -314,14 +543,14 @@ mod tests {
     fn chunked_inserts_and_ranged_deletes_touch_exactly_their_rows() {
         let shared = memory();
         let inserts: Vec<StoreOp> = (1..=150).map(insert).collect();
-        write_batch(&shared, &inserts).unwrap();
+        apply(&shared, &inserts).unwrap();
         let doomed: Vec<u64> = [3, 4, 5, 10, 149, 7777]
             .into_iter()
             .chain(100..=120)
             .collect();
         // Out of order, as acks from several consumers arrive.
         let deletes: Vec<StoreOp> = doomed.iter().rev().map(|&s| delete(s)).collect();
-        write_batch(&shared, &deletes).unwrap();
+        apply(&shared, &deletes).unwrap();
         let expected: Vec<i64> = (1..=150)
             .filter(|s| !doomed.contains(s))
             .map(|s| s as i64)
@@ -347,13 +576,18 @@ mod tests {
             conn.query_row("PRAGMA page_count", [], |r| r.get(0))
                 .unwrap()
         };
-        write_batch(&shared, &(1..=20_000).map(big).collect::<Vec<_>>()).unwrap();
+        apply(&shared, &(1..=20_000).map(big).collect::<Vec<_>>()).unwrap();
         assert!(pages(&shared) > 5000);
-        write_batch(&shared, &(1..=19_999).map(delete).collect::<Vec<_>>()).unwrap();
+        apply(&shared, &(1..=19_999).map(delete).collect::<Vec<_>>()).unwrap();
         assert!(pages(&shared) > 5000, "not empty yet: nothing is rebuilt");
-        write_batch(&shared, &[delete(20_000)]).unwrap();
+        apply(&shared, &[delete(20_000)]).unwrap();
         assert!(pages(&shared) < 50, "{} pages left", pages(&shared));
         assert_eq!(seqs(&shared), Vec::<i64>::new());
+    }
+
+    fn apply(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
+        let conn = shared.memory.lock().unwrap();
+        write_batch(shared, &conn, ops, true)
     }
 
     fn memory() -> Shared {
@@ -363,6 +597,7 @@ mod tests {
             memory: Mutex::new(conn),
             generation: AtomicU64::new(0),
             rows: AtomicI64::new(0),
+            backlog: Arc::default(),
         }
     }
 
@@ -376,10 +611,102 @@ mod tests {
     }
 
     #[test]
+    fn contents_are_read_back_for_dense_and_sparse_requests() {
+        let shared = memory();
+        apply(&shared, &(1..=500).map(insert).collect::<Vec<_>>()).unwrap();
+        apply(&shared, &[delete(3)]).unwrap();
+        let conn = shared.memory.lock().unwrap();
+        let seqs = |contents: Vec<(u64, Arc<[u8]>)>| -> Vec<u64> {
+            assert!(contents.iter().all(|(_, c)| &c[..] == b"x"));
+            contents.into_iter().map(|(seq, _)| seq).collect()
+        };
+        // A run (one range scan); the deleted one is simply not there.
+        assert_eq!(
+            seqs(read_contents(&conn, &[2, 3, 4, 5]).unwrap()),
+            [2, 4, 5]
+        );
+        // Scattered (row by row), including one never stored.
+        assert_eq!(
+            seqs(read_contents(&conn, &[1, 300, 499, 9999]).unwrap()),
+            [1, 300, 499]
+        );
+        assert!(read_contents(&conn, &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_mirror_copy_includes_changes_made_while_it_runs() {
+        let shared = Arc::new(memory());
+        let (commands, command_rx) = crossbeam_channel::unbounded();
+        let (fetches, fetch_rx) = crossbeam_channel::unbounded();
+        let (fetched_tx, fetched) = crossbeam_channel::unbounded();
+        let writer = {
+            let shared = shared.clone();
+            thread::spawn(move || {
+                let callbacks = Callbacks {
+                    fetched: Arc::new(move |f| fetched_tx.send(f).unwrap()),
+                    error: Arc::new(|e| panic!("{e}")),
+                };
+                run(&shared, &command_rx, &fetch_rx, &callbacks)
+            })
+        };
+        let big = |seq: u64| {
+            let mut op = insert(seq);
+            if let StoreOp::Insert(m) = &mut op {
+                m.content = Arc::from(vec![b'y'; 4000]);
+            }
+            op
+        };
+        let mut store = ChannelStore {
+            commands: commands.clone(),
+            fetches,
+            backlog: shared.backlog.clone(),
+        };
+        for seq in 1..=5000 {
+            store.apply(big(seq));
+        }
+        let dir = std::env::temp_dir().join(format!("phpmq-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let temp = dir.join("copy.sqlite");
+        let (reply, copied) = crossbeam_channel::bounded(1);
+        commands
+            .send(Command::Mirror {
+                temp: temp.clone(),
+                reply,
+            })
+            .unwrap();
+        // Sent after the copy began: applied between its steps, and in the copy all the same.
+        for seq in 1..=2000 {
+            store.apply(delete(seq));
+        }
+        store.fetch(FetchRequest {
+            token: 1,
+            queue: QueueName::new(b"q").unwrap(),
+            seqs: vec![2001, 2002],
+        });
+        let copy = copied.recv().unwrap().unwrap();
+        let answer = fetched.recv().unwrap();
+        assert_eq!(
+            answer.contents.len(),
+            2,
+            "fetches are answered during a copy"
+        );
+        commands.send(Command::Stop).unwrap();
+        writer.join().unwrap();
+        let file = Connection::open(&temp).unwrap();
+        let rows: i64 = file
+            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, copy.messages);
+        assert_eq!(rows, 3000, "the deletes made during the copy are in it");
+        assert!(shared.backlog.is_low() && !shared.backlog.is_high());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn ops_reach_the_database() {
         let shared = memory();
-        write_batch(&shared, &[insert(1), insert(2), insert(3)]).unwrap();
-        write_batch(
+        apply(&shared, &[insert(1), insert(2), insert(3)]).unwrap();
+        apply(
             &shared,
             &[
                 delete(2),
