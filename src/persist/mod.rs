@@ -1,6 +1,7 @@
-//! Persistence: every accepted message lives in an in-memory SQLite database, which a mirror
-//! thread copies to a file in the background, so messages survive a restart without the broker
-//! ever waiting for a disk.
+//! Persistence: every accepted message lives in an in-memory SQLite database, which is mirrored
+//! to a file in the background (on a timer, the mirror thread has the writer copy it, then syncs
+//! and renames the copy), so messages survive a restart without the broker ever waiting for a
+//! disk.
 //!
 //! - `schema`: the tables, recognising our files, reading messages back.
 //! - `writer`: the thread that owns the in-memory database: applies the broker's changes, reads

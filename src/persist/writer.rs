@@ -25,7 +25,7 @@ const MAX_BATCH: usize = 8192;
 /// How long the writer gathers changes after the first one before writing them.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// Pages a mirror copies between two batches: 4 MiB, a few milliseconds.
-const MIRROR_STEP_PAGES: i32 = 1024;
+const MIRROR_STEP_PAGES: i32 = 4096;
 
 pub enum Command {
     Op(StoreOp),
