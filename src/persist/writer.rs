@@ -24,8 +24,12 @@ use std::time::{Duration, Instant};
 const MAX_BATCH: usize = 8192;
 /// How long the writer gathers changes after the first one before writing them.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
-/// Pages a mirror copies between two batches: 4 MiB, a few milliseconds.
+/// Pages a mirror copies between two batches: 16 MiB, tens of milliseconds at worst.
 const MIRROR_STEP_PAGES: i32 = 4096;
+/// A database up to this many pages (32 MiB) is copied in one step: every batch applied
+/// between steps also writes its changed pages into the copy, which costs more than the
+/// short pause saves.
+const MIRROR_ONE_STEP_PAGES: i64 = 8192;
 
 pub enum Command {
     Op(StoreOp),
@@ -256,12 +260,21 @@ impl Writer<'_> {
             }
         };
         let mut file = mirror::create_temp(temp)?;
+        let pages: i64 = self
+            .conn
+            .query_row("PRAGMA page_count", [], |row| row.get(0))
+            .map_err(sqlite("measure"))?;
+        let step_pages = if pages <= MIRROR_ONE_STEP_PAGES {
+            -1
+        } else {
+            MIRROR_STEP_PAGES
+        };
         let mut longest_step = Duration::ZERO;
         {
             let backup = Backup::new(self.conn, &mut file).map_err(sqlite("write"))?;
             loop {
                 let started = Instant::now();
-                let step = backup.step(MIRROR_STEP_PAGES).map_err(sqlite("write"))?;
+                let step = backup.step(step_pages).map_err(sqlite("write"))?;
                 longest_step = longest_step.max(started.elapsed());
                 match step {
                     StepResult::Done => break,
