@@ -646,48 +646,30 @@ mod tests {
         assert!(read_contents(&conn, &[]).unwrap().is_empty());
     }
 
+    fn insert_of(seq: u64, size: usize) -> StoreOp {
+        let mut op = insert(seq);
+        if let StoreOp::Insert(m) = &mut op {
+            m.content = Arc::from(vec![b'y'; size]);
+        }
+        op
+    }
+
     #[test]
-    fn a_mirror_copy_includes_changes_made_while_it_runs() {
-        let shared = Arc::new(memory());
+    fn a_stepped_mirror_copy_includes_changes_made_between_its_steps() {
+        // 40 MB: more than one step, so the writer applies what waits between steps.
+        let shared = memory();
+        apply(
+            &shared,
+            &(1..=10_000).map(|s| insert_of(s, 4000)).collect::<Vec<_>>(),
+        )
+        .unwrap();
         let (commands, command_rx) = crossbeam_channel::unbounded();
         let (fetches, fetch_rx) = crossbeam_channel::unbounded();
-        let (fetched_tx, fetched) = crossbeam_channel::unbounded();
-        let writer = {
-            let shared = shared.clone();
-            thread::spawn(move || {
-                let callbacks = Callbacks {
-                    fetched: Arc::new(move |f| fetched_tx.send(f).unwrap()),
-                    error: Arc::new(|e| panic!("{e}")),
-                };
-                run(&shared, &command_rx, &fetch_rx, &callbacks)
-            })
-        };
-        let big = |seq: u64| {
-            let mut op = insert(seq);
-            if let StoreOp::Insert(m) = &mut op {
-                m.content = Arc::from(vec![b'y'; 4000]);
-            }
-            op
-        };
         let mut store = ChannelStore {
-            commands: commands.clone(),
+            commands,
             fetches,
             backlog: shared.backlog.clone(),
         };
-        for seq in 1..=5000 {
-            store.apply(big(seq));
-        }
-        let dir = std::env::temp_dir().join(format!("phpmq-writer-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let temp = dir.join("copy.sqlite");
-        let (reply, copied) = crossbeam_channel::bounded(1);
-        commands
-            .send(Command::Mirror {
-                temp: temp.clone(),
-                reply,
-            })
-            .unwrap();
-        // Sent after the copy began: applied between its steps, and in the copy all the same.
         for seq in 1..=2000 {
             store.apply(delete(seq));
         }
@@ -696,21 +678,44 @@ mod tests {
             queue: QueueName::new(b"q").unwrap(),
             seqs: vec![2001, 2002],
         });
-        let copy = copied.recv().unwrap().unwrap();
-        let answer = fetched.recv().unwrap();
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let callbacks = Callbacks {
+            fetched: {
+                let answers = answers.clone();
+                Arc::new(move |f: Fetched| answers.lock().unwrap().push(f.contents.len()))
+            },
+            error: Arc::new(|e| panic!("{e}")),
+        };
+        let dir = std::env::temp_dir().join(format!("phpmq-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let temp = dir.join("copy.sqlite");
+        let conn = shared.memory.lock().unwrap();
+        let mut writer = Writer {
+            conn: &conn,
+            shared: &shared,
+            commands: &command_rx,
+            fetches: &fetch_rx,
+            callbacks: &callbacks,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            flushes: Vec::new(),
+            pending_fetches: Vec::new(),
+            mirror: None,
+            copying: true,
+            stop: false,
+        };
+        let copy = writer.copy_to(&temp).unwrap();
         assert_eq!(
-            answer.contents.len(),
-            2,
+            *answers.lock().unwrap(),
+            [2],
             "fetches are answered during a copy"
         );
-        commands.send(Command::Stop).unwrap();
-        writer.join().unwrap();
         let file = Connection::open(&temp).unwrap();
         let rows: i64 = file
             .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, copy.messages);
-        assert_eq!(rows, 3000, "the deletes made during the copy are in it");
+        assert_eq!(rows, 8000, "the deletes applied during the copy are in it");
         assert!(shared.backlog.is_low() && !shared.backlog.is_high());
         std::fs::remove_dir_all(&dir).unwrap();
     }
