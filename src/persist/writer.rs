@@ -24,12 +24,11 @@ use std::time::{Duration, Instant};
 const MAX_BATCH: usize = 8192;
 /// How long the writer gathers changes after the first one before writing them.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
-/// Pages a mirror copies between two batches: 16 MiB, tens of milliseconds at worst.
-const MIRROR_STEP_PAGES: i32 = 4096;
-/// A database up to this many pages (32 MiB) is copied in one step: every batch applied
-/// between steps also writes its changed pages into the copy, which costs more than the
-/// short pause saves.
-const MIRROR_ONE_STEP_PAGES: i64 = 8192;
+/// What a mirror copies between two batches: tens of milliseconds at worst.
+const MIRROR_STEP_BYTES: i64 = 16 << 20;
+/// A database up to this size is copied in one step: every batch applied between steps also
+/// writes its changed pages into the copy, which costs more than the short pause saves.
+const MIRROR_ONE_STEP_BYTES: i64 = 32 << 20;
 
 pub enum Command {
     Op(StoreOp),
@@ -260,14 +259,11 @@ impl Writer<'_> {
             }
         };
         let mut file = mirror::create_temp(temp)?;
-        let pages: i64 = self
-            .conn
-            .query_row("PRAGMA page_count", [], |row| row.get(0))
-            .map_err(sqlite("measure"))?;
-        let step_pages = if pages <= MIRROR_ONE_STEP_PAGES {
+        let (pages, page_size) = pages_and_size(self.conn).map_err(sqlite("measure"))?;
+        let step_pages = if pages * page_size <= MIRROR_ONE_STEP_BYTES {
             -1
         } else {
-            MIRROR_STEP_PAGES
+            (MIRROR_STEP_BYTES / page_size).clamp(1, i32::MAX.into()) as i32
         };
         let mut longest_step = Duration::ZERO;
         {
@@ -488,14 +484,22 @@ fn write_batch(
     Ok(())
 }
 
-/// Free pages worth giving back: 16 MiB at SQLite's default 4 KiB pages.
-const SHRINK_FREE_PAGES: i64 = 4096;
+/// Free space worth giving back.
+const SHRINK_FREE_BYTES: i64 = 16 << 20;
+
+/// The database's page count and page size.
+fn pages_and_size(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    let pages = conn.query_row("PRAGMA page_count", [], |row| row.get(0))?;
+    let size = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+    Ok((pages, size))
+}
 
 /// Once a burst has drained, the database would keep every page it ever had (and the mirror
 /// file its size); rebuilding an empty database is instant and returns them.
 fn shrink_if_mostly_free(conn: &Connection) -> rusqlite::Result<()> {
     let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-    if free >= SHRINK_FREE_PAGES {
+    let (_, page_size) = pages_and_size(conn)?;
+    if free * page_size >= SHRINK_FREE_BYTES {
         conn.execute_batch("VACUUM")?;
     }
     Ok(())
