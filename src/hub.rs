@@ -142,7 +142,7 @@ impl Hub {
         if !backlog.is_high() {
             return;
         }
-        // The writer applies thousands of changes per millisecond: a short sleep is the
+        // The writer applies hundreds of changes per millisecond: a short sleep is the
         // right grain, and nothing has to wake this thread.
         while !backlog.is_low() && !peer.is_closing() {
             thread::sleep(Duration::from_millis(1));

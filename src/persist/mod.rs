@@ -18,7 +18,7 @@ pub use mirror::MirrorReport;
 pub use schema::SCHEMA_VERSION;
 pub use writer::ChannelStore;
 
-use crate::store::{Backlog, Fetched, StoredRow};
+use crate::store::{Backlog, FetchRequest, Fetched, StoredRow};
 use crossbeam_channel::{bounded, select, tick, unbounded, Receiver, Sender};
 use log::{debug, error, info};
 use std::fmt;
@@ -111,8 +111,8 @@ pub struct Persistence {
     target: PathBuf,
     interval: Duration,
     commands: Sender<Command>,
-    fetches: Sender<crate::store::FetchRequest>,
-    pending: Option<(Receiver<Command>, Receiver<crate::store::FetchRequest>)>,
+    fetches: Sender<FetchRequest>,
+    pending: Option<(Receiver<Command>, Receiver<FetchRequest>)>,
     writer: Option<JoinHandle<()>>,
     mirror: Option<(Sender<()>, JoinHandle<()>)>,
     last_mirror: Arc<Mutex<Option<MirrorReport>>>,
