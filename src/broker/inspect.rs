@@ -127,8 +127,9 @@ impl Broker {
                     .map(|e| (e.id, e.seq, e.expires_at)),
             );
             q.ready_count = 0;
-            q.resident = 0;
-            q.resident_bytes = 0;
+            self.table.resident.messages -= q.resident.messages;
+            self.table.resident.bytes -= q.resident.bytes;
+            q.resident = Default::default();
             q.unloaded = 0;
             // An answer to a fetch under way finds nothing to fill.
             q.fetching = None;

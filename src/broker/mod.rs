@@ -78,19 +78,75 @@ const NEVER: Millis = 0;
 pub const EXPIRE_BATCH: usize = 10_000;
 
 /// With a store that can read content back, a queue keeps the content of only its first ready
-/// messages in memory, up to both of these; the store reads the rest back ahead of need. So a
-/// backlog costs memory per message (an entry here), not per byte of content. Sized so that
-/// consumers keeping up with producers are served from memory: reading back means the store
-/// must write each message first (instead of dropping an insert its ack cancels), which
-/// costs a 64 KiB stream a third of its rate (measured: 20k msg/s at 64 MiB, 12k at 8 MiB).
-const RESIDENT_MESSAGES: usize = 65_536;
-const RESIDENT_BYTES: u64 = 64 << 20;
+/// messages in memory; the store reads the rest back ahead of need. So a backlog costs memory
+/// per message (an entry here), not per byte of content. A queue may keep up to this much...
+/// (sized so that consumers keeping up with producers are served from memory: reading back
+/// means the store must write each message first instead of dropping an insert its ack
+/// cancels, which costs a 64 KiB stream a third of its rate: 20k msg/s at 64 MiB, 12k at 8 MiB)
+const RESIDENT_PER_QUEUE: Amount = Amount {
+    messages: 65_536,
+    bytes: 64 << 20,
+};
+/// ...as long as all queues together keep at most this much beyond their floors...
+const RESIDENT_TOTAL: Amount = Amount {
+    messages: 131_072,
+    bytes: 128 << 20,
+};
+/// ...and every queue may keep this much whatever the others do, so its consumers are served
+/// from memory too.
+const RESIDENT_FLOOR: Amount = Amount {
+    messages: 1_024,
+    bytes: 1 << 20,
+};
 
-/// How much of a queue's backlog keeps its content in memory.
-#[derive(Clone, Copy, Debug)]
-struct Window {
+/// A number of messages and their content bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Amount {
     messages: usize,
     bytes: u64,
+}
+
+impl Amount {
+    fn add(&mut self, size: usize) {
+        self.messages += 1;
+        self.bytes += size as u64;
+    }
+
+    fn remove(&mut self, size: usize) {
+        self.messages -= 1;
+        self.bytes -= size as u64;
+    }
+
+    fn plus(self, size: usize) -> Amount {
+        Amount {
+            messages: self.messages + 1,
+            bytes: self.bytes + size as u64,
+        }
+    }
+
+    fn within(self, limit: Amount) -> bool {
+        self.messages <= limit.messages && self.bytes <= limit.bytes
+    }
+}
+
+/// How much content stays in memory when the store can read it back.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    per_queue: Amount,
+    total: Amount,
+    floor: Amount,
+}
+
+impl Window {
+    /// Whether a queue with `queue` resident, while all queues have `total`, may keep one
+    /// more message of `size` bytes. A queue with nothing resident always may (one message
+    /// larger than every limit must still go out).
+    fn admits(&self, queue: Amount, total: Amount, size: usize) -> bool {
+        let after = queue.plus(size);
+        queue.messages == 0
+            || (after.within(self.per_queue)
+                && (after.within(self.floor) || total.plus(size).within(self.total)))
+    }
 }
 
 /// A message waiting in its queue. The queue is implicit, which keeps the entry small: a
@@ -142,9 +198,8 @@ struct Queue {
     /// waiting and are dropped when reached or compacted away; `ready_count` counts the rest.
     ready: VecDeque<Ready>,
     ready_count: usize,
-    /// Live ready entries with their content in memory, and its bytes.
-    resident: usize,
-    resident_bytes: u64,
+    /// Live ready entries with their content in memory.
+    resident: Amount,
     /// Live ready entries whose content only the store has.
     unloaded: usize,
     /// The newest seq that is resident or asked for: unloaded entries after it are not.
@@ -184,6 +239,8 @@ struct MessageTable {
     store: Box<dyn Store>,
     /// Set when the store can read content back: queues keep only this much in memory.
     window: Option<Window>,
+    /// What all queues keep resident together.
+    resident: Amount,
     last_fetch_token: u64,
     totals: Totals,
 }
@@ -229,7 +286,7 @@ impl Queue {
             }
             if is_expired(entry.expires_at, now) {
                 let entry = self.ready.pop_front()?;
-                self.forget_ready(&entry);
+                self.forget_ready(&entry, &mut table.resident);
                 self.bytes -= entry.size as u64;
                 table.delete(entry.id, entry.seq, entry.expires_at);
                 table.totals.expired += 1;
@@ -238,7 +295,7 @@ impl Queue {
             // Its content is still to come from the store.
             entry.content.as_ref()?;
             let entry = self.ready.pop_front()?;
-            self.forget_ready(&entry);
+            self.forget_ready(&entry, &mut table.resident);
             return Some(entry);
         }
         None
@@ -246,11 +303,11 @@ impl Queue {
 
     /// Uncounts a live ready entry that leaves (to a holder, or for good: then the caller
     /// also takes its bytes off).
-    fn forget_ready(&mut self, entry: &Ready) {
+    fn forget_ready(&mut self, entry: &Ready, resident: &mut Amount) {
         self.ready_count -= 1;
         if entry.content.is_some() {
-            self.resident -= 1;
-            self.resident_bytes -= entry.size as u64;
+            self.resident.remove(entry.size);
+            resident.remove(entry.size);
         } else {
             self.unloaded -= 1;
         }
@@ -258,52 +315,65 @@ impl Queue {
 
     /// Counts a live ready entry that arrives (from a holder, or new: then the caller also
     /// adds its bytes).
-    fn count_ready(&mut self, entry: &Ready) {
+    fn count_ready(&mut self, entry: &Ready, resident: &mut Amount) {
         self.ready_count += 1;
         if entry.content.is_some() {
-            self.resident += 1;
-            self.resident_bytes += entry.size as u64;
+            self.resident.add(entry.size);
+            resident.add(entry.size);
         } else {
             self.unloaded += 1;
         }
     }
 
     /// Whether a message of `size` bytes added at the tail keeps its content in memory.
-    fn keeps_next(&self, size: usize, window: Option<Window>) -> bool {
-        let Some(window) = window else {
-            return true;
-        };
-        self.unloaded == 0
-            && (self.resident == 0
-                || (self.resident < window.messages
-                    && self.resident_bytes + size as u64 <= window.bytes))
+    fn keeps_next(&self, size: usize, window: Option<Window>, resident: Amount) -> bool {
+        self.unloaded == 0 && window.is_none_or(|w| w.admits(self.resident, resident, size))
     }
 
-    /// Asks the store for the content of the next unloaded messages once the resident ones
-    /// are down to three quarters of the window, so consumers rarely wait for it.
+    /// Asks the store for the content of the next unloaded messages once the queue may take
+    /// a third more than it holds (at three quarters of its window when memory is plentiful),
+    /// so consumers rarely wait for it and requests are never tiny. Fetches of several queues
+    /// under way at once may overshoot the total by what they bring.
     fn fetch_ahead(&mut self, name: &QueueName, table: &mut MessageTable) {
         let Some(window) = table.window else {
             return;
         };
-        if self.unloaded == 0
-            || self.fetching.is_some()
-            || self.resident * 4 > window.messages * 3
-            || self.resident_bytes * 4 > window.bytes * 3
-        {
+        if self.unloaded == 0 || self.fetching.is_some() {
+            return;
+        }
+        // A cheap bound on the count first: this runs after every dispatch.
+        let total_room = window
+            .total
+            .messages
+            .saturating_sub(table.resident.messages);
+        let room = window
+            .per_queue
+            .messages
+            .saturating_sub(self.resident.messages)
+            .min(
+                window
+                    .floor
+                    .messages
+                    .saturating_sub(self.resident.messages)
+                    .max(total_room),
+            )
+            .min(self.unloaded);
+        if room == 0 || room * 3 < self.resident.messages {
             return;
         }
         let start = self.ready.partition_point(|e| e.seq <= self.loaded_through);
-        let (mut count, mut bytes) = (self.resident, self.resident_bytes);
+        let (mut queue, mut total) = (self.resident, table.resident);
         let mut seqs = Vec::new();
         for entry in self.ready.range(start..).filter(|e| !e.dead) {
-            if !seqs.is_empty()
-                && (count >= window.messages || bytes + entry.size as u64 > window.bytes)
-            {
+            if seqs.len() == room || !window.admits(queue, total, entry.size) {
                 break;
             }
             seqs.push(entry.seq);
-            count += 1;
-            bytes += entry.size as u64;
+            queue.add(entry.size);
+            total.add(entry.size);
+        }
+        if seqs.len() * 3 < self.resident.messages {
+            return;
         }
         let Some(&last) = seqs.last() else {
             return;
@@ -319,10 +389,10 @@ impl Queue {
     }
 
     /// Puts messages back at their original places (with their content: they were held).
-    fn return_ready(&mut self, mut entries: Vec<Ready>) {
+    fn return_ready(&mut self, mut entries: Vec<Ready>, resident: &mut Amount) {
         entries.sort_unstable_by_key(|e| e.seq);
         for entry in entries {
-            self.count_ready(&entry);
+            self.count_ready(&entry, resident);
             let at = self.ready.partition_point(|e| e.seq < entry.seq);
             self.ready.insert(at, entry);
         }
@@ -389,9 +459,11 @@ impl Broker {
                 held: IdMap::default(),
                 expiry: BTreeMap::new(),
                 window: store.can_fetch().then_some(Window {
-                    messages: RESIDENT_MESSAGES,
-                    bytes: RESIDENT_BYTES,
+                    per_queue: RESIDENT_PER_QUEUE,
+                    total: RESIDENT_TOTAL,
+                    floor: RESIDENT_FLOOR,
                 }),
+                resident: Amount::default(),
                 store,
                 last_fetch_token: 0,
                 totals: Totals::default(),
@@ -407,11 +479,11 @@ impl Broker {
     pub fn restore(&mut self, message: StoredRow<'_>) {
         self.next_seq = self.next_seq.max(message.seq + 1);
         let size = message.content.len();
-        let window = self.table.window;
+        let (window, resident) = (self.table.window, self.table.resident);
         let keep = self
             .queues
             .get(message.queue.as_str())
-            .is_none_or(|q| q.keeps_next(size, window));
+            .is_none_or(|q| q.keeps_next(size, window, resident));
         let ready = Ready {
             seq: message.seq,
             id: message.id,
@@ -450,8 +522,8 @@ impl Broker {
             if let Some((_, content)) = contents.next_if(|(s, _)| *s == seq) {
                 entry.content = Some(content);
                 queue.unloaded -= 1;
-                queue.resident += 1;
-                queue.resident_bytes += entry.size as u64;
+                queue.resident.add(entry.size);
+                self.table.resident.add(entry.size);
             } else {
                 // Cannot happen (the store applies every change before it answers); waiting
                 // for it would stall the queue for good.
@@ -691,7 +763,7 @@ impl Broker {
         for (name, entries) in returned {
             if let Some(queue) = self.queues.get_mut(&name) {
                 queue.in_flight -= entries.len();
-                queue.return_ready(entries);
+                queue.return_ready(entries, &mut self.table.resident);
             }
             if !affected.contains(&name) {
                 affected.push(name);
@@ -746,7 +818,7 @@ impl Broker {
             };
             entry.dead = true;
             let id = entry.id;
-            queue.forget_ready(&gone);
+            queue.forget_ready(&gone, &mut self.table.resident);
             queue.bytes -= gone.size as u64;
             self.table.store.apply(StoreOp::Delete { id, seq });
             self.table.totals.expired += 1;
@@ -788,12 +860,12 @@ impl Broker {
     fn append_ready(&mut self, queue: &QueueName, mut ready: Ready) {
         self.table.index_expiry(queue, ready.seq, ready.expires_at);
         let q = self.queues.entry(queue.clone()).or_default();
-        if q.keeps_next(ready.size, self.table.window) {
+        if q.keeps_next(ready.size, self.table.window, self.table.resident) {
             q.loaded_through = ready.seq;
         } else {
             ready.content = None;
         }
-        q.count_ready(&ready);
+        q.count_ready(&ready, &mut self.table.resident);
         q.bytes += ready.size as u64;
         q.ready.push_back(ready);
     }

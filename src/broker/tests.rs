@@ -86,16 +86,36 @@ fn broker() -> (Broker, Recorder) {
     (broker, recorder)
 }
 
-/// A broker whose store reads content back, keeping `messages` / `bytes` per queue in memory.
+/// A broker whose store reads content back, keeping `messages` / `bytes` per queue in memory
+/// (and no limit over all queues).
 fn windowed_broker(messages: usize, bytes: u64) -> (Broker, Recorder) {
+    let unlimited = Amount {
+        messages: usize::MAX / 2,
+        bytes: u64::MAX / 2,
+    };
+    budgeted_broker(Amount { messages, bytes }, unlimited, Amount::default())
+}
+
+fn budgeted_broker(per_queue: Amount, total: Amount, floor: Amount) -> (Broker, Recorder) {
     let recorder = Recorder {
         can_fetch: true,
         ..Recorder::default()
     };
     let mut broker = Broker::with_ids(Box::new(recorder.clone()), IdGenerator::with_nonce(7));
     assert!(broker.table.window.is_some());
-    broker.table.window = Some(Window { messages, bytes });
+    broker.table.window = Some(Window {
+        per_queue,
+        total,
+        floor,
+    });
     (broker, recorder)
+}
+
+fn messages(messages: usize) -> Amount {
+    Amount {
+        messages,
+        bytes: u64::MAX / 2,
+    }
 }
 
 fn send(b: &mut Broker, queue: &str, body: &str, out: &mut Vec<Delivery>) -> MessageId {
@@ -635,6 +655,7 @@ impl Broker {
     /// messages the store was told about.
     fn check_invariants(&self, store: &Recorder, replay_store: bool) {
         let mut live_ids = std::collections::HashSet::new();
+        let mut all_resident = Amount::default();
         for (name, q) in &self.queues {
             let live: Vec<&Ready> = q.ready.iter().filter(|e| !e.dead).collect();
             assert_eq!(q.ready_count, live.len(), "{name}: ready_count");
@@ -643,13 +664,15 @@ impl Broker {
                 live[resident..].iter().all(|e| e.content.is_none()),
                 "{name}: resident entries come first"
             );
-            assert_eq!(q.resident, resident, "{name}: resident");
+            assert_eq!(q.resident.messages, resident, "{name}: resident");
             assert_eq!(q.unloaded, live.len() - resident, "{name}: unloaded");
             assert_eq!(
-                q.resident_bytes,
+                q.resident.bytes,
                 live[..resident].iter().map(|e| e.size as u64).sum::<u64>(),
                 "{name}: resident bytes"
             );
+            all_resident.messages += q.resident.messages;
+            all_resident.bytes += q.resident.bytes;
             assert!(live[..resident].iter().all(|e| e
                 .content
                 .as_ref()
@@ -693,6 +716,7 @@ impl Broker {
             assert!(!q.is_unused(), "{name}: unused queue kept");
             live_ids.extend(live.iter().map(|e| e.id));
         }
+        assert_eq!(self.table.resident, all_resident, "total resident");
         for (id, h) in &self.table.held {
             assert!(self.queues.contains_key(&h.queue));
             assert!(live_ids.insert(*id), "{id} both ready and held");
@@ -737,6 +761,25 @@ fn random_operations_keep_every_invariant() {
 #[test]
 fn random_operations_keep_every_invariant_with_a_small_window() {
     let (b, store) = windowed_broker(3, 30);
+    random_operations(b, &store);
+}
+
+#[test]
+fn random_operations_keep_every_invariant_with_a_shared_budget() {
+    let (b, store) = budgeted_broker(
+        Amount {
+            messages: 3,
+            bytes: 40,
+        },
+        Amount {
+            messages: 4,
+            bytes: 50,
+        },
+        Amount {
+            messages: 1,
+            bytes: 10,
+        },
+    );
     random_operations(b, &store);
 }
 
@@ -842,7 +885,7 @@ fn a_backlog_beyond_the_window_is_read_back_in_order() {
     b.check_invariants(&store, true);
     let jobs = &b.queues["jobs"];
     assert_eq!(
-        (jobs.resident, jobs.unloaded),
+        (jobs.resident.messages, jobs.unloaded),
         (4, 6),
         "only the window stays"
     );
@@ -877,6 +920,45 @@ fn a_backlog_beyond_the_window_is_read_back_in_order() {
 }
 
 #[test]
+fn queues_share_a_total_beyond_their_floors() {
+    let (mut b, store) = budgeted_broker(messages(4), messages(6), messages(2));
+    let mut out = Vec::new();
+    for queue in ["a", "b", "c"] {
+        send_numbered(&mut b, queue, 10, &mut out);
+    }
+    let resident = |b: &Broker, q: &str| b.queues[q].resident.messages;
+    // a takes its window (4 of the total 6), b only what is left (2), c its floor (2).
+    assert_eq!(
+        (resident(&b, "a"), resident(&b, "b"), resident(&b, "c")),
+        (4, 2, 2)
+    );
+    assert_eq!(b.table.resident.messages, 8, "the total plus c's floor");
+    b.check_invariants(&store, true);
+    // b's consumer gets all of b, in order, a little at a time.
+    b.connect(1);
+    b.consume(1, q("b"), 100, 0, &mut out);
+    while store.serve(&mut b, 0, &mut out) > 0 {
+        b.check_invariants(&store, true);
+        assert!(
+            resident(&b, "b") <= 2,
+            "no room beyond the floor while a holds 4"
+        );
+    }
+    assert_eq!(bodies(&out), numbered(0..10));
+    // Once a is consumed, its room goes to c.
+    out.clear();
+    b.connect(2);
+    b.consume(2, q("a"), 100, 0, &mut out);
+    while store.serve(&mut b, 0, &mut out) > 0 {}
+    assert_eq!(bodies(&out), numbered(0..10));
+    b.connect(3);
+    b.consume(3, q("c"), 1, 0, &mut out);
+    store.serve(&mut b, 0, &mut out);
+    assert_eq!(resident(&b, "c"), 4, "the whole per-queue window now");
+    b.check_invariants(&store, true);
+}
+
+#[test]
 fn the_window_counts_bytes_too() {
     let (mut b, _) = windowed_broker(100, 9);
     let mut out = Vec::new();
@@ -885,7 +967,7 @@ fn the_window_counts_bytes_too() {
     }
     let jobs = &b.queues["jobs"];
     assert_eq!(
-        (jobs.resident, jobs.unloaded),
+        (jobs.resident.messages, jobs.unloaded),
         (3, 1),
         "9 of 9 bytes resident"
     );
@@ -894,7 +976,7 @@ fn the_window_counts_bytes_too() {
     send(&mut b, "big", "y", &mut out);
     let big = &b.queues["big"];
     assert_eq!(
-        (big.resident, big.unloaded),
+        (big.resident.messages, big.unloaded),
         (1, 1),
         "one oversized message still fits"
     );
@@ -929,7 +1011,7 @@ fn restored_content_beyond_the_window_stays_in_the_store() {
         });
     }
     let queue = &b.queues["jobs"];
-    assert_eq!((queue.resident, queue.unloaded), (2, 3));
+    assert_eq!((queue.resident.messages, queue.unloaded), (2, 3));
     let mut out = Vec::new();
     b.connect(1);
     b.consume(1, jobs, 10, 0, &mut out);
