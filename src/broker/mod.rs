@@ -15,7 +15,8 @@
 //! - a queue exists while it has ready or held messages or consumers;
 //! - with a store that can read content back, a queue's live ready entries are its resident
 //!   ones (content in memory) followed by its unloaded ones (content only in the store); the
-//!   unloaded ones up to `loaded_through` are asked for, the rest are not yet.
+//!   unloaded ones up to `loaded_through` are asked for, the rest are not yet; the table's
+//!   `resident` is the sum of the queues'.
 
 mod inspect;
 mod ring;
