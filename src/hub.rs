@@ -339,3 +339,56 @@ fn fan_out(routed: Vec<(Arc<Peer>, Vec<Delivery>)>) -> Vec<Arc<Peer>> {
     }
     backed_up
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NullStore;
+    use std::os::unix::net::UnixStream;
+
+    fn hub_behind(backlog: &Arc<Backlog>) -> Hub {
+        let (fatal, _) = crossbeam_channel::unbounded();
+        let broker = Broker::new(Box::new(NullStore));
+        Hub::new(broker, fatal, Bell::new().unwrap()).with_store_backlog(backlog.clone())
+    }
+
+    fn peer() -> (Peer, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        (Peer::new(1, "test".into(), Stream::Unix(ours)), theirs)
+    }
+
+    #[test]
+    fn producers_wait_while_the_store_is_far_behind() {
+        let backlog = Arc::new(Backlog::default());
+        let hub = hub_behind(&backlog);
+        let (peer, _client) = peer();
+        hub.wait_for_store(&peer); // nothing pending: returns at once
+        backlog.add(64 << 20);
+        let (done, finished) = crossbeam_channel::bounded(1);
+        thread::scope(|scope| {
+            scope.spawn(|| {
+                hub.wait_for_store(&peer);
+                let _ = done.send(());
+            });
+            assert!(
+                finished.recv_timeout(Duration::from_millis(50)).is_err(),
+                "went on while the store was 64 MiB behind"
+            );
+            backlog.remove(1, 64 << 20);
+            finished
+                .recv_timeout(Duration::from_secs(10))
+                .expect("still waiting once the store caught up");
+        });
+    }
+
+    #[test]
+    fn a_closing_connection_does_not_wait() {
+        let backlog = Arc::new(Backlog::default());
+        backlog.add(64 << 20);
+        let hub = hub_behind(&backlog);
+        let (peer, _client) = peer();
+        peer.closing.store(true, Ordering::Relaxed);
+        hub.wait_for_store(&peer);
+        assert!(backlog.is_high(), "returned without the store catching up");
+    }
+}
