@@ -3,8 +3,10 @@
 //! each, reads content back for the broker's fetches, and copies the database for the mirror
 //! a few pages at a time between batches, so neither the broker nor a fetch waits for a copy.
 //!
-//! The broker never waits for SQLite: it only sends on unbounded channels. A message that is
-//! accepted and acknowledged within one batch never touches SQLite at all.
+//! The broker never waits for SQLite: it only sends on unbounded channels (when this thread falls
+//! far behind, producers' connections wait before they take the broker lock: see
+//! [`crate::store::Backlog`]). A message that is accepted and acknowledged within one batch never
+//! touches SQLite at all.
 
 use super::mirror;
 use super::PersistError;
@@ -38,13 +40,13 @@ pub enum Command {
     /// (written, not yet synced).
     Mirror {
         temp: PathBuf,
-        reply: Sender<Result<Copy, PersistError>>,
+        reply: Sender<Result<Copied, PersistError>>,
     },
     Stop,
 }
 
 /// What a completed copy holds.
-pub struct Copy {
+pub struct Copied {
     /// The writer generation it reflects.
     pub generation: u64,
     pub messages: i64,
@@ -142,7 +144,7 @@ struct Writer<'a> {
     batch_bytes: usize,
     flushes: Vec<Sender<()>>,
     pending_fetches: Vec<FetchRequest>,
-    mirror: Option<(PathBuf, Sender<Result<Copy, PersistError>>)>,
+    mirror: Option<(PathBuf, Sender<Result<Copied, PersistError>>)>,
     /// A copy is under way (it must not see the database rebuilt).
     copying: bool,
     stop: bool,
@@ -250,7 +252,7 @@ impl Writer<'_> {
     /// Copies the database into `temp` a few pages at a time, applying changes and answering
     /// fetches between steps. Changes made meanwhile reach the copy too: SQLite updates a
     /// backup when its source changes through the same connection.
-    fn copy_to(&mut self, temp: &std::path::Path) -> Result<Copy, PersistError> {
+    fn copy_to(&mut self, temp: &std::path::Path) -> Result<Copied, PersistError> {
         let sqlite = |action| {
             move |source| PersistError::Sqlite {
                 action,
@@ -278,12 +280,12 @@ impl Writer<'_> {
                     // Nothing else uses either database; back off rather than spin.
                     _ => thread::sleep(Duration::from_millis(1)),
                 }
-                // Copy steps do not wait for the batching window.
+                // Between copy steps, no batching window: apply what waits and go on.
                 self.work()?;
             }
         }
         drop(file);
-        Ok(Copy {
+        Ok(Copied {
             generation: self.shared.generation.load(Ordering::Acquire),
             messages: self.shared.rows.load(Ordering::Relaxed),
             longest_step,
