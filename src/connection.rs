@@ -84,24 +84,38 @@ impl fmt::Display for End {
     }
 }
 
-/// Serves one client until it goes; always unregisters it so its held messages are released.
-pub fn serve(hub: &Hub, conn: ConnId, stream: Stream, name: String, limits: Limits) {
+fn label(peer: &Peer) -> String {
+    format!("{} (connection {})", peer.name, peer.conn)
+}
+
+/// Registers a new client with the hub, before its thread starts: a connection accepted before
+/// a shutdown is then always among those the shutdown waits for. `None` (after hanging up) if
+/// the server is already closing or the broker is down.
+pub fn admit(hub: &Hub, conn: ConnId, stream: Stream, name: String) -> Option<Arc<Peer>> {
     let peer = Arc::new(Peer::new(conn, name, stream));
-    let label = format!("{} (connection {conn})", peer.name);
     match hub.register(conn, peer.clone()) {
-        Ok(true) => {}
+        Ok(true) => {
+            debug!("{}: connected", label(&peer));
+            Some(peer)
+        }
         Ok(false) => {
-            debug!("{label}: server is shutting down, closing");
+            debug!("{}: server is shutting down, closing", label(&peer));
             peer.hang_up();
-            return;
+            None
         }
         Err(e) => {
-            warn!("{label}: {e}");
+            warn!("{}: {e}", label(&peer));
             peer.hang_up();
-            return;
+            None
         }
     }
-    debug!("{label}: connected");
+}
+
+/// Serves one admitted client until it goes; always unregisters it so its held messages are
+/// released.
+pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
+    let conn = peer.conn;
+    let label = label(&peer);
     let registration = Registration {
         hub,
         conn,

@@ -128,6 +128,15 @@ impl Listener {
         }
     }
 
+    /// Makes [`Listener::accept`] return `WouldBlock` instead of waiting (to take what is
+    /// already queued at shutdown).
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        match &self.0 {
+            ListenerKind::Tcp(listener) => listener.set_nonblocking(true),
+            ListenerKind::Unix(listener, _) => listener.set_nonblocking(true),
+        }
+    }
+
     /// Unblocks a thread waiting in [`Listener::accept`] by connecting to ourselves.
     pub fn wake(&self) {
         match &self.0 {

@@ -11,7 +11,7 @@ use crate::broker::{Broker, Listing};
 use crate::config::{Config, ListenAddr};
 use crate::connection::{self, Limits, THREAD_STACK};
 use crate::hub::{BrokerDown, Fatal, Hub};
-use crate::net::{Bell, BindError, Listener};
+use crate::net::{Bell, BindError, Listener, Stream};
 use crate::persist::{MirrorStatus, PersistError, Persistence};
 use crate::request::QueueName;
 use crate::store::{NullStore, Store};
@@ -467,43 +467,68 @@ impl Endpoint {
 
 /// Accepts until shutdown; each admitted client gets a thread of its own.
 fn accept_loop(listener: &Listener, shared: &Arc<Shared>, endpoint: Endpoint) {
-    let (pool, limit) = endpoint.pool(shared);
     loop {
         let accepted = listener.accept();
         if shared.stopping.load(Ordering::SeqCst) {
+            // Clients that connected before the stop may have sent messages already: take
+            // them too (they are read until they go quiet, like every open connection), then
+            // stop. Our own wake-up connection is among them and simply ends.
+            if let Ok((stream, peer)) = accepted {
+                start_connection(shared, endpoint, stream, peer);
+            }
+            if listener.set_nonblocking().is_ok() {
+                while let Ok((stream, peer)) = listener.accept() {
+                    start_connection(shared, endpoint, stream, peer);
+                }
+            }
             return;
         }
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
+        match accepted {
+            Ok((stream, peer)) => start_connection(shared, endpoint, stream, peer),
             Err(e) => {
                 // Out of descriptors and the like: wait and go on, never give up listening.
                 warn!("accept failed: {e}; retrying");
                 thread::sleep(ACCEPT_BACKOFF);
-                continue;
             }
-        };
-        let Some(slot) = pool.try_acquire(limit) else {
-            warn!("refusing connection from {peer}: limit of {limit} connections reached");
-            continue;
-        };
-        let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        let for_thread = shared.clone();
-        let spawned = thread::Builder::new()
+        }
+    }
+}
+
+/// Gives an accepted connection its thread (a message connection is registered with the hub
+/// first, here, so a shutdown that follows always waits for it).
+fn start_connection(shared: &Arc<Shared>, endpoint: Endpoint, stream: Stream, peer: String) {
+    let (pool, limit) = endpoint.pool(shared);
+    let Some(slot) = pool.try_acquire(limit) else {
+        warn!("refusing connection from {peer}: limit of {limit} connections reached");
+        return;
+    };
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let for_thread = shared.clone();
+    let spawned = match endpoint {
+        Endpoint::Messages => {
+            let Some(admitted) = connection::admit(&shared.hub, conn, stream, peer) else {
+                return;
+            };
+            thread::Builder::new()
+                .name(format!("phpmq-conn-{conn}"))
+                .stack_size(THREAD_STACK)
+                .spawn(move || {
+                    let _slot = slot;
+                    connection::serve(&for_thread.hub, admitted, for_thread.limits)
+                })
+        }
+        Endpoint::Console => thread::Builder::new()
             .name(format!("phpmq-conn-{conn}"))
             .stack_size(THREAD_STACK)
             .spawn(move || {
                 let _slot = slot;
-                let shared = &*for_thread;
-                match endpoint {
-                    Endpoint::Messages => {
-                        connection::serve(&shared.hub, conn, stream, peer, shared.limits)
-                    }
-                    Endpoint::Console => admin::serve(stream, &peer, shared),
-                }
-            });
-        if let Err(e) = spawned {
-            warn!("refusing a connection: cannot start its thread: {e}");
-        }
+                admin::serve(stream, &peer, &*for_thread)
+            }),
+    };
+    if let Err(e) = spawned {
+        warn!("refusing a connection: cannot start its thread: {e}");
+        // A registered connection without a thread would be waited for forever.
+        let _ = shared.hub.unregister(conn);
     }
 }
 

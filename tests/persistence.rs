@@ -120,6 +120,34 @@ fn sigkill_after_a_mirror_loses_nothing() {
 }
 
 #[test]
+fn sigterm_right_after_connecting_loses_nothing() {
+    // The last clients connect just before the signal: their connections may still wait to be
+    // accepted, or have just been, when the server begins to stop. Each is read all the same.
+    let mut server = TestServer::start(&[]);
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let mut client = server.tcp_client();
+        for i in 0..250 {
+            client.send(&format!("late-{c}"), format!("{i}").as_bytes());
+        }
+        clients.push(client);
+    }
+    server.signal("TERM");
+    let status = server.wait_exit();
+    assert!(status.success(), "{status:?}\n{}", server.log.text());
+    drop(clients);
+
+    let server = server.restart();
+    assert_eq!(server.recovered(), 2000, "{}", server.log.text());
+    let mut consumer = server.tcp_client();
+    let expected: Vec<String> = (0..250).map(|i| i.to_string()).collect();
+    for c in 0..8 {
+        let got = take(&mut consumer, &format!("late-{c}"), 250);
+        assert_eq!(texts(&got), expected);
+    }
+}
+
+#[test]
 fn sigterm_right_after_sending_loses_nothing() {
     let mut server = TestServer::start(&[]);
     let mut producer = server.tcp_client();
