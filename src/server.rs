@@ -466,6 +466,9 @@ impl Endpoint {
 }
 
 /// Accepts until shutdown; each admitted client gets a thread of its own.
+/// The most connections still queued at a listener that are taken in after the stop.
+const QUEUED_AT_STOP: usize = 4096;
+
 fn accept_loop(listener: &Listener, shared: &Arc<Shared>, endpoint: Endpoint) {
     loop {
         let accepted = listener.accept();
@@ -477,7 +480,11 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>, endpoint: Endpoint) {
                 start_connection(shared, endpoint, stream, peer);
             }
             if listener.set_nonblocking().is_ok() {
-                while let Ok((stream, peer)) = listener.accept() {
+                // Bounded: clients that keep connecting must not hold the stop up.
+                for _ in 0..QUEUED_AT_STOP {
+                    let Ok((stream, peer)) = listener.accept() else {
+                        break;
+                    };
                     start_connection(shared, endpoint, stream, peer);
                 }
             }
