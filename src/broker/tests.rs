@@ -1,6 +1,7 @@
 //! Unit tests of the broker core, without sockets.
 
 use super::*;
+use crate::store::{FetchRequest, Fetched};
 use std::sync::Mutex;
 
 /// A store that records every operation, shared with the test; a windowed one also takes
