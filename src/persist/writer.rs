@@ -166,8 +166,8 @@ impl Writer<'_> {
             }
             // Gather what comes within the window: an accept acknowledged inside it never
             // reaches SQLite, and a busy stream costs one transaction per window, not one per
-            // message. Senders of changes never have to wake this thread; a fetch does, since
-            // a consumer may be waiting for it.
+            // message. Changes sent meanwhile do not wake this thread; a fetch does, since a
+            // consumer may be waiting for it.
             let only_changes = self.flushes.is_empty()
                 && self.pending_fetches.is_empty()
                 && self.mirror.is_none()
@@ -182,11 +182,17 @@ impl Writer<'_> {
                 self.copying = true;
                 let copied = self.copy_to(&temp);
                 self.copying = false;
-                let failed = copied.is_err();
-                let _ = reply.send(copied);
-                if failed {
-                    // The next tick tries again; a failed copy says nothing about the store.
-                    continue;
+                match copied {
+                    Ok(copy) => {
+                        let _ = reply.send(Ok(copy));
+                    }
+                    // A failed copy says nothing about the store: the mirror thread reports it
+                    // and asks again on its next tick.
+                    Err(CopyFailed::Copy(e)) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    // Applying changes between steps failed: the store is incomplete.
+                    Err(CopyFailed::Store(e)) => return Err(e),
                 }
             }
         }
@@ -229,6 +235,7 @@ impl Writer<'_> {
             let changes = self.batch.len();
             let ops = coalesce(std::mem::take(&mut self.batch));
             write_batch(self.shared, self.conn, &ops, !self.copying)?;
+            // The backlog counts memory: free the batch's content before saying it is gone.
             drop(ops);
             self.shared
                 .backlog
@@ -252,15 +259,17 @@ impl Writer<'_> {
     /// Copies the database into `temp` a few pages at a time, applying changes and answering
     /// fetches between steps. Changes made meanwhile reach the copy too: SQLite updates a
     /// backup when its source changes through the same connection.
-    fn copy_to(&mut self, temp: &std::path::Path) -> Result<Copied, PersistError> {
+    fn copy_to(&mut self, temp: &std::path::Path) -> Result<Copied, CopyFailed> {
         let sqlite = |action| {
-            move |source| PersistError::Sqlite {
-                action,
-                path: temp.to_owned(),
-                source,
+            move |source| {
+                CopyFailed::Copy(PersistError::Sqlite {
+                    action,
+                    path: temp.to_owned(),
+                    source,
+                })
             }
         };
-        let mut file = mirror::create_temp(temp)?;
+        let mut file = mirror::create_temp(temp).map_err(CopyFailed::Copy)?;
         let (pages, page_size) = pages_and_size(self.conn).map_err(sqlite("measure"))?;
         let step_pages = if pages * page_size <= MIRROR_ONE_STEP_BYTES {
             -1
@@ -281,7 +290,7 @@ impl Writer<'_> {
                     _ => thread::sleep(Duration::from_millis(1)),
                 }
                 // Between copy steps, no batching window: apply what waits and go on.
-                self.work()?;
+                self.work().map_err(CopyFailed::Store)?;
             }
         }
         drop(file);
@@ -291,6 +300,15 @@ impl Writer<'_> {
             longest_step,
         })
     }
+}
+
+/// Why a copy for the mirror did not complete.
+#[derive(Debug)]
+enum CopyFailed {
+    /// Writing the copy failed; the store is fine.
+    Copy(PersistError),
+    /// Applying changes between copy steps failed: the store itself is broken.
+    Store(PersistError),
 }
 
 /// The content of the stored messages among `seqs` (ascending), ascending by seq. A dense run
