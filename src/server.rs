@@ -141,6 +141,7 @@ impl Backend for Shared {
             queues,
             db: self.db.clone(),
             last_mirror: self.mirror.as_ref().and_then(MirrorStatus::latest),
+            mirror: self.mirror.as_ref().map(MirrorStatus::health),
             now,
         })
     }
@@ -215,7 +216,7 @@ impl Server {
         }
         // The store first: a database that cannot be used must stop us before anyone connects.
         let started = Instant::now();
-        let persistence = match &config.db {
+        let mut persistence = match &config.db {
             Some(path) => Some(
                 Persistence::open(path, config.mirror_interval)
                     .map_err(ServerError::Persistence)?,
@@ -228,7 +229,7 @@ impl Server {
         };
         let mut broker = Broker::new(store);
         let mut recovered_count = 0;
-        if let Some(persistence) = &persistence {
+        if let Some(persistence) = &mut persistence {
             recovered_count = persistence
                 .recover(&mut |message| broker.restore(message))
                 .map_err(ServerError::Persistence)?;
@@ -401,13 +402,19 @@ impl Server {
                 let path = persistence.path().to_owned();
                 match persistence.finish() {
                     Ok(report) => {
-                        if let Some(report) = report {
-                            info!(
-                                "final mirror: {} messages in {} ({} bytes)",
+                        match report {
+                            Some(report) => info!(
+                                "final mirror: {} messages in {} ({}; {} bytes written, file {} bytes, {} ms)",
                                 report.messages,
                                 path.display(),
-                                report.bytes
-                            );
+                                if report.full { "full copy" } else { "changes" },
+                                report
+                                    .written
+                                    .map_or_else(|| "?".to_string(), |w| w.to_string()),
+                                report.bytes,
+                                report.duration.as_millis()
+                            ),
+                            None => info!("final mirror: {} was up to date", path.display()),
                         }
                         Ok(())
                     }

@@ -69,6 +69,16 @@ pub enum StoreOp {
     },
 }
 
+impl StoreOp {
+    /// The content bytes the op carries.
+    pub fn content_len(&self) -> usize {
+        match self {
+            StoreOp::Insert(message) => message.content.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// A request for the content of ready messages of one queue, by `seq`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchRequest {

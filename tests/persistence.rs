@@ -573,3 +573,262 @@ fn db_none_keeps_messages_in_memory_only() {
     let files: Vec<_> = std::fs::read_dir(server.dir.path()).unwrap().collect();
     assert!(files.is_empty(), "no file written: {files:?}");
 }
+
+/// One console command over a fresh session; its reply without the prompt.
+fn console(server: &TestServer, line: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(server.console.expect("console on")).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut text = String::new();
+    let read_prompt = |stream: &mut std::net::TcpStream, text: &mut String| loop {
+        if let Some(at) = text.find("phpmq> ") {
+            let reply = text[..at].to_string();
+            text.drain(..at + "phpmq> ".len());
+            return reply;
+        }
+        let mut chunk = [0u8; 65536];
+        let n = stream.read(&mut chunk).expect("console reply");
+        assert!(n > 0, "console closed: {text:?}");
+        text.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    };
+    read_prompt(&mut stream, &mut text);
+    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    read_prompt(&mut stream, &mut text)
+}
+
+/// The number after `"key":` in a JSON document (the first one).
+fn json_number(json: &str, key: &str) -> Option<u64> {
+    let rest = &json[json.find(&format!("\"{key}\":"))? + key.len() + 3..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The server's resident memory in bytes.
+fn rss(server: &TestServer) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// Sends `n` messages of `size` bytes to `queue`, each starting with its number, and waits
+/// until the server has taken them all.
+fn fill(server: &TestServer, queue: &str, n: u32, size: usize) {
+    let mut producer = server.tcp_client();
+    let mut body = vec![b'.'; size.max(4)];
+    for i in 0..n {
+        body[..4].copy_from_slice(&i.to_be_bytes());
+        producer.send(queue, &body);
+    }
+    producer.sync();
+}
+
+/// Waits for a mirror report of at least `messages` messages in the debug log.
+fn wait_for_mirror_of(server: &TestServer, messages: i64) {
+    server.log.wait_for("a mirror of the whole fill", |l| {
+        l.split("] mirrored ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<i64>().ok())
+            .is_some_and(|n| n >= messages)
+    });
+}
+
+#[test]
+fn a_large_store_keeps_mirroring_under_a_trickle_and_a_sigkill_loses_only_the_last_intervals() {
+    const INTERVAL: Duration = Duration::from_millis(200);
+    const STORED: u32 = 250_000;
+    let mut server = TestServer::start(&["--mirror-interval", "200", "--log-level", "debug"]);
+    fill(&server, "backlog", STORED, 256);
+    wait_for_mirror_of(&server, STORED.into());
+
+    // A trickle of sends, each on its own connection, as `phpmq send` or a PHP request makes
+    // them; each is known to be taken once its barrier returns.
+    let mut taken_at = Vec::new();
+    let trickle_started = Instant::now();
+    let mut worst_age = 0;
+    for i in 0..150u32 {
+        let mut client = server.tcp_client();
+        client.send("trickle", format!("t{i}").as_bytes());
+        client.sync();
+        taken_at.push(Instant::now());
+        if i % 25 == 24 {
+            let status = console(&server, "status json");
+            let age = json_number(&status, "age_ms").expect("a mirror has completed");
+            worst_age = worst_age.max(age);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    // Mirrors kept completing: none of the status reads found the last one older than a
+    // few intervals (on an idle machine, about one).
+    assert!(
+        worst_age < 5 * INTERVAL.as_millis() as u64,
+        "the last mirror was {worst_age} ms old during a trickle of {:?}",
+        trickle_started.elapsed()
+    );
+    server.signal("KILL");
+    let killed_at = Instant::now();
+    server.wait_exit();
+
+    let server = server.restart();
+    assert!(server.recovered() >= STORED as usize);
+    let mut consumer = server.tcp_client();
+    let recovered: HashSet<String> = drain(&mut consumer, "trickle")
+        .iter()
+        .map(Dispatch::text)
+        .collect();
+    let lost: Vec<usize> = taken_at
+        .iter()
+        .enumerate()
+        .filter(|(i, at)| killed_at - **at > 2 * INTERVAL && !recovered.contains(&format!("t{i}")))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "lost {} messages taken more than two intervals before the SIGKILL: {lost:?}",
+        lost.len()
+    );
+
+    // A graceful stop with a large store writes what changed, not the store: well under the
+    // promised 5 s.
+    fill(&server, "after", 10, 256);
+    let mut server = server;
+    let signalled = Instant::now();
+    server.signal("TERM");
+    assert!(server.wait_exit().success(), "{}", server.log.text());
+    let took = signalled.elapsed();
+    let line = server
+        .log
+        .wait_for("the final mirror", |l| l.contains("final mirror:"));
+    let written: u64 = line
+        .split("; ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes written in {line:?}"));
+    assert!(
+        line.contains("(changes;") && written < 1 << 20,
+        "the final mirror wrote more than what changed: {line}"
+    );
+    assert!(took < Duration::from_secs(5), "the stop took {took:?}");
+}
+
+#[test]
+fn after_a_drain_the_file_and_memory_shrink() {
+    const STORED: u32 = 60_000;
+    let server = TestServer::start(&["--mirror-interval", "100", "--log-level", "debug"]);
+    let idle = rss(&server);
+    fill(&server, "jobs", STORED, 1024);
+    wait_for_mirror_of(&server, STORED.into());
+    let db = server.db_path();
+    // The file and its write-ahead log.
+    let on_disk = || {
+        ["", "-wal"]
+            .iter()
+            .map(|suffix| {
+                std::fs::metadata(format!("{}{suffix}", db.display())).map_or(0, |m| m.len())
+            })
+            .sum::<u64>()
+    };
+    let full_file = on_disk();
+    let full_rss = rss(&server);
+    assert!(
+        full_file > 50 << 20 && full_rss > idle + (50 << 20),
+        "file {full_file} B, memory {idle} B idle, {full_rss} B full"
+    );
+
+    // Nine in ten acknowledged, the rest stay.
+    let mut consumer = server.tcp_client();
+    consumer.consume("jobs", 500);
+    let mut acked = 0;
+    while acked < STORED * 9 / 10 {
+        for d in consumer.sync() {
+            if acked < STORED * 9 / 10 {
+                consumer.ack("jobs", &d.id);
+                acked += 1;
+            }
+        }
+    }
+    consumer.consume("jobs", 0);
+    consumer.sync();
+    common::wait_until("the file and memory to follow the live messages", || {
+        on_disk() < full_file / 2 && rss(&server) < idle + (full_rss - idle) / 2
+    });
+}
+
+#[test]
+fn a_database_file_deleted_while_running_is_written_again() {
+    // Noticed by the mirror on its next tick.
+    let server = TestServer::start(&["--mirror-interval", "100", "--log-level", "debug"]);
+    fill(&server, "jobs", 100, 16);
+    wait_for_mirror_of(&server, 100);
+    let db = server.db_path();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    common::wait_until("the file to be written again", || db.exists());
+    server
+        .log
+        .wait_for("a warning", |l| l.contains("deleted or replaced"));
+    let server = server.restart();
+    assert_eq!(server.recovered(), 100);
+
+    // Noticed by the final mirror, long before the next tick.
+    let mut server = TestServer::start(&["--mirror-interval", "60000"]);
+    fill(&server, "jobs", 100, 16);
+    let db = server.db_path();
+    std::fs::remove_file(&db).unwrap();
+    server.signal("TERM");
+    assert!(server.wait_exit().success(), "{}", server.log.text());
+    assert!(db.exists(), "the stop left no file:\n{}", server.log.text());
+    let server = server.restart();
+    assert_eq!(server.recovered(), 100);
+}
+
+#[test]
+fn a_failing_mirror_is_reported_and_a_stop_that_leaves_no_file_fails() {
+    let mut server = TestServer::start(&["--mirror-interval", "100", "--log-level", "debug"]);
+    fill(&server, "jobs", 10, 16);
+    wait_for_mirror_of(&server, 10);
+    let db = server.db_path();
+    // Something the mirror cannot replace stands where the file was.
+    let block = || {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
+        std::fs::create_dir(&db).unwrap();
+        std::fs::write(db.join("in-the-way"), b"x").unwrap();
+    };
+    block();
+    common::wait_until("the failures to show in status", || {
+        let status = console(&server, "status json");
+        json_number(&status, "failing_for").is_some_and(|n| n >= 2)
+            && status.contains("\"last_error\":\"")
+    });
+    let text = console(&server, "status");
+    assert!(text.contains("mirror failures: "), "{text}");
+
+    // Out of the way again: the next mirror completes and says so.
+    std::fs::remove_dir_all(&db).unwrap();
+    server.log.wait_for("the mirror to recover", |l| {
+        l.contains("mirror completed again")
+    });
+    assert!(db.is_file());
+    let status = console(&server, "status json");
+    assert_eq!(json_number(&status, "failing_for"), Some(0), "{status}");
+    assert!(json_number(&status, "failures").is_some_and(|n| n >= 2));
+
+    block();
+    server.signal("TERM");
+    let status = server.wait_exit();
+    assert!(
+        !status.success(),
+        "exit 0 without a database file:\n{}",
+        server.log.text()
+    );
+    assert!(server.log.text().contains("final mirror failed"));
+}

@@ -12,7 +12,7 @@ pub use render::{status_json, status_text};
 use crate::broker::{Listing, QueueStatus, Totals};
 use crate::hub::BrokerDown;
 use crate::net::Stream;
-use crate::persist::MirrorReport;
+use crate::persist::{MirrorHealth, MirrorReport};
 use crate::request::QueueName;
 use crate::store::Millis;
 use log::{debug, info};
@@ -42,6 +42,8 @@ pub struct Status {
     pub queues: Vec<QueueStatus>,
     pub db: Option<PathBuf>,
     pub last_mirror: Option<MirrorReport>,
+    /// How the mirror has been doing (`None` without persistence).
+    pub mirror: Option<MirrorHealth>,
     /// When the snapshot was taken.
     pub now: Millis,
 }

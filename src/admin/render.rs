@@ -66,12 +66,32 @@ pub fn status_text(status: &Status) -> String {
         (Some(db), Some(m)) => {
             let _ = writeln!(
                 out,
-                "last mirror: {} ago, took {}, {} messages, {}, to {}",
+                "last mirror: {} ago ({}), took {}, {} messages, {} written, file {}, to {}",
                 age(status.now.saturating_sub(m.finished_at)),
+                if m.full { "full copy" } else { "changes" },
                 duration(m.duration),
                 m.messages,
+                m.written.map_or_else(|| "?".into(), bytes),
                 bytes(m.bytes),
                 db.display()
+            );
+        }
+    }
+    if let Some(health) = &status.mirror {
+        if health.pending_changes > 0 {
+            let _ = writeln!(
+                out,
+                "mirror: {} changes not in the file yet",
+                health.pending_changes
+            );
+        }
+        if let Some((at, error)) = &health.last_error {
+            let _ = writeln!(
+                out,
+                "mirror failures: {} ({} in a row now), the last {} ago: {error}",
+                health.failures,
+                health.failing_for,
+                age(status.now.saturating_sub(*at)),
             );
         }
     }
@@ -137,12 +157,30 @@ pub fn status_json(status: &Status) -> String {
     let mirror = match &status.last_mirror {
         None => "null".to_string(),
         Some(m) => format!(
-            r#"{{"at_ms":{},"age_ms":{},"duration_ms":{},"messages":{},"bytes":{}}}"#,
+            r#"{{"at_ms":{},"age_ms":{},"duration_ms":{},"messages":{},"bytes":{},"written_bytes":{},"full":{}}}"#,
             m.finished_at,
             status.now.saturating_sub(m.finished_at),
             m.duration.as_millis(),
             m.messages,
-            m.bytes
+            m.bytes,
+            json_opt(m.written),
+            m.full
+        ),
+    };
+    let health = match &status.mirror {
+        None => "null".to_string(),
+        Some(h) => format!(
+            r#"{{"completed":{},"full_copies":{},"failures":{},"failing_for":{},"last_error":{},"last_error_at_ms":{},"written_bytes":{},"pending_changes":{}}}"#,
+            h.completed,
+            h.full_copies,
+            h.failures,
+            h.failing_for,
+            h.last_error
+                .as_ref()
+                .map_or_else(|| "null".into(), |(_, e)| json_string(e)),
+            json_opt(h.last_error.as_ref().map(|(at, _)| *at)),
+            h.written,
+            h.pending_changes
         ),
     };
     let db = status
@@ -166,7 +204,7 @@ pub fn status_json(status: &Status) -> String {
         .collect();
     format!(
         concat!(
-            r#"{{"server":{{"version":{},"uptime_s":{},"connections":{},"rss_bytes":{},"db":{},"last_mirror":{},"#,
+            r#"{{"server":{{"version":{},"uptime_s":{},"connections":{},"rss_bytes":{},"db":{},"last_mirror":{},"mirror":{},"#,
             r#""totals":{{"accepted":{},"delivered":{},"acknowledged":{},"requeued":{},"expired":{},"dead_lettered":{},"flushed":{}}}}},"#,
             r#""queues":[{}]}}"#
         ),
@@ -176,6 +214,7 @@ pub fn status_json(status: &Status) -> String {
         json_opt(status.rss_bytes),
         db,
         mirror,
+        health,
         t.accepted,
         t.delivered,
         t.acknowledged,

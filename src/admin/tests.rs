@@ -36,6 +36,7 @@ impl Backend for Fake {
                 .collect(),
             db: Some("phpmq.sqlite".into()),
             last_mirror: None,
+            mirror: None,
             now: 0,
         })
     }

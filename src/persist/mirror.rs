@@ -19,15 +19,20 @@ use std::time::{Duration, Instant};
 /// What one mirror did.
 #[derive(Clone, Debug)]
 pub struct MirrorReport {
-    /// The writer generation the copy reflects.
+    /// The writer generation the file reflects.
     pub generation: u64,
-    /// Messages in the copy.
+    /// Messages in the file.
     pub messages: i64,
+    /// The file's size.
     pub bytes: u64,
-    /// The whole mirror: copy, sync, rename.
+    /// Bytes written to disk for this mirror, where the system tells.
+    pub written: Option<u64>,
+    /// A full copy (a new, missing, replaced or old-format file), not the changes alone.
+    pub full: bool,
+    /// The whole mirror: write, sync (and for a full copy, rename).
     pub duration: Duration,
-    /// The longest the store writer spent copying in one go (its batches and fetches wait
-    /// meanwhile; the broker never does).
+    /// The longest the store writer spent copying in one go for a full copy (its batches and
+    /// fetches wait meanwhile; the broker never does).
     pub locked: Duration,
     /// When it was complete on disk.
     pub finished_at: Millis,
@@ -96,6 +101,18 @@ pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
     synced.sync_all().map_err(io_error("sync", temp))?;
     let bytes = synced.metadata().map(|m| m.len()).unwrap_or_default();
     drop(synced);
+    // A write-ahead log left beside the target belongs to the file being replaced: SQLite
+    // would replay it into the new one. Nobody has the target open now (the mirror closed it).
+    for suffix in ["-wal", "-shm"] {
+        let mut stale = target.as_os_str().to_owned();
+        stale.push(suffix);
+        match fs::remove_file(&stale) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_error("remove", Path::new(&stale))(e))
+            }
+            _ => {}
+        }
+    }
     fs::rename(temp, target).map_err(io_error("rename into place", target))?;
     sync_dir(target)?;
     Ok(bytes)
@@ -127,6 +144,8 @@ pub fn write(shared: &Shared, target: &Path) -> Result<MirrorReport, PersistErro
         generation,
         messages,
         bytes,
+        written: Some(bytes),
+        full: true,
         duration: started.elapsed(),
         locked,
         finished_at: now_millis(),
@@ -163,9 +182,18 @@ fn tune_memory(memory: &Connection) -> rusqlite::Result<()> {
     // at SQLite's default 4 KiB (end to end +14%, same memory; measured). Only a new database
     // takes it: one loaded from a file keeps the file's page size (an in-memory database's
     // cannot change), which works the same, only slower.
+    // Incremental vacuum: freed pages can be given back a step at a time (memory and file
+    // follow the live messages); it must be chosen before the first table exists, and the
+    // files copied from this database inherit it.
     memory.execute_batch(&format!(
-        "PRAGMA page_size = {PAGE_SIZE}; PRAGMA journal_mode = OFF;"
+        "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = OFF;"
     ))
+}
+
+/// Whether `conn` can give freed pages back a step at a time.
+pub fn shrinks_incrementally(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row("PRAGMA auto_vacuum", [], |r| r.get::<_, i64>(0))
+        .map(|mode| mode == 2)
 }
 
 /// The page size of databases this build creates.
@@ -186,7 +214,13 @@ pub fn load(path: &Path) -> Result<Connection, PersistError> {
     };
     let mut memory = Connection::open_in_memory().map_err(fail)?;
     copy_all(&file, &mut memory).map_err(|e| schema::classify(path, "load", e))?;
+    schema::quick_check(&memory, path)?;
     tune_memory(&memory).map_err(fail)?;
+    if !shrinks_incrementally(&memory).map_err(fail)? {
+        // A file from before incremental mirrors: rebuild once so that freed pages can be
+        // given back (the first mirror then rewrites the file in the same form).
+        memory.execute_batch("VACUUM").map_err(fail)?;
+    }
     Ok(memory)
 }
 

@@ -1,15 +1,25 @@
 //! Persistence: every accepted message lives in an in-memory SQLite database, which is mirrored
-//! to a file in the background (on a timer, the mirror thread has the writer copy it, then syncs
-//! and renames the copy), so messages survive a restart without the broker ever waiting for a
-//! disk.
+//! to a file in the background, so messages survive a restart without the broker ever waiting
+//! for a disk.
 //!
 //! - `schema`: the tables, recognising our files, reading messages back.
+//! - `batch`: changes folded and applied as SQL, to either database.
 //! - `writer`: the thread that owns the in-memory database: applies the broker's changes, reads
-//!   content back for the broker, copies the database for the mirror.
-//! - `mirror`: putting copies in place atomically, and loading a file into memory.
+//!   content back for the broker, copies the whole database when a full mirror is needed.
+//! - `journal`: what the writer committed since the last mirror.
+//! - `file`: the database file, kept up to date one transaction per mirror (WAL mode).
+//! - `mirror`: full copies put in place atomically, and loading a file into memory.
+//!
+//! On every tick the mirror thread applies the journal to the file in one synced transaction:
+//! a mirror costs what changed. A full copy is written only where it is the right tool: a new
+//! file, a file deleted or replaced while the server runs, a file from before incremental
+//! mirrors, and a journal that outgrew its bound because the disk could not keep up.
 //!
 //! The loss window: a hard crash loses what changed since the last completed mirror.
 
+mod batch;
+mod file;
+mod journal;
 mod mirror;
 mod schema;
 mod writer;
@@ -18,9 +28,11 @@ pub use mirror::MirrorReport;
 pub use schema::SCHEMA_VERSION;
 pub use writer::ChannelStore;
 
-use crate::store::{Backlog, FetchRequest, Fetched, StoredRow};
+use crate::store::{now_millis, Backlog, FetchRequest, Fetched, Millis, StoreOp, StoredRow};
 use crossbeam_channel::{bounded, select, tick, unbounded, Receiver, Sender};
-use log::{debug, error, info};
+use file::FileDb;
+use journal::Journal;
+use log::{debug, error, info, warn};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -57,6 +69,8 @@ pub enum PersistError {
     },
     /// A thread panicked while using the in-memory database.
     Poisoned,
+    /// At the end, the file is not where it should be.
+    Missing { path: PathBuf, detail: String },
 }
 
 impl fmt::Display for PersistError {
@@ -96,6 +110,11 @@ impl fmt::Display for PersistError {
                 path,
                 source,
             } => write!(f, "cannot {action} {}: {source}", path.display()),
+            PersistError::Missing { path, detail } => write!(
+                f,
+                "{}: no database file after the final mirror ({detail})",
+                path.display()
+            ),
             PersistError::Poisoned => {
                 f.write_str("the in-memory store stopped after a thread panicked while using it")
             }
@@ -114,21 +133,66 @@ pub struct Persistence {
     fetches: Sender<FetchRequest>,
     pending: Option<(Receiver<Command>, Receiver<FetchRequest>)>,
     writer: Option<JoinHandle<()>>,
-    mirror: Option<(Sender<()>, JoinHandle<()>)>,
-    last_mirror: Arc<Mutex<Option<MirrorReport>>>,
-    /// The writer generation the file on disk reflects, plus one (0: none yet).
-    on_disk: Arc<AtomicU64>,
+    /// The mirror's state while no mirror thread runs (before start, after finish).
+    mirror_state: Option<MirrorState>,
+    mirror: Option<(Sender<()>, JoinHandle<MirrorState>)>,
+    health: Arc<Mutex<MirrorHealth>>,
 }
 
-/// Reports the latest completed mirror.
+/// How the mirror has been doing, for status displays and the log.
+#[derive(Clone, Debug, Default)]
+pub struct MirrorHealth {
+    /// The latest mirror that completed.
+    pub last: Option<MirrorReport>,
+    /// Mirrors that failed since the start.
+    pub failures: u64,
+    /// Failed in a row since the last one that completed.
+    pub failing_for: u64,
+    /// The latest failure: when, and why.
+    pub last_error: Option<(Millis, String)>,
+    /// Mirrors that completed since the start, and how many of them were full copies.
+    pub completed: u64,
+    pub full_copies: u64,
+    /// Bytes written to disk by mirrors since the start, where the system tells.
+    pub written: u64,
+    /// Changes the file does not have yet.
+    pub pending_changes: usize,
+}
+
+/// Reports how the mirror is doing.
 #[derive(Clone)]
-pub struct MirrorStatus(Arc<Mutex<Option<MirrorReport>>>);
+pub struct MirrorStatus {
+    health: Arc<Mutex<MirrorHealth>>,
+    shared: Arc<Shared>,
+}
 
 impl MirrorStatus {
     pub fn latest(&self) -> Option<MirrorReport> {
-        lock_report(&self.0).clone()
+        lock_health(&self.health).last.clone()
+    }
+
+    pub fn health(&self) -> MirrorHealth {
+        let mut health = lock_health(&self.health).clone();
+        health.pending_changes = self.shared.journal.pending();
+        health
     }
 }
+
+/// What the mirror thread keeps between runs.
+struct MirrorState {
+    /// The open file; `None` when it must be written in full on the next run.
+    file: Option<FileDb>,
+    /// Messages in the file.
+    rows: i64,
+    /// Changes taken from the journal that are not in the file yet (their mirror failed).
+    in_hand: Vec<StoreOp>,
+}
+
+/// Changes a failing mirror keeps for its next try; past this it forgets them and writes the
+/// file in full once it can.
+const MAX_IN_HAND: usize = 4 << 20;
+/// Content bytes of a mirror after which freed memory is handed back to the system.
+const RELEASE_AFTER_BYTES: usize = 8 << 20;
 
 impl Persistence {
     /// Loads `target` if it exists (refusing anything that is not a phpmq database), or starts
@@ -147,39 +211,53 @@ impl Persistence {
         };
         let (commands, pending_commands) = unbounded();
         let (fetches, pending_fetches) = unbounded();
-        let persistence = Persistence {
-            shared: Arc::new(Shared {
-                memory: Mutex::new(memory),
-                generation: AtomicU64::new(0),
-                rows: AtomicI64::new(0),
-                backlog: Arc::default(),
-            }),
+        let shared = Arc::new(Shared {
+            memory: Mutex::new(memory),
+            generation: AtomicU64::new(0),
+            rows: AtomicI64::new(0),
+            backlog: Arc::default(),
+            journal: Journal::default(),
+        });
+        let health: Arc<Mutex<MirrorHealth>> = Arc::default();
+        if exists {
+            probe_writable(target)?;
+        } else {
+            let report = mirror::write(&shared, target)?;
+            info!("created {}", target.display());
+            record(&health, report);
+        }
+        let file = FileDb::open(target).map_err(|source| PersistError::Sqlite {
+            action: "open for writing",
+            path: target.to_owned(),
+            source,
+        })?;
+        // A file from before incremental mirrors cannot give space back: rewrite it once.
+        let file = file.shrinks_incrementally().then_some(file);
+        Ok(Persistence {
+            shared,
             target: target.to_owned(),
             interval,
             commands,
             fetches,
             pending: Some((pending_commands, pending_fetches)),
             writer: None,
+            mirror_state: Some(MirrorState {
+                file,
+                rows: 0,
+                in_hand: Vec::new(),
+            }),
             mirror: None,
-            last_mirror: Arc::default(),
-            on_disk: Arc::default(),
-        };
-        if exists {
-            probe_writable(target)?;
-            // The file is what was just loaded: generation 0.
-            persistence.on_disk.store(1, Ordering::Release);
-        } else {
-            let report = mirror::write(&persistence.shared, target)?;
-            info!("created {}", target.display());
-            persistence.record(report);
-        }
-        Ok(persistence)
+            health,
+        })
     }
 
     /// Hands every stored message to `restore`, in FIFO order, and returns how many. Reading
     /// every row walks every page, so a damaged file shows up here as an error rather than as
     /// lost messages later.
-    pub fn recover(&self, restore: &mut dyn FnMut(StoredRow<'_>)) -> Result<usize, PersistError> {
+    pub fn recover(
+        &mut self,
+        restore: &mut dyn FnMut(StoredRow<'_>),
+    ) -> Result<usize, PersistError> {
         let memory = self
             .shared
             .memory
@@ -187,15 +265,14 @@ impl Persistence {
             .map_err(|_| PersistError::Poisoned)?;
         let count = schema::load(&memory, &self.target, restore)?;
         self.shared.rows.store(count as i64, Ordering::Relaxed);
+        if let Some(state) = &mut self.mirror_state {
+            state.rows = count as i64;
+        }
         Ok(count)
     }
 
     pub fn path(&self) -> &Path {
         &self.target
-    }
-
-    fn record(&self, report: MirrorReport) {
-        record(&self.on_disk, &self.last_mirror, report);
     }
 
     /// The store to give the broker.
@@ -214,12 +291,15 @@ impl Persistence {
 
     /// The most recent completed mirror.
     pub fn last_mirror(&self) -> Option<MirrorReport> {
-        lock_report(&self.last_mirror).clone()
+        lock_health(&self.health).last.clone()
     }
 
-    /// A handle that reports the latest mirror, for status displays.
+    /// A handle that reports how the mirror is doing, for status displays.
     pub fn mirror_status(&self) -> MirrorStatus {
-        MirrorStatus(self.last_mirror.clone())
+        MirrorStatus {
+            health: self.health.clone(),
+            shared: self.shared.clone(),
+        }
     }
 
     /// Starts the writer and mirror threads. `on_fetched` gets the content the broker asked
@@ -234,6 +314,9 @@ impl Persistence {
         let Some((commands, fetches)) = self.pending.take() else {
             return Ok(());
         };
+        let Some(state) = self.mirror_state.take() else {
+            return Ok(());
+        };
         let shared = self.shared.clone();
         let callbacks = Callbacks {
             fetched: on_fetched,
@@ -245,19 +328,16 @@ impl Persistence {
                 .spawn(move || writer::run(&shared, &commands, &fetches, &callbacks))?,
         );
         let (stop, stopped) = bounded(1);
-        let shared = self.shared.clone();
-        let target = self.target.clone();
+        let mirror = Mirror {
+            shared: self.shared.clone(),
+            writer: self.commands.clone(),
+            target: self.target.clone(),
+            health: self.health.clone(),
+        };
         let interval = self.interval;
-        let last = self.last_mirror.clone();
-        let on_disk = self.on_disk.clone();
-        let writer = self.commands.clone();
         let handle = thread::Builder::new()
             .name("phpmq-mirror".into())
-            .spawn(move || {
-                mirror_loop(
-                    &shared, &writer, &target, interval, &stopped, &on_disk, &last,
-                )
-            })?;
+            .spawn(move || mirror.run(state, interval, &stopped))?;
         self.mirror = Some((stop, handle));
         Ok(())
     }
@@ -271,7 +351,8 @@ impl Persistence {
     }
 
     /// Applies what is pending, mirrors one last time, and stops both threads. Returns the final
-    /// mirror's result.
+    /// mirror's report (`None` if the file already had everything). Fails if the file could
+    /// not be brought up to date, or is not there at the end.
     pub fn finish(mut self) -> Result<Option<MirrorReport>, PersistError> {
         self.flush();
         let _ = self.commands.send(Command::Stop);
@@ -280,21 +361,79 @@ impl Persistence {
         }
         if let Some((stop, handle)) = self.mirror.take() {
             drop(stop);
-            let _ = handle.join();
+            // A mirror thread that panicked lost its state: the file is written in full.
+            self.mirror_state = handle.join().ok();
         }
-        if is_on_disk(&self.shared, &self.on_disk) {
-            return Ok(self.last_mirror());
+        let state = self.mirror_state.take().unwrap_or(MirrorState {
+            file: None,
+            rows: 0,
+            in_hand: Vec::new(),
+        });
+        let report = self.final_mirror(state);
+        let report = match report {
+            Ok(report) => report,
+            Err(e) => {
+                fail(&self.health, &e);
+                return Err(e);
+            }
+        };
+        // Whatever happened, a stop must leave the file: say so if it is not there.
+        match std::fs::metadata(&self.target) {
+            Ok(meta) if meta.is_file() => Ok(report),
+            Ok(_) => Err(PersistError::Missing {
+                path: self.target.clone(),
+                detail: "not a regular file".into(),
+            }),
+            Err(e) => Err(PersistError::Missing {
+                path: self.target.clone(),
+                detail: e.to_string(),
+            }),
         }
+    }
+
+    fn final_mirror(&self, state: MirrorState) -> Result<Option<MirrorReport>, PersistError> {
+        let started = Instant::now();
+        let taken = self.shared.journal.take();
+        let MirrorState {
+            file,
+            rows,
+            mut in_hand,
+        } = state;
+        if let Some(file) = file.filter(|f| f.is_in_place() && !taken.overflowed) {
+            in_hand.extend(taken.ops);
+            let sqlite = |source| PersistError::Sqlite {
+                action: "write the final mirror to",
+                path: self.target.clone(),
+                source,
+            };
+            let applied = file.apply(&in_hand).map_err(sqlite)?;
+            let bytes = file.size();
+            file.close().map_err(sqlite)?;
+            if in_hand.is_empty() {
+                return Ok(None);
+            }
+            let report = MirrorReport {
+                generation: taken.generation,
+                messages: rows + applied.row_delta,
+                bytes,
+                written: applied.written,
+                full: false,
+                duration: started.elapsed(),
+                locked: Duration::ZERO,
+                finished_at: now_millis(),
+            };
+            record(&self.health, report.clone());
+            return Ok(Some(report));
+        }
+        // Missing, replaced, never written, or behind by more than the journal holds.
         let report = mirror::write(&self.shared, &self.target)?;
-        self.record(report.clone());
+        record(&self.health, report.clone());
         Ok(Some(report))
     }
 }
 
-fn lock_report(
-    report: &Mutex<Option<MirrorReport>>,
-) -> std::sync::MutexGuard<'_, Option<MirrorReport>> {
-    report.lock().unwrap_or_else(|p| p.into_inner())
+fn lock_health(health: &Mutex<MirrorHealth>) -> std::sync::MutexGuard<'_, MirrorHealth> {
+    health.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Fails now if the mirror could not be written next to `target`.
@@ -309,86 +448,204 @@ fn probe_writable(target: &Path) -> Result<(), PersistError> {
         })
 }
 
-/// Whether the file already reflects every committed change.
-fn is_on_disk(shared: &Shared, on_disk: &AtomicU64) -> bool {
-    on_disk.load(Ordering::Acquire) == shared.generation.load(Ordering::Acquire) + 1
-}
-
-fn record(on_disk: &AtomicU64, last: &Mutex<Option<MirrorReport>>, report: MirrorReport) {
+fn record(health: &Mutex<MirrorHealth>, report: MirrorReport) {
     debug!(
-        "mirrored {} messages: {} bytes in {} ms (longest store pause {} ms)",
+        "mirrored {} messages ({}): {} bytes written, file {} bytes, in {} ms (longest store pause {} ms)",
         report.messages,
+        if report.full { "full copy" } else { "changes" },
+        report.written.map_or_else(|| "?".into(), |w| w.to_string()),
         report.bytes,
         report.duration.as_millis(),
         report.locked.as_millis()
     );
-    on_disk.store(report.generation + 1, Ordering::Release);
-    *lock_report(last) = Some(report);
+    let mut health = lock_health(health);
+    if health.failing_for > 0 {
+        info!(
+            "mirror completed again after {} failed attempt(s)",
+            health.failing_for
+        );
+    }
+    health.failing_for = 0;
+    health.completed += 1;
+    health.full_copies += u64::from(report.full);
+    health.written += report.written.unwrap_or_default();
+    health.last = Some(report);
 }
 
-/// Mirrors on every tick when something changed, until the stop channel closes.
-fn mirror_loop(
-    shared: &Shared,
-    writer: &Sender<Command>,
-    target: &Path,
-    interval: Duration,
-    stop: &Receiver<()>,
-    on_disk: &AtomicU64,
-    last: &Mutex<Option<MirrorReport>>,
-) {
-    let ticker = tick(interval);
-    loop {
-        select! {
-            recv(ticker) -> _ => {
-                if is_on_disk(shared, on_disk) {
-                    continue;
+fn fail(health: &Mutex<MirrorHealth>, e: &PersistError) {
+    let mut health = lock_health(health);
+    health.failures += 1;
+    health.failing_for += 1;
+    health.last_error = Some((now_millis(), e.to_string()));
+}
+
+/// The mirror thread: on every tick, brings the file up to date.
+struct Mirror {
+    shared: Arc<Shared>,
+    writer: Sender<Command>,
+    target: PathBuf,
+    health: Arc<Mutex<MirrorHealth>>,
+}
+
+/// What a mirror run came to.
+enum Outcome {
+    Done(Option<MirrorReport>),
+    /// The writer has stopped: the final mirror is not ours to write.
+    Stopped,
+}
+
+impl Mirror {
+    /// Mirrors on every tick until the stop channel closes; returns its state for the final
+    /// mirror.
+    fn run(&self, mut state: MirrorState, interval: Duration, stop: &Receiver<()>) -> MirrorState {
+        let ticker = tick(interval);
+        let early = self.shared.journal.wake_ups().clone();
+        loop {
+            select! {
+                recv(ticker) -> _ => {}
+                recv(early) -> _ => {
+                    // A failing mirror retries on its tick, not on every batch.
+                    if lock_health(&self.health).failing_for > 0 {
+                        continue;
+                    }
                 }
-                match mirror_once(writer, target, stop) {
-                    Ok(Some(report)) => record(on_disk, last, report),
-                    // The writer has stopped: the final mirror is not ours to write.
-                    Ok(None) => return,
-                    // The previous mirror stays in place; try again on the next tick.
-                    Err(e) => error!("mirror of {} failed, will retry: {e}", target.display()),
+                recv(stop) -> _ => return state,
+            }
+            {
+                match self.once(&mut state, stop) {
+                    Ok(Outcome::Done(Some(report))) => record(&self.health, report),
+                    Ok(Outcome::Done(None)) => {}
+                    Ok(Outcome::Stopped) => return state,
+                    Err(e) => {
+                        // Logged once per run of failures, then every 60th, not every tick.
+                        let failing_for = lock_health(&self.health).failing_for;
+                        if failing_for.is_multiple_of(60) {
+                            error!(
+                                "mirror of {} failed, will retry: {e}",
+                                self.target.display()
+                            );
+                        }
+                        fail(&self.health, &e);
+                    }
                 }
             }
-            recv(stop) -> _ => return,
         }
     }
-}
 
-/// Has the writer copy the database beside `target`, then syncs the copy and puts it in place.
-fn mirror_once(
-    writer: &Sender<Command>,
-    target: &Path,
-    stop: &Receiver<()>,
-) -> Result<Option<MirrorReport>, PersistError> {
-    let started = Instant::now();
-    let temp = mirror::temp_path(target);
-    let (reply, copied) = bounded(1);
-    let request = Command::Mirror {
-        temp: temp.clone(),
-        reply,
-    };
-    if writer.send(request).is_err() {
-        return Ok(None);
+    /// One mirror: the changes since the last one, or a full copy where the file needs it.
+    fn once(&self, state: &mut MirrorState, stop: &Receiver<()>) -> Result<Outcome, PersistError> {
+        let in_place = state.file.as_ref().is_some_and(FileDb::is_in_place);
+        if in_place {
+            let taken = self.shared.journal.take();
+            if !taken.overflowed {
+                return self.apply_changes(state, taken.ops, taken.generation);
+            }
+        } else if state.file.is_some() {
+            warn!(
+                "{} was deleted or replaced while the server ran; writing it again in full",
+                self.target.display()
+            );
+        }
+        // Closing first: a full copy replaces the file and its log.
+        state.file = None;
+        state.in_hand.clear();
+        let Some(report) = self.full_copy(stop)? else {
+            return Ok(Outcome::Stopped);
+        };
+        state.rows = report.messages;
+        state.file = Some(
+            FileDb::open(&self.target).map_err(|source| PersistError::Sqlite {
+                action: "open for writing",
+                path: self.target.clone(),
+                source,
+            })?,
+        );
+        Ok(Outcome::Done(Some(report)))
     }
-    // The writer answers, or drops the request as it stops (and then `stop` closes).
-    let copy = select! {
-        recv(copied) -> copy => match copy {
-            Ok(copy) => copy?,
-            Err(_) => return Ok(None),
-        },
-        recv(stop) -> _ => return Ok(None),
-    };
-    let bytes = mirror::put_in_place(&temp, target)?;
-    Ok(Some(MirrorReport {
-        generation: copy.generation,
-        messages: copy.messages,
-        bytes,
-        duration: started.elapsed(),
-        locked: copy.longest_step,
-        finished_at: crate::store::now_millis(),
-    }))
+
+    fn apply_changes(
+        &self,
+        state: &mut MirrorState,
+        ops: Vec<StoreOp>,
+        generation: u64,
+    ) -> Result<Outcome, PersistError> {
+        let Some(file) = &state.file else {
+            return Ok(Outcome::Done(None));
+        };
+        if ops.is_empty() && state.in_hand.is_empty() {
+            return Ok(Outcome::Done(None));
+        }
+        let started = Instant::now();
+        state.in_hand.extend(ops);
+        match file.apply(&state.in_hand) {
+            Ok(applied) => {
+                state.rows += applied.row_delta;
+                let content: usize = state.in_hand.iter().map(StoreOp::content_len).sum();
+                state.in_hand = Vec::new();
+                if content > RELEASE_AFTER_BYTES {
+                    // A flood's content was held here until now: give its pages back.
+                    crate::memory::release_free_pages();
+                }
+                Ok(Outcome::Done(Some(MirrorReport {
+                    generation,
+                    messages: state.rows,
+                    bytes: file.size(),
+                    written: applied.written,
+                    full: false,
+                    duration: started.elapsed(),
+                    locked: Duration::ZERO,
+                    finished_at: now_millis(),
+                })))
+            }
+            Err(source) => {
+                // Kept for the next try, within bounds; past them, the next mirror that can
+                // writes the file in full from memory.
+                if state.in_hand.len() > MAX_IN_HAND {
+                    state.in_hand.clear();
+                    state.file = None;
+                }
+                Err(PersistError::Sqlite {
+                    action: "mirror changes to",
+                    path: self.target.clone(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Has the writer copy the database beside the target, then syncs the copy and puts it in
+    /// place. `None` if the writer has stopped.
+    fn full_copy(&self, stop: &Receiver<()>) -> Result<Option<MirrorReport>, PersistError> {
+        let started = Instant::now();
+        let temp = mirror::temp_path(&self.target);
+        let (reply, copied) = bounded(1);
+        let request = Command::Mirror {
+            temp: temp.clone(),
+            reply,
+        };
+        if self.writer.send(request).is_err() {
+            return Ok(None);
+        }
+        // The writer answers, or drops the request as it stops (and then `stop` closes).
+        let copy = select! {
+            recv(copied) -> copy => match copy {
+                Ok(copy) => copy?,
+                Err(_) => return Ok(None),
+            },
+            recv(stop) -> _ => return Ok(None),
+        };
+        let bytes = mirror::put_in_place(&temp, &self.target)?;
+        Ok(Some(MirrorReport {
+            generation: copy.generation,
+            messages: copy.messages,
+            bytes,
+            written: Some(bytes),
+            full: true,
+            duration: started.elapsed(),
+            locked: copy.longest_step,
+            finished_at: now_millis(),
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -8,17 +8,17 @@
 //! [`crate::store::Backlog`]). A message that is accepted and acknowledged within one batch never
 //! touches SQLite at all.
 
+use super::batch;
+use super::journal::Journal;
 use super::mirror;
 use super::PersistError;
-use crate::store::{Backlog, FetchRequest, Fetched, Store, StoreOp, StoredMessage};
+use crate::store::{Backlog, FetchRequest, Fetched, Store, StoreOp};
 use crossbeam_channel::{select, Receiver, Sender};
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{params, Connection};
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -63,7 +63,7 @@ pub struct ChannelStore {
 
 impl Store for ChannelStore {
     fn apply(&mut self, op: StoreOp) {
-        self.backlog.add(content_len(&op));
+        self.backlog.add(op.content_len());
         // Fails only once the writer has stopped, at the very end of shutdown.
         let _ = self.commands.send(Command::Op(op));
     }
@@ -87,13 +87,47 @@ pub struct Shared {
     pub rows: AtomicI64,
     /// What the broker sent and this thread has not applied yet.
     pub backlog: Arc<Backlog>,
+    /// What this thread committed and the mirror has not taken yet.
+    pub journal: Journal,
 }
 
-fn content_len(op: &StoreOp) -> usize {
-    match op {
-        StoreOp::Insert(message) => message.content.len(),
-        _ => 0,
+fn memory_failure(action: &'static str) -> impl Fn(rusqlite::Error) -> PersistError {
+    move |source| PersistError::Sqlite {
+        action,
+        path: ":memory:".into(),
+        source,
     }
+}
+
+/// Applies a coalesced batch to the in-memory database, then hands it to the journal for
+/// the next mirror.
+fn commit(shared: &Shared, conn: &Connection, ops: Vec<StoreOp>) -> Result<(), PersistError> {
+    let delta = batch::apply(conn, &ops).map_err(memory_failure("write to"))?;
+    shared.rows.fetch_add(delta, Ordering::Relaxed);
+    let generation = shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+    shared.journal.record(ops, generation);
+    Ok(())
+}
+
+/// Free space in memory worth giving back...
+const SHRINK_FREE_BYTES: i64 = 4 << 20;
+/// ...at most this much per step, so that a step never holds up batches or fetches for long.
+const SHRINK_STEP_BYTES: i64 = 8 << 20;
+
+/// Once acknowledgements have freed much of the database, gives a bounded step of it back
+/// (incremental vacuum: pages from the end move into the holes), so memory follows the live
+/// messages. Runs only when no change waits. Returns whether it gave any back.
+fn shrink_step(conn: &Connection) -> rusqlite::Result<bool> {
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let (_, page_size) = pages_and_size(conn)?;
+    if free * page_size < SHRINK_FREE_BYTES {
+        return Ok(false);
+    }
+    let pages = free.min(SHRINK_STEP_BYTES / page_size);
+    let mut statement = conn.prepare_cached(&format!("PRAGMA incremental_vacuum({pages})"))?;
+    let mut rows = statement.query([])?;
+    while rows.next()?.is_some() {}
+    Ok(true)
 }
 
 /// Where the writer sends what it read back and what went wrong.
@@ -126,6 +160,7 @@ pub fn run(
         pending_fetches: Vec::new(),
         mirror: None,
         copying: false,
+        shrunk: false,
         stop: false,
     };
     if let Err(e) = writer.serve() {
@@ -147,6 +182,8 @@ struct Writer<'a> {
     mirror: Option<(PathBuf, Sender<Result<Copied, PersistError>>)>,
     /// A copy is under way (it must not see the database rebuilt).
     copying: bool,
+    /// Pages were given back since memory was last released to the system.
+    shrunk: bool,
     stop: bool,
 }
 
@@ -178,6 +215,14 @@ impl Writer<'_> {
                 }
             }
             self.work()?;
+            if !self.copying && self.commands.is_empty() {
+                if shrink_step(self.conn).map_err(memory_failure("shrink"))? {
+                    self.shrunk = true;
+                } else if std::mem::take(&mut self.shrunk) {
+                    // Done giving pages back: let the process's memory follow.
+                    crate::memory::release_free_pages();
+                }
+            }
             if let Some((temp, reply)) = self.mirror.take() {
                 self.copying = true;
                 let copied = self.copy_to(&temp);
@@ -202,7 +247,7 @@ impl Writer<'_> {
     fn take(&mut self, command: Command) {
         match command {
             Command::Op(op) => {
-                self.batch_bytes += content_len(&op);
+                self.batch_bytes += op.content_len();
                 self.batch.push(op);
             }
             Command::Flush(reply) => self.flushes.push(reply),
@@ -233,10 +278,8 @@ impl Writer<'_> {
         }
         if !self.batch.is_empty() {
             let changes = self.batch.len();
-            let ops = coalesce(std::mem::take(&mut self.batch));
-            write_batch(self.shared, self.conn, &ops, !self.copying)?;
-            // The backlog counts memory: free the batch's content before saying it is gone.
-            drop(ops);
+            let ops = batch::coalesce(std::mem::take(&mut self.batch));
+            commit(self.shared, self.conn, ops)?;
             self.shared
                 .backlog
                 .remove(changes, std::mem::take(&mut self.batch_bytes));
@@ -294,6 +337,8 @@ impl Writer<'_> {
             }
         }
         drop(file);
+        // The copy holds every batch committed so far: the journal starts again from here.
+        self.shared.journal.reset();
         Ok(Copied {
             generation: self.shared.generation.load(Ordering::Acquire),
             messages: self.shared.rows.load(Ordering::Relaxed),
@@ -342,171 +387,6 @@ fn read_contents(conn: &Connection, seqs: &[u64]) -> rusqlite::Result<Vec<(u64, 
     Ok(contents)
 }
 
-/// Drops inserts that a later op in the same batch deletes, and folds re-queues of messages
-/// inserted in the batch into their insert: the common accept-then-ack costs SQLite nothing.
-fn coalesce(ops: Vec<StoreOp>) -> Vec<StoreOp> {
-    let mut slots: Vec<Option<StoreOp>> = Vec::with_capacity(ops.len());
-    let mut inserted: HashMap<u64, usize> = HashMap::new();
-    for op in ops {
-        match op {
-            StoreOp::Delete { seq, .. } if inserted.contains_key(&seq) => {
-                if let Some(slot) = inserted.remove(&seq) {
-                    slots[slot] = None;
-                }
-            }
-            StoreOp::Requeue {
-                old_seq,
-                seq,
-                expires_at,
-                ..
-            } if inserted.contains_key(&old_seq) => {
-                if let Some(slot) = inserted.remove(&old_seq) {
-                    if let Some(StoreOp::Insert(message)) = &mut slots[slot] {
-                        message.seq = seq;
-                        message.expires_at = expires_at;
-                    }
-                    inserted.insert(seq, slot);
-                }
-            }
-            op => {
-                if let StoreOp::Insert(message) = &op {
-                    inserted.insert(message.seq, slots.len());
-                }
-                slots.push(Some(op));
-            }
-        }
-    }
-    slots.into_iter().flatten().collect()
-}
-
-/// Inserts per multi-row INSERT statement: one statement costs about as much as a row.
-const INSERT_CHUNK: usize = 64;
-
-fn insert_sql(rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO messages (seq, id, queue, content, accepted_at, expires_at) VALUES ",
-    );
-    for row in 0..rows {
-        let base = row * 6;
-        if row > 0 {
-            sql.push(',');
-        }
-        sql.push_str(&format!(
-            "(?{},?{},?{},?{},?{},?{})",
-            base + 1,
-            base + 2,
-            base + 3,
-            base + 4,
-            base + 5,
-            base + 6
-        ));
-    }
-    sql
-}
-
-/// Applies a coalesced batch in one transaction. Inserts and re-queues touch different rows,
-/// and a deleted message is never touched again, so the batch is applied by kind: inserts in
-/// multi-row statements, then re-queues, then deletes as ranges of consecutive positions
-/// (consumers acknowledge in FIFO order, so a batch's deletes are mostly long runs).
-fn write_batch(
-    shared: &Shared,
-    conn: &Connection,
-    ops: &[StoreOp],
-    may_shrink: bool,
-) -> Result<(), PersistError> {
-    let mut inserts: Vec<&StoredMessage> = Vec::new();
-    let mut requeues = Vec::new();
-    let mut deletes: Vec<i64> = Vec::new();
-    for op in ops {
-        match op {
-            StoreOp::Insert(message) => inserts.push(message),
-            StoreOp::Requeue {
-                old_seq,
-                seq,
-                expires_at,
-                ..
-            } => requeues.push((*old_seq as i64, *seq as i64, expires_at.map(|at| at as i64))),
-            StoreOp::Delete { seq, .. } => deletes.push(*seq as i64),
-        }
-    }
-    deletes.sort_unstable();
-
-    let fail = |source| PersistError::Sqlite {
-        action: "write to",
-        path: ":memory:".into(),
-        source,
-    };
-    // Unchecked: a mirror's backup borrows the connection too (shared), between batches.
-    let tx = conn.unchecked_transaction().map_err(fail)?;
-    let mut row_delta = 0i64;
-    static FULL_CHUNK_SQL: OnceLock<String> = OnceLock::new();
-    let full_chunk_sql = FULL_CHUNK_SQL.get_or_init(|| insert_sql(INSERT_CHUNK));
-    for chunk in inserts.chunks(INSERT_CHUNK) {
-        let sql = if chunk.len() == INSERT_CHUNK {
-            Cow::Borrowed(full_chunk_sql.as_str())
-        } else {
-            Cow::Owned(insert_sql(chunk.len()))
-        };
-        let mut insert = tx.prepare_cached(&sql).map_err(fail)?;
-        for (row, m) in chunk.iter().enumerate() {
-            let at = row * 6;
-            insert
-                .raw_bind_parameter(at + 1, m.seq as i64)
-                .map_err(fail)?;
-            insert
-                .raw_bind_parameter(at + 2, &m.id.as_u128().to_be_bytes()[..])
-                .map_err(fail)?;
-            insert
-                .raw_bind_parameter(at + 3, m.queue.as_str())
-                .map_err(fail)?;
-            insert
-                .raw_bind_parameter(at + 4, &m.content[..])
-                .map_err(fail)?;
-            insert
-                .raw_bind_parameter(at + 5, m.accepted_at as i64)
-                .map_err(fail)?;
-            insert
-                .raw_bind_parameter(at + 6, m.expires_at.map(|at| at as i64))
-                .map_err(fail)?;
-        }
-        row_delta += insert.raw_execute().map_err(fail)? as i64;
-    }
-    if !requeues.is_empty() {
-        let mut requeue = tx
-            .prepare_cached("UPDATE messages SET seq = ?1, expires_at = ?2 WHERE seq = ?3")
-            .map_err(fail)?;
-        for (old_seq, seq, expires_at) in requeues {
-            requeue
-                .execute(params![seq, expires_at, old_seq])
-                .map_err(fail)?;
-        }
-    }
-    if !deletes.is_empty() {
-        let mut delete = tx
-            .prepare_cached("DELETE FROM messages WHERE seq BETWEEN ?1 AND ?2")
-            .map_err(fail)?;
-        let mut run_start = 0;
-        for i in 1..=deletes.len() {
-            if i == deletes.len() || deletes[i] != deletes[i - 1] + 1 {
-                row_delta -= delete
-                    .execute(params![deletes[run_start], deletes[i - 1]])
-                    .map_err(fail)? as i64;
-                run_start = i;
-            }
-        }
-    }
-    tx.commit().map_err(fail)?;
-    let rows = shared.rows.fetch_add(row_delta, Ordering::Relaxed) + row_delta;
-    if rows == 0 && may_shrink {
-        shrink_if_mostly_free(conn).map_err(fail)?;
-    }
-    shared.generation.fetch_add(1, Ordering::Release);
-    Ok(())
-}
-
-/// Free space worth giving back.
-const SHRINK_FREE_BYTES: i64 = 16 << 20;
-
 /// The database's page count and page size.
 fn pages_and_size(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
     let pages = conn.query_row("PRAGMA page_count", [], |row| row.get(0))?;
@@ -514,22 +394,12 @@ fn pages_and_size(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
     Ok((pages, size))
 }
 
-/// Once a burst has drained, the database would keep every page it ever had (and the mirror
-/// file its size); rebuilding an empty database is instant and returns them.
-fn shrink_if_mostly_free(conn: &Connection) -> rusqlite::Result<()> {
-    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-    let (_, page_size) = pages_and_size(conn)?;
-    if free * page_size >= SHRINK_FREE_BYTES {
-        conn.execute_batch("VACUUM")?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::id::MessageId;
     use crate::request::QueueName;
+    use crate::store::StoredMessage;
     use std::sync::Arc;
 
     fn insert(seq: u64) -> StoreOp {
@@ -548,32 +418,6 @@ mod tests {
             id: MessageId::from_u128(seq.into()),
             seq,
         }
-    }
-
-    #[test]
-    fn accepted_then_acked_in_one_batch_costs_nothing() {
-        let ops = coalesce(vec![insert(1), insert(2), delete(1), delete(7)]);
-        assert_eq!(ops, vec![insert(2), delete(7)]);
-    }
-
-    #[test]
-    fn requeue_of_a_fresh_insert_rewrites_the_insert() {
-        let requeue = StoreOp::Requeue {
-            id: MessageId::from_u128(1),
-            old_seq: 1,
-            seq: 5,
-            expires_at: Some(9),
-        };
-        let ops = coalesce(vec![insert(1), requeue, delete(5)]);
-        assert!(ops.is_empty(), "{ops:?}");
-        let requeue = StoreOp::Requeue {
-            id: MessageId::from_u128(1),
-            old_seq: 1,
-            seq: 5,
-            expires_at: Some(9),
-        };
-        let ops = coalesce(vec![insert(1), requeue]);
-        assert!(matches!(&ops[..], [StoreOp::Insert(m)] if m.seq == 5 && m.expires_at == Some(9)));
     }
 
     #[test]
@@ -597,44 +441,43 @@ mod tests {
     }
 
     #[test]
-    fn an_emptied_store_gives_its_pages_back() {
+    fn a_drained_store_gives_its_pages_back_before_it_is_empty() {
         let shared = memory();
-        let big = |seq: u64| {
-            StoreOp::Insert(StoredMessage {
-                content: Arc::from(vec![7u8; 1024]),
-                ..match insert(seq) {
-                    StoreOp::Insert(m) => m,
-                    _ => unreachable!(),
-                }
-            })
-        };
+        let big = |seq: u64| insert_of(seq, 1024);
         let pages = |shared: &Shared| -> i64 {
             let conn = shared.memory.lock().unwrap();
             conn.query_row("PRAGMA page_count", [], |r| r.get(0))
                 .unwrap()
         };
-        apply(&shared, &(1..=20_000).map(big).collect::<Vec<_>>()).unwrap();
-        assert!(pages(&shared) > 5000);
-        apply(&shared, &(1..=19_999).map(delete).collect::<Vec<_>>()).unwrap();
-        assert!(pages(&shared) > 5000, "not empty yet: nothing is rebuilt");
-        apply(&shared, &[delete(20_000)]).unwrap();
-        assert!(pages(&shared) < 50, "{} pages left", pages(&shared));
-        assert_eq!(seqs(&shared), Vec::<i64>::new());
+        apply(&shared, &(1..=40_000).map(big).collect::<Vec<_>>()).unwrap();
+        let full = pages(&shared);
+        assert!(full > 2000, "{full} pages");
+        // Nine in ten acknowledged: the live tenth is what memory should come down to.
+        apply(&shared, &(1..=36_000).map(delete).collect::<Vec<_>>()).unwrap();
+        assert_eq!(pages(&shared), full, "acks alone give nothing back");
+        for _ in 0..100 {
+            shrink_step(&shared.memory.lock().unwrap()).unwrap();
+        }
+        let left = pages(&shared);
+        assert!(
+            left < full / 5,
+            "{left} of {full} pages left after shrinking"
+        );
+        assert_eq!(seqs(&shared), (36_001..=40_000).collect::<Vec<i64>>());
     }
 
     fn apply(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
         let conn = shared.memory.lock().unwrap();
-        write_batch(shared, &conn, ops, true)
+        commit(shared, &conn, ops.to_vec())
     }
 
     fn memory() -> Shared {
-        let conn = Connection::open_in_memory().unwrap();
-        super::super::schema::create(&conn).unwrap();
         Shared {
-            memory: Mutex::new(conn),
+            memory: Mutex::new(mirror::new_memory().unwrap()),
             generation: AtomicU64::new(0),
             rows: AtomicI64::new(0),
             backlog: Arc::default(),
+            journal: Journal::default(),
         }
     }
 
@@ -726,6 +569,7 @@ mod tests {
             pending_fetches: Vec::new(),
             mirror: None,
             copying: true,
+            shrunk: false,
             stop: false,
         };
         let copy = writer.copy_to(&temp).unwrap();

@@ -1,0 +1,183 @@
+//! The database file as the mirror keeps it up to date: one connection, in WAL mode, that
+//! takes everything changed since the last mirror in one transaction, so that a mirror costs
+//! what changed, not what is stored.
+//!
+//! Each commit is synced (`synchronous = FULL`): once [`FileDb::apply`] returns, its changes
+//! survive a crash. The write-ahead log is folded into the file whenever it grows past
+//! [`CHECKPOINT_BYTES`], and at a graceful stop, after which the file is one plain SQLite
+//! database again. Space freed by acknowledged messages is given back a step at a time
+//! (incremental vacuum), so the file follows the live messages.
+//!
+//! The mirror also checks on every run that the path still names the file it writes: a file
+//! deleted or replaced under it is noticed ([`FileDb::is_in_place`]) and written again in full.
+
+use super::batch;
+use crate::store::StoreOp;
+use rusqlite::Connection;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// The write-ahead log is folded into the file (and emptied) past this size: what the log
+/// holds is written twice, so it stays small, but a trickle of changes still folds rarely.
+const CHECKPOINT_BYTES: i64 = 16 << 20;
+/// A log that SQLite itself truncates is kept at most this large.
+const WAL_KEEP_BYTES: i64 = 16 << 20;
+/// Free space in the file worth giving back...
+const SHRINK_FREE_BYTES: i64 = 4 << 20;
+/// ...at most this much per mirror, so that one mirror stays short.
+const SHRINK_STEP_BYTES: i64 = 64 << 20;
+
+/// Which file a path names: a file replaced under the same name has another identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+}
+
+fn identity(path: &Path) -> io::Result<Identity> {
+    let meta = fs::metadata(path)?;
+    Ok(Identity {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+/// The mirror's open database file.
+pub struct FileDb {
+    conn: Connection,
+    path: PathBuf,
+    identity: Identity,
+    page_size: i64,
+    incremental_vacuum: bool,
+}
+
+/// What one [`FileDb::apply`] did.
+pub struct Applied {
+    /// Rows added (negative: removed).
+    pub row_delta: i64,
+    /// Bytes this thread wrote to files meanwhile (log, checkpoint), if the system says.
+    pub written: Option<u64>,
+}
+
+impl FileDb {
+    /// Opens the phpmq database at `path` (already checked) for incremental mirrors.
+    pub fn open(path: &Path) -> rusqlite::Result<FileDb> {
+        let conn = Connection::open(path)?;
+        // FULL: a commit is on disk when it returns; that is what makes a mirror complete.
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA wal_autocheckpoint = 0;
+             PRAGMA journal_size_limit = {WAL_KEEP_BYTES};"
+        ))?;
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+        let identity = identity(path).map_err(|e| io_failure(path, e))?;
+        Ok(FileDb {
+            conn,
+            path: path.to_owned(),
+            identity,
+            page_size,
+            incremental_vacuum: auto_vacuum == 2,
+        })
+    }
+
+    /// Whether the path still names this file (not deleted, not replaced).
+    pub fn is_in_place(&self) -> bool {
+        identity(&self.path).is_ok_and(|found| found == self.identity)
+    }
+
+    /// Whether this file gives freed space back by itself (files written by phpmq 0.1 before
+    /// incremental mirrors do not, and are rewritten once in full).
+    pub fn shrinks_incrementally(&self) -> bool {
+        self.incremental_vacuum
+    }
+
+    /// Applies `ops` in one synced transaction, then folds the log into the file if it grew
+    /// large, and gives back a step of free space if much is free.
+    pub fn apply(&self, ops: &[StoreOp]) -> rusqlite::Result<Applied> {
+        let before = written_by_this_thread();
+        let row_delta = if ops.is_empty() {
+            0
+        } else {
+            batch::apply(&self.conn, ops)?
+        };
+        self.shrink_step()?;
+        if self.wal_bytes() > CHECKPOINT_BYTES {
+            self.checkpoint()?;
+        }
+        let written = match (before, written_by_this_thread()) {
+            (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+            _ => None,
+        };
+        Ok(Applied { row_delta, written })
+    }
+
+    /// Free pages beyond the threshold: give a bounded step of them back.
+    fn shrink_step(&self) -> rusqlite::Result<()> {
+        if !self.incremental_vacuum {
+            return Ok(());
+        }
+        let free: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        if free * self.page_size < SHRINK_FREE_BYTES {
+            return Ok(());
+        }
+        let pages = free.min(SHRINK_STEP_BYTES / self.page_size);
+        // A pragma that returns a row per page freed: step through them all.
+        let mut statement = self
+            .conn
+            .prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
+        let mut rows = statement.query([])?;
+        while rows.next()?.is_some() {}
+        Ok(())
+    }
+
+    /// The write-ahead log's size.
+    fn wal_bytes(&self) -> i64 {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        fs::metadata(wal).map_or(0, |m| m.len() as i64)
+    }
+
+    /// Folds the whole log into the file and empties it.
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        let mut statement = self.conn.prepare("PRAGMA wal_checkpoint(TRUNCATE)")?;
+        let mut rows = statement.query([])?;
+        while rows.next()?.is_some() {}
+        Ok(())
+    }
+
+    /// The file's size in bytes, with its write-ahead log.
+    pub fn size(&self) -> u64 {
+        fs::metadata(&self.path).map_or(0, |m| m.len()) + self.wal_bytes() as u64
+    }
+
+    /// Closes the file for good: the log is folded in first, so what is left is one plain
+    /// SQLite file.
+    pub fn close(self) -> rusqlite::Result<()> {
+        self.checkpoint()?;
+        // Back to a rollback journal: the file then opens like any SQLite database, with no
+        // -wal or -shm beside it.
+        self.conn.execute_batch("PRAGMA journal_mode = DELETE;")?;
+        self.conn.close().map_err(|(_, e)| e)
+    }
+}
+
+fn io_failure(path: &Path, e: io::Error) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+        Some(format!("{}: {e}", path.display())),
+    )
+}
+
+/// Bytes this thread has passed to `write(2)` and the like so far (Linux), for the mirror's
+/// report of what it cost.
+fn written_by_this_thread() -> Option<u64> {
+    let io = fs::read_to_string("/proc/thread-self/io").ok()?;
+    let line = io.lines().find(|l| l.starts_with("wchar:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

@@ -1,0 +1,183 @@
+//! What changed since the last mirror: the store writer records each batch it committed to
+//! the in-memory database, and the mirror takes them all at once and applies them to the file.
+//!
+//! Recording coalesces across batches (a message accepted and acknowledged between two mirrors
+//! never reaches the file), so what is held follows the net change, not the traffic. If the
+//! mirror cannot keep up (a disk that hangs), the journal stops holding changes past a bound
+//! and asks for a full copy instead: memory stays bounded, nothing is lost, the next mirror
+//! costs what is stored.
+
+use super::batch::Coalesced;
+use crate::store::StoreOp;
+use crossbeam_channel::{bounded, Receiver, Sender};
+use std::sync::{Mutex, MutexGuard};
+
+/// Content bytes past which the mirror is woken before its tick (a flood of sends), so that
+/// what the journal holds stays small...
+const EARLY_BYTES: usize = 32 << 20;
+/// ...or changes.
+const EARLY_CHANGES: usize = 256 << 10;
+/// Content bytes the journal holds at most before it gives up for a full copy (the mirror
+/// cannot keep up)...
+const MAX_BYTES: usize = 256 << 20;
+/// ...or changes.
+const MAX_CHANGES: usize = 4 << 20;
+
+#[derive(Default)]
+struct State {
+    pending: Coalesced,
+    /// The writer generation of the last batch recorded.
+    generation: u64,
+    /// The changes since the last full copy are not all here: only a full copy brings the
+    /// file up to date.
+    overflowed: bool,
+}
+
+/// Changes committed to memory and not yet taken by the mirror.
+pub struct Journal {
+    state: Mutex<State>,
+    /// Rung when the journal grew past the early mark.
+    wake: Sender<()>,
+    woken: Receiver<()>,
+}
+
+impl Default for Journal {
+    fn default() -> Journal {
+        let (wake, woken) = bounded(1);
+        Journal {
+            state: Mutex::default(),
+            wake,
+            woken,
+        }
+    }
+}
+
+/// What the mirror took.
+pub struct Taken {
+    pub ops: Vec<StoreOp>,
+    /// The writer generation the ops bring the file up to.
+    pub generation: u64,
+    /// The ops are incomplete: the file needs a full copy.
+    pub overflowed: bool,
+}
+
+impl Journal {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The state is a plain list: a panic elsewhere cannot leave it half-changed.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a batch the writer committed as `generation`.
+    pub fn record(&self, ops: Vec<StoreOp>, generation: u64) {
+        let mut state = self.state();
+        state.generation = generation;
+        if state.overflowed {
+            return;
+        }
+        for op in ops {
+            state.pending.push(op);
+        }
+        if state.pending.bytes() > MAX_BYTES || state.pending.len() > MAX_CHANGES {
+            state.pending = Coalesced::default();
+            state.overflowed = true;
+        } else if state.pending.bytes() > EARLY_BYTES || state.pending.len() > EARLY_CHANGES {
+            // Full means a wake-up is already waiting.
+            let _ = self.wake.try_send(());
+        }
+    }
+
+    /// Receives a message when the mirror should run before its tick.
+    pub fn wake_ups(&self) -> &Receiver<()> {
+        &self.woken
+    }
+
+    /// Takes everything recorded so far.
+    pub fn take(&self) -> Taken {
+        let mut state = self.state();
+        let pending = std::mem::take(&mut state.pending);
+        Taken {
+            ops: pending.into_ops(),
+            generation: state.generation,
+            overflowed: state.overflowed,
+        }
+    }
+
+    /// A full copy that reflects every batch recorded so far is complete: start afresh.
+    /// Called by the writer, between batches.
+    pub fn reset(&self) {
+        let mut state = self.state();
+        state.pending = Coalesced::default();
+        state.overflowed = false;
+    }
+
+    /// Changes waiting for the next mirror.
+    pub fn pending(&self) -> usize {
+        self.state().pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::MessageId;
+    use crate::request::QueueName;
+    use crate::store::StoredMessage;
+    use std::sync::Arc;
+
+    fn insert(seq: u64, size: usize) -> StoreOp {
+        StoreOp::Insert(StoredMessage {
+            id: MessageId::from_u128(seq.into()),
+            queue: QueueName::new(b"q").unwrap(),
+            content: Arc::from(vec![0u8; size]),
+            accepted_at: 0,
+            expires_at: None,
+            seq,
+        })
+    }
+
+    #[test]
+    fn changes_cancel_across_batches() {
+        let journal = Journal::default();
+        journal.record(vec![insert(1, 3), insert(2, 3)], 1);
+        journal.record(
+            vec![StoreOp::Delete {
+                id: MessageId::from_u128(1),
+                seq: 1,
+            }],
+            2,
+        );
+        assert_eq!(journal.pending(), 1);
+        let taken = journal.take();
+        assert_eq!(taken.ops, vec![insert(2, 3)]);
+        assert_eq!(taken.generation, 2);
+        assert!(!taken.overflowed);
+        assert_eq!(journal.pending(), 0);
+    }
+
+    #[test]
+    fn a_growing_journal_wakes_the_mirror_early() {
+        let journal = Journal::default();
+        journal.record(vec![insert(1, 1024)], 1);
+        assert!(journal.wake_ups().try_recv().is_err());
+        journal.record(vec![insert(2, EARLY_BYTES)], 2);
+        assert!(journal.wake_ups().try_recv().is_ok());
+    }
+
+    #[test]
+    fn a_journal_past_its_bound_asks_for_a_full_copy_until_reset() {
+        let journal = Journal::default();
+        journal.record(vec![insert(1, MAX_BYTES + 1)], 1);
+        journal.record(vec![insert(2, 1)], 2);
+        let taken = journal.take();
+        assert!(taken.overflowed && taken.ops.is_empty());
+        assert!(
+            journal.take().overflowed,
+            "stays overflowed until a full copy"
+        );
+        journal.reset();
+        journal.record(vec![insert(3, 1)], 3);
+        let taken = journal.take();
+        assert!(!taken.overflowed);
+        assert_eq!(taken.ops, vec![insert(3, 1)]);
+    }
+}
