@@ -55,6 +55,8 @@ pub struct FileDb {
 
 /// What one [`FileDb::apply`] did.
 pub struct Applied {
+    /// Whether anything was written: changes, or a step of giving space back.
+    pub wrote: bool,
     /// Rows added (negative: removed).
     pub row_delta: i64,
     /// Bytes this thread wrote to files meanwhile (log, checkpoint), if the system says.
@@ -104,7 +106,7 @@ impl FileDb {
         } else {
             batch::apply(&self.conn, ops)?
         };
-        self.shrink_step()?;
+        let shrunk = self.shrink_step()?;
         if self.wal_bytes() > CHECKPOINT_BYTES {
             self.checkpoint()?;
         }
@@ -112,19 +114,24 @@ impl FileDb {
             (Some(before), Some(after)) => Some(after.saturating_sub(before)),
             _ => None,
         };
-        Ok(Applied { row_delta, written })
+        Ok(Applied {
+            wrote: !ops.is_empty() || shrunk,
+            row_delta,
+            written,
+        })
     }
 
-    /// Free pages beyond the threshold: give a bounded step of them back.
-    fn shrink_step(&self) -> rusqlite::Result<()> {
+    /// Free pages beyond the threshold: give a bounded step of them back. Returns whether it
+    /// did.
+    fn shrink_step(&self) -> rusqlite::Result<bool> {
         if !self.incremental_vacuum {
-            return Ok(());
+            return Ok(false);
         }
         let free: i64 = self
             .conn
             .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
         if free * self.page_size < SHRINK_FREE_BYTES {
-            return Ok(());
+            return Ok(false);
         }
         let pages = free.min(SHRINK_STEP_BYTES / self.page_size);
         // A pragma that returns a row per page freed: step through them all.
@@ -133,7 +140,7 @@ impl FileDb {
             .prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
         let mut rows = statement.query([])?;
         while rows.next()?.is_some() {}
-        Ok(())
+        Ok(true)
     }
 
     /// The write-ahead log's size.

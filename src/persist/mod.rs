@@ -191,6 +191,8 @@ struct MirrorState {
 /// Changes a failing mirror keeps for its next try; past this it forgets them and writes the
 /// file in full once it can.
 const MAX_IN_HAND: usize = 4 << 20;
+/// ...or this many content bytes.
+const MAX_IN_HAND_BYTES: usize = 256 << 20;
 /// Content bytes of a mirror after which freed memory is handed back to the system.
 const RELEASE_AFTER_BYTES: usize = 8 << 20;
 
@@ -401,29 +403,36 @@ impl Persistence {
         } = state;
         if let Some(file) = file.filter(|f| f.is_in_place() && !taken.overflowed) {
             in_hand.extend(taken.ops);
-            let sqlite = |source| PersistError::Sqlite {
-                action: "write the final mirror to",
-                path: self.target.clone(),
-                source,
-            };
-            let applied = file.apply(&in_hand).map_err(sqlite)?;
-            let bytes = file.size();
-            file.close().map_err(sqlite)?;
-            if in_hand.is_empty() {
-                return Ok(None);
+            match file.apply(&in_hand) {
+                Ok(applied) => {
+                    let bytes = file.size();
+                    file.close().map_err(|source| PersistError::Sqlite {
+                        action: "close",
+                        path: self.target.clone(),
+                        source,
+                    })?;
+                    if in_hand.is_empty() {
+                        return Ok(None);
+                    }
+                    let report = MirrorReport {
+                        generation: taken.generation,
+                        messages: rows + applied.row_delta,
+                        bytes,
+                        written: applied.written,
+                        full: false,
+                        duration: started.elapsed(),
+                        locked: Duration::ZERO,
+                        finished_at: now_millis(),
+                    };
+                    record(&self.health, report.clone());
+                    return Ok(Some(report));
+                }
+                // A full copy may still fit where the changes did not (or fail the same way).
+                Err(e) => warn!(
+                    "final mirror of the changes to {} failed ({e}); writing it in full",
+                    self.target.display()
+                ),
             }
-            let report = MirrorReport {
-                generation: taken.generation,
-                messages: rows + applied.row_delta,
-                bytes,
-                written: applied.written,
-                full: false,
-                duration: started.elapsed(),
-                locked: Duration::ZERO,
-                finished_at: now_millis(),
-            };
-            record(&self.health, report.clone());
-            return Ok(Some(report));
         }
         // Missing, replaced, never written, or behind by more than the journal holds.
         let report = mirror::write(&self.shared, &self.target)?;
@@ -572,12 +581,11 @@ impl Mirror {
         let Some(file) = &state.file else {
             return Ok(Outcome::Done(None));
         };
-        if ops.is_empty() && state.in_hand.is_empty() {
-            return Ok(Outcome::Done(None));
-        }
         let started = Instant::now();
+        // Nothing changed: the file may still have space to give back.
         state.in_hand.extend(ops);
         match file.apply(&state.in_hand) {
+            Ok(applied) if !applied.wrote => Ok(Outcome::Done(None)),
             Ok(applied) => {
                 state.rows += applied.row_delta;
                 let content: usize = state.in_hand.iter().map(StoreOp::content_len).sum();
@@ -600,7 +608,8 @@ impl Mirror {
             Err(source) => {
                 // Kept for the next try, within bounds; past them, the next mirror that can
                 // writes the file in full from memory.
-                if state.in_hand.len() > MAX_IN_HAND {
+                let content: usize = state.in_hand.iter().map(StoreOp::content_len).sum();
+                if state.in_hand.len() > MAX_IN_HAND || content > MAX_IN_HAND_BYTES {
                     state.in_hand.clear();
                     state.file = None;
                 }

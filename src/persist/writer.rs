@@ -113,6 +113,8 @@ fn commit(shared: &Shared, conn: &Connection, ops: Vec<StoreOp>) -> Result<(), P
 const SHRINK_FREE_BYTES: i64 = 4 << 20;
 /// ...at most this much per step, so that a step never holds up batches or fetches for long.
 const SHRINK_STEP_BYTES: i64 = 8 << 20;
+/// Idle time between two steps of giving memory back.
+const SHRINK_PAUSE: Duration = Duration::from_millis(10);
 
 /// Once acknowledgements have freed much of the database, gives a bounded step of it back
 /// (incremental vacuum: pages from the end move into the holes), so memory follows the live
@@ -190,6 +192,12 @@ struct Writer<'a> {
 impl Writer<'_> {
     fn serve(&mut self) -> Result<(), PersistError> {
         while !self.stop {
+            // While memory is being given back, idle time goes to the next step.
+            let idle = if self.shrunk {
+                SHRINK_PAUSE
+            } else {
+                Duration::from_secs(3600)
+            };
             select! {
                 recv(self.commands) -> command => match command {
                     Ok(command) => self.take(command),
@@ -200,6 +208,7 @@ impl Writer<'_> {
                         self.pending_fetches.push(request);
                     }
                 }
+                default(idle) => {}
             }
             // Gather what comes within the window: an accept acknowledged inside it never
             // reaches SQLite, and a busy stream costs one transaction per window, not one per
