@@ -4,6 +4,7 @@
 mod common;
 
 use common::{run_to_exit, Client, Dispatch, TempDir, TestServer, DEADLINE};
+use phpmq::codec::{self, MessageType, PacketType};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -220,6 +221,101 @@ fn remaining_ttl_survives_a_restart() {
     let ttl = got[0].ttl.expect("remaining ttl");
     assert!((3590..=3600).contains(&ttl), "{ttl}");
     assert_eq!(got[1].ttl, None);
+}
+
+/// A frame with packets given as text, for numbers a `u64` cannot carry.
+fn frame(t: MessageType, packets: &[(PacketType, &str)]) -> Vec<u8> {
+    let packets: Vec<(PacketType, &[u8])> =
+        packets.iter().map(|(p, v)| (*p, v.as_bytes())).collect();
+    let mut out = Vec::new();
+    codec::encode_frame(&mut out, t, &packets);
+    out
+}
+
+/// The remaining TTL of each message of `queue`, taken (not acknowledged) by a fresh v1.1
+/// consumer that asks with a count far beyond u64.
+fn huge_ttls_seen(server: &TestServer, queue: &str, n: usize) -> Vec<(String, u64)> {
+    let mut consumer = server.tcp_client();
+    consumer.dead_letter(queue, "00000000000000000000000000000000"); // shows v1.1
+    consumer.raw(&frame(
+        MessageType::Consume,
+        &[
+            (PacketType::Queue, queue),
+            (PacketType::Count, &"9".repeat(30)),
+        ],
+    ));
+    let got: Vec<(String, u64)> = (0..n)
+        .map(|_| {
+            let d = consumer.recv();
+            let ttl = d
+                .ttl
+                .unwrap_or_else(|| panic!("{} came back without a TTL", d.text()));
+            (d.text(), ttl)
+        })
+        .collect();
+    assert!(consumer.sync().is_empty(), "more than {n} messages");
+    got
+}
+
+#[test]
+fn huge_ttls_are_clamped_the_same_before_and_after_a_restart() {
+    // 10^16 s overflowed the store's i64 milliseconds; 10^20 does not fit a u64; 40 digits.
+    let ttls = [
+        "10000000000000000",
+        "100000000000000000000",
+        &"7".repeat(40),
+    ];
+    let mut server = TestServer::start(&["--mirror-interval", "50", "--log-level", "debug"]);
+    let mut producer = server.tcp_client();
+    for ttl in ttls {
+        producer.raw(&frame(
+            MessageType::Send,
+            &[
+                (PacketType::Queue, "far"),
+                (PacketType::Content, ttl),
+                (PacketType::Ttl, ttl),
+            ],
+        ));
+    }
+    producer.sync();
+    let before = huge_ttls_seen(&server, "far", ttls.len());
+    let started = Instant::now();
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // The documented latest expiry, 9999-12-31T23:59:59.999Z.
+    let clamped = 253_402_300_799_999u64.div_ceil(1000) - now_s;
+    for (text, ttl) in &before {
+        assert!(
+            ttl.abs_diff(clamped) <= 2,
+            "{text}: {ttl} s, not the latest expiry ({clamped} s from now)"
+        );
+    }
+    let bodies: Vec<&str> = before.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(bodies, ttls, "all taken, in order");
+
+    // Over a SIGTERM restart, then a SIGKILL restart after a mirror, the remaining TTL is the
+    // same, less the time that passed.
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    let server = server.restart();
+    let after_term = huge_ttls_seen(&server, "far", ttls.len());
+    let mut looker = server.tcp_client();
+    wait_for_a_fresh_mirror(&server, &mut looker);
+    server.signal("KILL");
+    let server = server.restart();
+    let after_kill = huge_ttls_seen(&server, "far", ttls.len());
+    let slack = started.elapsed().as_secs() + 2;
+    for after in [after_term, after_kill] {
+        for ((text, ttl), (again, ttl_again)) in before.iter().zip(&after) {
+            assert_eq!(text, again);
+            assert!(
+                *ttl_again <= *ttl && ttl - ttl_again <= slack,
+                "{text}: {ttl} s before the restart, {ttl_again} s after"
+            );
+        }
+    }
 }
 
 /// Makes a valid phpmq database with `n` messages of 1 KiB in `dir`, and returns its path.

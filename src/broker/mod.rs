@@ -77,6 +77,10 @@ pub struct QueueStats {
 
 /// "Never expires", as an expiry time.
 const NEVER: Millis = 0;
+/// The latest expiry time, 9999-12-31T23:59:59.999Z: a larger TTL is clamped to it. It fits
+/// the store's signed 64-bit integer (and any date library), so a message's remaining TTL is
+/// the same before and after a restart, and such a TTL still reads as "about 8,000 years".
+pub const MAX_EXPIRES_AT: Millis = 253_402_300_799_999;
 /// The most messages one [`Broker::expire`] call drops.
 pub const EXPIRE_BATCH: usize = 10_000;
 
@@ -296,11 +300,24 @@ pub struct Broker {
     next_seq: u64,
 }
 
-/// When a message with `ttl` seconds accepted at `now` expires; [`NEVER`] for no TTL or 0.
+/// When a message with `ttl` seconds accepted at `now` expires, at most [`MAX_EXPIRES_AT`];
+/// [`NEVER`] for no TTL or 0.
 fn expiry(now: Millis, ttl: Option<u64>) -> Millis {
     match ttl {
-        Some(seconds) if seconds > 0 => now.saturating_add(seconds.saturating_mul(1000)).max(1),
+        Some(seconds) if seconds > 0 => now
+            .saturating_add(seconds.saturating_mul(1000))
+            .clamp(1, MAX_EXPIRES_AT),
         _ => NEVER,
+    }
+}
+
+/// A stored expiry time as the broker keeps it: later than [`MAX_EXPIRES_AT`] (written by an
+/// older phpmq, which did not clamp) is clamped like a new TTL, and 0 (not written by phpmq,
+/// which stores "never" as no value) is long past rather than "never".
+fn recovered_expiry(stored: Option<Millis>) -> Millis {
+    match stored {
+        None => NEVER,
+        Some(at) => at.clamp(1, MAX_EXPIRES_AT),
     }
 }
 
@@ -358,7 +375,7 @@ impl Broker {
             content: keep.then(|| Arc::from(message.content)),
             size,
             accepted_at: message.accepted_at,
-            expires_at: message.expires_at.unwrap_or(NEVER),
+            expires_at: recovered_expiry(message.expires_at),
             dead: false,
         };
         self.append_ready(message.queue, ready);

@@ -1112,3 +1112,56 @@ fn a_paused_connection_gets_nothing_new_until_resumed() {
     assert_eq!(bodies(&out), ["waiting"]);
     assert_eq!(out[0].conn, 1);
 }
+
+#[test]
+fn huge_ttls_are_clamped_to_the_latest_expiry_and_read_back_the_same() {
+    let now = 1_700_000_000_000;
+    let expected = (MAX_EXPIRES_AT - now).div_ceil(1000);
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.handle(
+        1,
+        Request::Send {
+            queue: q("t"),
+            content: Arc::from(&b"x"[..]),
+            ttl: Some(u64::MAX),
+        },
+        now,
+        &mut out,
+    );
+    b.consume(1, q("t"), 5, now, &mut out);
+    assert_eq!(out[0].ttl_remaining, Some(expected));
+    assert!(matches!(
+        &store.ops.lock().unwrap()[0],
+        StoreOp::Insert(m) if m.expires_at == Some(MAX_EXPIRES_AT)
+    ));
+
+    // Recovery reads a too-late expiry (an older build stored u64 values beyond i64::MAX,
+    // which come back as they were written) the same way; 0 is long past, not "never".
+    let (mut b, _) = broker();
+    for (seq, expires_at) in [(1, u64::MAX), (2, MAX_EXPIRES_AT + 1), (3, 0)] {
+        b.restore(StoredRow {
+            id: MessageId::from_u128(seq.into()),
+            queue: &q("t"),
+            content: b"r",
+            accepted_at: 0,
+            expires_at: Some(expires_at),
+            seq,
+        });
+    }
+    b.connect(1);
+    b.handle(
+        1,
+        Request::DeadLetter {
+            queue: q("t"),
+            id: None,
+        },
+        now,
+        &mut out,
+    );
+    out.clear();
+    b.consume(1, q("t"), 5, now, &mut out);
+    let ttls: Vec<_> = out.iter().map(|d| d.ttl_remaining).collect();
+    assert_eq!(ttls, [Some(expected), Some(expected)], "the third expired");
+}

@@ -151,7 +151,9 @@ pub fn load(
             queue,
             content,
             accepted_at: accepted_at.max(0) as u64,
-            expires_at: expires_at.map(|at| at.max(0) as u64),
+            // Bit for bit: older builds wrote expiry times beyond i64::MAX as negative
+            // numbers; the broker clamps them like any other too-late expiry.
+            expires_at: expires_at.map(|at| at as u64),
             seq: seq.max(0) as u64,
         });
         count += 1;
