@@ -374,6 +374,35 @@ fn refuses_a_corrupt_database_and_leaves_it_alone() {
 }
 
 #[test]
+fn refuses_a_database_where_two_messages_share_an_id() {
+    let (dir, db) = make_database(50);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (seq, id): (i64, Vec<u8>) = conn
+        .query_row(
+            "SELECT seq, id FROM messages ORDER BY seq LIMIT 1 OFFSET 20",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let copy: i64 = conn
+        .query_row("SELECT max(seq) + 1 FROM messages", [], |r| r.get(0))
+        .unwrap();
+    conn.execute(
+        "INSERT INTO messages (seq, id, queue, content, accepted_at, expires_at)
+         SELECT ?2, id, queue, content, accepted_at, expires_at FROM messages WHERE seq = ?1",
+        [seq, copy],
+    )
+    .unwrap();
+    drop(conn);
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    assert_refused(
+        &dir,
+        &db,
+        &format!("corrupt (message id {hex} appears twice, at positions {seq} and {copy})"),
+    );
+}
+
+#[test]
 fn refuses_a_truncated_database() {
     let (dir, db) = make_database(3000);
     let bytes = std::fs::read(&db).unwrap();
