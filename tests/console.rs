@@ -346,3 +346,78 @@ fn cli_status_without_a_console_says_so() {
         format!("phpmq: cannot connect to {addr}: connection refused\n")
     );
 }
+
+#[test]
+fn names_with_invisible_characters_are_shown_escaped_and_read_back() {
+    let server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    // "jobs" and "jobs " are two queues; U+202E would reverse the rest of the line on a terminal.
+    producer
+        .send("jobs", b"plain")
+        .send("jobs ", b"trailing space")
+        .send("jobs ", b"trailing space 2")
+        .send("evil\u{202e}gpj.exe", b"bidi")
+        .send("zero\u{200b}width", b"zw");
+    producer.sync();
+    let (mut s, _) = Session::open(&server);
+    s.settle();
+
+    let status = s.run("status");
+    for raw in ["\u{202e}", "\u{200b}"] {
+        assert!(!status.contains(raw), "{raw:?} shown raw: {status}");
+    }
+    for shown in [
+        "\"jobs \"",
+        "\"evil\\u{202e}gpj.exe\"",
+        "\"zero\\u{200b}width\"",
+    ] {
+        assert!(status.contains(shown), "no {shown} in {status}");
+    }
+    assert_eq!(status.lines().filter(|l| l.starts_with("jobs ")).count(), 1);
+
+    let found = s.run("search *");
+    let mut lines: Vec<&str> = found.lines().collect();
+    assert_eq!(lines.pop(), Some("(4 queues matching \"*\")"));
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "\"evil\\u{202e}gpj.exe\"",
+            "\"jobs \"",
+            "\"zero\\u{200b}width\"",
+            "jobs"
+        ]
+    );
+
+    // Every name shown can be typed back; `show jobs ` is the plain queue (trimmed).
+    let spaced = s.run("show \"jobs \"");
+    assert!(
+        spaced.starts_with("queue \"jobs \": 2 messages\n"),
+        "{spaced}"
+    );
+    let plain = s.run("show jobs ");
+    assert!(plain.starts_with("queue jobs: 1 message\n"), "{plain}");
+    let bidi = s.run("show \"evil\\u{202e}gpj.exe\"");
+    assert!(
+        bidi.starts_with("queue \"evil\\u{202e}gpj.exe\": 1 message\n"),
+        "{bidi}"
+    );
+    assert!(s.run("show \"jobs").starts_with("error: "));
+
+    // JSON keeps the exact names.
+    let json = s.run("status json");
+    assert!(json.contains("\"name\":\"jobs \""), "{json}");
+    assert!(json.contains("\"name\":\"evil\u{202e}gpj.exe\""), "{json}");
+
+    assert_eq!(
+        s.run("flush \"zero\\u{200b}width\""),
+        "flushed 1 messages from \"zero\\u{200b}width\"\n"
+    );
+    // The command line quotes what it passes on.
+    let out = phpmq(&server, &["flush", "jobs "]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "flushed 2 messages from \"jobs \"\n"
+    );
+    assert!(s.run("show jobs").starts_with("queue jobs: 1 message\n"));
+}
