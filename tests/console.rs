@@ -4,9 +4,14 @@
 mod common;
 
 use common::{TestServer, DEADLINE};
+use phpmq::codec::{self, MessageType, PacketType};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
 
 const PROMPT: &str = "phpmq> ";
 
@@ -420,4 +425,87 @@ fn names_with_invisible_characters_are_shown_escaped_and_read_back() {
         "flushed 2 messages from \"jobs \"\n"
     );
     assert!(s.run("show jobs").starts_with("queue jobs: 1 message\n"));
+}
+
+/// A server with `n` queues of one message each, made with one pipelined write.
+fn server_with_queues(n: usize) -> TestServer {
+    let server = TestServer::start(&["--db", "none"]);
+    let mut producer = server.tcp_client();
+    let mut frames = Vec::with_capacity(n * 80);
+    for i in 0..n {
+        let queue = format!("q{i:06}");
+        codec::encode_frame(
+            &mut frames,
+            MessageType::Send,
+            &[
+                (PacketType::Queue, queue.as_bytes()),
+                (PacketType::Content, b"m"),
+            ],
+        );
+    }
+    producer.raw(&frames).sync();
+    server
+}
+
+/// The longest round trip (send, dispatch, ack) a client sees while another runs `command` on
+/// the console over and over, and how many times it ran meanwhile.
+fn worst_round_trip_during(server: &TestServer, command: &'static str) -> (Duration, usize) {
+    let (mut console, _) = Session::open(server);
+    let stop = Arc::new(AtomicBool::new(false));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let runner = {
+        let (stop, runs) = (stop.clone(), runs.clone());
+        thread::spawn(move || {
+            // Read each reply up to its prompt with a check of the tail only: a status of
+            // 100,000 queues is megabytes, too much for `Session::until`.
+            let mut chunk = vec![0u8; 1 << 16];
+            while !stop.load(Ordering::Relaxed) {
+                console
+                    .stream
+                    .write_all(format!("{command}\n").as_bytes())
+                    .unwrap();
+                let mut reply = Vec::new();
+                while !reply.ends_with(PROMPT.as_bytes()) {
+                    let n = console.stream.read(&mut chunk).expect("a reply in time");
+                    assert!(n > 0, "console closed");
+                    reply.extend_from_slice(&chunk[..n]);
+                }
+                runs.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut pinger = server.tcp_client();
+    pinger.consume("ping", 1);
+    let started = Instant::now();
+    let mut worst = Duration::ZERO;
+    // At least 5 runs of the command and 2 s of round trips, within the deadline.
+    while runs.load(Ordering::Relaxed) < 5 || started.elapsed() < Duration::from_secs(2) {
+        assert!(started.elapsed() < DEADLINE, "{command} ran too slowly");
+        let sent = Instant::now();
+        pinger.send("ping", b"p");
+        let d = pinger.recv();
+        worst = worst.max(sent.elapsed());
+        pinger.ack("ping", &d.id);
+    }
+    stop.store(true, Ordering::Relaxed);
+    runner.join().expect("console thread");
+    (worst, runs.load(Ordering::Relaxed))
+}
+
+#[test]
+fn status_over_100k_queues_does_not_stall_other_clients() {
+    let server = server_with_queues(100_000);
+    let (floor, _) = worst_round_trip_during(&server, "help");
+    for command in ["status", "search q0999*"] {
+        let (worst, runs) = worst_round_trip_during(&server, command);
+        eprintln!("worst round trip during {runs} runs of {command}: {worst:?} (help: {floor:?})");
+        // Walking every queue under one lock stalled others by the length of the walk (~100 ms
+        // in a release build, ~300 ms in a debug one); in chunks a round trip waits for one
+        // chunk at most (~30 ms here, most of it the machine being busy). The margin is for a
+        // noisy 2-core machine.
+        assert!(
+            worst < Duration::from_millis(100),
+            "a round trip took {worst:?} during {command}"
+        );
+    }
 }

@@ -657,6 +657,12 @@ impl Broker {
     fn check_invariants(&self, store: &Recorder, replay_store: bool) {
         let mut live_ids = std::collections::HashSet::new();
         let mut all_resident = Amount::default();
+        let mut keys: Vec<&QueueName> = self.queues.keys().collect();
+        keys.sort();
+        assert!(
+            keys.iter().copied().eq(self.names.iter()),
+            "names: the queues'"
+        );
         for (name, q) in &self.queues {
             let live: Vec<&Ready> = q.ready.iter().filter(|e| !e.dead).collect();
             assert_eq!(q.ready_count, live.len(), "{name}: ready_count");
@@ -1164,4 +1170,35 @@ fn huge_ttls_are_clamped_to_the_latest_expiry_and_read_back_the_same() {
     b.consume(1, q("t"), 5, now, &mut out);
     let ttls: Vec<_> = out.iter().map(|d| d.ttl_remaining).collect();
     assert_eq!(ttls, [Some(expected), Some(expected)], "the third expired");
+}
+
+#[test]
+fn status_and_flush_walk_the_queues_in_chunks_in_name_order() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for name in ["c", "a", "e", "b", "d"] {
+        send(&mut b, name, "m", &mut out);
+    }
+    let first = b.queue_statuses_after(None, 2, 0);
+    let names: Vec<&str> = first.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    // A queue that goes and one that comes between chunks: the walk resumes after "b".
+    b.flush("c", 0, &mut out);
+    send(&mut b, "aa", "m", &mut out);
+    let rest = b.queue_statuses_after(Some(&q("b")), 10, 0);
+    let names: Vec<&str> = rest.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["d", "e"]);
+    assert_eq!(b.queue_names_after(Some(&q("a")), 2), [q("aa"), q("b")]);
+
+    assert_eq!(b.flush_after(None, 2, 0, &mut out), (2, 2, Some(q("aa"))));
+    assert_eq!(
+        b.flush_after(Some(&q("aa")), 2, 0, &mut out),
+        (2, 2, Some(q("d")))
+    );
+    assert_eq!(
+        b.flush_after(Some(&q("d")), 2, 0, &mut out),
+        (1, 1, Some(q("e")))
+    );
+    assert_eq!(b.flush_after(Some(&q("e")), 2, 0, &mut out), (0, 0, None));
+    assert!(b.queue_names().is_empty());
 }
