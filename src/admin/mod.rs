@@ -92,7 +92,8 @@ const COMMANDS: &[CommandHelp] = &[
     CommandHelp {
         name: "show",
         usage: "show QUEUE",
-        summary: "the first messages of a queue: position, id, size, age, ready or in flight",
+        summary: "the first messages of a queue: position, id, size, age, ready or in flight; \
+                  QUEUE as status shows it (\"jobs \" quoted)",
     },
     CommandHelp {
         name: "search",
