@@ -318,6 +318,31 @@ fn huge_ttls_are_clamped_the_same_before_and_after_a_restart() {
     }
 }
 
+#[test]
+fn a_negative_expiry_written_by_older_builds_reads_as_the_latest_expiry() {
+    let (dir, db) = make_database(1);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i128;
+    // What an older build stored for a TTL of 10^16 s: a u64 beyond i64::MAX, wrapped.
+    let wrapped = (now_ms + 10i128.pow(19) - (1i128 << 64)) as i64;
+    assert!(wrapped < 0);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("UPDATE messages SET expires_at = ?1", [wrapped])
+        .unwrap();
+    drop(conn);
+    let server =
+        TestServer::start_with(dir, vec!["--listen".to_string(), "127.0.0.1:0".to_string()]);
+    let got = huge_ttls_seen(&server, "q", 1);
+    let clamped = (253_402_300_799_999 - now_ms as u64).div_ceil(1000);
+    assert!(
+        got[0].1.abs_diff(clamped) <= 2,
+        "{} s, not {clamped} s",
+        got[0].1
+    );
+}
+
 /// Makes a valid phpmq database with `n` messages of 1 KiB in `dir`, and returns its path.
 fn make_database(n: usize) -> (TempDir, std::path::PathBuf) {
     let mut server = TestServer::start(&[]);
