@@ -447,8 +447,10 @@ fn server_with_queues(n: usize) -> TestServer {
     server
 }
 
-/// The longest round trip (send, dispatch, ack) a client sees while another runs `command` on
-/// the console over and over, and how many times it ran meanwhile.
+/// The third-longest round trip (send, dispatch, ack) a client sees while another runs
+/// `command` on the console over and over (at least 5 times), and how many times it ran. The
+/// third: a stall the command causes comes back with every run, a hiccup of a busy machine
+/// does not.
 fn worst_round_trip_during(server: &TestServer, command: &'static str) -> (Duration, usize) {
     let (mut console, _) = Session::open(server);
     let stop = Arc::new(AtomicBool::new(false));
@@ -477,19 +479,20 @@ fn worst_round_trip_during(server: &TestServer, command: &'static str) -> (Durat
     let mut pinger = server.tcp_client();
     pinger.consume("ping", 1);
     let started = Instant::now();
-    let mut worst = Duration::ZERO;
+    let mut trips = Vec::new();
     // At least 5 runs of the command and 2 s of round trips, within the deadline.
     while runs.load(Ordering::Relaxed) < 5 || started.elapsed() < Duration::from_secs(2) {
         assert!(started.elapsed() < DEADLINE, "{command} ran too slowly");
         let sent = Instant::now();
         pinger.send("ping", b"p");
         let d = pinger.recv();
-        worst = worst.max(sent.elapsed());
+        trips.push(sent.elapsed());
         pinger.ack("ping", &d.id);
     }
     stop.store(true, Ordering::Relaxed);
     runner.join().expect("console thread");
-    (worst, runs.load(Ordering::Relaxed))
+    trips.sort_unstable_by(|a, b| b.cmp(a));
+    (trips[2], runs.load(Ordering::Relaxed))
 }
 
 #[test]
@@ -498,14 +501,16 @@ fn status_over_100k_queues_does_not_stall_other_clients() {
     let (floor, _) = worst_round_trip_during(&server, "help");
     for command in ["status", "search q0999*"] {
         let (worst, runs) = worst_round_trip_during(&server, command);
-        eprintln!("worst round trip during {runs} runs of {command}: {worst:?} (help: {floor:?})");
+        eprintln!(
+            "third-longest round trip during {runs} runs of {command}: {worst:?} (help: {floor:?})"
+        );
         // Walking every queue under one lock stalled others by the length of the walk (~100 ms
         // in a release build, ~300 ms in a debug one); in chunks a round trip waits for one
         // chunk at most (~30 ms here, most of it the machine being busy). The margin is for a
         // noisy 2-core machine.
         assert!(
             worst < Duration::from_millis(100),
-            "a round trip took {worst:?} during {command}"
+            "round trips took {worst:?} and more during {command}"
         );
     }
 }
