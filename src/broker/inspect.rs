@@ -141,7 +141,9 @@ impl Broker {
     pub fn flush(&mut self, queue: &str, now: Millis, out: &mut Vec<Delivery>) -> Option<usize> {
         let name = self.queues.get_key_value(queue)?.0.clone();
         let mut doomed: Vec<(MessageId, u64, Millis)> = Vec::new();
+        let mut in_flight = 0;
         if let Some(q) = self.queues.get_mut(queue) {
+            in_flight = q.in_flight;
             doomed.extend(
                 q.ready
                     .drain(..)
@@ -158,7 +160,13 @@ impl Broker {
             q.in_flight = 0;
             q.bytes = 0;
         }
-        let held_here = self.table.held_ids(|h| h.queue == name);
+        // The scan of every held message is skipped for a queue with none in flight: a
+        // flushall of many queues would otherwise cost queues x held messages.
+        let held_here = if in_flight > 0 {
+            self.table.held_ids(|h| h.queue == name)
+        } else {
+            Vec::new()
+        };
         for id in held_here {
             let Some(held) = self.table.held.remove(&id) else {
                 continue;
