@@ -58,7 +58,8 @@ pub enum QueueNameProblem {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestError {
     QueueName(QueueNameProblem),
-    /// A count or TTL packet that is not a decimal number that fits.
+    /// A count or TTL packet that is not a decimal number (a huge one is not an error: see
+    /// [`Request::from_frame`]).
     NotANumber {
         packet: PacketType,
         preview: String,
@@ -124,7 +125,10 @@ pub enum Request {
 }
 
 impl Request {
-    /// Validates a decoded frame sent by a client.
+    /// Validates a decoded frame sent by a client. A count or TTL of any length of digits is
+    /// taken, saturated at `u64::MAX`: a count that large means "as many as possible", and a
+    /// TTL that large is clamped by the broker to its latest expiry time anyway. A v1 client
+    /// has no error frame to learn from, so refusing would only close its connection.
     pub fn from_frame(frame: &Frame<'_>) -> Result<Request, RequestError> {
         let queue = QueueName::new(frame.required(PacketType::Queue))?;
         let id = || MessageId::parse(frame.required(PacketType::MessageId));
@@ -163,12 +167,23 @@ impl Request {
 }
 
 fn number(packet: PacketType, bytes: &[u8]) -> Result<u64, RequestError> {
-    codec::parse_decimal(bytes)
-        .and_then(|n| u64::try_from(n).ok())
-        .ok_or_else(|| RequestError::NotANumber {
-            packet,
-            preview: String::from_utf8_lossy(&bytes[..bytes.len().min(24)]).into_owned(),
-        })
+    saturating_decimal(bytes).ok_or_else(|| RequestError::NotANumber {
+        packet,
+        preview: String::from_utf8_lossy(&bytes[..bytes.len().min(24)]).into_owned(),
+    })
+}
+
+/// The value of a non-empty run of ASCII digits, `u64::MAX` if it is larger; `None` for
+/// anything else (a sign, a space, an empty packet).
+fn saturating_decimal(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(bytes.iter().fold(0u64, |n, &c| {
+        n.checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(c - b'0')))
+            .unwrap_or(u64::MAX)
+    }))
 }
 
 /// Appends a 003 dispatch frame. `ttl_remaining` is given only to v1.1 connections.
@@ -288,14 +303,30 @@ mod tests {
                 ..
             })
         ));
-        let too_big = request(&frame(
+    }
+
+    #[test]
+    fn huge_numbers_saturate() {
+        let huge = request(&frame(
             MessageType::Consume,
             &[
                 (PacketType::Queue, b"q"),
                 (PacketType::Count, b"99999999999999999999999"),
             ],
         ));
-        assert!(too_big.is_err());
+        assert!(matches!(
+            huge,
+            Ok(Request::Consume {
+                count: u64::MAX,
+                ..
+            })
+        ));
+        assert_eq!(saturating_decimal(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(saturating_decimal(b"18446744073709551616"), Some(u64::MAX));
+        assert_eq!(saturating_decimal(&[b'9'; 4000]), Some(u64::MAX));
+        assert_eq!(saturating_decimal(b"00000000000000000000000042"), Some(42));
+        assert_eq!(saturating_decimal(b"1e30"), None);
+        assert_eq!(saturating_decimal(b""), None);
     }
 
     #[test]

@@ -128,10 +128,22 @@ struct Shared {
 }
 
 impl Backend for Shared {
+    /// A near-snapshot: the queues are looked at a chunk per lock acquisition, in name order,
+    /// so a status of 100,000 queues does not stall message traffic.
     fn status(&self) -> Result<Status, BrokerDown> {
-        let (totals, queues, now) = self
-            .hub
-            .read(|broker, now| (broker.totals(), broker.queue_statuses(now), now))?;
+        let (totals, now) = self.hub.read(|broker, now| (broker.totals(), now))?;
+        let mut queues: Vec<crate::broker::QueueStatus> = Vec::new();
+        loop {
+            let after = queues.last().map(|q| &q.name);
+            let chunk = self.hub.read(|broker, now| {
+                broker.queue_statuses_after(after, crate::broker::STATUS_CHUNK, now)
+            })?;
+            let done = chunk.len() < crate::broker::STATUS_CHUNK;
+            queues.extend(chunk);
+            if done {
+                break;
+            }
+        }
         Ok(Status {
             version: env!("CARGO_PKG_VERSION"),
             uptime: self.started.elapsed(),
@@ -151,8 +163,20 @@ impl Backend for Shared {
             .read(|broker, now| broker.list_messages(queue, limit, now))
     }
 
+    /// In chunks, like [`Shared::status`].
     fn queue_names(&self) -> Result<Vec<QueueName>, BrokerDown> {
-        self.hub.read(|broker, _| broker.queue_names())
+        let mut names: Vec<QueueName> = Vec::new();
+        loop {
+            let after = names.last();
+            let chunk = self
+                .hub
+                .read(|broker, _| broker.queue_names_after(after, crate::broker::STATUS_CHUNK))?;
+            let done = chunk.len() < crate::broker::STATUS_CHUNK;
+            names.extend(chunk);
+            if done {
+                return Ok(names);
+            }
+        }
     }
 
     fn flush(&self, queue: &str) -> Result<Option<usize>, BrokerDown> {
@@ -160,11 +184,21 @@ impl Backend for Shared {
             .modify(|broker, now, out| broker.flush(queue, now, out))
     }
 
+    /// A chunk of queues per lock acquisition, in name order: a message sent meanwhile to a
+    /// queue already flushed stays.
     fn flush_all(&self) -> Result<(usize, usize), BrokerDown> {
-        self.hub.modify(|broker, now, out| {
-            let queues = broker.queue_names().len();
-            (broker.flush_all(now, out), queues)
-        })
+        let (mut messages, mut queues, mut after) = (0, 0, None);
+        loop {
+            let (m, q, last) = self.hub.modify(|broker, now, out| {
+                broker.flush_after(after.as_ref(), crate::broker::FLUSH_CHUNK, now, out)
+            })?;
+            messages += m;
+            queues += q;
+            if q < crate::broker::FLUSH_CHUNK {
+                return Ok((messages, queues));
+            }
+            after = last;
+        }
     }
 
     fn stopping(&self) -> bool {

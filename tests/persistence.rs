@@ -4,6 +4,7 @@
 mod common;
 
 use common::{run_to_exit, Client, Dispatch, TempDir, TestServer, DEADLINE};
+use phpmq::codec::{self, MessageType, PacketType};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -222,6 +223,126 @@ fn remaining_ttl_survives_a_restart() {
     assert_eq!(got[1].ttl, None);
 }
 
+/// A frame with packets given as text, for numbers a `u64` cannot carry.
+fn frame(t: MessageType, packets: &[(PacketType, &str)]) -> Vec<u8> {
+    let packets: Vec<(PacketType, &[u8])> =
+        packets.iter().map(|(p, v)| (*p, v.as_bytes())).collect();
+    let mut out = Vec::new();
+    codec::encode_frame(&mut out, t, &packets);
+    out
+}
+
+/// The remaining TTL of each message of `queue`, taken (not acknowledged) by a fresh v1.1
+/// consumer that asks with a count far beyond u64.
+fn huge_ttls_seen(server: &TestServer, queue: &str, n: usize) -> Vec<(String, u64)> {
+    let mut consumer = server.tcp_client();
+    consumer.dead_letter(queue, "00000000000000000000000000000000"); // shows v1.1
+    consumer.raw(&frame(
+        MessageType::Consume,
+        &[
+            (PacketType::Queue, queue),
+            (PacketType::Count, &"9".repeat(30)),
+        ],
+    ));
+    let got: Vec<(String, u64)> = (0..n)
+        .map(|_| {
+            let d = consumer.recv();
+            let ttl = d
+                .ttl
+                .unwrap_or_else(|| panic!("{} came back without a TTL", d.text()));
+            (d.text(), ttl)
+        })
+        .collect();
+    assert!(consumer.sync().is_empty(), "more than {n} messages");
+    got
+}
+
+#[test]
+fn huge_ttls_are_clamped_the_same_before_and_after_a_restart() {
+    // 10^16 s overflowed the store's i64 milliseconds; 10^20 does not fit a u64; 40 digits.
+    let ttls = [
+        "10000000000000000",
+        "100000000000000000000",
+        &"7".repeat(40),
+    ];
+    let mut server = TestServer::start(&["--mirror-interval", "50", "--log-level", "debug"]);
+    let mut producer = server.tcp_client();
+    for ttl in ttls {
+        producer.raw(&frame(
+            MessageType::Send,
+            &[
+                (PacketType::Queue, "far"),
+                (PacketType::Content, ttl),
+                (PacketType::Ttl, ttl),
+            ],
+        ));
+    }
+    producer.sync();
+    let before = huge_ttls_seen(&server, "far", ttls.len());
+    let started = Instant::now();
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // The documented latest expiry, 9999-12-31T23:59:59.999Z.
+    let clamped = 253_402_300_799_999u64.div_ceil(1000) - now_s;
+    for (text, ttl) in &before {
+        assert!(
+            ttl.abs_diff(clamped) <= 2,
+            "{text}: {ttl} s, not the latest expiry ({clamped} s from now)"
+        );
+    }
+    let bodies: Vec<&str> = before.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(bodies, ttls, "all taken, in order");
+
+    // Over a SIGTERM restart, then a SIGKILL restart after a mirror, the remaining TTL is the
+    // same, less the time that passed.
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    let server = server.restart();
+    let after_term = huge_ttls_seen(&server, "far", ttls.len());
+    let mut looker = server.tcp_client();
+    wait_for_a_fresh_mirror(&server, &mut looker);
+    server.signal("KILL");
+    let server = server.restart();
+    let after_kill = huge_ttls_seen(&server, "far", ttls.len());
+    let slack = started.elapsed().as_secs() + 2;
+    for after in [after_term, after_kill] {
+        for ((text, ttl), (again, ttl_again)) in before.iter().zip(&after) {
+            assert_eq!(text, again);
+            assert!(
+                *ttl_again <= *ttl && ttl - ttl_again <= slack,
+                "{text}: {ttl} s before the restart, {ttl_again} s after"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_negative_expiry_written_by_older_builds_reads_as_the_latest_expiry() {
+    let (dir, db) = make_database(1);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i128;
+    // What an older build stored for a TTL of 10^16 s: a u64 beyond i64::MAX, wrapped.
+    let wrapped = (now_ms + 10i128.pow(19) - (1i128 << 64)) as i64;
+    assert!(wrapped < 0);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("UPDATE messages SET expires_at = ?1", [wrapped])
+        .unwrap();
+    drop(conn);
+    let server =
+        TestServer::start_with(dir, vec!["--listen".to_string(), "127.0.0.1:0".to_string()]);
+    let got = huge_ttls_seen(&server, "q", 1);
+    let clamped = (253_402_300_799_999 - now_ms as u64).div_ceil(1000);
+    assert!(
+        got[0].1.abs_diff(clamped) <= 2,
+        "{} s, not {clamped} s",
+        got[0].1
+    );
+}
+
 /// Makes a valid phpmq database with `n` messages of 1 KiB in `dir`, and returns its path.
 fn make_database(n: usize) -> (TempDir, std::path::PathBuf) {
     let mut server = TestServer::start(&[]);
@@ -275,6 +396,35 @@ fn refuses_a_corrupt_database_and_leaves_it_alone() {
     }
     std::fs::write(&db, &bytes).unwrap();
     assert_refused(&dir, &db, "corrupt");
+}
+
+#[test]
+fn refuses_a_database_where_two_messages_share_an_id() {
+    let (dir, db) = make_database(50);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (seq, id): (i64, Vec<u8>) = conn
+        .query_row(
+            "SELECT seq, id FROM messages ORDER BY seq LIMIT 1 OFFSET 20",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let copy: i64 = conn
+        .query_row("SELECT max(seq) + 1 FROM messages", [], |r| r.get(0))
+        .unwrap();
+    conn.execute(
+        "INSERT INTO messages (seq, id, queue, content, accepted_at, expires_at)
+         SELECT ?2, id, queue, content, accepted_at, expires_at FROM messages WHERE seq = ?1",
+        [seq, copy],
+    )
+    .unwrap();
+    drop(conn);
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    assert_refused(
+        &dir,
+        &db,
+        &format!("corrupt (message id {hex} appears twice, at positions {seq} and {copy})"),
+    );
 }
 
 #[test]

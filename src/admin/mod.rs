@@ -3,8 +3,9 @@
 //!
 //! Every reply ends with the prompt `phpmq> `, so a program reads up to it. Replies that report
 //! a failure start with `error: `. Commands run against a [`Backend`], so they are tested
-//! without sockets.
+//! without sockets. Queue names are shown and read back as [`names`] says.
 
+pub mod names;
 mod render;
 
 pub use render::{status_json, status_text};
@@ -93,7 +94,8 @@ const COMMANDS: &[CommandHelp] = &[
     CommandHelp {
         name: "show",
         usage: "show QUEUE",
-        summary: "the first messages of a queue: position, id, size, age, ready or in flight",
+        summary: "the first messages of a queue: position, id, size, age, ready or in flight; \
+                  QUEUE as status shows it (\"jobs \" quoted)",
     },
     CommandHelp {
         name: "search",
@@ -175,6 +177,8 @@ pub fn execute(line: &str, backend: &dyn Backend) -> Reply {
         None => (line, ""),
     };
     let down = |e: BrokerDown| Reply::Text(format!("error: {e}\n"));
+    let syntax = |e: names::NameSyntax| Reply::Text(format!("error: {e}\n"));
+    let no_queue = |queue: &str| Reply::Text(format!("error: no queue named {queue:?}\n"));
     match (command.to_lowercase().as_str(), rest) {
         ("", _) => Reply::Text(String::new()),
         ("help", topic) => Reply::Text(help((!topic.is_empty()).then_some(topic))),
@@ -188,36 +192,49 @@ pub fn execute(line: &str, backend: &dyn Backend) -> Reply {
         },
         ("monitor", "") => Reply::Monitor,
         ("show", "") => Reply::Text("error: usage: show QUEUE\n".into()),
-        ("show", queue) => match backend.list_messages(queue, SHOW_LIMIT) {
-            Ok(Some(listing)) => Reply::Text(render::listing_text(queue, &listing)),
-            Ok(None) => Reply::Text(format!("error: no queue named {queue:?}\n")),
-            Err(e) => down(e),
+        ("show", arg) => match names::parse(arg) {
+            Err(e) => syntax(e),
+            Ok(queue) => match backend.list_messages(&queue, SHOW_LIMIT) {
+                Ok(Some(listing)) => Reply::Text(render::listing_text(&queue, &listing)),
+                Ok(None) => no_queue(&queue),
+                Err(e) => down(e),
+            },
         },
         ("search", "") => Reply::Text("error: usage: search PATTERN\n".into()),
-        ("search", pattern) => match backend.queue_names() {
-            Ok(names) => {
-                let found: Vec<&QueueName> = names
-                    .iter()
-                    .filter(|n| wildcard_match(pattern, n.as_str()))
-                    .collect();
-                let mut out: String = found.iter().map(|n| format!("{n}\n")).collect();
-                out.push_str(&format!(
-                    "({} queue{} matching {pattern:?})\n",
-                    found.len(),
-                    if found.len() == 1 { "" } else { "s" }
-                ));
-                Reply::Text(out)
-            }
-            Err(e) => down(e),
+        ("search", arg) => match names::parse(arg) {
+            Err(e) => syntax(e),
+            Ok(pattern) => match backend.queue_names() {
+                Ok(all) => {
+                    let found: Vec<&QueueName> = all
+                        .iter()
+                        .filter(|n| wildcard_match(&pattern, n.as_str()))
+                        .collect();
+                    let mut out: String = found
+                        .iter()
+                        .map(|n| format!("{}\n", names::display(n.as_str())))
+                        .collect();
+                    out.push_str(&format!(
+                        "({} queue{} matching {pattern:?})\n",
+                        found.len(),
+                        if found.len() == 1 { "" } else { "s" }
+                    ));
+                    Reply::Text(out)
+                }
+                Err(e) => down(e),
+            },
         },
         ("flush", "") => Reply::Text("error: usage: flush QUEUE\n".into()),
-        ("flush", queue) => match backend.flush(queue) {
-            Ok(Some(n)) => {
-                info!("console: flushed {n} messages from {queue}");
-                Reply::Text(format!("flushed {n} messages from {queue}\n"))
-            }
-            Ok(None) => Reply::Text(format!("error: no queue named {queue:?}\n")),
-            Err(e) => down(e),
+        ("flush", arg) => match names::parse(arg) {
+            Err(e) => syntax(e),
+            Ok(queue) => match backend.flush(&queue) {
+                Ok(Some(n)) => {
+                    let shown = names::display(&queue);
+                    info!("console: flushed {n} messages from {shown}");
+                    Reply::Text(format!("flushed {n} messages from {shown}\n"))
+                }
+                Ok(None) => no_queue(&queue),
+                Err(e) => down(e),
+            },
         },
         ("flushall", "") => match backend.flush_all() {
             Ok((messages, queues)) => {

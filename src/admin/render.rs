@@ -1,6 +1,6 @@
 //! Turning a [`Status`] or a [`Listing`] into text for people and JSON for programs.
 
-use super::Status;
+use super::{names, Status};
 use crate::broker::{Listing, MessageState};
 use std::fmt::Write;
 use std::time::Duration;
@@ -98,7 +98,7 @@ pub fn status_text(status: &Status) -> String {
     let width = status
         .queues
         .iter()
-        .map(|q| q.name.as_str().chars().count())
+        .map(|q| names::display(q.name.as_str()).chars().count())
         .max()
         .unwrap_or(0)
         .clamp(5, 40);
@@ -111,7 +111,7 @@ pub fn status_text(status: &Status) -> String {
         let _ = writeln!(
             out,
             "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}",
-            q.name.as_str(),
+            names::display(q.name.as_str()),
             q.ready,
             q.in_flight,
             q.consumers,
@@ -231,7 +231,8 @@ pub fn listing_text(queue: &str, listing: &Listing) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "queue {queue}: {} message{}",
+        "queue {}: {} message{}",
+        names::display(queue),
         listing.total,
         if listing.total == 1 { "" } else { "s" }
     );

@@ -1,9 +1,11 @@
-//! What the admin console sees and does: per-queue status, message listings, flushes.
+//! What the admin console sees and does: per-queue status, message listings, flushes, in
+//! pieces small enough that a caller can release the broker lock between them.
 
-use super::{Broker, Delivery};
+use super::{Broker, Delivery, Queue};
 use crate::id::MessageId;
 use crate::request::QueueName;
 use crate::store::Millis;
+use std::ops::Bound;
 
 /// One queue, as `status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,34 +44,54 @@ pub struct Listing {
     pub total: usize,
 }
 
+/// How many queues the console's `status` and `search` look at per acquisition of the broker
+/// lock: a few ms in a debug build, so other clients never wait long behind a status of
+/// 100,000 queues.
+pub const STATUS_CHUNK: usize = 2048;
+/// How many queues `flushall` flushes per acquisition of the broker lock (a flush also tells
+/// the store and wakes consumers, so the chunk is smaller).
+pub const FLUSH_CHUNK: usize = 256;
+
 impl Broker {
-    /// Every queue, sorted by name.
+    /// Every queue, sorted by name, in one go: for tests and small brokers. The console walks
+    /// them in chunks with [`Broker::queue_statuses_after`] instead.
     pub fn queue_statuses(&self, now: Millis) -> Vec<QueueStatus> {
-        let mut statuses: Vec<QueueStatus> = self
-            .queues
-            .iter()
-            .map(|(name, queue)| QueueStatus {
-                name: name.clone(),
-                ready: queue.ready_count,
-                in_flight: queue.in_flight,
-                consumers: queue.consumers.len(),
-                bytes: queue.bytes,
-                oldest_ready_ms: queue
-                    .ready
-                    .iter()
-                    .find(|e| !e.dead)
-                    .map(|e| now.saturating_sub(e.accepted_at)),
-            })
-            .collect();
-        statuses.sort_by(|a, b| a.name.cmp(&b.name));
-        statuses
+        self.queue_statuses_after(None, usize::MAX, now)
+    }
+
+    /// Up to `limit` queues whose names sort after `after` (from the first if `None`), in
+    /// name order. A caller that releases the lock between calls and resumes after the last
+    /// name it got sees every queue that existed throughout, once.
+    pub fn queue_statuses_after(
+        &self,
+        after: Option<&QueueName>,
+        limit: usize,
+        now: Millis,
+    ) -> Vec<QueueStatus> {
+        self.names_after(after)
+            .take(limit)
+            .filter_map(|name| self.queues.get(name).map(|q| status_of(name, q, now)))
+            .collect()
     }
 
     /// The queue names, sorted.
     pub fn queue_names(&self) -> Vec<QueueName> {
-        let mut names: Vec<QueueName> = self.queues.keys().cloned().collect();
-        names.sort();
-        names
+        self.names.iter().cloned().collect()
+    }
+
+    /// Up to `limit` queue names that sort after `after`, in order (see
+    /// [`Broker::queue_statuses_after`]).
+    pub fn queue_names_after(&self, after: Option<&QueueName>, limit: usize) -> Vec<QueueName> {
+        self.names_after(after).take(limit).cloned().collect()
+    }
+
+    fn names_after(&self, after: Option<&QueueName>) -> impl Iterator<Item = &QueueName> {
+        let from = match after {
+            Some(name) => Bound::Excluded(name),
+            None => Bound::Unbounded,
+        };
+        self.names
+            .range::<QueueName, _>((from, Bound::<&QueueName>::Unbounded))
     }
 
     /// Up to `limit` messages of `queue`: the ready ones in the order they will go, then the
@@ -119,7 +141,9 @@ impl Broker {
     pub fn flush(&mut self, queue: &str, now: Millis, out: &mut Vec<Delivery>) -> Option<usize> {
         let name = self.queues.get_key_value(queue)?.0.clone();
         let mut doomed: Vec<(MessageId, u64, Millis)> = Vec::new();
+        let mut in_flight = 0;
         if let Some(q) = self.queues.get_mut(queue) {
+            in_flight = q.in_flight;
             doomed.extend(
                 q.ready
                     .drain(..)
@@ -136,7 +160,13 @@ impl Broker {
             q.in_flight = 0;
             q.bytes = 0;
         }
-        let held_here = self.table.held_ids(|h| h.queue == name);
+        // The scan of every held message is skipped for a queue with none in flight: a
+        // flushall of many queues would otherwise cost queues x held messages.
+        let held_here = if in_flight > 0 {
+            self.table.held_ids(|h| h.queue == name)
+        } else {
+            Vec::new()
+        };
         for id in held_here {
             let Some(held) = self.table.held.remove(&id) else {
                 continue;
@@ -164,9 +194,39 @@ impl Broker {
 
     /// Flushes every queue; returns how many messages were dropped.
     pub fn flush_all(&mut self, now: Millis, out: &mut Vec<Delivery>) -> usize {
-        self.queue_names()
+        self.flush_after(None, usize::MAX, now, out).0
+    }
+
+    /// Flushes up to `limit` queues whose names sort after `after` (see
+    /// [`Broker::queue_statuses_after`]): (messages dropped, queues flushed, the last name, to
+    /// resume after; `None` when there were no more).
+    pub fn flush_after(
+        &mut self,
+        after: Option<&QueueName>,
+        limit: usize,
+        now: Millis,
+        out: &mut Vec<Delivery>,
+    ) -> (usize, usize, Option<QueueName>) {
+        let names = self.queue_names_after(after, limit);
+        let messages = names
             .iter()
             .filter_map(|name| self.flush(name.as_str(), now, out))
-            .sum()
+            .sum();
+        (messages, names.len(), names.last().cloned())
+    }
+}
+
+fn status_of(name: &QueueName, queue: &Queue, now: Millis) -> QueueStatus {
+    QueueStatus {
+        name: name.clone(),
+        ready: queue.ready_count,
+        in_flight: queue.in_flight,
+        consumers: queue.consumers.len(),
+        bytes: queue.bytes,
+        oldest_ready_ms: queue
+            .ready
+            .iter()
+            .find(|e| !e.dead)
+            .map(|e| now.saturating_sub(e.accepted_at)),
     }
 }

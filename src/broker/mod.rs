@@ -12,7 +12,9 @@
 //! - a connection is in a queue's ring iff its subscription to that queue has a limit above 0;
 //! - a queue's `subscribers` has an entry for a connection iff its limit or its holds in that
 //!   queue are above 0, and the connection's `queues` names exactly those queues;
-//! - a queue exists while it has ready or held messages or consumers;
+//! - a queue exists while it has ready or held messages or consumers; `names` holds exactly
+//!   the names of the queues that exist, in order, so the console can walk them a chunk at a
+//!   time (a hash map has no place to resume from);
 //! - with a store that can read content back, a queue's live ready entries are its resident
 //!   ones (content in memory) followed by its unloaded ones (content only in the store); the
 //!   unloaded ones up to `loaded_through` are asked for, the rest are not yet; the table's
@@ -22,14 +24,15 @@ mod inspect;
 mod ring;
 mod window;
 
-pub use inspect::{Listing, MessageRow, MessageState, QueueStatus};
+pub use inspect::{Listing, MessageRow, MessageState, QueueStatus, FLUSH_CHUNK, STATUS_CHUNK};
 
 use crate::id::{IdGenerator, IdMap, MessageId};
 use crate::request::{QueueName, Request};
 use crate::store::{Millis, Store, StoreOp, StoredMessage, StoredRow};
 use log::debug;
 use ring::Ring;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use window::{Amount, Window, RESIDENT_FLOOR, RESIDENT_PER_QUEUE, RESIDENT_TOTAL};
 
@@ -77,6 +80,10 @@ pub struct QueueStats {
 
 /// "Never expires", as an expiry time.
 const NEVER: Millis = 0;
+/// The latest expiry time, 9999-12-31T23:59:59.999Z: a larger TTL is clamped to it. It fits
+/// the store's signed 64-bit integer (and any date library), so a message's remaining TTL is
+/// the same before and after a restart, and such a TTL still reads as "about 8,000 years".
+pub const MAX_EXPIRES_AT: Millis = 253_402_300_799_999;
 /// The most messages one [`Broker::expire`] call drops.
 pub const EXPIRE_BATCH: usize = 10_000;
 
@@ -290,17 +297,32 @@ impl Queue {
 
 pub struct Broker {
     queues: HashMap<QueueName, Queue>,
+    /// The keys of `queues`, sorted.
+    names: BTreeSet<QueueName>,
     connections: IdMap<ConnId, Connection>,
     table: MessageTable,
     ids: IdGenerator,
     next_seq: u64,
 }
 
-/// When a message with `ttl` seconds accepted at `now` expires; [`NEVER`] for no TTL or 0.
+/// When a message with `ttl` seconds accepted at `now` expires, at most [`MAX_EXPIRES_AT`];
+/// [`NEVER`] for no TTL or 0.
 fn expiry(now: Millis, ttl: Option<u64>) -> Millis {
     match ttl {
-        Some(seconds) if seconds > 0 => now.saturating_add(seconds.saturating_mul(1000)).max(1),
+        Some(seconds) if seconds > 0 => now
+            .saturating_add(seconds.saturating_mul(1000))
+            .clamp(1, MAX_EXPIRES_AT),
         _ => NEVER,
+    }
+}
+
+/// A stored expiry time as the broker keeps it: later than [`MAX_EXPIRES_AT`] (written by an
+/// older phpmq, which did not clamp) is clamped like a new TTL, and 0 (not written by phpmq,
+/// which stores "never" as no value) is long past rather than "never".
+fn recovered_expiry(stored: Option<Millis>) -> Millis {
+    match stored {
+        None => NEVER,
+        Some(at) => at.clamp(1, MAX_EXPIRES_AT),
     }
 }
 
@@ -322,6 +344,7 @@ impl Broker {
     pub fn with_ids(store: Box<dyn Store>, ids: IdGenerator) -> Broker {
         Broker {
             queues: HashMap::new(),
+            names: BTreeSet::new(),
             connections: IdMap::default(),
             table: MessageTable {
                 held: IdMap::default(),
@@ -358,7 +381,7 @@ impl Broker {
             content: keep.then(|| Arc::from(message.content)),
             size,
             accepted_at: message.accepted_at,
-            expires_at: message.expires_at.unwrap_or(NEVER),
+            expires_at: recovered_expiry(message.expires_at),
             dead: false,
         };
         self.append_ready(message.queue, ready);
@@ -443,7 +466,7 @@ impl Broker {
         let Some(connection) = self.connections.get_mut(&conn) else {
             return;
         };
-        let q = self.queues.entry(queue.clone()).or_default();
+        let q = queue_or_new(&mut self.queues, &mut self.names, &queue);
         let subscription = q.subscribers.entry(conn).or_insert_with(|| {
             connection.queues.push(queue.clone());
             Subscription { limit: 0, held: 0 }
@@ -678,7 +701,7 @@ impl Broker {
     /// window its content is let go (the store has it, and reads it back when its turn nears).
     fn append_ready(&mut self, queue: &QueueName, mut ready: Ready) {
         self.table.index_expiry(queue, ready.seq, ready.expires_at);
-        let q = self.queues.entry(queue.clone()).or_default();
+        let q = queue_or_new(&mut self.queues, &mut self.names, queue);
         if q.keeps_next(ready.size, self.table.window, self.table.resident) {
             q.loaded_through = ready.seq;
         } else {
@@ -778,6 +801,22 @@ impl Broker {
     fn drop_queue_if_unused(&mut self, name: &QueueName) {
         if self.queues.get(name).is_some_and(Queue::is_unused) {
             self.queues.remove(name);
+            self.names.remove(name);
+        }
+    }
+}
+
+/// The queue named `name`, created (and its name recorded in `names`) if it does not exist.
+fn queue_or_new<'a>(
+    queues: &'a mut HashMap<QueueName, Queue>,
+    names: &mut BTreeSet<QueueName>,
+    name: &QueueName,
+) -> &'a mut Queue {
+    match queues.entry(name.clone()) {
+        Entry::Occupied(entry) => entry.into_mut(),
+        Entry::Vacant(entry) => {
+            names.insert(name.clone());
+            entry.insert(Queue::default())
         }
     }
 }

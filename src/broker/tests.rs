@@ -657,6 +657,12 @@ impl Broker {
     fn check_invariants(&self, store: &Recorder, replay_store: bool) {
         let mut live_ids = std::collections::HashSet::new();
         let mut all_resident = Amount::default();
+        let mut keys: Vec<&QueueName> = self.queues.keys().collect();
+        keys.sort();
+        assert!(
+            keys.iter().copied().eq(self.names.iter()),
+            "names: the queues'"
+        );
         for (name, q) in &self.queues {
             let live: Vec<&Ready> = q.ready.iter().filter(|e| !e.dead).collect();
             assert_eq!(q.ready_count, live.len(), "{name}: ready_count");
@@ -1111,4 +1117,88 @@ fn a_paused_connection_gets_nothing_new_until_resumed() {
     b.set_paused(1, false, 0, &mut out);
     assert_eq!(bodies(&out), ["waiting"]);
     assert_eq!(out[0].conn, 1);
+}
+
+#[test]
+fn huge_ttls_are_clamped_to_the_latest_expiry_and_read_back_the_same() {
+    let now = 1_700_000_000_000;
+    let expected = (MAX_EXPIRES_AT - now).div_ceil(1000);
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.handle(
+        1,
+        Request::Send {
+            queue: q("t"),
+            content: Arc::from(&b"x"[..]),
+            ttl: Some(u64::MAX),
+        },
+        now,
+        &mut out,
+    );
+    b.consume(1, q("t"), 5, now, &mut out);
+    assert_eq!(out[0].ttl_remaining, Some(expected));
+    assert!(matches!(
+        &store.ops.lock().unwrap()[0],
+        StoreOp::Insert(m) if m.expires_at == Some(MAX_EXPIRES_AT)
+    ));
+
+    // Recovery reads a too-late expiry (an older build stored u64 values beyond i64::MAX,
+    // which come back as they were written) the same way; 0 is long past, not "never".
+    let (mut b, _) = broker();
+    for (seq, expires_at) in [(1, u64::MAX), (2, MAX_EXPIRES_AT + 1), (3, 0)] {
+        b.restore(StoredRow {
+            id: MessageId::from_u128(seq.into()),
+            queue: &q("t"),
+            content: b"r",
+            accepted_at: 0,
+            expires_at: Some(expires_at),
+            seq,
+        });
+    }
+    b.connect(1);
+    b.handle(
+        1,
+        Request::DeadLetter {
+            queue: q("t"),
+            id: None,
+        },
+        now,
+        &mut out,
+    );
+    out.clear();
+    b.consume(1, q("t"), 5, now, &mut out);
+    let ttls: Vec<_> = out.iter().map(|d| d.ttl_remaining).collect();
+    assert_eq!(ttls, [Some(expected), Some(expected)], "the third expired");
+}
+
+#[test]
+fn status_and_flush_walk_the_queues_in_chunks_in_name_order() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for name in ["c", "a", "e", "b", "d"] {
+        send(&mut b, name, "m", &mut out);
+    }
+    let first = b.queue_statuses_after(None, 2, 0);
+    let names: Vec<&str> = first.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    // A queue that goes and one that comes between chunks: the walk resumes after "b".
+    b.flush("c", 0, &mut out);
+    send(&mut b, "aa", "m", &mut out);
+    let rest = b.queue_statuses_after(Some(&q("b")), 10, 0);
+    let names: Vec<&str> = rest.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["d", "e"]);
+    assert_eq!(b.queue_names_after(Some(&q("a")), 2), [q("aa"), q("b")]);
+
+    assert_eq!(b.flush_after(None, 2, 0, &mut out), (2, 2, Some(q("aa"))));
+    assert_eq!(
+        b.flush_after(Some(&q("aa")), 2, 0, &mut out),
+        (2, 2, Some(q("d")))
+    );
+    assert_eq!(
+        b.flush_after(Some(&q("d")), 2, 0, &mut out),
+        (1, 1, Some(q("e")))
+    );
+    assert_eq!(b.flush_after(Some(&q("e")), 2, 0, &mut out), (0, 0, None));
+    assert!(b.queue_names().is_empty());
 }

@@ -3,6 +3,7 @@
 mod bench;
 
 use argh::FromArgs;
+use phpmq::admin::names;
 use phpmq::client::{Client, ClientError, Console};
 use phpmq::config::{ListenAddr, DEFAULT_ADMIN, DEFAULT_LISTEN};
 use std::io::{self, BufRead, Write};
@@ -263,7 +264,9 @@ fn status(admin: &ListenAddr, cmd: StatusArgs) -> Result<(), CliError> {
 
 fn flush(admin: &ListenAddr, cmd: FlushArgs) -> Result<(), CliError> {
     let line = match (&cmd.queue, cmd.all) {
-        (Some(queue), false) => format!("flush {queue}"),
+        // Quoted when needed, so that a name with a trailing space or a control character
+        // reaches the console as it is.
+        (Some(queue), false) => format!("flush {}", names::display(queue)),
         (None, true) => "flushall".to_string(),
         _ => return Err(CliError::Usage("phpmq flush QUEUE | phpmq flush --all")),
     };
