@@ -228,13 +228,6 @@ impl Persistence {
             info!("created {}", target.display());
             record(&health, report);
         }
-        let file = FileDb::open(target).map_err(|source| PersistError::Sqlite {
-            action: "open for writing",
-            path: target.to_owned(),
-            source,
-        })?;
-        // A file from before incremental mirrors cannot give space back: rewrite it once.
-        let file = file.shrinks_incrementally().then_some(file);
         Ok(Persistence {
             shared,
             target: target.to_owned(),
@@ -244,7 +237,7 @@ impl Persistence {
             pending: Some((pending_commands, pending_fetches)),
             writer: None,
             mirror_state: Some(MirrorState {
-                file,
+                file: None,
                 rows: 0,
                 in_hand: Vec::new(),
             }),
@@ -316,8 +309,19 @@ impl Persistence {
         let Some((commands, fetches)) = self.pending.take() else {
             return Ok(());
         };
-        let Some(state) = self.mirror_state.take() else {
+        let Some(mut state) = self.mirror_state.take() else {
             return Ok(());
+        };
+        // Opened for writing only now, once recovery accepted it: a file that is refused is
+        // left exactly as it was. If it cannot be opened, or is from before incremental
+        // mirrors (it cannot give space back), the first mirror writes it in full.
+        state.file = match FileDb::open(&self.target) {
+            Ok(file) if file.shrinks_incrementally() => Some(file),
+            Ok(_) => None,
+            Err(e) => {
+                warn!("cannot open {} for writing: {e}", self.target.display());
+                None
+            }
         };
         let shared = self.shared.clone();
         let callbacks = Callbacks {
