@@ -157,6 +157,8 @@ pub struct MirrorHealth {
     pub written: u64,
     /// Changes the file does not have yet.
     pub pending_changes: usize,
+    /// Of those, the ones a failed mirror holds for its next try.
+    held_back: usize,
 }
 
 /// Reports how the mirror is doing.
@@ -173,7 +175,7 @@ impl MirrorStatus {
 
     pub fn health(&self) -> MirrorHealth {
         let mut health = lock_health(&self.health).clone();
-        health.pending_changes = self.shared.journal.pending();
+        health.pending_changes = self.shared.journal.pending() + health.held_back;
         health
     }
 }
@@ -524,22 +526,22 @@ impl Mirror {
                 }
                 recv(stop) -> _ => return state,
             }
-            {
-                match self.once(&mut state, stop) {
-                    Ok(Outcome::Done(Some(report))) => record(&self.health, report),
-                    Ok(Outcome::Done(None)) => {}
-                    Ok(Outcome::Stopped) => return state,
-                    Err(e) => {
-                        // Logged once per run of failures, then every 60th, not every tick.
-                        let failing_for = lock_health(&self.health).failing_for;
-                        if failing_for.is_multiple_of(60) {
-                            error!(
-                                "mirror of {} failed, will retry: {e}",
-                                self.target.display()
-                            );
-                        }
-                        fail(&self.health, &e);
+            let outcome = self.once(&mut state, stop);
+            lock_health(&self.health).held_back = state.in_hand.len();
+            match outcome {
+                Ok(Outcome::Done(Some(report))) => record(&self.health, report),
+                Ok(Outcome::Done(None)) => {}
+                Ok(Outcome::Stopped) => return state,
+                Err(e) => {
+                    // Logged once per run of failures, then every 60th, not every tick.
+                    let failing_for = lock_health(&self.health).failing_for;
+                    if failing_for.is_multiple_of(60) {
+                        error!(
+                            "mirror of {} failed, will retry: {e}",
+                            self.target.display()
+                        );
                     }
+                    fail(&self.health, &e);
                 }
             }
         }
