@@ -394,10 +394,12 @@ impl FrameReader {
         }
     }
 
-    /// Ensures the buffer has space after `end`, and room for the whole frame in progress.
+    /// Ensures the buffer has space after `end`. It grows with what has arrived, at most
+    /// doubling at a time and never beyond what the frame in progress needs: a header that
+    /// declares 16 MiB commits no memory until the bytes come.
     fn make_room(&mut self) {
         let buffered = self.buffered();
-        let wanted = self.needed.max(buffered + 1).max(READ_BUFFER);
+        let wanted = grown_size(self.buf.len(), buffered, self.needed);
         if self.buf.len() - self.start < wanted || self.end == self.buf.len() {
             self.buf.copy_within(self.start..self.end, 0);
             self.start = 0;
@@ -406,5 +408,39 @@ impl FrameReader {
         if self.buf.len() < wanted {
             self.buf.resize(wanted, 0);
         }
+    }
+}
+
+/// How long the buffer must be for the next read, with `buffered` bytes of a frame that needs
+/// `needed` in all: the usual size while that leaves room, and once the buffer is full, twice
+/// what is there, capped at what the frame needs (always at least one byte of room).
+fn grown_size(len: usize, buffered: usize, needed: usize) -> usize {
+    let wanted = if buffered < len {
+        buffered + 1
+    } else {
+        buffered.saturating_mul(2).min(needed).max(buffered + 1)
+    };
+    wanted.max(READ_BUFFER)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_grows_with_what_arrived_not_with_what_was_declared() {
+        let declared = 16 << 20;
+        assert_eq!(grown_size(READ_BUFFER, 40, declared), READ_BUFFER);
+        assert_eq!(
+            grown_size(READ_BUFFER, READ_BUFFER, declared),
+            2 * READ_BUFFER
+        );
+        assert_eq!(grown_size(8 << 20, 8 << 20, declared), declared);
+        assert_eq!(grown_size(declared, declared - 1, declared), declared);
+        // A frame that needs little more than what is there gets just that.
+        assert_eq!(
+            grown_size(READ_BUFFER, READ_BUFFER, READ_BUFFER + 10),
+            READ_BUFFER + 10
+        );
     }
 }

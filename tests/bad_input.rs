@@ -273,3 +273,66 @@ fn every_byte_value_as_a_first_byte_is_handled() {
     assert_eq!(client.recv().text(), "ok");
     assert!(bystander.sync().is_empty());
 }
+
+#[test]
+fn a_declared_length_commits_no_memory_until_the_bytes_come() {
+    const CONNECTIONS: usize = 300;
+    const LIMIT: u64 = 100 << 20;
+    let server = TestServer::start(&["--frame-timeout-ms", "60000"]);
+    let pid = server.pid();
+    let port = server.tcp_addr().port();
+    server.tcp_client().sync();
+    let before = common::rss_bytes(pid);
+    // A send frame's header and queue packet, then a content packet declaring 16 MiB, and
+    // nothing of it.
+    let mut header = b"H0100102".to_vec();
+    header.extend(packet("01", b"hold"));
+    header.extend(format!("P02{:029}", 16 << 20).into_bytes());
+    let mut clients = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut client = server.tcp_client();
+        client.raw(&header);
+        ports.push(
+            client
+                .local
+                .as_deref()
+                .and_then(|a| a.rsplit(':').next()?.parse().ok()),
+        );
+        clients.push(client);
+        // Checked as it goes: on a server that commits the declared length, this stops the
+        // test long before it takes gigabytes.
+        let rise = common::rss_bytes(pid).saturating_sub(before);
+        assert!(
+            rise < LIMIT,
+            "RSS rose by {} MB after {} connections",
+            rise >> 20,
+            clients.len()
+        );
+    }
+    let ports: Vec<u16> = ports
+        .into_iter()
+        .map(|p| p.expect("a client port"))
+        .collect();
+    // Only once the server has read every header is the measurement meaningful.
+    common::wait_until("the server to read every header", || {
+        let unread = common::tcp_unread(port);
+        ports.iter().all(|p| unread.get(p) == Some(&0))
+    });
+    let rise = common::rss_bytes(pid).saturating_sub(before);
+    assert!(
+        rise < LIMIT,
+        "{CONNECTIONS} connections declaring 16 MiB each raised RSS by {} MB",
+        rise >> 20
+    );
+    eprintln!(
+        "RSS rise with {CONNECTIONS} declared 16 MiB frames: {} KB",
+        rise >> 10
+    );
+    // Still a working server, and a frame that really is large still arrives whole.
+    let big = vec![7u8; 3 << 20];
+    let mut bystander = server.tcp_client();
+    bystander.send("big", &big).consume("big", 1);
+    assert_eq!(bystander.recv().content, big);
+    drop(clients);
+}
