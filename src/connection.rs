@@ -43,6 +43,11 @@ enum End {
     Closed,
     /// The server hung up (shutdown).
     ServerShutdown,
+    /// The shutdown hung up on a client still sending, once every whole frame that had
+    /// arrived was taken; `partial` bytes of an unfinished frame were dropped.
+    HungUp {
+        partial: usize,
+    },
     Codec(CodecError),
     Request(RequestError),
     /// EOF in the middle of a frame.
@@ -64,6 +69,14 @@ impl fmt::Display for End {
         match self {
             End::Closed => f.write_str("closed by the client"),
             End::ServerShutdown => f.write_str("closed by the server"),
+            End::HungUp { partial: 0 } => {
+                f.write_str("hung up at shutdown after taking every whole frame received")
+            }
+            End::HungUp { partial } => write!(
+                f,
+                "hung up at shutdown after taking every whole frame received; \
+                 {partial} bytes of an unfinished frame dropped"
+            ),
             End::Codec(e) => write!(f, "bad frame: {e}"),
             End::Request(e) => write!(f, "bad request: {e}"),
             End::CutOff { buffered } => {
@@ -140,7 +153,10 @@ pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
         // Logged once the connection's messages are released, so the line means "done".
         match &end {
             End::Closed => debug!("{label}: disconnected"),
-            End::ServerShutdown => debug!("{label}: closed for shutdown"),
+            End::ServerShutdown | End::HungUp { partial: 0 } => {
+                debug!("{label}: closed for shutdown")
+            }
+            End::HungUp { .. } => info!("{label}: {end}"),
             End::Io(e) if is_disconnect(e) => info!("{label}: disconnected: {e}"),
             End::BrokerDown(_) => {}
             _ => warn!("{label}: closing connection: {end}"),
@@ -222,6 +238,7 @@ impl Session<'_, '_> {
             }
             match reader.fill(&stream, &self.peer, self.hub.bell()) {
                 Ok(true) => {}
+                Err(end @ End::HungUp { .. }) => return end,
                 _ if self.peer.is_closing() => return End::ServerShutdown,
                 Ok(false) => return End::Closed,
                 Err(end) => return end,
@@ -280,6 +297,8 @@ struct FrameReader {
     likely_more: bool,
     /// Set when a whole frame is buffered but the batch was full.
     more_pending: bool,
+    /// After the shutdown's hang-up: the bytes that had arrived by then and are still to read.
+    left_at_hang_up: Option<usize>,
 }
 
 impl FrameReader {
@@ -293,6 +312,7 @@ impl FrameReader {
             deadline: None,
             likely_more: false,
             more_pending: false,
+            left_at_hang_up: None,
         }
     }
 
@@ -340,6 +360,9 @@ impl FrameReader {
     fn fill(&mut self, stream: &Stream, peer: &Peer, bell: &Bell) -> Result<bool, End> {
         self.more_pending = false;
         loop {
+            if peer.hung_up.load(std::sync::atomic::Ordering::SeqCst) {
+                return self.fill_after_hang_up(stream);
+            }
             let buffered = self.buffered();
             let closing = peer.is_closing();
             let now = Instant::now();
@@ -389,6 +412,39 @@ impl FrameReader {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.likely_more = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(End::Io(e)),
+            }
+        }
+    }
+
+    /// Reads, without waiting, only what had arrived when the server hung up (its read side
+    /// is shut, so on a Unix socket nothing more can come; a TCP client may still be sending,
+    /// and that is not waited for). Ends with [`End::HungUp`] once it is all read.
+    fn fill_after_hang_up(&mut self, stream: &Stream) -> Result<bool, End> {
+        let buffered = self.buffered();
+        let hung_up = End::HungUp { partial: buffered };
+        let left = match self.left_at_hang_up {
+            Some(left) => left,
+            // Unknown (it never fails on a socket): nothing more is read.
+            None => *self
+                .left_at_hang_up
+                .insert(stream.queued_len().unwrap_or(0)),
+        };
+        if left == 0 {
+            return Err(hung_up);
+        }
+        self.make_room();
+        let room = (self.buf.len() - self.end).min(left);
+        loop {
+            match stream.recv_now(&mut self.buf[self.end..self.end + room]) {
+                Ok(0) => return Err(hung_up),
+                Ok(n) => {
+                    self.end += n;
+                    self.left_at_hang_up = Some(left - n);
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(hung_up),
                 Err(e) => return Err(End::Io(e)),
             }
         }

@@ -2,7 +2,8 @@
 //! client, sweeps expired messages, and owns the one shutdown path.
 //!
 //! Shutdown order: stop accepting (and wake the accept threads); let every connection read
-//! what its client already sent and end (hanging up on those still busy after a deadline);
+//! what its client already sent and end (hanging up on those still busy after a deadline:
+//! they still take every whole frame that had arrived, see [`crate::hub::Peer::stop_reading`]);
 //! wait for the connection threads; stop the sweeper; apply what is pending to the store and
 //! mirror it one last time; then drop the listeners, which removes our Unix socket files.
 
