@@ -12,6 +12,7 @@ use crate::broker::ConnId;
 use crate::codec::{self, CodecError, Decoded};
 use crate::hub::{BrokerDown, Hub, Peer};
 use crate::net::{Bell, Readiness, Stream};
+use crate::ratelog;
 use crate::request::{Request, RequestError};
 use log::{debug, info, warn};
 use std::fmt;
@@ -157,9 +158,18 @@ pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
                 debug!("{label}: closed for shutdown")
             }
             End::HungUp { .. } => info!("{label}: {end}"),
-            End::Io(e) if is_disconnect(e) => info!("{label}: disconnected: {e}"),
+            // Clients can cause these at will: rate-limited, with a count of what was not logged.
+            End::Io(e) if is_disconnect(e) => {
+                if let Some(suppressed) = ratelog::DISCONNECTED.admit() {
+                    info!("{label}: disconnected: {e}{suppressed}");
+                }
+            }
             End::BrokerDown(_) => {}
-            _ => warn!("{label}: closing connection: {end}"),
+            _ => {
+                if let Some(suppressed) = ratelog::CONNECTION_CLOSED.admit() {
+                    warn!("{label}: closing connection: {end}{suppressed}");
+                }
+            }
         }
     });
 }
@@ -274,7 +284,9 @@ impl Session<'_, '_> {
                     }
                 });
                 if let Err(e) = written {
-                    info!("{label}: write failed: {e}");
+                    if let Some(suppressed) = ratelog::DISCONNECTED.admit() {
+                        info!("{label}: write failed: {e}{suppressed}");
+                    }
                 }
             })
             .map_err(End::WriterSpawn)?;

@@ -13,6 +13,7 @@
 //! - [`server`]: binds the listeners, accepts, owns the shared broker and the shutdown order.
 //! - [`persist`]: the in-memory SQLite store, its mirror to a file, and recovery.
 //! - [`logfile`]: a log file that SIGHUP can reopen.
+//! - [`ratelog`]: rate limits for the log lines clients can cause.
 //! - [`config`]: the server's settings and listen addresses.
 //! - [`client`]: a blocking PHPMQ client for the `phpmq` command line.
 
@@ -30,6 +31,7 @@ pub mod logfile;
 pub mod net;
 pub mod outbox;
 pub mod persist;
+pub mod ratelog;
 pub mod request;
 pub mod server;
 pub mod store;

@@ -14,6 +14,7 @@ use crate::connection::{self, Limits, THREAD_STACK};
 use crate::hub::{BrokerDown, Fatal, Hub};
 use crate::net::{Bell, BindError, Listener, Stream};
 use crate::persist::{MirrorStatus, PersistError, Persistence};
+use crate::ratelog;
 use crate::request::QueueName;
 use crate::store::{NullStore, Store};
 use crossbeam_channel::{select, tick, unbounded, Receiver, Sender};
@@ -26,7 +27,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// How often ready messages are checked for expiry.
+/// How often ready messages are checked for expiry (and suppressed log lines reported).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// How long shutdown lets connections read what their clients sent before hanging up.
 const DRAIN_TIMEOUT: Duration = Duration::from_millis(2500);
@@ -495,7 +496,9 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>, endpoint: Endpoint) {
             Ok((stream, peer)) => start_connection(shared, endpoint, stream, peer),
             Err(e) => {
                 // Out of descriptors and the like: wait and go on, never give up listening.
-                warn!("accept failed: {e}; retrying");
+                if let Some(suppressed) = ratelog::ACCEPT_FAILED.admit() {
+                    warn!("accept failed: {e}; retrying{suppressed}");
+                }
                 thread::sleep(ACCEPT_BACKOFF);
             }
         }
@@ -507,7 +510,11 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>, endpoint: Endpoint) {
 fn start_connection(shared: &Arc<Shared>, endpoint: Endpoint, stream: Stream, peer: String) {
     let (pool, limit) = endpoint.pool(shared);
     let Some(slot) = pool.try_acquire(limit) else {
-        warn!("refusing connection from {peer}: limit of {limit} connections reached");
+        if let Some(suppressed) = ratelog::REFUSED.admit() {
+            warn!(
+                "refusing connection from {peer}: limit of {limit} connections reached{suppressed}"
+            );
+        }
         return;
     };
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -555,6 +562,7 @@ fn spawn_sweeper(shared: Arc<Shared>, stop: Receiver<()>) -> io::Result<JoinHand
                         if shared.hub.expire().is_err() {
                             return;
                         }
+                        ratelog::report_suppressed();
                     }
                     recv(stop) -> _ => return,
                 }

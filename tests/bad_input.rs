@@ -336,3 +336,66 @@ fn a_declared_length_commits_no_memory_until_the_bytes_come() {
     assert_eq!(bystander.recv().content, big);
     drop(clients);
 }
+
+#[test]
+fn a_flood_of_bad_frames_logs_a_bounded_number_of_lines_and_counts_the_rest() {
+    const OFFENDERS: usize = 300;
+    let server = TestServer::start(&[]);
+    let started = std::time::Instant::now();
+    let mut offenders: Vec<Client> = (0..OFFENDERS)
+        .map(|_| {
+            let mut offender = server.tcp_client();
+            offender.raw(b"X0100102");
+            offender
+        })
+        .collect();
+    for offender in &mut offenders {
+        offender.expect_closed();
+    }
+    let took = started.elapsed();
+    // Every one is accounted for: logged, or counted in a "suppressed" line (the count of a
+    // kind that went quiet is logged within about a second).
+    let accounted = || {
+        let log = server.log.text();
+        let logged = log
+            .lines()
+            .filter(|l| l.contains("closing connection: bad frame"))
+            .count();
+        let suppressed: usize = log
+            .lines()
+            .filter(|l| l.contains("connection closed: ") && l.contains("suppressed"))
+            .chain(
+                log.lines()
+                    .filter(|l| l.contains("closing connection: bad frame")),
+            )
+            .filter_map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                let at = words.iter().position(|w| w.starts_with("similar"))?;
+                words[at - 1].trim_start_matches('(').parse::<usize>().ok()
+            })
+            .sum();
+        (logged, suppressed)
+    };
+    common::wait_until("every bad frame to be logged or counted", || {
+        let (logged, suppressed) = accounted();
+        logged + suppressed == OFFENDERS
+    });
+    let (logged, suppressed) = accounted();
+    // A burst of 20, then 2 a second, while the flood lasted and until the last report.
+    let bound = 20 + 2 * (took.as_secs() as usize + 2);
+    assert!(
+        logged <= bound,
+        "{logged} lines for {OFFENDERS} bad frames in {took:?} (at most {bound} expected):\n{}",
+        server.log.text()
+    );
+    assert!(suppressed > 0, "{suppressed} suppressed");
+    // The warnings that did get through still name the peer and the reason.
+    let line = server.log.wait_for("a warning for a bad frame", |l| {
+        l.contains("closing connection: bad frame")
+    });
+    assert!(
+        line.contains("WARN") && line.contains("127.0.0.1:"),
+        "{line}"
+    );
+    assert!(line.contains("does not start with 'H'"), "{line}");
+}

@@ -194,3 +194,36 @@ fn ipv6_loopback_when_available() {
     client.send("v6", b"ok").consume("v6", 1);
     assert_eq!(client.recv().text(), "ok");
 }
+
+#[test]
+fn a_flood_of_refused_connections_logs_a_bounded_number_of_lines() {
+    const REFUSED: usize = 200;
+    let server = TestServer::start(&["--max-connections", "1"]);
+    let mut admitted = server.tcp_client();
+    admitted.sync();
+    let started = std::time::Instant::now();
+    for _ in 0..REFUSED {
+        server.tcp_client().expect_closed();
+    }
+    let took = started.elapsed();
+    let report = server
+        .log
+        .wait_for("a count of the suppressed refusals", |l| {
+            l.contains("connection refused: ") && l.contains("similar lines suppressed")
+        });
+    let refusals = server
+        .log
+        .text()
+        .lines()
+        .filter(|l| l.contains("limit of 1 connections reached"))
+        .count();
+    let bound = 20 + 2 * (took.as_secs() as usize + 2);
+    assert!(
+        refusals <= bound,
+        "{refusals} lines for {REFUSED} refusals in {took:?}"
+    );
+    assert!(report.contains("WARN"), "{report}");
+    // The one admitted client never noticed.
+    admitted.send("flood", b"fine").consume("flood", 1);
+    assert_eq!(admitted.recv().text(), "fine");
+}
