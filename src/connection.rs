@@ -1,8 +1,9 @@
 //! One client connection: reads frames, hands the requests to the hub in batches, and cleans up
 //! when the client goes, whatever the reason.
 //!
-//! Reading is idle-tolerant between frames but bounded inside one: once a frame's first byte is
-//! in, the rest must arrive within the frame timeout. An idle reader sleeps in `poll` until data
+//! Reading is idle-tolerant between frames (unless an idle timeout is set, and then only for
+//! connections that never asked to consume) but bounded inside one: once a frame's first byte
+//! is in, the rest must arrive within the frame timeout. An idle reader sleeps in `poll` until data
 //! arrives or the hub rings the shutdown bell, so idle clients cost nothing; at shutdown it reads
 //! what its client already sent and ends once the client has been quiet for `QUIET`. The writer
 //! thread, which takes what direct sends could not, is started only when the connection first
@@ -35,6 +36,9 @@ const QUIET: Duration = Duration::from_millis(100);
 pub struct Limits {
     pub max_packet_len: usize,
     pub frame_timeout: Duration,
+    /// How long a connection that has never asked to consume may send nothing; `None`: no
+    /// limit. A consumer may hold messages or be sent one at any time: it is never idle.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// How a connection ended.
@@ -54,6 +58,10 @@ enum End {
     /// EOF in the middle of a frame.
     CutOff {
         buffered: usize,
+    },
+    /// A connection that never asked to consume sent nothing for the idle timeout.
+    Idle {
+        timeout: Duration,
     },
     /// A frame started but did not finish within the frame timeout.
     Stalled {
@@ -86,6 +94,11 @@ impl fmt::Display for End {
                     "connection closed in the middle of a frame ({buffered} bytes of it received)"
                 )
             }
+            End::Idle { timeout } => write!(
+                f,
+                "closed after {} ms without a frame (idle timeout)",
+                timeout.as_millis()
+            ),
             End::Stalled { buffered, timeout } => write!(
                 f,
                 "frame not completed within {} ms ({buffered} bytes of it received)",
@@ -162,6 +175,11 @@ pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
             End::Io(e) if is_disconnect(e) => {
                 if let Some(suppressed) = ratelog::DISCONNECTED.admit() {
                     info!("{label}: disconnected: {e}{suppressed}");
+                }
+            }
+            End::Idle { .. } => {
+                if let Some(suppressed) = ratelog::IDLE.admit() {
+                    info!("{label}: {end}{suppressed}");
                 }
             }
             End::BrokerDown(_) => {}
@@ -246,7 +264,10 @@ impl Session<'_, '_> {
             if reader.has_whole_frames_pending() {
                 continue;
             }
-            match reader.fill(&stream, &self.peer, self.hub.bell()) {
+            // Only a connection that never asked to consume can be idle: a consumer may hold
+            // messages, or be waiting for the next one.
+            let idle_timeout = limits.idle_timeout.filter(|_| !self.writer_started);
+            match reader.fill(&stream, &self.peer, self.hub.bell(), idle_timeout) {
                 Ok(true) => {}
                 Err(end @ End::HungUp { .. }) => return end,
                 _ if self.peer.is_closing() => return End::ServerShutdown,
@@ -311,6 +332,8 @@ struct FrameReader {
     more_pending: bool,
     /// After the shutdown's hang-up: the bytes that had arrived by then and are still to read.
     left_at_hang_up: Option<usize>,
+    /// When bytes last arrived (or the connection started): the idle timeout runs from here.
+    last_arrival: Instant,
 }
 
 impl FrameReader {
@@ -325,6 +348,7 @@ impl FrameReader {
             likely_more: false,
             more_pending: false,
             left_at_hang_up: None,
+            last_arrival: Instant::now(),
         }
     }
 
@@ -369,7 +393,14 @@ impl FrameReader {
 
     /// Reads once more from the socket. `Ok(false)`: the peer closed between frames. While
     /// the server is closing, a connection ends once its client has been quiet for [`QUIET`].
-    fn fill(&mut self, stream: &Stream, peer: &Peer, bell: &Bell) -> Result<bool, End> {
+    /// Between frames, `idle_timeout` (if any) bounds the wait for the next one.
+    fn fill(
+        &mut self,
+        stream: &Stream,
+        peer: &Peer,
+        bell: &Bell,
+        idle_timeout: Option<Duration>,
+    ) -> Result<bool, End> {
         self.more_pending = false;
         loop {
             if peer.hung_up.load(std::sync::atomic::Ordering::SeqCst) {
@@ -389,11 +420,17 @@ impl FrameReader {
                     timeout: self.limits.frame_timeout,
                 });
             }
+            let idle_deadline = idle_timeout
+                .filter(|_| buffered == 0 && !closing)
+                .map(|t| (t, self.last_arrival + t));
+            if let Some((timeout, _)) = idle_deadline.filter(|&(_, d)| now >= d) {
+                return Err(End::Idle { timeout });
+            }
             self.make_room();
             // A busy client has more waiting: read at once. Otherwise sleep first; waking costs
             // nothing until there is data or the shutdown bell rings.
             if !self.likely_more {
-                let timeout = match (closing, deadline) {
+                let timeout = match (closing, deadline.or(idle_deadline.map(|(_, d)| d))) {
                     (true, _) => Some(QUIET),
                     (false, Some(d)) => Some(d.saturating_duration_since(now)),
                     (false, None) => None,
@@ -409,7 +446,8 @@ impl FrameReader {
                     Readiness::TimedOut if closing && buffered == 0 => {
                         return Err(End::ServerShutdown)
                     }
-                    // The frame deadline (checked above) or, while closing, a partial frame.
+                    // The frame or idle deadline (checked above) or, while closing, a partial
+                    // frame.
                     Readiness::TimedOut => continue,
                 }
             }
@@ -420,6 +458,7 @@ impl FrameReader {
                 Ok(n) => {
                     self.end += n;
                     self.likely_more = n == space;
+                    self.last_arrival = Instant::now();
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.likely_more = false,

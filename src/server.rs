@@ -121,6 +121,7 @@ struct Shared {
     console_sessions: Arc<ConnectionCount>,
     max_connections: usize,
     limits: Limits,
+    console_idle_timeout: Duration,
     next_conn: AtomicU64,
     stopping: AtomicBool,
     fatal: Sender<Fatal>,
@@ -264,9 +265,11 @@ impl Server {
             },
             connections: Arc::default(),
             max_connections: config.max_connections,
+            console_idle_timeout: config.console_idle_timeout,
             limits: Limits {
                 max_packet_len: config.max_message_size,
                 frame_timeout: config.frame_timeout,
+                idle_timeout: config.idle_timeout,
             },
             next_conn: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
@@ -510,10 +513,15 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>, endpoint: Endpoint) {
 fn start_connection(shared: &Arc<Shared>, endpoint: Endpoint, stream: Stream, peer: String) {
     let (pool, limit) = endpoint.pool(shared);
     let Some(slot) = pool.try_acquire(limit) else {
+        let what = match endpoint {
+            Endpoint::Messages => "connections",
+            Endpoint::Console => {
+                admin::refuse(stream, limit);
+                "console sessions"
+            }
+        };
         if let Some(suppressed) = ratelog::REFUSED.admit() {
-            warn!(
-                "refusing connection from {peer}: limit of {limit} connections reached{suppressed}"
-            );
+            warn!("refusing connection from {peer}: limit of {limit} {what} reached{suppressed}");
         }
         return;
     };
@@ -537,7 +545,7 @@ fn start_connection(shared: &Arc<Shared>, endpoint: Endpoint, stream: Stream, pe
             .stack_size(THREAD_STACK)
             .spawn(move || {
                 let _slot = slot;
-                admin::serve(stream, &peer, &*for_thread)
+                admin::serve(stream, &peer, &*for_thread, for_thread.console_idle_timeout)
             }),
     };
     if let Err(e) = spawned {

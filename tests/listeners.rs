@@ -227,3 +227,59 @@ fn a_flood_of_refused_connections_logs_a_bounded_number_of_lines() {
     admitted.send("flood", b"fine").consume("flood", 1);
     assert_eq!(admitted.recv().text(), "fine");
 }
+
+#[test]
+fn idle_connections_are_closed_but_consumers_never_are() {
+    let server = TestServer::start(&["--max-connections", "4", "--idle-timeout-ms", "500"]);
+    // A consumer that waits for messages longer than the timeout, and one that holds one.
+    let mut waiting = server.tcp_client();
+    waiting.consume("later", 1);
+    let mut holding = server.unix_client();
+    holding.send("held", b"h").consume("held", 1);
+    assert_eq!(holding.recv().text(), "h");
+    // A producer that sent and then went quiet, and a connection that never said anything:
+    // together they fill the server.
+    let mut quiet_producer = server.tcp_client();
+    quiet_producer.send("elsewhere", b"before going quiet");
+    let mut silent = server.tcp_client();
+    let silent_peer = silent.local.clone().expect("tcp");
+    let started = std::time::Instant::now();
+    quiet_producer.expect_closed();
+    silent.expect_closed();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(400),
+        "closed before the idle timeout: {:?}",
+        started.elapsed()
+    );
+    server.log.wait_for("the idle line", |l| {
+        l.contains(&silent_peer) && l.contains("idle timeout")
+    });
+    // Their places are free again, what the quiet producer sent was kept, and the consumers,
+    // idle for longer than the timeout, are still served.
+    let mut admitted = None;
+    common::wait_until("a place to free up", || {
+        let mut probe = server.tcp_client();
+        let mut frames = Vec::new();
+        encode_frame(
+            &mut frames,
+            MessageType::Send,
+            &[(PacketType::Queue, b"probe"), (PacketType::Content, b"x")],
+        );
+        encode_frame(
+            &mut frames,
+            MessageType::Consume,
+            &[(PacketType::Queue, b"probe"), (PacketType::Count, b"1")],
+        );
+        let ok = probe.try_raw(&frames).is_ok() && matches!(probe.try_recv(), Ok(Some(_)));
+        if ok {
+            admitted = Some(probe);
+        }
+        ok
+    });
+    let mut producer = admitted.expect("admitted");
+    producer.send("later", b"after").sync();
+    assert_eq!(waiting.recv().text(), "after");
+    assert!(holding.sync().is_empty());
+    producer.consume("elsewhere", 1);
+    assert_eq!(producer.recv().text(), "before going quiet");
+}
