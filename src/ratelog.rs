@@ -94,17 +94,18 @@ impl RateLimit {
     }
 
     /// Logs how many lines of this kind were suppressed, if any and if none of its lines
-    /// has said so for [`REPORT_AFTER`].
-    fn report_at(&self, now: Instant) {
+    /// has said so for [`REPORT_AFTER`] (or at once if `now` is `None`).
+    fn report_at(&self, now: Option<Instant>) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let quiet = state
-            .last_logged
-            .is_none_or(|t| now.saturating_duration_since(t) >= REPORT_AFTER);
+        let quiet = match (now, state.last_logged) {
+            (Some(now), Some(t)) => now.saturating_duration_since(t) >= REPORT_AFTER,
+            _ => true,
+        };
         if state.suppressed == 0 || !quiet {
             return;
         }
         let suppressed = std::mem::take(&mut state.suppressed);
-        state.last_logged = Some(now);
+        state.last_logged = Some(now.unwrap_or_else(Instant::now));
         drop(state);
         log::log!(
             self.level,
@@ -128,7 +129,14 @@ fn suppressed_suffix(suppressed: u64) -> String {
 pub fn report_suppressed() {
     let now = Instant::now();
     for limit in ALL {
-        limit.report_at(now);
+        limit.report_at(Some(now));
+    }
+}
+
+/// Reports every count of suppressed lines now, quiet or not: at exit, so none goes unsaid.
+pub fn report_all_suppressed() {
+    for limit in ALL {
+        limit.report_at(None);
     }
 }
 
@@ -152,7 +160,7 @@ mod tests {
         );
         assert_eq!(limit.admit_at(later), None);
         // Quiet for a while: the report takes the count, and the bucket refills to the burst.
-        limit.report_at(later + REPORT_AFTER);
+        limit.report_at(Some(later + REPORT_AFTER));
         assert_eq!(limit.state.lock().unwrap().suppressed, 0);
         let much_later = later + Duration::from_secs(60);
         let admitted = (0..1000)
@@ -168,9 +176,9 @@ mod tests {
         for _ in 0..=BURST {
             limit.admit_at(start);
         }
-        limit.report_at(start);
+        limit.report_at(Some(start));
         assert_eq!(limit.state.lock().unwrap().suppressed, 1, "too early");
-        limit.report_at(start + REPORT_AFTER);
+        limit.report_at(Some(start + REPORT_AFTER));
         assert_eq!(limit.state.lock().unwrap().suppressed, 0);
     }
 }

@@ -401,6 +401,7 @@ impl Server {
         }
         // Console sessions notice the stop on their own within half a second.
         self.shared.console_sessions.wait_idle(HANG_UP_TIMEOUT);
+        ratelog::report_all_suppressed();
         let result = match self.persistence {
             Some(persistence) => {
                 let path = persistence.path().to_owned();
