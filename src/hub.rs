@@ -102,8 +102,9 @@ impl Peer {
     /// writes fail, so its reader can still take every whole frame that arrived before this.
     /// (`shutdown(Both)` would also do for Unix sockets, but a TCP client then keeps sending,
     /// its data is answered by a reset, and the reset loses what the server had not read.)
+    /// The outbox stays open until the reader is done: a writer that ended now would hang up
+    /// in full.
     pub fn stop_reading(&self) {
-        self.outbox.close();
         let _ = self.stream.shutdown(Shutdown::Read);
         // After the shutdown: what the reader then finds queued is all it will take.
         self.hung_up.store(true, Ordering::SeqCst);
