@@ -3,9 +3,10 @@
 //!
 //! Reading is idle-tolerant between frames (unless an idle timeout is set, and then only for
 //! connections that never asked to consume) but bounded inside one: once a frame's first byte
-//! is in, the rest must arrive within the frame timeout. An idle reader sleeps in `poll` until data
-//! arrives or the hub rings the shutdown bell, so idle clients cost nothing; at shutdown it reads
-//! what its client already sent and ends once the client has been quiet for `QUIET`. The writer
+//! is in, the rest must arrive within the frame timeout. An idle reader sleeps in `poll` until
+//! data arrives or the hub rings the shutdown bell, so idle clients cost nothing; at shutdown it
+//! reads what its client already sent and ends once the client has been quiet for `QUIET`, or,
+//! if the server hangs up on it first, once it has read what had arrived by then. The writer
 //! thread, which takes what direct sends could not, is started only when the connection first
 //! asks to consume.
 

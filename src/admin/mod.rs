@@ -2,9 +2,9 @@
 //! `nc` or `telnet`) and for the `phpmq` command line.
 //!
 //! Every reply ends with the prompt `phpmq> `, so a program reads up to it. Replies that report
-//! a failure start with `error: `. A session that gives no command for the console idle timeout
-//! is closed, and a client beyond the session limit is told so before it is closed. Commands run against a [`Backend`], so they are tested
-//! without sockets.
+//! a failure start with `error: `. Commands run against a [`Backend`], so they are tested
+//! without sockets. A session that gives no command for the console idle timeout is closed, and
+//! a client beyond the session limit is told so before it is closed.
 
 mod render;
 
