@@ -365,6 +365,8 @@ fn session(stream: &Stream, backend: &dyn Backend, idle_timeout: Duration) -> io
             }
             Reply::Monitor => {
                 monitor(stream, &mut lines, backend)?;
+                // Watching is not idling: the idle time starts when the monitor ends.
+                last_command = Instant::now();
                 out.write_all(PROMPT.as_bytes())?;
             }
         }
