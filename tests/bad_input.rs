@@ -389,6 +389,9 @@ fn a_flood_of_bad_frames_logs_a_bounded_number_of_lines_and_counts_the_rest() {
         server.log.text()
     );
     assert!(suppressed > 0, "{suppressed} suppressed");
+    eprintln!(
+        "{OFFENDERS} bad frames in {took:?}: {logged} lines, {suppressed} counted as suppressed"
+    );
     // The warnings that did get through still name the peer and the reason.
     let line = server.log.wait_for("a warning for a bad frame", |l| {
         l.contains("closing connection: bad frame")
