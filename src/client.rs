@@ -256,7 +256,12 @@ impl Console {
             let mut chunk = [0u8; 16 << 10];
             let n = (&self.stream).read(&mut chunk)?;
             if n == 0 {
-                return Err(ClientError::Closed);
+                // A server that turns us away (too many sessions, say) says why before it closes.
+                let said = String::from_utf8_lossy(&self.buf);
+                return Err(match said.trim().strip_prefix("error: ") {
+                    Some(reason) => ClientError::Console(reason.to_string()),
+                    None => ClientError::Closed,
+                });
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }

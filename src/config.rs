@@ -13,6 +13,13 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:9101";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Off: a v1.0 producer learns that its idle connection was closed only when its next
+/// message is lost (the write succeeds locally), so closing idle producers is an explicit
+/// choice.
+pub const DEFAULT_IDLE_TIMEOUT: Option<Duration> = None;
+/// A console session waiting this long for a command is closed: sessions are few (16), and
+/// forgotten ones must not lock `phpmq status` out.
+pub const DEFAULT_CONSOLE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The mirror file, relative to the working directory.
 pub const DEFAULT_DB: &str = "phpmq.sqlite";
 pub const DEFAULT_MIRROR_INTERVAL: Duration = Duration::from_millis(1000);
@@ -64,6 +71,12 @@ pub struct Config {
     pub max_message_size: usize,
     /// How long one frame may take to arrive once its first byte is in.
     pub frame_timeout: Duration,
+    /// How long a message connection that has never asked to consume may send nothing
+    /// before it is closed; `None`: no limit.
+    pub idle_timeout: Option<Duration>,
+    /// How long a console session may wait for a command before it is closed
+    /// (`Duration::MAX`: no limit).
+    pub console_idle_timeout: Duration,
     /// The SQLite mirror file; `None` keeps messages in memory only.
     pub db: Option<PathBuf>,
     /// How often a changed store is mirrored to `db`.
@@ -78,6 +91,8 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             frame_timeout: DEFAULT_FRAME_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            console_idle_timeout: DEFAULT_CONSOLE_IDLE_TIMEOUT,
             db: Some(PathBuf::from(DEFAULT_DB)),
             mirror_interval: DEFAULT_MIRROR_INTERVAL,
         }

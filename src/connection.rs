@@ -1,10 +1,12 @@
 //! One client connection: reads frames, hands the requests to the hub in batches, and cleans up
 //! when the client goes, whatever the reason.
 //!
-//! Reading is idle-tolerant between frames but bounded inside one: once a frame's first byte is
-//! in, the rest must arrive within the frame timeout. An idle reader sleeps in `poll` until data
-//! arrives or the hub rings the shutdown bell, so idle clients cost nothing; at shutdown it reads
-//! what its client already sent and ends once the client has been quiet for `QUIET`. The writer
+//! Reading is idle-tolerant between frames (unless an idle timeout is set, and then only for
+//! connections that never asked to consume) but bounded inside one: once a frame's first byte
+//! is in, the rest must arrive within the frame timeout. An idle reader sleeps in `poll` until
+//! data arrives or the hub rings the shutdown bell, so idle clients cost nothing; at shutdown it
+//! reads what its client already sent and ends once the client has been quiet for `QUIET`, or,
+//! if the server hangs up on it first, once it has read what had arrived by then. The writer
 //! thread, which takes what direct sends could not, is started only when the connection first
 //! asks to consume.
 
@@ -12,6 +14,7 @@ use crate::broker::ConnId;
 use crate::codec::{self, CodecError, Decoded};
 use crate::hub::{BrokerDown, Hub, Peer};
 use crate::net::{Bell, Readiness, Stream};
+use crate::ratelog;
 use crate::request::{Request, RequestError};
 use log::{debug, info, warn};
 use std::fmt;
@@ -34,6 +37,9 @@ const QUIET: Duration = Duration::from_millis(100);
 pub struct Limits {
     pub max_packet_len: usize,
     pub frame_timeout: Duration,
+    /// How long a connection that has never asked to consume may send nothing; `None`: no
+    /// limit. A consumer may hold messages or be sent one at any time: it is never idle.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// How a connection ended.
@@ -43,11 +49,20 @@ enum End {
     Closed,
     /// The server hung up (shutdown).
     ServerShutdown,
+    /// The shutdown hung up on a client still sending, once every whole frame that had
+    /// arrived was taken; `partial` bytes of an unfinished frame were dropped.
+    HungUp {
+        partial: usize,
+    },
     Codec(CodecError),
     Request(RequestError),
     /// EOF in the middle of a frame.
     CutOff {
         buffered: usize,
+    },
+    /// A connection that never asked to consume sent nothing for the idle timeout.
+    Idle {
+        timeout: Duration,
     },
     /// A frame started but did not finish within the frame timeout.
     Stalled {
@@ -64,6 +79,14 @@ impl fmt::Display for End {
         match self {
             End::Closed => f.write_str("closed by the client"),
             End::ServerShutdown => f.write_str("closed by the server"),
+            End::HungUp { partial: 0 } => {
+                f.write_str("hung up at shutdown after taking every whole frame received")
+            }
+            End::HungUp { partial } => write!(
+                f,
+                "hung up at shutdown after taking every whole frame received; \
+                 {partial} bytes of an unfinished frame dropped"
+            ),
             End::Codec(e) => write!(f, "bad frame: {e}"),
             End::Request(e) => write!(f, "bad request: {e}"),
             End::CutOff { buffered } => {
@@ -72,6 +95,11 @@ impl fmt::Display for End {
                     "connection closed in the middle of a frame ({buffered} bytes of it received)"
                 )
             }
+            End::Idle { timeout } => write!(
+                f,
+                "closed after {} ms without a frame (idle timeout)",
+                timeout.as_millis()
+            ),
             End::Stalled { buffered, timeout } => write!(
                 f,
                 "frame not completed within {} ms ({buffered} bytes of it received)",
@@ -140,10 +168,27 @@ pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
         // Logged once the connection's messages are released, so the line means "done".
         match &end {
             End::Closed => debug!("{label}: disconnected"),
-            End::ServerShutdown => debug!("{label}: closed for shutdown"),
-            End::Io(e) if is_disconnect(e) => info!("{label}: disconnected: {e}"),
+            End::ServerShutdown | End::HungUp { partial: 0 } => {
+                debug!("{label}: closed for shutdown")
+            }
+            End::HungUp { .. } => info!("{label}: {end}"),
+            // Clients can cause these at will: rate-limited, with a count of what was not logged.
+            End::Io(e) if is_disconnect(e) => {
+                if let Some(suppressed) = ratelog::DISCONNECTED.admit() {
+                    info!("{label}: disconnected: {e}{suppressed}");
+                }
+            }
+            End::Idle { .. } => {
+                if let Some(suppressed) = ratelog::IDLE.admit() {
+                    info!("{label}: {end}{suppressed}");
+                }
+            }
             End::BrokerDown(_) => {}
-            _ => warn!("{label}: closing connection: {end}"),
+            _ => {
+                if let Some(suppressed) = ratelog::CONNECTION_CLOSED.admit() {
+                    warn!("{label}: closing connection: {end}{suppressed}");
+                }
+            }
         }
     });
 }
@@ -220,8 +265,12 @@ impl Session<'_, '_> {
             if reader.has_whole_frames_pending() {
                 continue;
             }
-            match reader.fill(&stream, &self.peer, self.hub.bell()) {
+            // Only a connection that never asked to consume can be idle: a consumer may hold
+            // messages, or be waiting for the next one.
+            let idle_timeout = limits.idle_timeout.filter(|_| !self.writer_started);
+            match reader.fill(&stream, &self.peer, self.hub.bell(), idle_timeout) {
                 Ok(true) => {}
+                Err(end @ End::HungUp { .. }) => return end,
                 _ if self.peer.is_closing() => return End::ServerShutdown,
                 Ok(false) => return End::Closed,
                 Err(end) => return end,
@@ -257,7 +306,9 @@ impl Session<'_, '_> {
                     }
                 });
                 if let Err(e) = written {
-                    info!("{label}: write failed: {e}");
+                    if let Some(suppressed) = ratelog::DISCONNECTED.admit() {
+                        info!("{label}: write failed: {e}{suppressed}");
+                    }
                 }
             })
             .map_err(End::WriterSpawn)?;
@@ -280,6 +331,10 @@ struct FrameReader {
     likely_more: bool,
     /// Set when a whole frame is buffered but the batch was full.
     more_pending: bool,
+    /// After the shutdown's hang-up: the bytes that had arrived by then and are still to read.
+    left_at_hang_up: Option<usize>,
+    /// When bytes last arrived (or the connection started): the idle timeout runs from here.
+    last_arrival: Instant,
 }
 
 impl FrameReader {
@@ -293,6 +348,8 @@ impl FrameReader {
             deadline: None,
             likely_more: false,
             more_pending: false,
+            left_at_hang_up: None,
+            last_arrival: Instant::now(),
         }
     }
 
@@ -337,9 +394,19 @@ impl FrameReader {
 
     /// Reads once more from the socket. `Ok(false)`: the peer closed between frames. While
     /// the server is closing, a connection ends once its client has been quiet for [`QUIET`].
-    fn fill(&mut self, stream: &Stream, peer: &Peer, bell: &Bell) -> Result<bool, End> {
+    /// Between frames, `idle_timeout` (if any) bounds the wait for the next one.
+    fn fill(
+        &mut self,
+        stream: &Stream,
+        peer: &Peer,
+        bell: &Bell,
+        idle_timeout: Option<Duration>,
+    ) -> Result<bool, End> {
         self.more_pending = false;
         loop {
+            if peer.hung_up.load(std::sync::atomic::Ordering::SeqCst) {
+                return self.fill_after_hang_up(stream);
+            }
             let buffered = self.buffered();
             let closing = peer.is_closing();
             let now = Instant::now();
@@ -354,11 +421,17 @@ impl FrameReader {
                     timeout: self.limits.frame_timeout,
                 });
             }
+            let idle_deadline = idle_timeout
+                .filter(|_| buffered == 0 && !closing)
+                .map(|t| (t, self.last_arrival + t));
+            if let Some((timeout, _)) = idle_deadline.filter(|&(_, d)| now >= d) {
+                return Err(End::Idle { timeout });
+            }
             self.make_room();
             // A busy client has more waiting: read at once. Otherwise sleep first; waking costs
             // nothing until there is data or the shutdown bell rings.
             if !self.likely_more {
-                let timeout = match (closing, deadline) {
+                let timeout = match (closing, deadline.or(idle_deadline.map(|(_, d)| d))) {
                     (true, _) => Some(QUIET),
                     (false, Some(d)) => Some(d.saturating_duration_since(now)),
                     (false, None) => None,
@@ -374,7 +447,8 @@ impl FrameReader {
                     Readiness::TimedOut if closing && buffered == 0 => {
                         return Err(End::ServerShutdown)
                     }
-                    // The frame deadline (checked above) or, while closing, a partial frame.
+                    // The frame or idle deadline (checked above) or, while closing, a partial
+                    // frame.
                     Readiness::TimedOut => continue,
                 }
             }
@@ -385,6 +459,7 @@ impl FrameReader {
                 Ok(n) => {
                     self.end += n;
                     self.likely_more = n == space;
+                    self.last_arrival = Instant::now();
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.likely_more = false,
@@ -394,10 +469,45 @@ impl FrameReader {
         }
     }
 
-    /// Ensures the buffer has space after `end`, and room for the whole frame in progress.
+    /// Reads, without waiting, only what had arrived when the server hung up (its read side
+    /// is shut, so on a Unix socket nothing more can come; a TCP client may still be sending,
+    /// and that is not waited for). Ends with [`End::HungUp`] once it is all read.
+    fn fill_after_hang_up(&mut self, stream: &Stream) -> Result<bool, End> {
+        let buffered = self.buffered();
+        let hung_up = End::HungUp { partial: buffered };
+        let left = match self.left_at_hang_up {
+            Some(left) => left,
+            // Unknown (it never fails on a socket): nothing more is read.
+            None => *self
+                .left_at_hang_up
+                .insert(stream.queued_len().unwrap_or(0)),
+        };
+        if left == 0 {
+            return Err(hung_up);
+        }
+        self.make_room();
+        let room = (self.buf.len() - self.end).min(left);
+        loop {
+            match stream.recv_now(&mut self.buf[self.end..self.end + room]) {
+                Ok(0) => return Err(hung_up),
+                Ok(n) => {
+                    self.end += n;
+                    self.left_at_hang_up = Some(left - n);
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(hung_up),
+                Err(e) => return Err(End::Io(e)),
+            }
+        }
+    }
+
+    /// Ensures the buffer has space after `end`. It grows with what has arrived, at most
+    /// doubling at a time and never beyond what the frame in progress needs: a header that
+    /// declares 16 MiB commits no memory until the bytes come.
     fn make_room(&mut self) {
         let buffered = self.buffered();
-        let wanted = self.needed.max(buffered + 1).max(READ_BUFFER);
+        let wanted = grown_size(self.buf.len(), buffered, self.needed);
         if self.buf.len() - self.start < wanted || self.end == self.buf.len() {
             self.buf.copy_within(self.start..self.end, 0);
             self.start = 0;
@@ -406,5 +516,39 @@ impl FrameReader {
         if self.buf.len() < wanted {
             self.buf.resize(wanted, 0);
         }
+    }
+}
+
+/// How long the buffer must be for the next read, with `buffered` bytes of a frame that needs
+/// `needed` in all: the usual size while that leaves room, and once the buffer is full, twice
+/// what is there, capped at what the frame needs (always at least one byte of room).
+fn grown_size(len: usize, buffered: usize, needed: usize) -> usize {
+    let wanted = if buffered < len {
+        buffered + 1
+    } else {
+        buffered.saturating_mul(2).min(needed).max(buffered + 1)
+    };
+    wanted.max(READ_BUFFER)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_grows_with_what_arrived_not_with_what_was_declared() {
+        let declared = 16 << 20;
+        assert_eq!(grown_size(READ_BUFFER, 40, declared), READ_BUFFER);
+        assert_eq!(
+            grown_size(READ_BUFFER, READ_BUFFER, declared),
+            2 * READ_BUFFER
+        );
+        assert_eq!(grown_size(8 << 20, 8 << 20, declared), declared);
+        assert_eq!(grown_size(declared, declared - 1, declared), declared);
+        // A frame that needs little more than what is there gets just that.
+        assert_eq!(
+            grown_size(READ_BUFFER, READ_BUFFER, READ_BUFFER + 10),
+            READ_BUFFER + 10
+        );
     }
 }

@@ -68,6 +68,9 @@ pub struct Peer {
     pub closing: AtomicBool,
     /// Deliveries to it are paused (a hint; the broker's flag, set under the lock, decides).
     pub paused: AtomicBool,
+    /// Set at the shutdown's hang-up ([`Peer::stop_reading`]): take the whole frames that
+    /// already arrived, then end.
+    pub hung_up: AtomicBool,
 }
 
 impl Peer {
@@ -79,6 +82,7 @@ impl Peer {
             stream: Arc::new(stream),
             outbox: Outbox::new(),
             closing: AtomicBool::new(false),
+            hung_up: AtomicBool::new(false),
         }
     }
 
@@ -91,6 +95,19 @@ impl Peer {
     pub fn hang_up(&self) {
         self.outbox.close();
         let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// The shutdown's hang-up on a client still sending: shuts the read side only, which
+    /// discards nothing already received and (on a Unix socket) makes the client's further
+    /// writes fail, so its reader can still take every whole frame that arrived before this.
+    /// (`shutdown(Both)` would also do for Unix sockets, but a TCP client then keeps sending,
+    /// its data is answered by a reset, and the reset loses what the server had not read.)
+    /// The outbox stays open until the reader is done: a writer that ended now would hang up
+    /// in full.
+    pub fn stop_reading(&self) {
+        let _ = self.stream.shutdown(Shutdown::Read);
+        // After the shutdown: what the reader then finds queued is all it will take.
+        self.hung_up.store(true, Ordering::SeqCst);
     }
 }
 
@@ -279,10 +296,11 @@ impl Hub {
         self.bell.ring();
     }
 
-    /// Hangs up on every connection still there.
+    /// Hangs up on every connection still there: each takes the whole frames that already
+    /// arrived, then ends ([`Peer::stop_reading`]).
     pub fn close_all(&self) {
         for peer in self.close_registry() {
-            peer.hang_up();
+            peer.stop_reading();
         }
     }
 

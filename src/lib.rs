@@ -14,6 +14,7 @@
 //! - [`persist`]: the in-memory SQLite store, its mirror to a file, and recovery.
 //! - [`logfile`]: a log file that SIGHUP can reopen.
 //! - [`memory`]: giving freed memory back to the system.
+//! - [`ratelog`]: rate limits for the log lines clients can cause.
 //! - [`config`]: the server's settings and listen addresses.
 //! - [`client`]: a blocking PHPMQ client for the `phpmq` command line.
 
@@ -33,6 +34,7 @@ pub mod memory;
 pub mod net;
 pub mod outbox;
 pub mod persist;
+pub mod ratelog;
 pub mod request;
 pub mod server;
 pub mod store;

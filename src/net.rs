@@ -255,6 +255,12 @@ impl Stream {
         }
     }
 
+    /// Bytes that arrived and wait in the socket's receive queue, unread.
+    pub fn queued_len(&self) -> io::Result<usize> {
+        let queued = rustix::io::ioctl_fionread(self.fd())?;
+        Ok(usize::try_from(queued).unwrap_or(usize::MAX))
+    }
+
     /// Reads what is there now without blocking; `WouldBlock` if nothing is.
     pub fn recv_now(&self, buf: &mut [u8]) -> io::Result<usize> {
         use rustix::net::{recv, RecvFlags};

@@ -2,7 +2,8 @@
 //! client, sweeps expired messages, and owns the one shutdown path.
 //!
 //! Shutdown order: stop accepting (and wake the accept threads); let every connection read
-//! what its client already sent and end (hanging up on those still busy after a deadline);
+//! what its client already sent and end (hanging up on those still busy after a deadline:
+//! they still take every whole frame that had arrived, see [`crate::hub::Peer::stop_reading`]);
 //! wait for the connection threads; stop the sweeper; apply what is pending to the store and
 //! mirror it one last time; then drop the listeners, which removes our Unix socket files.
 
@@ -13,6 +14,7 @@ use crate::connection::{self, Limits, THREAD_STACK};
 use crate::hub::{BrokerDown, Fatal, Hub};
 use crate::net::{Bell, BindError, Listener, Stream};
 use crate::persist::{MirrorStatus, PersistError, Persistence};
+use crate::ratelog;
 use crate::request::QueueName;
 use crate::store::{NullStore, Store};
 use crossbeam_channel::{select, tick, unbounded, Receiver, Sender};
@@ -25,7 +27,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// How often ready messages are checked for expiry.
+/// How often ready messages are checked for expiry (and suppressed log lines reported).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// How long shutdown lets connections read what their clients sent before hanging up.
 const DRAIN_TIMEOUT: Duration = Duration::from_millis(2500);
@@ -119,6 +121,7 @@ struct Shared {
     console_sessions: Arc<ConnectionCount>,
     max_connections: usize,
     limits: Limits,
+    console_idle_timeout: Duration,
     next_conn: AtomicU64,
     stopping: AtomicBool,
     fatal: Sender<Fatal>,
@@ -297,9 +300,11 @@ impl Server {
             },
             connections: Arc::default(),
             max_connections: config.max_connections,
+            console_idle_timeout: config.console_idle_timeout,
             limits: Limits {
                 max_packet_len: config.max_message_size,
                 frame_timeout: config.frame_timeout,
+                idle_timeout: config.idle_timeout,
             },
             next_conn: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
@@ -431,6 +436,7 @@ impl Server {
         }
         // Console sessions notice the stop on their own within half a second.
         self.shared.console_sessions.wait_idle(HANG_UP_TIMEOUT);
+        ratelog::report_all_suppressed();
         let result = match self.persistence {
             Some(persistence) => {
                 let path = persistence.path().to_owned();
@@ -535,7 +541,9 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>, endpoint: Endpoint) {
             Ok((stream, peer)) => start_connection(shared, endpoint, stream, peer),
             Err(e) => {
                 // Out of descriptors and the like: wait and go on, never give up listening.
-                warn!("accept failed: {e}; retrying");
+                if let Some(suppressed) = ratelog::ACCEPT_FAILED.admit() {
+                    warn!("accept failed: {e}; retrying{suppressed}");
+                }
                 thread::sleep(ACCEPT_BACKOFF);
             }
         }
@@ -547,7 +555,16 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>, endpoint: Endpoint) {
 fn start_connection(shared: &Arc<Shared>, endpoint: Endpoint, stream: Stream, peer: String) {
     let (pool, limit) = endpoint.pool(shared);
     let Some(slot) = pool.try_acquire(limit) else {
-        warn!("refusing connection from {peer}: limit of {limit} connections reached");
+        let what = match endpoint {
+            Endpoint::Messages => "connections",
+            Endpoint::Console => {
+                admin::refuse(stream, limit);
+                "console sessions"
+            }
+        };
+        if let Some(suppressed) = ratelog::REFUSED.admit() {
+            warn!("refusing connection from {peer}: limit of {limit} {what} reached{suppressed}");
+        }
         return;
     };
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -570,7 +587,7 @@ fn start_connection(shared: &Arc<Shared>, endpoint: Endpoint, stream: Stream, pe
             .stack_size(THREAD_STACK)
             .spawn(move || {
                 let _slot = slot;
-                admin::serve(stream, &peer, &*for_thread)
+                admin::serve(stream, &peer, &*for_thread, for_thread.console_idle_timeout)
             }),
     };
     if let Err(e) = spawned {
@@ -595,6 +612,7 @@ fn spawn_sweeper(shared: Arc<Shared>, stop: Receiver<()>) -> io::Result<JoinHand
                         if shared.hub.expire().is_err() {
                             return;
                         }
+                        ratelog::report_suppressed();
                     }
                     recv(stop) -> _ => return,
                 }

@@ -273,3 +273,132 @@ fn every_byte_value_as_a_first_byte_is_handled() {
     assert_eq!(client.recv().text(), "ok");
     assert!(bystander.sync().is_empty());
 }
+
+#[test]
+fn a_declared_length_commits_no_memory_until_the_bytes_come() {
+    const CONNECTIONS: usize = 300;
+    const LIMIT: u64 = 100 << 20;
+    let server = TestServer::start(&["--frame-timeout-ms", "60000"]);
+    let pid = server.pid();
+    let port = server.tcp_addr().port();
+    server.tcp_client().sync();
+    let before = common::rss_bytes(pid);
+    // A send frame's header and queue packet, then a content packet declaring 16 MiB, and
+    // nothing of it.
+    let mut header = b"H0100102".to_vec();
+    header.extend(packet("01", b"hold"));
+    header.extend(format!("P02{:029}", 16 << 20).into_bytes());
+    let mut clients = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut client = server.tcp_client();
+        client.raw(&header);
+        ports.push(
+            client
+                .local
+                .as_deref()
+                .and_then(|a| a.rsplit(':').next()?.parse().ok()),
+        );
+        clients.push(client);
+        // Checked as it goes: on a server that commits the declared length, this stops the
+        // test long before it takes gigabytes.
+        let rise = common::rss_bytes(pid).saturating_sub(before);
+        assert!(
+            rise < LIMIT,
+            "RSS rose by {} MB after {} connections",
+            rise >> 20,
+            clients.len()
+        );
+    }
+    let ports: Vec<u16> = ports
+        .into_iter()
+        .map(|p| p.expect("a client port"))
+        .collect();
+    // Only once the server has read every header is the measurement meaningful.
+    common::wait_until("the server to read every header", || {
+        let unread = common::tcp_unread(port);
+        ports.iter().all(|p| unread.get(p) == Some(&0))
+    });
+    let rise = common::rss_bytes(pid).saturating_sub(before);
+    assert!(
+        rise < LIMIT,
+        "{CONNECTIONS} connections declaring 16 MiB each raised RSS by {} MB",
+        rise >> 20
+    );
+    eprintln!(
+        "RSS rise with {CONNECTIONS} declared 16 MiB frames: {} KB",
+        rise >> 10
+    );
+    // Still a working server, and a frame that really is large still arrives whole.
+    let big = vec![7u8; 3 << 20];
+    let mut bystander = server.tcp_client();
+    bystander.send("big", &big).consume("big", 1);
+    assert_eq!(bystander.recv().content, big);
+    drop(clients);
+}
+
+#[test]
+fn a_flood_of_bad_frames_logs_a_bounded_number_of_lines_and_counts_the_rest() {
+    const OFFENDERS: usize = 300;
+    let server = TestServer::start(&[]);
+    let started = std::time::Instant::now();
+    let mut offenders: Vec<Client> = (0..OFFENDERS)
+        .map(|_| {
+            let mut offender = server.tcp_client();
+            offender.raw(b"X0100102");
+            offender
+        })
+        .collect();
+    for offender in &mut offenders {
+        offender.expect_closed();
+    }
+    let took = started.elapsed();
+    // Every one is accounted for: logged, or counted in a "suppressed" line (the count of a
+    // kind that went quiet is logged within about a second).
+    let accounted = || {
+        let log = server.log.text();
+        let logged = log
+            .lines()
+            .filter(|l| l.contains("closing connection: bad frame"))
+            .count();
+        let suppressed: usize = log
+            .lines()
+            .filter(|l| l.contains("connection closed: ") && l.contains("suppressed"))
+            .chain(
+                log.lines()
+                    .filter(|l| l.contains("closing connection: bad frame")),
+            )
+            .filter_map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                let at = words.iter().position(|w| w.starts_with("similar"))?;
+                words[at - 1].trim_start_matches('(').parse::<usize>().ok()
+            })
+            .sum();
+        (logged, suppressed)
+    };
+    common::wait_until("every bad frame to be logged or counted", || {
+        let (logged, suppressed) = accounted();
+        logged + suppressed == OFFENDERS
+    });
+    let (logged, suppressed) = accounted();
+    // A burst of 20, then 2 a second, while the flood lasted and until the last report.
+    let bound = 20 + 2 * (took.as_secs() as usize + 2);
+    assert!(
+        logged <= bound,
+        "{logged} lines for {OFFENDERS} bad frames in {took:?} (at most {bound} expected):\n{}",
+        server.log.text()
+    );
+    assert!(suppressed > 0, "{suppressed} suppressed");
+    eprintln!(
+        "{OFFENDERS} bad frames in {took:?}: {logged} lines, {suppressed} counted as suppressed"
+    );
+    // The warnings that did get through still name the peer and the reason.
+    let line = server.log.wait_for("a warning for a bad frame", |l| {
+        l.contains("closing connection: bad frame")
+    });
+    assert!(
+        line.contains("WARN") && line.contains("127.0.0.1:"),
+        "{line}"
+    );
+    assert!(line.contains("does not start with 'H'"), "{line}");
+}

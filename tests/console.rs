@@ -514,3 +514,64 @@ fn status_over_100k_queues_does_not_stall_other_clients() {
         );
     }
 }
+
+#[test]
+fn an_idle_session_is_closed_with_a_line_saying_why() {
+    let server = TestServer::start(&["--console-idle-timeout-ms", "700"]);
+    let (mut idle, _) = Session::open(&server);
+    let (mut busy, _) = Session::open(&server);
+    let opened = std::time::Instant::now();
+    // A session that keeps giving commands stays, however long it lives.
+    let mut rest = String::new();
+    let reader = std::thread::spawn(move || {
+        idle.stream.read_to_string(&mut rest).unwrap();
+        (rest, opened.elapsed())
+    });
+    let mut commands = 0;
+    while !reader.is_finished() {
+        assert!(busy.run("status").contains("queues"));
+        commands += 1;
+        assert!(
+            opened.elapsed() < DEADLINE,
+            "the idle session was never closed"
+        );
+        // Time passing, not synchronisation: a command every 150 ms is well within 700 ms.
+        std::thread::sleep(std::time::Duration::from_millis(150));
+    }
+    let (rest, after) = reader.join().unwrap();
+    assert!(commands > 0);
+    assert_eq!(
+        rest, "\nerror: no command for 700 ms; closing this idle session\n",
+        "after {after:?}"
+    );
+    assert!(after >= std::time::Duration::from_millis(700), "{after:?}");
+    assert!(busy.run("status").contains("queues"), "the busy one stays");
+}
+
+#[test]
+fn the_17th_session_is_refused_with_a_line_saying_why() {
+    let server = TestServer::start(&[]);
+    let sessions: Vec<Session> = (0..16).map(|_| Session::open(&server).0).collect();
+    let mut refused =
+        TcpStream::connect(server.console.expect("console on")).expect("connect console");
+    refused.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut all = String::new();
+    refused.read_to_string(&mut all).unwrap();
+    assert_eq!(
+        all,
+        "error: too many console sessions (16); try again later\n"
+    );
+    let out = phpmq(&server, &["status"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("too many console sessions"), "{stderr}");
+    server.log.wait_for("a refusal", |l| {
+        l.contains("limit of 16 console sessions reached")
+    });
+    // A place frees up when a session ends.
+    drop(sessions);
+    common::wait_until("a session to be admitted again", || {
+        let out = phpmq(&server, &["status"]);
+        out.status.success()
+    });
+}

@@ -194,3 +194,92 @@ fn ipv6_loopback_when_available() {
     client.send("v6", b"ok").consume("v6", 1);
     assert_eq!(client.recv().text(), "ok");
 }
+
+#[test]
+fn a_flood_of_refused_connections_logs_a_bounded_number_of_lines() {
+    const REFUSED: usize = 200;
+    let server = TestServer::start(&["--max-connections", "1"]);
+    let mut admitted = server.tcp_client();
+    admitted.sync();
+    let started = std::time::Instant::now();
+    for _ in 0..REFUSED {
+        server.tcp_client().expect_closed();
+    }
+    let took = started.elapsed();
+    let report = server
+        .log
+        .wait_for("a count of the suppressed refusals", |l| {
+            l.contains("connection refused: ") && l.contains("similar lines suppressed")
+        });
+    let refusals = server
+        .log
+        .text()
+        .lines()
+        .filter(|l| l.contains("limit of 1 connections reached"))
+        .count();
+    let bound = 20 + 2 * (took.as_secs() as usize + 2);
+    assert!(
+        refusals <= bound,
+        "{refusals} lines for {REFUSED} refusals in {took:?}"
+    );
+    assert!(report.contains("WARN"), "{report}");
+    // The one admitted client never noticed.
+    admitted.send("flood", b"fine").consume("flood", 1);
+    assert_eq!(admitted.recv().text(), "fine");
+}
+
+#[test]
+fn idle_connections_are_closed_but_consumers_never_are() {
+    let server = TestServer::start(&["--max-connections", "4", "--idle-timeout-ms", "500"]);
+    // A consumer that waits for messages longer than the timeout, and one that holds one.
+    let mut waiting = server.tcp_client();
+    waiting.consume("later", 1);
+    let mut holding = server.unix_client();
+    holding.send("held", b"h").consume("held", 1);
+    assert_eq!(holding.recv().text(), "h");
+    // A producer that sent and then went quiet, and a connection that never said anything:
+    // together they fill the server.
+    let mut quiet_producer = server.tcp_client();
+    quiet_producer.send("elsewhere", b"before going quiet");
+    let mut silent = server.tcp_client();
+    let silent_peer = silent.local.clone().expect("tcp");
+    let started = std::time::Instant::now();
+    quiet_producer.expect_closed();
+    silent.expect_closed();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(400),
+        "closed before the idle timeout: {:?}",
+        started.elapsed()
+    );
+    server.log.wait_for("the idle line", |l| {
+        l.contains(&silent_peer) && l.contains("idle timeout")
+    });
+    // Their places are free again, what the quiet producer sent was kept, and the consumers,
+    // idle for longer than the timeout, are still served.
+    let mut admitted = None;
+    common::wait_until("a place to free up", || {
+        let mut probe = server.tcp_client();
+        let mut frames = Vec::new();
+        encode_frame(
+            &mut frames,
+            MessageType::Send,
+            &[(PacketType::Queue, b"probe"), (PacketType::Content, b"x")],
+        );
+        encode_frame(
+            &mut frames,
+            MessageType::Consume,
+            &[(PacketType::Queue, b"probe"), (PacketType::Count, b"1")],
+        );
+        let ok = probe.try_raw(&frames).is_ok() && matches!(probe.try_recv(), Ok(Some(_)));
+        if ok {
+            admitted = Some(probe);
+        }
+        ok
+    });
+    let mut producer = admitted.expect("admitted");
+    producer.send("later", b"after").sync();
+    assert_eq!(waiting.recv().text(), "after");
+    assert!(holding.sync().is_empty());
+    producer.consume("elsewhere", 1);
+    assert_eq!(producer.recv().text(), "before going quiet");
+}

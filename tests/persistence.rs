@@ -989,3 +989,66 @@ fn a_failing_mirror_is_reported_and_a_stop_that_leaves_no_file_fails() {
     );
     assert!(server.log.text().contains("final mirror failed"));
 }
+
+#[test]
+fn sigterm_takes_every_frame_a_unix_producer_wrote_even_past_the_drain_timeout() {
+    // On a Unix socket a write that returned has put its bytes in the server's receive queue:
+    // every such frame must be taken, also from a producer that never stops sending and is
+    // hung up on when the drain timeout passes.
+    let mut server = TestServer::start(&[]);
+    let sock = server.unix.clone().expect("unix");
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let producer = {
+        let written = written.clone();
+        thread::spawn(move || {
+            let mut c = Client::unix(&sock);
+            let deadline = Instant::now() + DEADLINE;
+            let mut i = 0usize;
+            while Instant::now() < deadline {
+                let mut frame = Vec::new();
+                phpmq::codec::encode_frame(
+                    &mut frame,
+                    phpmq::codec::MessageType::Send,
+                    &[
+                        (phpmq::codec::PacketType::Queue, b"unstoppable"),
+                        (phpmq::codec::PacketType::Content, i.to_string().as_bytes()),
+                    ],
+                );
+                if c.try_raw(&frame).is_err() {
+                    return;
+                }
+                i += 1;
+                written.store(i, Ordering::SeqCst);
+            }
+            panic!("the server never hung up on the producer");
+        })
+    };
+    common::wait_until("the producer to get going", || {
+        written.load(Ordering::SeqCst) > 1000
+    });
+    server.signal("TERM");
+    let status = server.wait_exit();
+    assert!(status.success(), "{status:?}\n{}", server.log.text());
+    assert!(
+        server.log.text().contains("hanging up"),
+        "the producer outlasted the drain timeout:\n{}",
+        server.log.text()
+    );
+    producer.join().expect("producer");
+    let written = written.load(Ordering::SeqCst);
+
+    let server = server.restart();
+    let recovered = server.recovered();
+    let mut consumer = server.tcp_client();
+    let got = drain(&mut consumer, "unstoppable");
+    let got = texts(&got);
+    assert!(
+        got.len() >= written,
+        "{written} writes returned, {recovered} messages recovered ({} lost)",
+        written - got.len()
+    );
+    // Every one, in order; at most the frame whose write failed may follow.
+    let out_of_place = (0..written).find(|&i| got[i] != i.to_string());
+    assert_eq!(out_of_place, None, "not the messages sent, in order");
+    assert!(got.len() <= written + 1, "{} recovered", got.len());
+}

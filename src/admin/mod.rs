@@ -3,7 +3,9 @@
 //!
 //! Every reply ends with the prompt `phpmq> `, so a program reads up to it. Replies that report
 //! a failure start with `error: `. Commands run against a [`Backend`], so they are tested
-//! without sockets. Queue names are shown and read back as [`names`] says.
+//! without sockets. Queue names are shown and read back as [`names`] says. A session that gives
+//! no command for the console idle timeout is closed, and a client beyond the session limit is
+//! told so before it is closed.
 
 pub mod names;
 mod render;
@@ -19,7 +21,7 @@ use crate::store::Millis;
 use log::{debug, info};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What every reply ends with.
 pub const PROMPT: &str = "phpmq> ";
@@ -256,9 +258,10 @@ pub fn execute(line: &str, backend: &dyn Backend) -> Reply {
     }
 }
 
-/// One console session, until the user quits, the connection drops or the server stops.
-pub fn serve(stream: Stream, peer: &str, backend: &dyn Backend) {
-    match session(&stream, backend) {
+/// One console session, until the user quits, the connection drops, the server stops, or no
+/// command comes for `idle_timeout`.
+pub fn serve(stream: Stream, peer: &str, backend: &dyn Backend, idle_timeout: Duration) {
+    match session(&stream, backend, idle_timeout) {
         Ok(()) => debug!("console {peer}: closed"),
         Err(e) => debug!("console {peer}: {e}"),
     }
@@ -306,7 +309,26 @@ impl<'a> LineReader<'a> {
     }
 }
 
-fn session(stream: &Stream, backend: &dyn Backend) -> io::Result<()> {
+/// Turns away a client beyond the session limit with a line saying why, then closes.
+pub fn refuse(stream: Stream, limit: usize) {
+    use crate::outbox::SendNow;
+    let line = format!("error: too many console sessions ({limit}); try again later\n");
+    // A fresh socket's buffer takes one line: never waits, so the accept thread cannot hang.
+    let _ = stream.send_now(line.as_bytes());
+    // A FIN after the line (a bare close could reset it away if the client sent something).
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// A duration as people say it: whole seconds when it is whole seconds, else milliseconds.
+fn spoken(duration: Duration) -> String {
+    if duration.subsec_millis() == 0 {
+        format!("{} s", duration.as_secs())
+    } else {
+        format!("{} ms", duration.as_millis())
+    }
+}
+
+fn session(stream: &Stream, backend: &dyn Backend, idle_timeout: Duration) -> io::Result<()> {
     let mut out = stream;
     stream.set_read_timeout(Some(POLL))?;
     out.write_all(
@@ -320,6 +342,7 @@ fn session(stream: &Stream, backend: &dyn Backend) -> io::Result<()> {
         reader: BufReader::with_capacity(MAX_LINE, stream),
         partial: Vec::new(),
     };
+    let mut last_command = Instant::now();
     loop {
         let line = match lines.next()? {
             Line::Eof => return Ok(()),
@@ -327,8 +350,25 @@ fn session(stream: &Stream, backend: &dyn Backend) -> io::Result<()> {
                 out.write_all(b"\nserver shutting down\n")?;
                 return Ok(());
             }
+            // Sessions are few: a forgotten one must not hold its place for good.
+            Line::Quiet if last_command.elapsed() >= idle_timeout => {
+                out.write_all(
+                    format!(
+                        "\nerror: no command for {}; closing this idle session\n",
+                        spoken(idle_timeout)
+                    )
+                    .as_bytes(),
+                )?;
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "closed after the idle timeout",
+                ));
+            }
             Line::Quiet => continue,
-            Line::Text(line) => line,
+            Line::Text(line) => {
+                last_command = Instant::now();
+                line
+            }
         };
         if line.len() > MAX_LINE {
             out.write_all(b"error: command line too long\n")?;
@@ -345,6 +385,8 @@ fn session(stream: &Stream, backend: &dyn Backend) -> io::Result<()> {
             }
             Reply::Monitor => {
                 monitor(stream, &mut lines, backend)?;
+                // Watching is not idling: the idle time starts when the monitor ends.
+                last_command = Instant::now();
                 out.write_all(PROMPT.as_bytes())?;
             }
         }

@@ -38,6 +38,20 @@ struct Args {
     #[argh(option, default = "config::DEFAULT_FRAME_TIMEOUT.as_millis() as u64")]
     frame_timeout_ms: u64,
 
+    /// close a connection that has never asked to consume after this many milliseconds
+    /// without a frame; 0 turns it off (default 0: a v1.0 producer would lose its next
+    /// message to a closed connection unnoticed)
+    #[argh(option, default = "0")]
+    idle_timeout_ms: u64,
+
+    /// close a console session that sends no command for this many milliseconds; 0 turns it
+    /// off (default 300000 = 5 minutes)
+    #[argh(
+        option,
+        default = "config::DEFAULT_CONSOLE_IDLE_TIMEOUT.as_millis() as u64"
+    )]
+    console_idle_timeout_ms: u64,
+
     /// the SQLite file that messages are mirrored to, or "none" to keep them in memory only
     /// (default phpmq.sqlite in the working directory)
     #[argh(option, default = "String::from(config::DEFAULT_DB)")]
@@ -105,6 +119,12 @@ fn main() -> ExitCode {
         max_connections: args.max_connections,
         max_message_size: args.max_message_size,
         frame_timeout: Duration::from_millis(args.frame_timeout_ms),
+        idle_timeout: (args.idle_timeout_ms > 0)
+            .then(|| Duration::from_millis(args.idle_timeout_ms)),
+        console_idle_timeout: match args.console_idle_timeout_ms {
+            0 => Duration::MAX,
+            ms => Duration::from_millis(ms),
+        },
         db: (args.db != "none").then(|| PathBuf::from(&args.db)),
         mirror_interval: Duration::from_millis(args.mirror_interval),
         ..Config::default()

@@ -560,3 +560,49 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
         thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The resident memory (VmRSS) of process `pid`, in bytes (Linux).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("a VmRSS line");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS in kB");
+    kib * 1024
+}
+
+/// Bytes the server has not read yet on each of its established IPv4 TCP connections on
+/// `server_port`, by client port, from /proc/net/tcp (Linux): 0 means it has read everything
+/// that arrived.
+pub fn tcp_unread(server_port: u16) -> std::collections::HashMap<u16, u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = |addr: &str| {
+        addr.split(':')
+            .nth(1)
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote, state, queues) = (
+                fields.get(1)?,
+                fields.get(2)?,
+                fields.get(3)?,
+                fields.get(4)?,
+            );
+            // 01: ESTABLISHED.
+            if *state != "01" || port(local)? != server_port {
+                return None;
+            }
+            let unread = u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()?;
+            Some((port(remote)?, unread))
+        })
+        .collect()
+}
