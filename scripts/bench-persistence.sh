@@ -8,11 +8,12 @@
 #   - how long a graceful stop takes, recovery time at start, and memory after recovery.
 # With E2E=1 it also runs mqbench's end-to-end and latency cases against the server while it
 # holds the N messages, and reports the longest mirror during each.
-# Usage: scripts/bench-persistence.sh [N ...]
+# Usage: scripts/bench-persistence.sh [N ...]; BIN=DIR measures the phpmq-server and phpmq
+# found there instead (e.g. an older build, for a before/after in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
-bin=$PWD/target/release
+if [ -z "${BIN:-}" ]; then cargo build --release --quiet; fi
+bin=${BIN:-$PWD/target/release}
 port=${PORT:-19400}
 counts=("$@")
 [ ${#counts[@]} -gt 0 ] || counts=(100000 1000000)

@@ -124,7 +124,7 @@ pub struct Hub {
     /// Rung once shutdown begins, to wake every idle reader at once.
     bell: Bell,
     /// The store's unapplied changes, if messages are persisted.
-    store_backlog: Option<Arc<Backlog>>,
+    store_backlogs: Vec<Arc<Backlog>>,
 }
 
 impl Hub {
@@ -137,31 +137,29 @@ impl Hub {
             }),
             fatal,
             bell,
-            store_backlog: None,
+            store_backlogs: Vec::new(),
         }
     }
 
     /// Holds producers back while this store backlog is high ([`Hub::wait_for_store`]).
-    pub fn with_store_backlog(mut self, backlog: Arc<Backlog>) -> Hub {
-        self.store_backlog = Some(backlog);
+    pub fn with_store_backlogs(mut self, backlogs: Vec<Arc<Backlog>>) -> Hub {
+        self.store_backlogs = backlogs;
         self
     }
 
-    /// Waits, before a producer's messages are taken, while the store writer is far behind:
-    /// what it has not applied is held in memory, so a store that cannot keep up slows the
-    /// producers down rather than letting memory grow without bound. Returns at once when
-    /// the backlog is below its high-water mark (nearly always); once above, waits until it
-    /// is down to half, or the connection is closing.
+    /// Waits, before a producer's messages are taken, while the store is far behind (its
+    /// writer, or its mirror during a flood): what it has not taken is held in memory, so a
+    /// store that cannot keep up slows the producers down rather than letting memory grow
+    /// without bound. Returns at once when every backlog is below its high-water mark (nearly
+    /// always); once one is above, waits until all are down to half, or the connection is
+    /// closing.
     pub fn wait_for_store(&self, peer: &Peer) {
-        let Some(backlog) = &self.store_backlog else {
-            return;
-        };
-        if !backlog.is_high() {
+        if !self.store_backlogs.iter().any(|b| b.is_high()) {
             return;
         }
         // The writer applies hundreds of changes per millisecond: a short sleep is the
         // right grain, and nothing has to wake this thread.
-        while !backlog.is_low() && !peer.is_closing() {
+        while !self.store_backlogs.iter().all(|b| b.is_low()) && !peer.is_closing() {
             thread::sleep(Duration::from_millis(1));
         }
     }
@@ -367,7 +365,7 @@ mod tests {
     fn hub_behind(backlog: &Arc<Backlog>) -> Hub {
         let (fatal, _) = crossbeam_channel::unbounded();
         let broker = Broker::new(Box::new(NullStore));
-        Hub::new(broker, fatal, Bell::new().unwrap()).with_store_backlog(backlog.clone())
+        Hub::new(broker, fatal, Bell::new().unwrap()).with_store_backlogs(vec![backlog.clone()])
     }
 
     fn peer() -> (Peer, UnixStream) {

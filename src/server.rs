@@ -294,7 +294,7 @@ impl Server {
                     Bell::new().map_err(ServerError::Bell)?,
                 );
                 match &persistence {
-                    Some(p) => hub.with_store_backlog(p.backlog()),
+                    Some(p) => hub.with_store_backlogs(p.backlogs()),
                     None => hub,
                 }
             },

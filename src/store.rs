@@ -123,17 +123,32 @@ impl Store for NullStore {
 /// Changes handed to a store that it has not applied yet, and the content bytes they carry.
 /// Producers are held back while it is high ([`Backlog::is_high`]), so a store that cannot keep
 /// up slows them down instead of letting memory grow without bound.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Backlog {
     changes: AtomicUsize,
     bytes: AtomicUsize,
+    /// Changes at which producers wait...
+    high_changes: usize,
+    /// ...or bytes of content.
+    high_bytes: usize,
+}
+
+impl Default for Backlog {
+    /// The marks of the store writer's queue: 65,536 changes or 32 MiB.
+    fn default() -> Backlog {
+        Backlog::new(65_536, 32 << 20)
+    }
 }
 
 impl Backlog {
-    /// Changes at which producers wait...
-    const HIGH_CHANGES: usize = 65_536;
-    /// ...or bytes of content.
-    const HIGH_BYTES: usize = 32 << 20;
+    pub fn new(high_changes: usize, high_bytes: usize) -> Backlog {
+        Backlog {
+            changes: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            high_changes,
+            high_bytes,
+        }
+    }
 
     pub fn add(&self, bytes: usize) {
         self.changes.fetch_add(1, Ordering::Relaxed);
@@ -145,16 +160,29 @@ impl Backlog {
         self.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
+    /// Says what is pending now (for an owner that counts it itself).
+    pub fn set(&self, changes: usize, bytes: usize) {
+        self.changes.store(changes, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
     /// Past the high-water mark: producers should wait.
     pub fn is_high(&self) -> bool {
-        self.changes.load(Ordering::Relaxed) > Self::HIGH_CHANGES
-            || self.bytes.load(Ordering::Relaxed) > Self::HIGH_BYTES
+        self.changes.load(Ordering::Relaxed) > self.high_changes
+            || self.bytes.load(Ordering::Relaxed) > self.high_bytes
     }
 
     /// Down to half the high-water mark: waiting producers may go on.
     pub fn is_low(&self) -> bool {
-        self.changes.load(Ordering::Relaxed) <= Self::HIGH_CHANGES / 2
-            && self.bytes.load(Ordering::Relaxed) <= Self::HIGH_BYTES / 2
+        self.changes.load(Ordering::Relaxed) <= self.high_changes / 2
+            && self.bytes.load(Ordering::Relaxed) <= self.high_bytes / 2
+    }
+
+    /// Past a quarter of the high-water mark: time for its owner to catch up, before producers
+    /// have to wait.
+    pub fn is_rising(&self) -> bool {
+        self.changes.load(Ordering::Relaxed) > self.high_changes / 4
+            || self.bytes.load(Ordering::Relaxed) > self.high_bytes / 4
     }
 }
 
@@ -166,15 +194,15 @@ mod tests {
     fn the_backlog_is_high_past_either_mark_and_low_again_at_half() {
         let backlog = Backlog::default();
         assert!(!backlog.is_high() && backlog.is_low());
-        for _ in 0..=Backlog::HIGH_CHANGES {
+        for _ in 0..=65_536 {
             backlog.add(0);
         }
         assert!(backlog.is_high() && !backlog.is_low());
-        backlog.remove(Backlog::HIGH_CHANGES / 2, 0);
+        backlog.remove(65_536 / 2, 0);
         assert!(!backlog.is_high() && !backlog.is_low(), "between the marks");
         backlog.remove(1, 0);
         assert!(backlog.is_low());
-        backlog.add(Backlog::HIGH_BYTES);
+        backlog.add(32 << 20);
         assert!(!backlog.is_high() && !backlog.is_low());
         backlog.add(1);
         assert!(backlog.is_high(), "bytes alone count");

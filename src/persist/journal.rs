@@ -8,17 +8,17 @@
 //! costs what is stored.
 
 use super::batch::Coalesced;
-use crate::store::StoreOp;
+use crate::store::{Backlog, StoreOp};
 use crossbeam_channel::{bounded, Receiver, Sender};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Content bytes past which the mirror is woken before its tick (a flood of sends), so that
-/// what the journal holds stays small...
-const EARLY_BYTES: usize = 32 << 20;
+/// Content bytes at which producers wait for the mirror to take the journal (it is woken
+/// before its tick at a quarter of that)...
+const HIGH_BYTES: usize = 32 << 20;
 /// ...or changes.
-const EARLY_CHANGES: usize = 256 << 10;
-/// Content bytes the journal holds at most before it gives up for a full copy (the mirror
-/// cannot keep up)...
+const HIGH_CHANGES: usize = 1 << 20;
+/// Content bytes the journal holds at most before it gives up for a full copy (producers that
+/// do not wait: connections that are closing)...
 const MAX_BYTES: usize = 256 << 20;
 /// ...or changes.
 const MAX_CHANGES: usize = 4 << 20;
@@ -36,6 +36,8 @@ struct State {
 /// Changes committed to memory and not yet taken by the mirror.
 pub struct Journal {
     state: Mutex<State>,
+    /// What is pending, for the producers' flow control.
+    backlog: Arc<Backlog>,
     /// Rung when the journal grew past the early mark.
     wake: Sender<()>,
     woken: Receiver<()>,
@@ -46,6 +48,7 @@ impl Default for Journal {
         let (wake, woken) = bounded(1);
         Journal {
             state: Mutex::default(),
+            backlog: Arc::new(Backlog::new(HIGH_CHANGES, HIGH_BYTES)),
             wake,
             woken,
         }
@@ -80,10 +83,18 @@ impl Journal {
         if state.pending.bytes() > MAX_BYTES || state.pending.len() > MAX_CHANGES {
             state.pending = Coalesced::default();
             state.overflowed = true;
-        } else if state.pending.bytes() > EARLY_BYTES || state.pending.len() > EARLY_CHANGES {
+        }
+        self.backlog.set(state.pending.len(), state.pending.bytes());
+        if self.backlog.is_rising() {
             // Full means a wake-up is already waiting.
             let _ = self.wake.try_send(());
         }
+    }
+
+    /// What is pending, for the producers' flow control: a mirror that cannot keep up with a
+    /// flood slows the producers down instead of letting the journal hold the flood.
+    pub fn backlog(&self) -> Arc<Backlog> {
+        self.backlog.clone()
     }
 
     /// Receives a message when the mirror should run before its tick.
@@ -95,6 +106,7 @@ impl Journal {
     pub fn take(&self) -> Taken {
         let mut state = self.state();
         let pending = std::mem::take(&mut state.pending);
+        self.backlog.set(0, 0);
         Taken {
             ops: pending.into_ops(),
             generation: state.generation,
@@ -108,6 +120,7 @@ impl Journal {
         let mut state = self.state();
         state.pending = Coalesced::default();
         state.overflowed = false;
+        self.backlog.set(0, 0);
     }
 
     /// Changes waiting for the next mirror.
@@ -159,7 +172,12 @@ mod tests {
         let journal = Journal::default();
         journal.record(vec![insert(1, 1024)], 1);
         assert!(journal.wake_ups().try_recv().is_err());
-        journal.record(vec![insert(2, EARLY_BYTES)], 2);
+        journal.record(vec![insert(2, HIGH_BYTES / 4)], 2);
+        assert!(!journal.backlog().is_high());
+        journal.record(vec![insert(3, HIGH_BYTES)], 3);
+        assert!(journal.backlog().is_high(), "producers wait");
+        journal.take();
+        assert!(journal.backlog().is_low());
         assert!(journal.wake_ups().try_recv().is_ok());
     }
 

@@ -2,8 +2,8 @@
 //!
 //! A mirror is written to a temporary file beside the target, synced, renamed over the target,
 //! and the directory synced: the target is always one complete mirror, and a crash at any
-//! point leaves the previous one. Loading opens the file read-only, so a file that is refused
-//! is never changed.
+//! point leaves the previous one. Loading opens the file read-only (unless SQLite must replay a
+//! write-ahead log left by a crash), so a file that is refused is never changed.
 
 use super::schema;
 use super::writer::Shared;
@@ -199,13 +199,36 @@ pub fn shrinks_incrementally(conn: &Connection) -> rusqlite::Result<bool> {
 /// The page size of databases this build creates.
 pub const PAGE_SIZE: i64 = 16 << 10;
 
+/// Whether SQLite may have to recover `path` as it opens it: the file is in WAL mode (bytes 18
+/// and 19 of its header, the read and write format versions, are 2), or a write-ahead log or a
+/// rollback journal lies beside it (a crash in the middle of a mirror, or of switching modes).
+fn needs_recovery(path: &Path) -> bool {
+    use std::io::Read;
+    let beside = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        Path::new(&name).exists()
+    };
+    let mut header = [0u8; 20];
+    let wal_mode = File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok_and(|()| header.starts_with(b"SQLite format 3\0") && header[18] == 2);
+    wal_mode || beside("-wal") || beside("-journal")
+}
+
 /// Opens `path` read-only, checks it is a phpmq database, and copies it into memory.
 pub fn load(path: &Path) -> Result<Connection, PersistError> {
-    let file = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| schema::classify(path, "open", e))?;
+    // A file left in WAL mode or with a journal by a server that crashed must be opened with
+    // write access, so that SQLite can replay the log (or roll the journal back): read-only,
+    // it may read the file through a stale log index, or fail. Any other file is opened
+    // read-only and so is never changed, even when it is refused.
+    let access = if needs_recovery(path) {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    };
+    let file = Connection::open_with_flags(path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| schema::classify(path, "open", e))?;
     schema::check(&file, path)?;
     let fail = |source| PersistError::Sqlite {
         action: "load",
@@ -235,5 +258,43 @@ mod tests {
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .unwrap();
         assert_eq!(size, PAGE_SIZE);
+    }
+
+    /// The files a crash leaves: the database in WAL mode with committed changes still only in
+    /// its log (copied while the writing connection is open, as a SIGKILL would leave them).
+    #[test]
+    fn a_crash_image_is_loaded_with_what_its_log_holds() {
+        let dir = std::env::temp_dir().join(format!("phpmq-crash-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("image")).unwrap();
+        let live = dir.join("phpmq.sqlite");
+        let conn = Connection::open(&live).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL;"
+        ))
+        .unwrap();
+        schema::create(&conn).unwrap();
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;")
+            .unwrap();
+        for seq in 1..=100i64 {
+            conn.execute(
+                "INSERT INTO messages (seq, id, queue, content, accepted_at) VALUES (?1, ?2, 'q', x'00', 0)",
+                rusqlite::params![seq, &(seq as u128).to_be_bytes()[..]],
+            )
+            .unwrap();
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let name = format!("phpmq.sqlite{suffix}");
+            fs::copy(dir.join(&name), dir.join("image").join(&name)).unwrap();
+        }
+        drop(conn);
+        let image = dir.join("image").join("phpmq.sqlite");
+        assert!(needs_recovery(&image));
+        let memory = load(&image).unwrap();
+        let rows: i64 = memory
+            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 100, "the rows only the log had");
+        let _ = fs::remove_dir_all(&dir);
     }
 }

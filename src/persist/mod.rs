@@ -281,9 +281,10 @@ impl Persistence {
         }
     }
 
-    /// How far the writer is behind the broker (producers wait while it is high).
-    pub fn backlog(&self) -> Arc<Backlog> {
-        self.shared.backlog.clone()
+    /// How far the writer is behind the broker, and the mirror behind the writer (producers
+    /// wait while either is high).
+    pub fn backlogs(&self) -> Vec<Arc<Backlog>> {
+        vec![self.shared.backlog.clone(), self.shared.journal.backlog()]
     }
 
     /// The most recent completed mirror.
