@@ -6,7 +6,8 @@
 #   scripts/bench-matrix.sh > /tmp/matrix.log; python3 ../shared/bench/summarize.py /tmp/matrix.log
 #
 # Environment: REPEAT (default 3), ONLY (a regex over config names, default all),
-# MQBENCH_SRC (default ../shared/bench), PHPMQ_ARGS (extra phpmq-server flags).
+# MQBENCH_SRC (default ../shared/bench), PHPMQ_ARGS (extra phpmq-server flags), PHPMQ_SERVER
+# (another phpmq-server binary, e.g. an older build for a before/after in the same run).
 # The config phpmq-tcp-idle1000 runs the e2e case with 1,000 extra idle clients connected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ fi
 cargo build --release --quiet
 CARGO_TARGET_DIR=/tmp/mqbench-target cargo build --release --quiet --manifest-path "$MQBENCH_SRC/Cargo.toml"
 mqbench=/tmp/mqbench-target/release/mqbench
-server=$PWD/target/release/phpmq-server
+server=${PHPMQ_SERVER:-$PWD/target/release/phpmq-server}
 
 work=$(mktemp -d /tmp/phpmq-matrix.XXXXXX)
 pid=""
