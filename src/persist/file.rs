@@ -19,9 +19,10 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// The write-ahead log is folded into the file (and emptied) past this size: what the log
-/// holds is written twice, so it stays small, but a trickle of changes still folds rarely.
-const CHECKPOINT_BYTES: i64 = 16 << 20;
+/// The write-ahead log is folded into the file (and emptied) past this size: pages changed
+/// again and again (a queue's head and tail) are folded once per checkpoint, not once per
+/// mirror, and a trickle of changes folds rarely.
+const CHECKPOINT_BYTES: i64 = 64 << 20;
 /// A log that SQLite itself truncates is kept at most this large.
 const WAL_KEEP_BYTES: i64 = 16 << 20;
 /// Free space in the file worth giving back...
@@ -101,12 +102,13 @@ impl FileDb {
     /// large, and gives back a step of free space if much is free.
     pub fn apply(&self, ops: &[StoreOp]) -> rusqlite::Result<Applied> {
         let before = written_by_this_thread();
-        let row_delta = if ops.is_empty() {
-            0
+        // Space is given back on a mirror with nothing else to do: during a drain, moving
+        // pages would only add to what the drain writes.
+        let (row_delta, shrunk) = if ops.is_empty() {
+            (0, self.shrink_step()?)
         } else {
-            batch::apply(&self.conn, ops)?
+            (batch::apply(&self.conn, ops)?, false)
         };
-        let shrunk = self.shrink_step()?;
         if self.wal_bytes() > CHECKPOINT_BYTES {
             self.checkpoint()?;
         }

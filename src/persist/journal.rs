@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Content bytes at which producers wait for the mirror to take the journal (it is woken
 /// before its tick at a quarter of that)...
-const HIGH_BYTES: usize = 32 << 20;
+const HIGH_BYTES: usize = 128 << 20;
 /// ...or changes.
 const HIGH_CHANGES: usize = 1 << 20;
 /// Content bytes the journal holds at most before it gives up for a full copy (producers that

@@ -113,8 +113,9 @@ fn commit(shared: &Shared, conn: &Connection, ops: Vec<StoreOp>) -> Result<(), P
 const SHRINK_FREE_BYTES: i64 = 4 << 20;
 /// ...at most this much per step, so that a step never holds up batches or fetches for long.
 const SHRINK_STEP_BYTES: i64 = 8 << 20;
-/// Idle time between two steps of giving memory back.
-const SHRINK_PAUSE: Duration = Duration::from_millis(10);
+/// How long the store must have been idle before a step of giving memory back (and between
+/// two steps).
+const SHRINK_AFTER_IDLE: Duration = Duration::from_millis(20);
 
 /// Once acknowledgements have freed much of the database, gives a bounded step of it back
 /// (incremental vacuum: pages from the end move into the holes), so memory follows the live
@@ -163,6 +164,7 @@ pub fn run(
         mirror: None,
         copying: false,
         shrunk: false,
+        may_shrink: true,
         stop: false,
     };
     if let Err(e) = writer.serve() {
@@ -186,15 +188,18 @@ struct Writer<'a> {
     copying: bool,
     /// Pages were given back since memory was last released to the system.
     shrunk: bool,
+    /// Changes were applied since the last check for space to give back.
+    may_shrink: bool,
     stop: bool,
 }
 
 impl Writer<'_> {
     fn serve(&mut self) -> Result<(), PersistError> {
         while !self.stop {
-            // While memory is being given back, idle time goes to the next step.
-            let idle = if self.shrunk {
-                SHRINK_PAUSE
+            // Space is given back only once the store has been idle for a moment: during a
+            // drain, moving pages would compete with the drain itself for the same CPU.
+            let idle = if self.may_shrink {
+                SHRINK_AFTER_IDLE
             } else {
                 Duration::from_secs(3600)
             };
@@ -208,7 +213,10 @@ impl Writer<'_> {
                         self.pending_fetches.push(request);
                     }
                 }
-                default(idle) => {}
+                default(idle) => {
+                    self.shrink()?;
+                    continue;
+                }
             }
             // Gather what comes within the window: an accept acknowledged inside it never
             // reaches SQLite, and a busy stream costs one transaction per window, not one per
@@ -224,14 +232,6 @@ impl Writer<'_> {
                 }
             }
             self.work()?;
-            if !self.copying && self.commands.is_empty() {
-                if shrink_step(self.conn).map_err(memory_failure("shrink"))? {
-                    self.shrunk = true;
-                } else if std::mem::take(&mut self.shrunk) {
-                    // Done giving pages back: let the process's memory follow.
-                    crate::memory::release_free_pages();
-                }
-            }
             if let Some((temp, reply)) = self.mirror.take() {
                 self.copying = true;
                 let copied = self.copy_to(&temp);
@@ -248,6 +248,23 @@ impl Writer<'_> {
                     // Applying changes between steps failed: the store is incomplete.
                     Err(CopyFailed::Store(e)) => return Err(e),
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of giving space back, after the store was idle; once there is nothing left
+    /// to give, the process's memory is handed back to the system.
+    fn shrink(&mut self) -> Result<(), PersistError> {
+        if self.copying {
+            return Ok(());
+        }
+        if shrink_step(self.conn).map_err(memory_failure("shrink"))? {
+            self.shrunk = true;
+        } else {
+            self.may_shrink = false;
+            if std::mem::take(&mut self.shrunk) {
+                crate::memory::release_free_pages();
             }
         }
         Ok(())
@@ -289,6 +306,7 @@ impl Writer<'_> {
             let changes = self.batch.len();
             let ops = batch::coalesce(std::mem::take(&mut self.batch));
             commit(self.shared, self.conn, ops)?;
+            self.may_shrink = true;
             self.shared
                 .backlog
                 .remove(changes, std::mem::take(&mut self.batch_bytes));
@@ -579,6 +597,7 @@ mod tests {
             mirror: None,
             copying: true,
             shrunk: false,
+            may_shrink: false,
             stop: false,
         };
         let copy = writer.copy_to(&temp).unwrap();
