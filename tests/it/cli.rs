@@ -1,6 +1,6 @@
 //! The `phpmq` command line against a real server.
 
-mod common;
+use crate::common;
 
 use common::TestServer;
 use std::io::Write;

@@ -1,7 +1,7 @@
 //! The maintenance console and the `phpmq status` / `phpmq flush` commands, against a real
 //! server.
 
-mod common;
+use crate::common;
 
 use common::{TestServer, DEADLINE};
 use phpmq::codec::{self, MessageType, PacketType};

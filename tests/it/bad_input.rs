@@ -1,7 +1,7 @@
 //! Bad input closes only the offending connection, with one warning naming the peer and the
 //! reason; a bystander goes on, and nothing accepted is lost.
 
-mod common;
+use crate::common;
 
 use common::{Client, TestServer};
 use phpmq::codec::{encode_frame, MessageType, PacketType};

@@ -1,7 +1,7 @@
 //! Man pages, init scripts and the install script are source files: they are linted, they
 //! name only flags that exist, their examples are sent to a real server, and the scripts run.
 
-mod common;
+use crate::common;
 
 use common::{TempDir, TestServer};
 use std::path::{Path, PathBuf};

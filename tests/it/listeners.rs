@@ -1,6 +1,6 @@
 //! Listeners and connections: addresses, Unix socket files, the connection limit, stopping.
 
-mod common;
+use crate::common;
 
 use common::{run_to_exit, Client, TempDir, TestServer};
 use phpmq::codec::{encode_frame, MessageType, PacketType};

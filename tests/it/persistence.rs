@@ -1,7 +1,7 @@
 //! Persistence and lifecycle against the real binary: mirrors, recovery, refusing bad files,
 //! graceful shutdown by signal, log reopening.
 
-mod common;
+use crate::common;
 
 use common::{run_to_exit, Client, Dispatch, TempDir, TestServer, DEADLINE};
 use phpmq::codec::{self, MessageType, PacketType};

@@ -1,6 +1,6 @@
 //! Broker semantics, end to end against the real server over real sockets.
 
-mod common;
+use crate::common;
 
 use common::{Client, Dispatch, TestServer};
 use std::collections::HashSet;
