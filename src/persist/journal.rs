@@ -104,13 +104,20 @@ impl Journal {
 
     /// Takes everything recorded so far.
     pub fn take(&self) -> Taken {
-        let mut state = self.state();
-        let pending = std::mem::take(&mut state.pending);
-        self.backlog.set(0, 0);
+        let (pending, generation, overflowed) = {
+            let mut state = self.state();
+            self.backlog.set(0, 0);
+            (
+                std::mem::take(&mut state.pending),
+                state.generation,
+                state.overflowed,
+            )
+        };
+        // Unpacked outside the lock: the writer records its next batch meanwhile.
         Taken {
             ops: pending.into_ops(),
-            generation: state.generation,
-            overflowed: state.overflowed,
+            generation,
+            overflowed,
         }
     }
 
