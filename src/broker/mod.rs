@@ -3,7 +3,10 @@
 //! A plain state machine with no sockets, no threads and no clock: every call gets the time as an
 //! argument and appends the [`Delivery`]s it decides on to a caller-owned vector, which the
 //! network layer writes out after it has released the lock around the broker. Every change to
-//! the set of accepted messages goes to the [`Store`].
+//! the set of accepted messages goes to the [`Store`]. A connection's pause flag is an atomic
+//! it shares with the network layer, whose writer reads it without the lock; the broker alone
+//! writes it. The dialect a connection speaks is not the broker's business: a [`Delivery`]
+//! always carries the remaining TTL, and the wire decides whether to show it.
 //!
 //! Invariants:
 //! - a message is either ready (a live entry in its queue's `ReadyList`, which owns the
@@ -38,6 +41,7 @@ use retire::{is_expired, Place, Retirement};
 use ring::Ring;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use window::{Amount, Window, RESIDENT_FLOOR, RESIDENT_PER_QUEUE, RESIDENT_TOTAL};
 
@@ -51,7 +55,8 @@ pub struct Delivery {
     pub queue: QueueName,
     pub id: MessageId,
     pub content: Arc<[u8]>,
-    /// Remaining TTL in whole seconds (rounded up); only for v1.1 connections.
+    /// Remaining TTL in whole seconds (rounded up); `None` if the message never expires.
+    /// Whether the client sees it is the wire's choice: the v1.0 dialect has no TTL packet.
     pub ttl_remaining: Option<u64>,
 }
 
@@ -109,11 +114,19 @@ struct Subscription {
 
 #[derive(Debug, Default)]
 struct Connection {
-    speaks_v11: bool,
     /// Its output is backed up (the client is not reading): it gets nothing new until resumed.
-    paused: bool,
+    /// The one flag: the network layer's peer shares it (its writer reads it after every
+    /// write without this lock); it is written only by [`Broker::set_paused`], under the lock.
+    paused: Arc<AtomicBool>,
     /// The queues where this connection has a subscription (usually one or two).
     queues: Vec<QueueName>,
+}
+
+impl Connection {
+    fn is_paused(&self) -> bool {
+        // Read under the broker lock, which orders it after any store by `set_paused`.
+        self.paused.load(Ordering::Relaxed)
+    }
 }
 
 /// Held messages, the expiry index, the store and the counters: everything that `pump` needs
@@ -256,13 +269,13 @@ impl Broker {
         self.connections.entry(conn).or_default();
     }
 
+    /// Connects `conn` with a pause flag the caller shares (see [`Broker::set_paused`]).
+    pub fn connect_with_pause_flag(&mut self, conn: ConnId, paused: Arc<AtomicBool>) {
+        self.connections.entry(conn).or_default().paused = paused;
+    }
+
     /// Applies one client request.
     pub fn handle(&mut self, conn: ConnId, request: Request, now: Millis, out: &mut Vec<Delivery>) {
-        if request.shows_v11() {
-            if let Some(connection) = self.connections.get_mut(&conn) {
-                connection.speaks_v11 = true;
-            }
-        }
         match request {
             Request::Send {
                 queue,
@@ -340,12 +353,14 @@ impl Broker {
     }
 
     /// Stops or resumes deliveries to a connection whose client is not keeping up; what it
-    /// already holds stays held. Resuming offers it its queues' ready messages at once.
+    /// already holds stays held. Resuming offers it its queues' ready messages at once. The
+    /// flag is stored (with release ordering) before this returns, so a writer that reads it
+    /// afterwards sees it.
     pub fn set_paused(&mut self, conn: ConnId, paused: bool, now: Millis, out: &mut Vec<Delivery>) {
         let Some(connection) = self.connections.get_mut(&conn) else {
             return;
         };
-        connection.paused = paused;
+        connection.paused.store(paused, Ordering::Release);
         if !paused {
             for name in connection.queues.clone() {
                 self.pump(&name, now, out);
@@ -396,12 +411,11 @@ impl Broker {
             let subscribers = &queue.subscribers;
             let has_room = |conn: ConnId| {
                 subscribers.get(&conn).is_some_and(|s| s.held < s.limit)
-                    && connections.get(&conn).is_some_and(|c| !c.paused)
+                    && connections.get(&conn).is_some_and(|c| !c.is_paused())
             };
             let Some(conn) = queue.consumers.peek_next(has_room) else {
                 break;
             };
-            let speaks_v11 = connections.get(&conn).is_some_and(|c| c.speaks_v11);
             let (expired, loaded) = match queue.ready.front() {
                 Some(front) => (is_expired(front.expires_at, now), front.content.is_some()),
                 None => break,
@@ -432,7 +446,7 @@ impl Broker {
                 queue: name.clone(),
                 id: entry.id,
                 content: content.clone(),
-                ttl_remaining: (speaks_v11 && entry.expires_at != NEVER)
+                ttl_remaining: (entry.expires_at != NEVER)
                     .then(|| remaining_seconds(entry.expires_at, now)),
             });
             let held = Held {

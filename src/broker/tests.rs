@@ -356,8 +356,9 @@ fn requeue_goes_to_the_tail_with_a_new_ttl() {
     b.ack(1, &q("jobs"), Some(b_id), 1_000, &mut out);
     assert_eq!(out[0].id, a, "same id after a requeue");
     assert_eq!(
-        out[0].ttl_remaining, None,
-        "v1.0 connections never see a TTL"
+        out[0].ttl_remaining,
+        Some(60),
+        "a delivery carries the new TTL; whether a v1.0 client sees it is the wire's choice"
     );
     let ops = store.ops.lock().unwrap();
     assert!(ops.contains(&StoreOp::Requeue {
@@ -383,7 +384,11 @@ fn dead_letter_removes_regardless_of_ttl() {
         &mut out,
     );
     let id = b.send(q("jobs"), Arc::from(&b"x"[..]), Some(3600), 0, &mut out);
-    assert_eq!(out[0].ttl_remaining, None, "not yet known to speak v1.1");
+    assert_eq!(
+        out[0].ttl_remaining,
+        Some(3600),
+        "the remaining TTL whatever the dialect (the hub shows it to v1.1 only)"
+    );
     out.clear();
     b.handle(
         1,
