@@ -1268,3 +1268,11 @@ fn status_and_flush_walk_the_queues_in_chunks_in_name_order() {
     assert_eq!(b.flush_after(Some(&q("e")), 2, 0, &mut out), (0, 0, None));
     assert!(b.queue_names().is_empty());
 }
+
+/// The per-message cost of a waiting message, as `Ready`'s docs, README's "Memory" paragraph
+/// and man/phpmq-server.1 state it: change them together.
+#[test]
+#[cfg(target_pointer_width = "64")]
+fn a_waiting_message_takes_80_bytes() {
+    assert_eq!(std::mem::size_of::<Ready>(), 80);
+}
