@@ -288,6 +288,10 @@ impl Session<'_, '_> {
         if batch.iter().any(|r| matches!(r, Request::Send { .. })) {
             self.hub.wait_for_store(&self.peer);
         }
+        // The dialect is the wire's business: noted before the broker decides anything.
+        for request in &batch {
+            self.peer.note_dialect(request);
+        }
         self.hub.apply(self.conn, batch).map_err(End::BrokerDown)
     }
 

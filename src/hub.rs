@@ -66,8 +66,14 @@ pub struct Peer {
     pub outbox: Outbox,
     /// Set at shutdown: read what the client already sent, then end.
     pub closing: AtomicBool,
-    /// Deliveries to it are paused (a hint; the broker's flag, set under the lock, decides).
-    pub paused: AtomicBool,
+    /// Deliveries to it are paused: its output backed up. The one flag: the broker's record of
+    /// the connection shares it ([`Broker::connect_with_pause_flag`]) and alone writes it,
+    /// under the lock ([`Broker::set_paused`]); the writer reads it here after every write.
+    pub paused: Arc<AtomicBool>,
+    /// The client sent a request that exists only in v1.1 ([`Request::shows_v11`]): its
+    /// dispatches show the remaining TTL. The released v1.0 client reads exactly three packets
+    /// after a `003` and breaks on a fourth, so until then they never do.
+    pub speaks_v11: AtomicBool,
     /// Set at the shutdown's hang-up ([`Peer::stop_reading`]): take the whole frames that
     /// already arrived, then end.
     pub hung_up: AtomicBool,
@@ -77,12 +83,21 @@ impl Peer {
     pub fn new(conn: ConnId, name: String, stream: Stream) -> Peer {
         Peer {
             conn,
-            paused: AtomicBool::new(false),
+            paused: Arc::new(AtomicBool::new(false)),
+            speaks_v11: AtomicBool::new(false),
             name,
             stream: Arc::new(stream),
             outbox: Outbox::new(),
             closing: AtomicBool::new(false),
             hung_up: AtomicBool::new(false),
+        }
+    }
+
+    /// Notes the dialect a request shows, before it reaches the broker: dispatches it causes
+    /// already show the TTL.
+    pub fn note_dialect(&self, request: &Request) {
+        if request.shows_v11() {
+            self.speaks_v11.store(true, Ordering::Release);
         }
     }
 
@@ -182,7 +197,9 @@ impl Hub {
         if !state.open {
             return Ok(false);
         }
-        state.broker.connect(conn);
+        state
+            .broker
+            .connect_with_pause_flag(conn, peer.paused.clone());
         state.peers.insert(conn, peer);
         Ok(true)
     }
@@ -257,7 +274,6 @@ impl Hub {
         for peer in backed_up {
             if peer.outbox.pending_len() > OUTBOX_HIGH_WATER {
                 state.broker.set_paused(peer.conn, true, now, &mut none);
-                peer.paused.store(true, Ordering::Release);
             }
         }
     }
@@ -275,7 +291,6 @@ impl Hub {
             if peer.outbox.pending_len() > OUTBOX_LOW_WATER {
                 return Ok(());
             }
-            peer.paused.store(false, Ordering::Release);
             state
                 .broker
                 .set_paused(peer.conn, false, now, &mut deliveries);
@@ -344,9 +359,11 @@ fn route(
 fn fan_out(routed: Vec<(Arc<Peer>, Vec<Delivery>)>) -> Vec<Arc<Peer>> {
     let mut backed_up = Vec::new();
     for (peer, deliveries) in routed {
+        let shows_ttl = peer.speaks_v11.load(Ordering::Acquire);
         peer.outbox.push(&*peer.stream, |buffer| {
             for d in &deliveries {
-                encode_dispatch(buffer, &d.queue, &d.content, d.id, d.ttl_remaining);
+                let ttl = d.ttl_remaining.filter(|_| shows_ttl);
+                encode_dispatch(buffer, &d.queue, &d.content, d.id, ttl);
             }
         });
         if !peer.paused.load(Ordering::Acquire) && peer.outbox.pending_len() > OUTBOX_HIGH_WATER {
@@ -395,6 +412,51 @@ mod tests {
                 .recv_timeout(Duration::from_secs(10))
                 .expect("still waiting once the store caught up");
         });
+    }
+
+    /// What a peer's client receives for one delivery of a message with a TTL.
+    fn dispatch_seen_by(peer: Peer, client: &mut UnixStream) -> Vec<u8> {
+        let delivery = Delivery {
+            conn: 1,
+            queue: crate::request::QueueName::new(b"jobs").unwrap(),
+            id: crate::id::MessageId::from_u128(7),
+            content: Arc::from(&b"x"[..]),
+            ttl_remaining: Some(60),
+        };
+        fan_out(vec![(Arc::new(peer), vec![delivery])]);
+        let mut got = Vec::new();
+        client.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        // The direct send wrote it all before fan_out returned: read until nothing is left.
+        while let Ok(n) = std::io::Read::read(client, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[test]
+    fn only_a_peer_that_showed_v11_sees_the_ttl_packet() {
+        let queue = crate::request::QueueName::new(b"jobs").unwrap();
+        let id = crate::id::MessageId::from_u128(7);
+        let (peer, mut client) = peer();
+        let mut three_packets = Vec::new();
+        encode_dispatch(&mut three_packets, &queue, b"x", id, None);
+        assert_eq!(
+            dispatch_seen_by(peer, &mut client),
+            three_packets,
+            "a v1.0 connection reads exactly three packets after a 003"
+        );
+        let (peer, mut client) = self::peer();
+        peer.note_dialect(&Request::DeadLetter {
+            queue: queue.clone(),
+            id: None,
+        });
+        let mut four_packets = Vec::new();
+        encode_dispatch(&mut four_packets, &queue, b"x", id, Some(60));
+        assert_eq!(dispatch_seen_by(peer, &mut client), four_packets);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What the admin console sees and does: per-queue status, message listings, flushes, in
 //! pieces small enough that a caller can release the broker lock between them.
 
+use super::retire::{Place, Retirement};
 use super::{Broker, Delivery, Queue};
 use crate::id::MessageId;
 use crate::request::QueueName;
@@ -98,18 +99,13 @@ impl Broker {
     /// ones in flight. `None` if there is no such queue.
     pub fn list_messages(&self, queue: &str, limit: usize, now: Millis) -> Option<Listing> {
         let q = self.queues.get(queue)?;
-        let ready = q
-            .ready
-            .iter()
-            .filter(|e| !e.dead)
-            .enumerate()
-            .map(|(i, e)| MessageRow {
-                position: Some(i + 1),
-                id: e.id,
-                size: e.size,
-                age_ms: now.saturating_sub(e.accepted_at),
-                state: MessageState::Ready,
-            });
+        let ready = q.ready.iter().enumerate().map(|(i, e)| MessageRow {
+            position: Some(i + 1),
+            id: e.id,
+            size: e.size,
+            age_ms: now.saturating_sub(e.accepted_at),
+            state: MessageState::Ready,
+        });
         let mut in_flight: Vec<(u64, MessageRow)> = self
             .table
             .held
@@ -132,7 +128,7 @@ impl Broker {
                 .chain(in_flight.into_iter().map(|(_, row)| row))
                 .take(limit)
                 .collect(),
-            total: q.ready_count + q.in_flight,
+            total: q.ready.len() + q.in_flight.messages,
         })
     }
 
@@ -140,56 +136,39 @@ impl Broker {
     /// for those are ignored). Returns how many, or `None` if there is no such queue.
     pub fn flush(&mut self, queue: &str, now: Millis, out: &mut Vec<Delivery>) -> Option<usize> {
         let name = self.queues.get_key_value(queue)?.0.clone();
-        let mut doomed: Vec<(MessageId, u64, Millis)> = Vec::new();
-        let mut in_flight = 0;
-        if let Some(q) = self.queues.get_mut(queue) {
-            in_flight = q.in_flight;
-            doomed.extend(
-                q.ready
-                    .drain(..)
-                    .filter(|e| !e.dead)
-                    .map(|e| (e.id, e.seq, e.expires_at)),
-            );
-            q.ready_count = 0;
-            self.table.resident.messages -= q.resident.messages;
-            self.table.resident.bytes -= q.resident.bytes;
-            q.resident = Default::default();
-            q.unloaded = 0;
-            // An answer to a fetch under way finds nothing to fill.
-            q.fetching = None;
-            q.in_flight = 0;
-            q.bytes = 0;
+        let q = self.queues.get_mut(queue)?;
+        // An answer to a fetch under way finds nothing to fill.
+        q.fetching = None;
+        let mut flushed = 0;
+        while self.table.retire(
+            q,
+            &mut self.connections,
+            &name,
+            Place::ReadyFront,
+            Retirement::Flushed,
+        ) {
+            flushed += 1;
         }
         // The scan of every held message is skipped for a queue with none in flight: a
         // flushall of many queues would otherwise cost queues x held messages.
-        let held_here = if in_flight > 0 {
+        let held_here = if q.in_flight.messages > 0 {
             self.table.held_ids(|h| h.queue == name)
         } else {
             Vec::new()
         };
         for id in held_here {
-            let Some(held) = self.table.held.remove(&id) else {
-                continue;
-            };
-            if let (Some(connection), Some(q)) = (
-                self.connections.get_mut(&held.holder),
-                self.queues.get_mut(queue),
-            ) {
-                if let Some(subscription) = q.subscribers.get_mut(&held.holder) {
-                    subscription.held = subscription.held.saturating_sub(1);
-                }
-                q.forget_idle_subscriber(held.holder, connection, &name);
+            let place = Place::Held(id);
+            if self
+                .table
+                .retire(q, &mut self.connections, &name, place, Retirement::Flushed)
+            {
+                flushed += 1;
             }
-            doomed.push((id, held.seq, held.expires_at));
         }
-        for &(id, seq, expires_at) in &doomed {
-            self.table.delete(id, seq, expires_at);
-        }
-        self.table.totals.flushed += doomed.len() as u64;
         // Consumers that held some have room again; new messages may already be waiting.
         self.pump(&name, now, out);
         self.drop_queue_if_unused(&name);
-        Some(doomed.len())
+        Some(flushed)
     }
 
     /// Flushes every queue; returns how many messages were dropped.
@@ -219,14 +198,14 @@ impl Broker {
 fn status_of(name: &QueueName, queue: &Queue, now: Millis) -> QueueStatus {
     QueueStatus {
         name: name.clone(),
-        ready: queue.ready_count,
-        in_flight: queue.in_flight,
+        ready: queue.ready.len(),
+        in_flight: queue.in_flight.messages,
         consumers: queue.consumers.len(),
-        bytes: queue.bytes,
+        bytes: queue.bytes(),
         oldest_ready_ms: queue
             .ready
             .iter()
-            .find(|e| !e.dead)
+            .next()
             .map(|e| now.saturating_sub(e.accepted_at)),
     }
 }

@@ -3,24 +3,30 @@
 //! A plain state machine with no sockets, no threads and no clock: every call gets the time as an
 //! argument and appends the [`Delivery`]s it decides on to a caller-owned vector, which the
 //! network layer writes out after it has released the lock around the broker. Every change to
-//! the set of accepted messages goes to the [`Store`].
+//! the set of accepted messages goes to the [`Store`]. A connection's pause flag is an atomic
+//! it shares with the network layer, whose writer reads it without the lock; the broker alone
+//! writes it. The dialect a connection speaks is not the broker's business: a [`Delivery`]
+//! always carries the remaining TTL, and the wire decides whether to show it.
 //!
 //! Invariants:
-//! - a message is either ready (an entry in its queue's `ready`, sorted by `seq`) or held by
-//!   exactly one connection (an entry in `held`, keyed by id); only held messages are indexed
+//! - a message is either ready (a live entry in its queue's `ReadyList`, which owns the
+//!   list's counts) or held by exactly one connection (an entry in `held`, keyed by id, and in
+//!   its queue's `in_flight` and its subscription's `held`); only held messages are indexed
 //!   by id, since only they can be named by a client (ack, re-queue, dead letter);
+//! - a message leaves for good only through `MessageTable::retire` (module `retire`), which
+//!   keeps the store, the expiry index, the totals and the counts in step;
 //! - a connection is in a queue's ring iff its subscription to that queue has a limit above 0;
 //! - a queue's `subscribers` has an entry for a connection iff its limit or its holds in that
 //!   queue are above 0, and the connection's `queues` names exactly those queues;
 //! - a queue exists while it has ready or held messages or consumers; `names` holds exactly
 //!   the names of the queues that exist, in order, so the console can walk them a chunk at a
 //!   time (a hash map has no place to resume from);
-//! - with a store that can read content back, a queue's live ready entries are its resident
-//!   ones (content in memory) followed by its unloaded ones (content only in the store); the
-//!   unloaded ones up to `loaded_through` are asked for, the rest are not yet; the table's
-//!   `resident` is the sum of the queues'.
+//! - the table's `resident` is the sum of the queues' resident amounts.
 
+mod hold;
 mod inspect;
+mod ready;
+mod retire;
 mod ring;
 mod window;
 
@@ -29,10 +35,13 @@ pub use inspect::{Listing, MessageRow, MessageState, QueueStatus, FLUSH_CHUNK, S
 use crate::id::{IdGenerator, IdMap, MessageId};
 use crate::request::{QueueName, Request};
 use crate::store::{Millis, Store, StoreOp, StoredMessage, StoredRow};
-use log::debug;
+use hold::Held;
+use ready::{Ready, ReadyList};
+use retire::{is_expired, Place, Retirement};
 use ring::Ring;
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use window::{Amount, Window, RESIDENT_FLOOR, RESIDENT_PER_QUEUE, RESIDENT_TOTAL};
 
@@ -46,15 +55,9 @@ pub struct Delivery {
     pub queue: QueueName,
     pub id: MessageId,
     pub content: Arc<[u8]>,
-    /// Remaining TTL in whole seconds (rounded up); only for v1.1 connections.
+    /// Remaining TTL in whole seconds (rounded up); `None` if the message never expires.
+    /// Whether the client sees it is the wire's choice: the v1.0 dialect has no TTL packet.
     pub ttl_remaining: Option<u64>,
-}
-
-/// Why a held message leaves for good.
-#[derive(Clone, Copy)]
-enum Removal {
-    Acknowledged,
-    DeadLettered,
 }
 
 /// Counters since the broker started.
@@ -68,6 +71,9 @@ pub struct Totals {
     pub expired: u64,
     /// Dropped by a flush.
     pub flushed: u64,
+    /// Dropped because the store could not read their content back (never expected; not
+    /// shown by status, kept so every way out is counted).
+    pub lost: u64,
 }
 
 /// A queue's counts, for status and tests.
@@ -87,66 +93,14 @@ pub const MAX_EXPIRES_AT: Millis = 253_402_300_799_999;
 /// The most messages one [`Broker::expire`] call drops.
 pub const EXPIRE_BATCH: usize = 10_000;
 
-/// A message waiting in its queue. The queue is implicit, which keeps the entry small: a
-/// million waiting messages cost 72 MB here (plus the content of the resident ones), and no
-/// hash table.
-#[derive(Debug)]
-struct Ready {
-    seq: u64,
-    id: MessageId,
-    /// `None` while only the store has it, and once dead.
-    content: Option<Arc<[u8]>>,
-    /// The content's length.
-    size: usize,
-    accepted_at: Millis,
-    /// [`NEVER`] or when it expires.
-    expires_at: Millis,
-    /// Expired in the middle of the queue: skipped when reached (see [`Queue::ready`]).
-    dead: bool,
-}
-
-/// A message a connection holds until it acknowledges, re-queues or dead-letters it.
-#[derive(Debug)]
-struct Held {
-    queue: QueueName,
-    seq: u64,
-    content: Arc<[u8]>,
-    accepted_at: Millis,
-    expires_at: Millis,
-    holder: ConnId,
-}
-
-impl Held {
-    fn into_ready(self, id: MessageId) -> Ready {
-        Ready {
-            seq: self.seq,
-            id,
-            size: self.content.len(),
-            content: Some(self.content),
-            accepted_at: self.accepted_at,
-            expires_at: self.expires_at,
-            dead: false,
-        }
-    }
-}
-
 #[derive(Debug, Default)]
 struct Queue {
-    /// Waiting messages in FIFO order (ascending `seq`). Entries marked dead expired while
-    /// waiting and are dropped when reached or compacted away; `ready_count` counts the rest.
-    ready: VecDeque<Ready>,
-    ready_count: usize,
-    /// Live ready entries with their content in memory.
-    resident: Amount,
-    /// Live ready entries whose content only the store has.
-    unloaded: usize,
-    /// The newest seq that is resident or asked for: unloaded entries after it are not.
-    loaded_through: u64,
+    /// Waiting messages in FIFO order, with their counts.
+    ready: ReadyList,
     /// The token of the fetch under way.
     fetching: Option<u64>,
-    in_flight: usize,
-    /// Content bytes of the queue's messages, ready and in flight.
-    bytes: u64,
+    /// Messages connections hold, and their content bytes.
+    in_flight: Amount,
     consumers: Ring<ConnId>,
     /// What each connection may hold of this queue and holds.
     subscribers: IdMap<ConnId, Subscription>,
@@ -160,11 +114,19 @@ struct Subscription {
 
 #[derive(Debug, Default)]
 struct Connection {
-    speaks_v11: bool,
     /// Its output is backed up (the client is not reading): it gets nothing new until resumed.
-    paused: bool,
+    /// The one flag: the network layer's peer shares it (its writer reads it after every
+    /// write without this lock); it is written only by [`Broker::set_paused`], under the lock.
+    paused: Arc<AtomicBool>,
     /// The queues where this connection has a subscription (usually one or two).
     queues: Vec<QueueName>,
+}
+
+impl Connection {
+    fn is_paused(&self) -> bool {
+        // Read under the broker lock, which orders it after any store by `set_paused`.
+        self.paused.load(Ordering::Relaxed)
+    }
 }
 
 /// Held messages, the expiry index, the store and the counters: everything that `pump` needs
@@ -184,14 +146,6 @@ struct MessageTable {
 }
 
 impl MessageTable {
-    /// Reports a message gone for good and drops its expiry entry.
-    fn delete(&mut self, id: MessageId, seq: u64, expires_at: Millis) {
-        if expires_at != NEVER {
-            self.expiry.remove(&(expires_at, seq));
-        }
-        self.store.apply(StoreOp::Delete { id, seq });
-    }
-
     /// Ids of the held messages `matches` picks. Held messages are few (bounded by the
     /// consumers' counts), so a scan is cheap.
     fn held_ids(&self, matches: impl Fn(&Held) -> bool) -> Vec<MessageId> {
@@ -209,89 +163,14 @@ impl MessageTable {
     }
 }
 
-fn is_expired(expires_at: Millis, now: Millis) -> bool {
-    expires_at != NEVER && expires_at <= now
-}
-
 impl Queue {
-    /// Pops the oldest live, unexpired message, dropping expired ones on the way. `None` also
-    /// when the oldest one's content is still to come from the store.
-    fn pop_ready(&mut self, table: &mut MessageTable, now: Millis) -> Option<Ready> {
-        while let Some(entry) = self.ready.front() {
-            if entry.dead {
-                self.ready.pop_front();
-                continue;
-            }
-            if is_expired(entry.expires_at, now) {
-                let entry = self.ready.pop_front()?;
-                self.forget_ready(&entry, &mut table.resident);
-                self.bytes -= entry.size as u64;
-                table.delete(entry.id, entry.seq, entry.expires_at);
-                table.totals.expired += 1;
-                continue;
-            }
-            // Its content is still to come from the store.
-            entry.content.as_ref()?;
-            let entry = self.ready.pop_front()?;
-            self.forget_ready(&entry, &mut table.resident);
-            return Some(entry);
-        }
-        None
-    }
-
-    /// Uncounts a live ready entry that leaves (to a holder, or for good: then the caller
-    /// also takes its bytes off).
-    fn forget_ready(&mut self, entry: &Ready, resident: &mut Amount) {
-        self.ready_count -= 1;
-        if entry.content.is_some() {
-            self.resident.remove(entry.size);
-            resident.remove(entry.size);
-        } else {
-            self.unloaded -= 1;
-        }
-    }
-
-    /// Counts a live ready entry that arrives (from a holder, or new: then the caller also
-    /// adds its bytes).
-    fn count_ready(&mut self, entry: &Ready, resident: &mut Amount) {
-        self.ready_count += 1;
-        if entry.content.is_some() {
-            self.resident.add(entry.size);
-            resident.add(entry.size);
-        } else {
-            self.unloaded += 1;
-        }
-    }
-
-    /// Puts messages back at their original places (with their content: they were held).
-    fn return_ready(&mut self, mut entries: Vec<Ready>, resident: &mut Amount) {
-        entries.sort_unstable_by_key(|e| e.seq);
-        for entry in entries {
-            self.count_ready(&entry, resident);
-            let at = self.ready.partition_point(|e| e.seq < entry.seq);
-            self.ready.insert(at, entry);
-        }
+    /// Content bytes of its messages, ready and in flight.
+    fn bytes(&self) -> u64 {
+        self.ready.bytes() + self.in_flight.bytes
     }
 
     fn is_unused(&self) -> bool {
-        self.ready_count == 0 && self.in_flight == 0 && self.subscribers.is_empty()
-    }
-
-    /// Ends a connection's subscription once it neither may nor does hold anything here.
-    fn forget_idle_subscriber(
-        &mut self,
-        conn: ConnId,
-        connection: &mut Connection,
-        name: &QueueName,
-    ) {
-        if self
-            .subscribers
-            .get(&conn)
-            .is_some_and(|s| s.limit == 0 && s.held == 0)
-        {
-            self.subscribers.remove(&conn);
-            connection.queues.retain(|q| q != name);
-        }
+        self.ready.is_empty() && self.in_flight.messages == 0 && self.subscribers.is_empty()
     }
 }
 
@@ -374,16 +253,15 @@ impl Broker {
         let keep = self
             .queues
             .get(message.queue.as_str())
-            .is_none_or(|q| q.keeps_next(size, window, resident));
-        let ready = Ready {
-            seq: message.seq,
-            id: message.id,
-            content: keep.then(|| Arc::from(message.content)),
+            .is_none_or(|q| q.ready.keeps_next(size, window, resident));
+        let ready = Ready::new(
+            message.seq,
+            message.id,
             size,
-            accepted_at: message.accepted_at,
-            expires_at: recovered_expiry(message.expires_at),
-            dead: false,
-        };
+            keep.then(|| Arc::from(message.content)),
+            message.accepted_at,
+            recovered_expiry(message.expires_at),
+        );
         self.append_ready(message.queue, ready);
     }
 
@@ -391,13 +269,13 @@ impl Broker {
         self.connections.entry(conn).or_default();
     }
 
+    /// Connects `conn` with a pause flag the caller shares (see [`Broker::set_paused`]).
+    pub fn connect_with_pause_flag(&mut self, conn: ConnId, paused: Arc<AtomicBool>) {
+        self.connections.entry(conn).or_default().paused = paused;
+    }
+
     /// Applies one client request.
     pub fn handle(&mut self, conn: ConnId, request: Request, now: Millis, out: &mut Vec<Delivery>) {
-        if request.shows_v11() {
-            if let Some(connection) = self.connections.get_mut(&conn) {
-                connection.speaks_v11 = true;
-            }
-        }
         match request {
             Request::Send {
                 queue,
@@ -440,15 +318,7 @@ impl Broker {
             seq,
         }));
         self.table.totals.accepted += 1;
-        let ready = Ready {
-            seq,
-            id,
-            size: content.len(),
-            content: Some(content),
-            accepted_at: now,
-            expires_at,
-            dead: false,
-        };
+        let ready = Ready::new(seq, id, content.len(), Some(content), now, expires_at);
         self.append_ready(&queue, ready);
         self.pump(&queue, now, out);
         id
@@ -482,196 +352,20 @@ impl Broker {
         self.drop_queue_if_unused(&queue);
     }
 
-    /// Acknowledges a held message: it is gone for good. Returns whether it was held by `conn`.
-    pub fn ack(
-        &mut self,
-        conn: ConnId,
-        queue: &QueueName,
-        id: Option<MessageId>,
-        now: Millis,
-        out: &mut Vec<Delivery>,
-    ) -> bool {
-        self.remove_held(conn, queue, id, Removal::Acknowledged, now, out)
-    }
-
-    /// Removes a held message regardless of its TTL. Returns whether it was held by `conn`.
-    pub fn dead_letter(
-        &mut self,
-        conn: ConnId,
-        queue: &QueueName,
-        id: Option<MessageId>,
-        now: Millis,
-        out: &mut Vec<Delivery>,
-    ) -> bool {
-        self.remove_held(conn, queue, id, Removal::DeadLettered, now, out)
-    }
-
-    fn remove_held(
-        &mut self,
-        conn: ConnId,
-        queue: &QueueName,
-        id: Option<MessageId>,
-        removal: Removal,
-        now: Millis,
-        out: &mut Vec<Delivery>,
-    ) -> bool {
-        let action = match removal {
-            Removal::Acknowledged => "ack",
-            Removal::DeadLettered => "dead letter",
-        };
-        let Some((id, held)) = self.release_hold(conn, queue, id, action) else {
-            return false;
-        };
-        self.table.delete(id, held.seq, held.expires_at);
-        if let Some(q) = self.queues.get_mut(queue) {
-            q.bytes -= held.content.len() as u64;
-        }
-        match removal {
-            Removal::Acknowledged => self.table.totals.acknowledged += 1,
-            Removal::DeadLettered => self.table.totals.dead_lettered += 1,
-        }
-        // The holder has room again.
-        self.pump(queue, now, out);
-        self.drop_queue_if_unused(queue);
-        true
-    }
-
-    /// Moves a held message to the tail of its queue with a new TTL (0: never expires).
-    pub fn requeue(
-        &mut self,
-        conn: ConnId,
-        queue: &QueueName,
-        id: Option<MessageId>,
-        ttl: u64,
-        now: Millis,
-        out: &mut Vec<Delivery>,
-    ) -> bool {
-        let Some((id, held)) = self.release_hold(conn, queue, id, "requeue") else {
-            return false;
-        };
-        if held.expires_at != NEVER {
-            self.table.expiry.remove(&(held.expires_at, held.seq));
-        }
-        let seq = self.take_seq();
-        let expires_at = expiry(now, Some(ttl));
-        self.table.store.apply(StoreOp::Requeue {
-            id,
-            old_seq: held.seq,
-            seq,
-            expires_at: stored_expiry(expires_at),
-        });
-        self.table.totals.requeued += 1;
-        // append_ready counts its bytes again.
-        if let Some(q) = self.queues.get_mut(queue) {
-            q.bytes -= held.content.len() as u64;
-        }
-        let ready = Ready {
-            seq,
-            id,
-            size: held.content.len(),
-            content: Some(held.content),
-            accepted_at: held.accepted_at,
-            expires_at,
-            dead: false,
-        };
-        self.append_ready(queue, ready);
-        self.pump(queue, now, out);
-        true
-    }
-
-    /// A connection is gone: everything it held goes back to its queue at its original place,
-    /// and is offered to the remaining consumers at once.
-    pub fn disconnect(&mut self, conn: ConnId, now: Millis, out: &mut Vec<Delivery>) {
-        let Some(connection) = self.connections.remove(&conn) else {
-            return;
-        };
-        let mut affected = connection.queues;
-        for name in &affected {
-            if let Some(queue) = self.queues.get_mut(name) {
-                queue.consumers.remove(conn);
-                queue.subscribers.remove(&conn);
-            }
-        }
-        let ids = self.table.held_ids(|h| h.holder == conn);
-        let mut returned: HashMap<QueueName, Vec<Ready>> = HashMap::new();
-        for id in ids {
-            if let Some(held) = self.table.held.remove(&id) {
-                self.table
-                    .index_expiry(&held.queue, held.seq, held.expires_at);
-                let queue = held.queue.clone();
-                returned.entry(queue).or_default().push(held.into_ready(id));
-            }
-        }
-        for (name, entries) in returned {
-            if let Some(queue) = self.queues.get_mut(&name) {
-                queue.in_flight -= entries.len();
-                queue.return_ready(entries, &mut self.table.resident);
-            }
-            if !affected.contains(&name) {
-                affected.push(name);
-            }
-        }
-        for name in &affected {
-            self.pump(name, now, out);
-            self.drop_queue_if_unused(name);
-        }
-    }
-
     /// Stops or resumes deliveries to a connection whose client is not keeping up; what it
-    /// already holds stays held. Resuming offers it its queues' ready messages at once.
+    /// already holds stays held. Resuming offers it its queues' ready messages at once. The
+    /// flag is stored (with release ordering) before this returns, so a writer that reads it
+    /// afterwards sees it.
     pub fn set_paused(&mut self, conn: ConnId, paused: bool, now: Millis, out: &mut Vec<Delivery>) {
         let Some(connection) = self.connections.get_mut(&conn) else {
             return;
         };
-        connection.paused = paused;
+        connection.paused.store(paused, Ordering::Release);
         if !paused {
             for name in connection.queues.clone() {
                 self.pump(&name, now, out);
             }
         }
-    }
-
-    /// Drops ready messages whose TTL has run out, at most [`EXPIRE_BATCH`] per call so the
-    /// broker lock is never held long (the rest go on the next call, and an expired message is
-    /// never dispatched meanwhile); returns how many. Held messages are left to their holder
-    /// and dropped only if they come back.
-    pub fn expire(&mut self, now: Millis) -> usize {
-        let mut expired = 0;
-        while let Some((&(at, seq), _)) = self.table.expiry.first_key_value() {
-            if at > now || expired >= EXPIRE_BATCH {
-                break;
-            }
-            let Some((_, name)) = self.table.expiry.pop_first() else {
-                break;
-            };
-            let Some(queue) = self.queues.get_mut(&name) else {
-                continue;
-            };
-            let Ok(at_pos) = queue.ready.binary_search_by_key(&seq, |e| e.seq) else {
-                continue; // held, or gone
-            };
-            let entry = &mut queue.ready[at_pos];
-            if entry.dead || entry.expires_at != at {
-                continue;
-            }
-            let gone = Ready {
-                content: entry.content.take(),
-                ..*entry
-            };
-            entry.dead = true;
-            let id = entry.id;
-            queue.forget_ready(&gone, &mut self.table.resident);
-            queue.bytes -= gone.size as u64;
-            self.table.store.apply(StoreOp::Delete { id, seq });
-            self.table.totals.expired += 1;
-            expired += 1;
-            // Dead entries are skipped when reached; compact when they dominate.
-            if queue.ready.len() > 64 && queue.ready.len() > 2 * queue.ready_count {
-                queue.ready.retain(|e| !e.dead);
-            }
-            self.drop_queue_if_unused(&name);
-        }
-        expired
     }
 
     pub fn totals(&self) -> Totals {
@@ -680,15 +374,15 @@ impl Broker {
 
     pub fn queue_stats(&self, name: &str) -> Option<QueueStats> {
         self.queues.get(name).map(|queue| QueueStats {
-            ready: queue.ready_count,
-            in_flight: queue.in_flight,
+            ready: queue.ready.len(),
+            in_flight: queue.in_flight.messages,
             consumers: queue.consumers.len(),
         })
     }
 
     /// How many messages are stored (ready and held).
     pub fn message_count(&self) -> usize {
-        self.table.held.len() + self.queues.values().map(|q| q.ready_count).sum::<usize>()
+        self.table.held.len() + self.queues.values().map(|q| q.ready.len()).sum::<usize>()
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -697,82 +391,54 @@ impl Broker {
         seq
     }
 
-    /// Adds a message at the tail of its queue: its `seq` is the newest. Past the queue's
-    /// window its content is let go (the store has it, and reads it back when its turn nears).
-    fn append_ready(&mut self, queue: &QueueName, mut ready: Ready) {
+    /// Adds a message at the tail of its queue: its `seq` is the newest.
+    fn append_ready(&mut self, queue: &QueueName, ready: Ready) {
         self.table.index_expiry(queue, ready.seq, ready.expires_at);
         let q = queue_or_new(&mut self.queues, &mut self.names, queue);
-        if q.keeps_next(ready.size, self.table.window, self.table.resident) {
-            q.loaded_through = ready.seq;
-        } else {
-            ready.content = None;
-        }
-        q.count_ready(&ready, &mut self.table.resident);
-        q.bytes += ready.size as u64;
-        q.ready.push_back(ready);
+        q.ready
+            .push_back(ready, self.table.window, &mut self.table.resident);
     }
 
-    /// Checks that `conn` holds `id` in `queue` and ends the hold, returning the message.
-    fn release_hold(
-        &mut self,
-        conn: ConnId,
-        queue: &QueueName,
-        id: Option<MessageId>,
-        action: &str,
-    ) -> Option<(MessageId, Held)> {
-        let Some(id) = id else {
-            debug!("connection {conn}: ignoring {action} for a malformed message id");
-            return None;
-        };
-        let held_here = self
-            .table
-            .held
-            .get(&id)
-            .is_some_and(|h| h.holder == conn && h.queue == *queue);
-        if !held_here {
-            debug!("connection {conn}: ignoring {action} for message {id} in {queue}: not held by this connection");
-            return None;
-        }
-        let held = self.table.held.remove(&id)?;
-        if let (Some(connection), Some(q)) =
-            (self.connections.get_mut(&conn), self.queues.get_mut(queue))
-        {
-            q.in_flight -= 1;
-            if let Some(subscription) = q.subscribers.get_mut(&conn) {
-                subscription.held -= 1;
-            }
-            q.forget_idle_subscriber(conn, connection, queue);
-        }
-        Some((id, held))
-    }
-
-    /// Hands ready messages of one queue to its consumers with free capacity, round-robin.
+    /// Hands ready messages of one queue to its consumers with free capacity, round-robin;
+    /// expired ones met on the way are retired.
     fn pump(&mut self, name: &QueueName, now: Millis, out: &mut Vec<Delivery>) {
         let Some(queue) = self.queues.get_mut(name) else {
             return;
         };
-        let connections = &self.connections;
+        let connections = &mut self.connections;
         let table = &mut self.table;
-        while queue.ready_count > 0 {
+        while !queue.ready.is_empty() {
             let subscribers = &queue.subscribers;
             let has_room = |conn: ConnId| {
                 subscribers.get(&conn).is_some_and(|s| s.held < s.limit)
-                    && connections.get(&conn).is_some_and(|c| !c.paused)
+                    && connections.get(&conn).is_some_and(|c| !c.is_paused())
             };
             let Some(conn) = queue.consumers.peek_next(has_room) else {
                 break;
             };
-            let speaks_v11 = connections.get(&conn).is_some_and(|c| c.speaks_v11);
-            let Some(entry) = queue.pop_ready(table, now) else {
+            let (expired, loaded) = match queue.ready.front() {
+                Some(front) => (is_expired(front.expires_at, now), front.content.is_some()),
+                None => break,
+            };
+            if expired {
+                table.retire(
+                    queue,
+                    connections,
+                    name,
+                    Place::ReadyFront,
+                    Retirement::Expired,
+                );
+                continue;
+            }
+            if !loaded {
+                break; // its content is still to come from the store
+            }
+            let Some(entry) = queue.ready.pop_front(&mut table.resident) else {
                 break;
             };
             let Some(content) = entry.content else {
-                break; // pop_ready only returns entries with content
+                break; // checked above
             };
-            if let Some(subscription) = queue.subscribers.get_mut(&conn) {
-                subscription.held += 1;
-            }
-            queue.in_flight += 1;
             queue.consumers.advance_past(conn);
             table.totals.delivered += 1;
             out.push(Delivery {
@@ -780,20 +446,18 @@ impl Broker {
                 queue: name.clone(),
                 id: entry.id,
                 content: content.clone(),
-                ttl_remaining: (speaks_v11 && entry.expires_at != NEVER)
+                ttl_remaining: (entry.expires_at != NEVER)
                     .then(|| remaining_seconds(entry.expires_at, now)),
             });
-            table.held.insert(
-                entry.id,
-                Held {
-                    queue: name.clone(),
-                    seq: entry.seq,
-                    content,
-                    accepted_at: entry.accepted_at,
-                    expires_at: entry.expires_at,
-                    holder: conn,
-                },
-            );
+            let held = Held {
+                queue: name.clone(),
+                seq: entry.seq,
+                content,
+                accepted_at: entry.accepted_at,
+                expires_at: entry.expires_at,
+                holder: conn,
+            };
+            table.hold(queue, entry.id, held);
         }
         queue.fetch_ahead(name, table);
     }

@@ -72,6 +72,32 @@ impl Recorder {
         requests.len()
     }
 
+    /// Makes the store lose the first message the oldest pending fetch asks for, if the broker
+    /// still waits for its content (else a later delete would name a row already gone).
+    /// Returns whether it lost one.
+    fn lose_one(&self, b: &Broker) -> bool {
+        let fetches = self.fetches.lock().unwrap();
+        let Some(request) = fetches.first() else {
+            return false;
+        };
+        let waiting = |seq: u64| {
+            b.queues.get(&request.queue).is_some_and(|q| {
+                q.fetching == Some(request.token)
+                    && q.ready.get(seq).is_some_and(|e| e.content.is_none())
+            })
+        };
+        let Some(&seq) = request.seqs.iter().find(|&&seq| waiting(seq)) else {
+            return false;
+        };
+        let id = b.queues[&request.queue].ready.get(seq).map(|e| e.id);
+        drop(fetches);
+        let Some(id) = id else {
+            return false;
+        };
+        self.ops.lock().unwrap().push(StoreOp::Delete { id, seq });
+        true
+    }
+
     fn pending_fetches(&self) -> usize {
         self.fetches.lock().unwrap().len()
     }
@@ -330,8 +356,9 @@ fn requeue_goes_to_the_tail_with_a_new_ttl() {
     b.ack(1, &q("jobs"), Some(b_id), 1_000, &mut out);
     assert_eq!(out[0].id, a, "same id after a requeue");
     assert_eq!(
-        out[0].ttl_remaining, None,
-        "v1.0 connections never see a TTL"
+        out[0].ttl_remaining,
+        Some(60),
+        "a delivery carries the new TTL; whether a v1.0 client sees it is the wire's choice"
     );
     let ops = store.ops.lock().unwrap();
     assert!(ops.contains(&StoreOp::Requeue {
@@ -357,7 +384,11 @@ fn dead_letter_removes_regardless_of_ttl() {
         &mut out,
     );
     let id = b.send(q("jobs"), Arc::from(&b"x"[..]), Some(3600), 0, &mut out);
-    assert_eq!(out[0].ttl_remaining, None, "not yet known to speak v1.1");
+    assert_eq!(
+        out[0].ttl_remaining,
+        Some(3600),
+        "the remaining TTL whatever the dialect (the hub shows it to v1.1 only)"
+    );
     out.clear();
     b.handle(
         1,
@@ -482,7 +513,7 @@ fn many_expired_entries_are_compacted() {
         );
     }
     assert_eq!(b.expire(1_000), 180);
-    assert!(b.queues["jobs"].ready.len() < 64);
+    assert!(b.queues["jobs"].ready.entries().len() < 64);
     b.connect(1);
     b.consume(1, q("jobs"), 100, 1_000, &mut out);
     let expected: Vec<String> = (0..200).step_by(10).map(|i: i32| i.to_string()).collect();
@@ -664,39 +695,51 @@ impl Broker {
             "names: the queues'"
         );
         for (name, q) in &self.queues {
-            let live: Vec<&Ready> = q.ready.iter().filter(|e| !e.dead).collect();
-            assert_eq!(q.ready_count, live.len(), "{name}: ready_count");
+            // Every count is recomputed from the entries and compared.
+            let entries = q.ready.entries();
+            let live: Vec<&Ready> = entries.iter().filter(|e| !e.is_dead()).collect();
+            assert_eq!(q.ready.len(), live.len(), "{name}: ready count");
+            assert_eq!(
+                q.ready.bytes(),
+                live.iter().map(|e| e.size as u64).sum::<u64>(),
+                "{name}: ready bytes"
+            );
             let resident = live.iter().take_while(|e| e.content.is_some()).count();
             assert!(
                 live[resident..].iter().all(|e| e.content.is_none()),
                 "{name}: resident entries come first"
             );
-            assert_eq!(q.resident.messages, resident, "{name}: resident");
-            assert_eq!(q.unloaded, live.len() - resident, "{name}: unloaded");
+            assert_eq!(q.ready.resident().messages, resident, "{name}: resident");
             assert_eq!(
-                q.resident.bytes,
+                q.ready.unloaded(),
+                live.len() - resident,
+                "{name}: unloaded"
+            );
+            assert_eq!(
+                q.ready.resident().bytes,
                 live[..resident].iter().map(|e| e.size as u64).sum::<u64>(),
                 "{name}: resident bytes"
             );
-            all_resident.messages += q.resident.messages;
-            all_resident.bytes += q.resident.bytes;
+            all_resident.messages += q.ready.resident().messages;
+            all_resident.bytes += q.ready.resident().bytes;
+            let loaded_through = q.ready.loaded_through();
             assert!(live[..resident].iter().all(|e| e
                 .content
                 .as_ref()
                 .is_some_and(|c| c.len() == e.size)
-                && e.seq <= q.loaded_through));
+                && e.seq <= loaded_through));
             if q.fetching.is_none() {
                 assert!(
-                    live[resident..].iter().all(|e| e.seq > q.loaded_through),
+                    live[resident..].iter().all(|e| e.seq > loaded_through),
                     "{name}: nothing asked for without a fetch under way"
                 );
             }
-            assert!(self.table.window.is_some() || q.unloaded == 0);
-            assert!(q.ready.iter().all(|e| !e.dead || e.content.is_none()));
+            assert!(self.table.window.is_some() || q.ready.unloaded() == 0);
+            assert!(entries.iter().all(|e| !e.is_dead() || e.content.is_none()));
             assert!(
-                q.ready
+                entries
                     .iter()
-                    .zip(q.ready.iter().skip(1))
+                    .zip(entries.iter().skip(1))
                     .all(|(a, b)| a.seq < b.seq),
                 "{name}: FIFO order"
             );
@@ -706,10 +749,11 @@ impl Broker {
                 .values()
                 .filter(|h| h.queue == *name)
                 .collect();
-            assert_eq!(q.in_flight, held.len(), "{name}: in_flight");
-            let bytes: u64 = live.iter().map(|e| e.size as u64).sum::<u64>()
-                + held.iter().map(|h| h.content.len() as u64).sum::<u64>();
-            assert_eq!(q.bytes, bytes, "{name}: bytes");
+            assert_eq!(q.in_flight.messages, held.len(), "{name}: in_flight");
+            let held_bytes: u64 = held.iter().map(|h| h.content.len() as u64).sum();
+            assert_eq!(q.in_flight.bytes, held_bytes, "{name}: in-flight bytes");
+            let bytes = live.iter().map(|e| e.size as u64).sum::<u64>() + held_bytes;
+            assert_eq!(q.bytes(), bytes, "{name}: bytes");
             for (conn, sub) in &q.subscribers {
                 let holds = held.iter().filter(|h| h.holder == *conn).count() as u64;
                 assert_eq!(sub.held, holds, "{name}: holds of {conn}");
@@ -803,6 +847,7 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     let mut delivered: Vec<Delivery> = Vec::new();
     let mut now = 0;
     let mut fetches = 0;
+    let mut lost = 0;
     for conn in 1..=3 {
         b.connect(conn);
     }
@@ -842,12 +887,23 @@ fn random_operations(mut b: Broker, store: &Recorder) {
             }
             96..=97 => b.set_paused(conn, next(2) == 0, now, &mut out),
             _ => {
+                // Now and then the store lost a message it is asked for.
+                if next(8) == 0 {
+                    lost += usize::from(store.lose_one(&b));
+                }
                 // Fetches are answered late, after any number of other changes.
                 fetches += store.serve(&mut b, now, &mut out);
             }
         }
         delivered.append(&mut out);
         b.check_invariants(store, step % 100 == 0);
+        let t = b.totals();
+        assert_eq!(
+            t.accepted as usize,
+            b.message_count()
+                + (t.acknowledged + t.dead_lettered + t.expired + t.flushed + t.lost) as usize,
+            "step {step}: every message that left is counted under one reason"
+        );
     }
     // Nothing waits for good: a consumer with room gets every ready message, fetched or not.
     b.connect(9);
@@ -869,8 +925,15 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     }
     assert_eq!(b.message_count(), 0);
     b.check_invariants(store, true);
-    assert!(b.totals().delivered > 500 && b.totals().expired > 0 && b.totals().requeued > 0);
+    let t = b.totals();
+    assert!(t.delivered > 500 && t.requeued > 0, "{t:?}");
+    assert!(
+        t.acknowledged > 0 && t.dead_lettered > 0 && t.expired > 0 && t.flushed > 0,
+        "every retire reason is exercised: {t:?}"
+    );
+    assert_eq!(t.lost as usize, lost, "each lost message is dropped once");
     assert!(!store.can_fetch || fetches > 100, "{fetches} fetches");
+    assert!(!store.can_fetch || lost > 0, "no message lost by the store");
 }
 
 /// Sends `n` numbered messages to `queue`.
@@ -892,7 +955,7 @@ fn a_backlog_beyond_the_window_is_read_back_in_order() {
     b.check_invariants(&store, true);
     let jobs = &b.queues["jobs"];
     assert_eq!(
-        (jobs.resident.messages, jobs.unloaded),
+        (jobs.ready.resident().messages, jobs.ready.unloaded()),
         (4, 6),
         "only the window stays"
     );
@@ -933,7 +996,7 @@ fn queues_share_a_total_beyond_their_floors() {
     for queue in ["a", "b", "c"] {
         send_numbered(&mut b, queue, 10, &mut out);
     }
-    let resident = |b: &Broker, q: &str| b.queues[q].resident.messages;
+    let resident = |b: &Broker, q: &str| b.queues[q].ready.resident().messages;
     // a takes its window (4 of the total 6), b only what is left (2), c its floor (2).
     assert_eq!(
         (resident(&b, "a"), resident(&b, "b"), resident(&b, "c")),
@@ -974,7 +1037,7 @@ fn the_window_counts_bytes_too() {
     }
     let jobs = &b.queues["jobs"];
     assert_eq!(
-        (jobs.resident.messages, jobs.unloaded),
+        (jobs.ready.resident().messages, jobs.ready.unloaded()),
         (3, 1),
         "9 of 9 bytes resident"
     );
@@ -983,7 +1046,7 @@ fn the_window_counts_bytes_too() {
     send(&mut b, "big", "y", &mut out);
     let big = &b.queues["big"];
     assert_eq!(
-        (big.resident.messages, big.unloaded),
+        (big.ready.resident().messages, big.ready.unloaded()),
         (1, 1),
         "one oversized message still fits"
     );
@@ -1018,7 +1081,10 @@ fn restored_content_beyond_the_window_stays_in_the_store() {
         });
     }
     let queue = &b.queues["jobs"];
-    assert_eq!((queue.resident.messages, queue.unloaded), (2, 3));
+    assert_eq!(
+        (queue.ready.resident().messages, queue.ready.unloaded()),
+        (2, 3)
+    );
     let mut out = Vec::new();
     b.connect(1);
     b.consume(1, jobs, 10, 0, &mut out);
@@ -1201,4 +1267,12 @@ fn status_and_flush_walk_the_queues_in_chunks_in_name_order() {
     );
     assert_eq!(b.flush_after(Some(&q("e")), 2, 0, &mut out), (0, 0, None));
     assert!(b.queue_names().is_empty());
+}
+
+/// The per-message cost of a waiting message, as `Ready`'s docs, README's "Memory" paragraph
+/// and man/phpmq-server.1 state it: change them together.
+#[test]
+#[cfg(target_pointer_width = "64")]
+fn a_waiting_message_takes_80_bytes() {
+    assert_eq!(std::mem::size_of::<Ready>(), 80);
 }

@@ -2,7 +2,8 @@
 //! backlog keeps its content in memory, and how the rest comes back ahead of need (a fetch
 //! request to the store, its answer attached in place).
 
-use super::{Broker, Delivery, MessageTable, Queue, NEVER};
+use super::retire::{Place, Retirement};
+use super::{Broker, Delivery, MessageTable, Queue};
 use crate::request::QueueName;
 use crate::store::{FetchRequest, Fetched, Millis};
 use log::error;
@@ -71,7 +72,7 @@ impl Window {
     /// Whether a queue with `queue` resident, while all queues have `total`, may keep one
     /// more message of `size` bytes. A queue with nothing resident always may (one message
     /// larger than every limit must still go out).
-    fn admits(&self, queue: Amount, total: Amount, size: usize) -> bool {
+    pub(super) fn admits(&self, queue: Amount, total: Amount, size: usize) -> bool {
         let after = queue.plus(size);
         queue.messages == 0
             || (after.within(self.per_queue)
@@ -80,11 +81,6 @@ impl Window {
 }
 
 impl Queue {
-    /// Whether a message of `size` bytes added at the tail keeps its content in memory.
-    pub(super) fn keeps_next(&self, size: usize, window: Option<Window>, resident: Amount) -> bool {
-        self.unloaded == 0 && window.is_none_or(|w| w.admits(self.resident, resident, size))
-    }
-
     /// Asks the store for the content of the next unloaded messages once the queue may take
     /// a third more than it holds (at three quarters of its window when memory is plentiful),
     /// so consumers rarely wait for it and requests are never tiny. Fetches of several queues
@@ -93,7 +89,8 @@ impl Queue {
         let Some(window) = table.window else {
             return;
         };
-        if self.unloaded == 0 || self.fetching.is_some() {
+        let (resident, unloaded) = (self.ready.resident(), self.ready.unloaded());
+        if unloaded == 0 || self.fetching.is_some() {
             return;
         }
         // A cheap bound on the count first: this runs after every dispatch.
@@ -104,22 +101,21 @@ impl Queue {
         let room = window
             .per_queue
             .messages
-            .saturating_sub(self.resident.messages)
+            .saturating_sub(resident.messages)
             .min(
                 window
                     .floor
                     .messages
-                    .saturating_sub(self.resident.messages)
+                    .saturating_sub(resident.messages)
                     .max(total_room),
             )
-            .min(self.unloaded);
-        if room == 0 || room * 3 < self.resident.messages {
+            .min(unloaded);
+        if room == 0 || room * 3 < resident.messages {
             return;
         }
-        let start = self.ready.partition_point(|e| e.seq <= self.loaded_through);
-        let (mut queue, mut total) = (self.resident, table.resident);
+        let (mut queue, mut total) = (resident, table.resident);
         let mut seqs = Vec::new();
-        for entry in self.ready.range(start..).filter(|e| !e.dead) {
+        for entry in self.ready.unrequested() {
             if seqs.len() == room || !window.admits(queue, total, entry.size) {
                 break;
             }
@@ -127,13 +123,13 @@ impl Queue {
             queue.add(entry.size);
             total.add(entry.size);
         }
-        if seqs.len() * 3 < self.resident.messages {
+        if seqs.len() * 3 < resident.messages {
             return;
         }
         let Some(&last) = seqs.last() else {
             return;
         };
-        self.loaded_through = last;
+        self.ready.requested_through(last);
         table.last_fetch_token += 1;
         self.fetching = Some(table.last_fetch_token);
         table.store.fetch(FetchRequest {
@@ -160,34 +156,25 @@ impl Broker {
         queue.fetching = None;
         let mut contents = contents.into_iter().peekable();
         for seq in request.seqs {
-            let Ok(at) = queue.ready.binary_search_by_key(&seq, |e| e.seq) else {
-                continue; // gone meanwhile
+            let Some(id) = queue
+                .ready
+                .get(seq)
+                .filter(|e| e.content.is_none())
+                .map(|e| e.id)
+            else {
+                continue; // gone meanwhile, or back from a holder with its content
             };
-            if queue.ready[at].dead || queue.ready[at].content.is_some() {
-                continue;
-            }
             while contents.next_if(|(s, _)| *s < seq).is_some() {}
-            let entry = &mut queue.ready[at];
             if let Some((_, content)) = contents.next_if(|(s, _)| *s == seq) {
-                entry.content = Some(content);
-                queue.unloaded -= 1;
-                queue.resident.add(entry.size);
-                self.table.resident.add(entry.size);
+                queue.ready.load(seq, content, &mut self.table.resident);
             } else {
                 // Cannot happen (the store applies every change before it answers); waiting
                 // for it would stall the queue for good.
-                error!(
-                    "message {} of {name} is missing from the store; dropped",
-                    entry.id
-                );
-                entry.dead = true;
-                let (size, expires_at) = (entry.size, entry.expires_at);
-                queue.unloaded -= 1;
-                queue.ready_count -= 1;
-                queue.bytes -= size as u64;
-                if expires_at != NEVER {
-                    self.table.expiry.remove(&(expires_at, seq));
-                }
+                error!("message {id} of {name} is missing from the store; dropped");
+                let place = Place::Ready(seq);
+                let reason = Retirement::MissingFromStore;
+                self.table
+                    .retire(queue, &mut self.connections, &name, place, reason);
             }
         }
         self.pump(&name, now, out);

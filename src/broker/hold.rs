@@ -1,0 +1,277 @@
+//! Holds: a message a connection took and has not acknowledged yet. Starting and ending a
+//! hold keeps the queue's `in_flight` and the subscription's `held` in step with `held`; the
+//! client requests on held messages (ack, re-queue, dead letter) and a disconnect's return of
+//! everything held live here.
+
+use super::ready::Ready;
+use super::retire::{Place, Retirement};
+use super::{
+    expiry, stored_expiry, Broker, ConnId, Connection, Delivery, MessageTable, Queue, NEVER,
+};
+use crate::id::{IdMap, MessageId};
+use crate::request::QueueName;
+use crate::store::{Millis, StoreOp};
+use log::debug;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A message a connection holds until it acknowledges, re-queues or dead-letters it.
+#[derive(Debug)]
+pub(super) struct Held {
+    pub(super) queue: QueueName,
+    pub(super) seq: u64,
+    pub(super) content: Arc<[u8]>,
+    pub(super) accepted_at: Millis,
+    pub(super) expires_at: Millis,
+    pub(super) holder: ConnId,
+}
+
+impl Held {
+    /// Back to waiting at its original place (a disconnect).
+    fn into_ready(self, id: MessageId) -> Ready {
+        let size = self.content.len();
+        Ready::new(
+            self.seq,
+            id,
+            size,
+            Some(self.content),
+            self.accepted_at,
+            self.expires_at,
+        )
+    }
+}
+
+impl MessageTable {
+    /// Ends the hold on `id` (of the queue `name`): out of `held`, out of its queue's and its
+    /// holder's counts. The caller decides where the message goes next.
+    pub(super) fn unhold(
+        &mut self,
+        queue: &mut Queue,
+        connections: &mut IdMap<ConnId, Connection>,
+        name: &QueueName,
+        id: MessageId,
+    ) -> Option<Held> {
+        let held = self.held.remove(&id)?;
+        queue.end_hold(held.holder, held.content.len(), connections, name);
+        Some(held)
+    }
+
+    /// Starts a hold: the message is in `held`, in its queue's and its holder's counts.
+    pub(super) fn hold(&mut self, queue: &mut Queue, id: MessageId, held: Held) {
+        queue.start_hold(held.holder, held.content.len());
+        self.held.insert(id, held);
+    }
+}
+
+impl Queue {
+    pub(super) fn start_hold(&mut self, conn: ConnId, size: usize) {
+        self.in_flight.add(size);
+        if let Some(subscription) = self.subscribers.get_mut(&conn) {
+            subscription.held += 1;
+        }
+    }
+
+    /// Uncounts a hold of `conn`, and ends its subscription if it neither may nor does hold
+    /// anything here any more. (A disconnected holder has no subscription left to count.)
+    pub(super) fn end_hold(
+        &mut self,
+        conn: ConnId,
+        size: usize,
+        connections: &mut IdMap<ConnId, Connection>,
+        name: &QueueName,
+    ) {
+        self.in_flight.remove(size);
+        if let Some(subscription) = self.subscribers.get_mut(&conn) {
+            subscription.held = subscription.held.saturating_sub(1);
+        }
+        if let Some(connection) = connections.get_mut(&conn) {
+            self.forget_idle_subscriber(conn, connection, name);
+        }
+    }
+
+    /// Ends a connection's subscription once it neither may nor does hold anything here.
+    pub(super) fn forget_idle_subscriber(
+        &mut self,
+        conn: ConnId,
+        connection: &mut Connection,
+        name: &QueueName,
+    ) {
+        if self
+            .subscribers
+            .get(&conn)
+            .is_some_and(|s| s.limit == 0 && s.held == 0)
+        {
+            self.subscribers.remove(&conn);
+            connection.queues.retain(|q| q != name);
+        }
+    }
+}
+
+impl Broker {
+    /// Acknowledges a held message: it is gone for good. Returns whether it was held by `conn`.
+    pub fn ack(
+        &mut self,
+        conn: ConnId,
+        queue: &QueueName,
+        id: Option<MessageId>,
+        now: Millis,
+        out: &mut Vec<Delivery>,
+    ) -> bool {
+        self.retire_held(conn, queue, id, Retirement::Acknowledged, now, out)
+    }
+
+    /// Removes a held message regardless of its TTL. Returns whether it was held by `conn`.
+    pub fn dead_letter(
+        &mut self,
+        conn: ConnId,
+        queue: &QueueName,
+        id: Option<MessageId>,
+        now: Millis,
+        out: &mut Vec<Delivery>,
+    ) -> bool {
+        self.retire_held(conn, queue, id, Retirement::DeadLettered, now, out)
+    }
+
+    /// Retires a message `conn` holds in `queue` at its request.
+    fn retire_held(
+        &mut self,
+        conn: ConnId,
+        queue: &QueueName,
+        id: Option<MessageId>,
+        reason: Retirement,
+        now: Millis,
+        out: &mut Vec<Delivery>,
+    ) -> bool {
+        let action = match reason {
+            Retirement::DeadLettered => "dead letter",
+            _ => "ack",
+        };
+        let Some(id) = self.held_by(conn, queue, id, action) else {
+            return false;
+        };
+        let Some(q) = self.queues.get_mut(queue) else {
+            return false;
+        };
+        let place = Place::Held(id);
+        if !self
+            .table
+            .retire(q, &mut self.connections, queue, place, reason)
+        {
+            return false;
+        }
+        // The holder has room again.
+        self.pump(queue, now, out);
+        self.drop_queue_if_unused(queue);
+        true
+    }
+
+    /// Moves a held message to the tail of its queue with a new TTL (0: never expires).
+    pub fn requeue(
+        &mut self,
+        conn: ConnId,
+        queue: &QueueName,
+        id: Option<MessageId>,
+        ttl: u64,
+        now: Millis,
+        out: &mut Vec<Delivery>,
+    ) -> bool {
+        let Some(id) = self.held_by(conn, queue, id, "requeue") else {
+            return false;
+        };
+        let Some(q) = self.queues.get_mut(queue) else {
+            return false;
+        };
+        let Some(held) = self.table.unhold(q, &mut self.connections, queue, id) else {
+            return false;
+        };
+        if held.expires_at != NEVER {
+            self.table.expiry.remove(&(held.expires_at, held.seq));
+        }
+        let seq = self.take_seq();
+        let expires_at = expiry(now, Some(ttl));
+        self.table.store.apply(StoreOp::Requeue {
+            id,
+            old_seq: held.seq,
+            seq,
+            expires_at: stored_expiry(expires_at),
+        });
+        self.table.totals.requeued += 1;
+        let size = held.content.len();
+        let ready = Ready::new(
+            seq,
+            id,
+            size,
+            Some(held.content),
+            held.accepted_at,
+            expires_at,
+        );
+        self.append_ready(queue, ready);
+        self.pump(queue, now, out);
+        true
+    }
+
+    /// A connection is gone: everything it held goes back to its queue at its original place,
+    /// and is offered to the remaining consumers at once.
+    pub fn disconnect(&mut self, conn: ConnId, now: Millis, out: &mut Vec<Delivery>) {
+        let Some(connection) = self.connections.remove(&conn) else {
+            return;
+        };
+        let mut affected = connection.queues;
+        for name in &affected {
+            if let Some(queue) = self.queues.get_mut(name) {
+                queue.consumers.remove(conn);
+                queue.subscribers.remove(&conn);
+            }
+        }
+        let ids = self.table.held_ids(|h| h.holder == conn);
+        let mut returned: HashMap<QueueName, Vec<Ready>> = HashMap::new();
+        for id in ids {
+            let Some(name) = self.table.held.get(&id).map(|h| h.queue.clone()) else {
+                continue;
+            };
+            let Some(queue) = self.queues.get_mut(&name) else {
+                continue;
+            };
+            if let Some(held) = self.table.unhold(queue, &mut self.connections, &name, id) {
+                self.table.index_expiry(&name, held.seq, held.expires_at);
+                returned.entry(name).or_default().push(held.into_ready(id));
+            }
+        }
+        for (name, entries) in returned {
+            if let Some(queue) = self.queues.get_mut(&name) {
+                queue.ready.put_back(entries, &mut self.table.resident);
+            }
+            if !affected.contains(&name) {
+                affected.push(name);
+            }
+        }
+        for name in &affected {
+            self.pump(name, now, out);
+            self.drop_queue_if_unused(name);
+        }
+    }
+
+    /// The id `conn` names, if it holds that message in `queue`; logs why not otherwise.
+    fn held_by(
+        &self,
+        conn: ConnId,
+        queue: &QueueName,
+        id: Option<MessageId>,
+        action: &str,
+    ) -> Option<MessageId> {
+        let Some(id) = id else {
+            debug!("connection {conn}: ignoring {action} for a malformed message id");
+            return None;
+        };
+        let held_here = self
+            .table
+            .held
+            .get(&id)
+            .is_some_and(|h| h.holder == conn && h.queue == *queue);
+        if !held_here {
+            debug!("connection {conn}: ignoring {action} for message {id} in {queue}: not held by this connection");
+            return None;
+        }
+        Some(id)
+    }
+}
