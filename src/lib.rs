@@ -6,6 +6,7 @@
 //! - [`id`]: message ids.
 //! - [`broker`]: the queue state machine (FIFO queues, consumer rings, holds); no I/O.
 //! - [`store`]: the seam where the broker reports changes for persistence.
+//! - [`hub`]: the one lock around the broker, the registry of connections, and the fan-out.
 //! - [`net`]: the one place that names TCP and Unix sockets.
 //! - [`outbox`]: a connection's pending output and the thread that writes it.
 //! - [`connection`]: one client's read loop: bytes in, requests to the broker.
