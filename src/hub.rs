@@ -6,50 +6,20 @@
 //! reported once on the fatal channel and the server shuts down rather than run half-alive.
 
 use crate::broker::{Broker, ConnId, Delivery};
+// Re-exported: every caller of the hub meets it.
+pub use crate::fatal::BrokerDown;
+use crate::fatal::Fatal;
 use crate::id::IdMap;
 use crate::net::{Bell, Stream};
 use crate::outbox::Outbox;
 use crate::request::{encode_dispatch, Request};
 use crate::store::{now_millis, Backlog, Millis};
 use crossbeam_channel::Sender;
-use std::fmt;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
-
-/// The broker lock was poisoned by a panic: the server is going down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BrokerDown;
-
-impl fmt::Display for BrokerDown {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the broker stopped after a thread panicked while holding its lock")
-    }
-}
-
-impl std::error::Error for BrokerDown {}
-
-/// Why the server must stop on its own.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fatal {
-    BrokerDown,
-    /// A thread the server cannot run without ended early.
-    ThreadExited(String),
-    /// The in-memory store failed: what is accepted from now on could not be persisted.
-    Persistence(String),
-}
-
-impl fmt::Display for Fatal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Fatal::BrokerDown => write!(f, "{BrokerDown}"),
-            Fatal::ThreadExited(name) => write!(f, "thread {name} ended unexpectedly"),
-            Fatal::Persistence(e) => write!(f, "persistence failed: {e}"),
-        }
-    }
-}
 
 /// Output backed up beyond this pauses deliveries to the connection (its client is not
 /// reading): what it would get stays ready for others, and memory stays bounded.

@@ -12,6 +12,7 @@
 //! - [`connection`]: one client's read loop: bytes in, requests to the broker.
 //! - [`admin`]: the maintenance console (status, monitor, show, search, flush).
 //! - [`server`]: binds the listeners, accepts, owns the shared broker and the shutdown order.
+//! - [`fatal`]: why the server must stop on its own.
 //! - [`persist`]: the in-memory SQLite store, its mirror to a file, and recovery.
 //! - [`logfile`]: a log file that SIGHUP can reopen.
 //! - [`memory`]: giving freed memory back to the system.
@@ -28,6 +29,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod fatal;
 pub mod hub;
 pub mod id;
 pub mod logfile;
