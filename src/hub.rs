@@ -18,7 +18,6 @@ use crossbeam_channel::Sender;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread;
 use std::time::Duration;
 
 /// Output backed up beyond this pauses deliveries to the connection (its client is not
@@ -26,6 +25,10 @@ use std::time::Duration;
 pub const OUTBOX_HIGH_WATER: usize = 16 << 20;
 /// Deliveries resume once the backlog is down to this.
 pub const OUTBOX_LOW_WATER: usize = 4 << 20;
+
+/// How often a producer held back by the store re-checks, unasked, whether its connection is
+/// closing for a reason that does not wake it (a failed write; a shutdown does wake it).
+pub const STORE_WAIT_RECHECK: Duration = Duration::from_millis(50);
 
 /// A connected client as the rest of the server sees it.
 #[derive(Debug)]
@@ -121,16 +124,18 @@ impl Hub {
     /// writer, or its mirror during a flood): what it has not taken is held in memory, so a
     /// store that cannot keep up slows the producers down rather than letting memory grow
     /// without bound. Returns at once when every backlog is below its high-water mark (nearly
-    /// always); once one is above, waits until all are down to half, or the connection is
-    /// closing.
+    /// always); once one is above, sleeps until all are down to half (their owners signal
+    /// that), or the connection is closing ([`Hub::begin_close`] wakes it to see that; other
+    /// reasons, such as a failed write, are seen within [`STORE_WAIT_RECHECK`]).
     pub fn wait_for_store(&self, peer: &Peer) {
         if !self.store_backlogs.iter().any(|b| b.is_high()) {
             return;
         }
-        // The writer applies hundreds of changes per millisecond: a short sleep is the
-        // right grain, and nothing has to wake this thread.
-        while !self.store_backlogs.iter().all(|b| b.is_low()) && !peer.is_closing() {
-            thread::sleep(Duration::from_millis(1));
+        // Each round sleeps on one backlog that is not low yet; done when all are low at once.
+        while let Some(behind) = self.store_backlogs.iter().find(|b| !b.is_low()) {
+            if !behind.wait_until_low(STORE_WAIT_RECHECK, || peer.is_closing()) {
+                return;
+            }
         }
     }
 
@@ -262,6 +267,10 @@ impl Hub {
             peer.closing.store(true, Ordering::Relaxed);
         }
         self.bell.ring();
+        // Producers held back by the store see at once that they are closing.
+        for backlog in &self.store_backlogs {
+            backlog.wake_all();
+        }
     }
 
     /// Hangs up on every connection still there: each takes the whole frames that already
@@ -331,6 +340,7 @@ mod tests {
     use super::*;
     use crate::store::NullStore;
     use std::os::unix::net::UnixStream;
+    use std::thread;
 
     fn hub_behind(backlog: &Arc<Backlog>) -> Hub {
         let (fatal, _) = crossbeam_channel::unbounded();
