@@ -281,7 +281,10 @@ mod tests {
     fn until_waiting(backlog: &Backlog) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while backlog.waiting.load(Ordering::SeqCst) == 0 {
-            assert!(std::time::Instant::now() < deadline, "the waiter never started");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiter never started"
+            );
             std::thread::yield_now();
         }
     }
