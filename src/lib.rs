@@ -9,6 +9,7 @@
 //! - [`hub`]: the one lock around the broker, the registry of connections, and the fan-out.
 //! - [`net`]: the one place that names TCP and Unix sockets.
 //! - [`outbox`]: a connection's pending output and the thread that writes it.
+//! - [`outgoing`]: the frames the server sends (dispatches) and their encoding.
 //! - [`connection`]: one client's read loop: bytes in, requests to the broker.
 //! - [`admin`]: the maintenance console (status, monitor, show, search, flush).
 //! - [`server`]: binds the listeners, accepts, owns the shared broker and the shutdown order.
@@ -36,6 +37,7 @@ pub mod logfile;
 pub mod memory;
 pub mod net;
 pub mod outbox;
+pub mod outgoing;
 pub mod persist;
 pub mod ratelog;
 pub mod request;
