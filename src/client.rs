@@ -2,14 +2,44 @@
 //! for the maintenance console.
 //!
 //! Writes are buffered: frames go out on [`Client::flush`] or before any blocking read, so a
-//! caller can pipeline without thinking about it.
+//! caller can pipeline without thinking about it. [`Client::recv_frame`] reads whatever the
+//! server sends next and says what it is ([`ServerFrame`]); [`Client::recv`] expects a dispatch.
 
-use crate::codec::{self, Decoded, MessageType, PacketType};
+use crate::codec::{self, Decoded, Frame, MessageType, PacketType};
 use crate::config::ListenAddr;
 use crate::net::Stream;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::time::Duration;
+
+/// A frame the server sent, as [`Client::recv_frame`] read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerFrame {
+    /// 003: a message to handle (and acknowledge).
+    Dispatch(Dispatch),
+}
+
+impl ServerFrame {
+    /// What kind of frame this is, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerFrame::Dispatch(_) => "dispatch",
+        }
+    }
+
+    /// The dispatch, or [`ClientError::Unexpected`] for any other frame.
+    pub fn into_dispatch(self) -> Result<Dispatch, ClientError> {
+        match self {
+            ServerFrame::Dispatch(dispatch) => Ok(dispatch),
+            // Reachable once v1.2's frames (RECEIPT, ERROR) are variants.
+            #[allow(unreachable_patterns)]
+            other => Err(ClientError::Unexpected {
+                expected: "dispatch",
+                got: other.kind(),
+            }),
+        }
+    }
+}
 
 /// A message the server dispatched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,8 +57,13 @@ pub enum ClientError {
         source: io::Error,
     },
     Io(io::Error),
-    /// The server sent something that is not a dispatch frame.
+    /// The server sent bytes that are not a PHPMQ frame, or a frame only clients send.
     Protocol(String),
+    /// The server sent a valid frame, but not the kind the caller waited for.
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
     /// The server closed the connection.
     Closed,
     /// The console answered with an error.
@@ -43,6 +78,12 @@ impl fmt::Display for ClientError {
             }
             ClientError::Io(e) => write!(f, "{}", describe(e)),
             ClientError::Protocol(e) => write!(f, "unexpected data from the server: {e}"),
+            ClientError::Unexpected { expected, got } => {
+                write!(
+                    f,
+                    "the server sent a {got} frame where a {expected} was expected"
+                )
+            }
             ClientError::Closed => f.write_str("the server closed the connection"),
             ClientError::Console(e) => f.write_str(e),
         }
@@ -171,29 +212,22 @@ impl Client {
         Ok(())
     }
 
-    /// Flushes, then waits for the next dispatch.
+    /// Flushes, then waits for the next dispatch; any other frame is
+    /// [`ClientError::Unexpected`].
     pub fn recv(&mut self) -> Result<Dispatch, ClientError> {
+        self.recv_frame()?.into_dispatch()
+    }
+
+    /// Flushes, then waits for the next frame from the server, whatever its kind. A frame that
+    /// only clients send is [`ClientError::Protocol`].
+    pub fn recv_frame(&mut self) -> Result<ServerFrame, ClientError> {
         self.flush()?;
         loop {
             match codec::decode_frame(&self.buf[self.start..], usize::MAX >> 1) {
                 Ok(Decoded::Frame(frame, used)) => {
-                    if frame.message_type != MessageType::Dispatch {
-                        return Err(ClientError::Protocol(format!(
-                            "message type {}",
-                            frame.message_type
-                        )));
-                    }
-                    let text = |p| String::from_utf8_lossy(frame.required(p)).into_owned();
-                    let dispatch = Dispatch {
-                        queue: text(PacketType::Queue),
-                        content: frame.required(PacketType::Content).to_vec(),
-                        id: text(PacketType::MessageId),
-                        ttl: frame
-                            .packet(PacketType::Ttl)
-                            .and_then(|t| std::str::from_utf8(t).ok()?.parse().ok()),
-                    };
+                    let got = server_frame(&frame)?;
                     self.start += used;
-                    return Ok(dispatch);
+                    return Ok(got);
                 }
                 Ok(Decoded::Incomplete { .. }) => {}
                 Err(e) => return Err(ClientError::Protocol(e.to_string())),
@@ -209,6 +243,29 @@ impl Client {
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+}
+
+/// Types a decoded frame from the server.
+fn server_frame(frame: &Frame<'_>) -> Result<ServerFrame, ClientError> {
+    let text = |p| String::from_utf8_lossy(frame.required(p)).into_owned();
+    match frame.message_type {
+        MessageType::Dispatch => Ok(ServerFrame::Dispatch(Dispatch {
+            queue: text(PacketType::Queue),
+            content: frame.required(PacketType::Content).to_vec(),
+            id: text(PacketType::MessageId),
+            ttl: frame
+                .packet(PacketType::Ttl)
+                .and_then(|t| std::str::from_utf8(t).ok()?.parse().ok()),
+        })),
+        MessageType::Send
+        | MessageType::Consume
+        | MessageType::Ack
+        | MessageType::Requeue
+        | MessageType::DeadLetter => Err(ClientError::Protocol(format!(
+            "message type {}, which only clients send",
+            frame.message_type
+        ))),
     }
 }
 
@@ -265,5 +322,64 @@ impl Console {
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoded(bytes: &[u8]) -> Result<ServerFrame, ClientError> {
+        match codec::decode_frame(bytes, 1 << 20) {
+            Ok(Decoded::Frame(frame, _)) => server_frame(&frame),
+            other => panic!("not a frame: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_dispatch_is_typed_with_its_ttl_if_any() {
+        let mut bytes = Vec::new();
+        crate::outgoing::encode_dispatch(
+            &mut bytes,
+            &crate::request::QueueName::new(b"jobs").unwrap(),
+            b"body",
+            crate::id::MessageId::from_u128(255),
+            Some(42),
+        );
+        let frame = decoded(&bytes).unwrap();
+        assert_eq!(frame.kind(), "dispatch");
+        let dispatch = frame.into_dispatch().unwrap();
+        assert_eq!(dispatch.queue, "jobs");
+        assert_eq!(dispatch.content, b"body");
+        assert_eq!(dispatch.id, format!("{:032x}", 255));
+        assert_eq!(dispatch.ttl, Some(42));
+    }
+
+    #[test]
+    fn a_frame_only_clients_send_is_a_clear_error() {
+        let mut bytes = Vec::new();
+        codec::encode_frame(
+            &mut bytes,
+            MessageType::Ack,
+            &[(PacketType::Queue, b"q"), (PacketType::MessageId, b"x")],
+        );
+        let error = decoded(&bytes).unwrap_err();
+        assert!(matches!(error, ClientError::Protocol(_)), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "unexpected data from the server: message type 004 (ack), which only clients send"
+        );
+    }
+
+    #[test]
+    fn an_unexpected_frame_says_what_came_instead() {
+        let error = ClientError::Unexpected {
+            expected: "dispatch",
+            got: "receipt",
+        };
+        assert_eq!(
+            error.to_string(),
+            "the server sent a receipt frame where a dispatch was expected"
+        );
     }
 }

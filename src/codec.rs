@@ -468,7 +468,8 @@ mod tests {
         decode_frame(bytes, MAX).expect_err("expected a decode error")
     }
 
-    // The byte examples of PROTOCOL-v1.md, verbatim without the illustrative line breaks.
+    // The byte examples of `man/phpmq-protocol.7` (its Message header and Packet sections, which
+    // quote the PHPMQ v1 specification), verbatim.
     #[test]
     fn protocol_doc_header_example() {
         // `H0100102` = version 1, type 001, 2 packets.

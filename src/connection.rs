@@ -8,7 +8,9 @@
 //! reads what its client already sent and ends once the client has been quiet for `QUIET`, or,
 //! if the server hangs up on it first, once it has read what had arrived by then. The writer
 //! thread, which takes what direct sends could not, is started only when the connection first
-//! asks to consume.
+//! asks to consume (from then on any thread may dispatch to it), or when its reader finds output
+//! that a direct send left over (a frame other than a dispatch sent to a connection that never
+//! consumed): a producer that is never sent anything the socket does not take has no writer.
 
 use crate::broker::ConnId;
 use crate::codec::{self, CodecError, Decoded};
@@ -150,14 +152,15 @@ pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
         peer: peer.clone(),
         label: label.clone(),
     };
-    // The writer (started on the first consume request) is a scoped thread: it can call the
-    // hub, and it is always joined before this function returns.
+    // The writer (started on the first consume request or the first output left over) is a
+    // scoped thread: it can call the hub, and it is always joined before this function returns.
     thread::scope(|scope| {
         let mut session = Session {
             hub,
             conn,
             peer: peer.clone(),
             writer_started: false,
+            consumer: false,
             label: label.clone(),
             scope,
         };
@@ -235,6 +238,8 @@ struct Session<'scope, 'env> {
     conn: ConnId,
     peer: Arc<Peer>,
     writer_started: bool,
+    /// It asked to consume: never idle from then on.
+    consumer: bool,
     label: String,
     scope: &'scope thread::Scope<'scope, 'env>,
 }
@@ -267,7 +272,7 @@ impl Session<'_, '_> {
             }
             // Only a connection that never asked to consume can be idle: a consumer may hold
             // messages, or be waiting for the next one.
-            let idle_timeout = limits.idle_timeout.filter(|_| !self.writer_started);
+            let idle_timeout = limits.idle_timeout.filter(|_| !self.consumer);
             match reader.fill(&stream, &self.peer, self.hub.bell(), idle_timeout) {
                 Ok(true) => {}
                 Err(end @ End::HungUp { .. }) => return end,
@@ -280,10 +285,15 @@ impl Session<'_, '_> {
 
     fn apply(&mut self, batch: Vec<Request>) -> Result<(), End> {
         if batch.is_empty() {
-            return Ok(());
+            return self.start_writer_if_pending();
         }
-        if !self.writer_started && batch.iter().any(|r| matches!(r, Request::Consume { .. })) {
-            self.start_writer()?;
+        // A consumer may be sent a dispatch at any time from now on, by any thread: its writer
+        // must be there before the first one that the socket does not take.
+        if !self.consumer && batch.iter().any(|r| matches!(r, Request::Consume { .. })) {
+            self.consumer = true;
+            if !self.writer_started {
+                self.start_writer()?;
+            }
         }
         if batch.iter().any(|r| matches!(r, Request::Send { .. })) {
             self.hub.wait_for_store(&self.peer);
@@ -292,7 +302,17 @@ impl Session<'_, '_> {
         for request in &batch {
             self.peer.note_dialect(request);
         }
-        self.hub.apply(self.conn, batch).map_err(End::BrokerDown)
+        self.hub.apply(self.conn, batch).map_err(End::BrokerDown)?;
+        self.start_writer_if_pending()
+    }
+
+    /// Starts the writer once the connection has output that a direct send did not take (a
+    /// frame other than a dispatch, such as a reply to one of its own requests).
+    fn start_writer_if_pending(&mut self) -> Result<(), End> {
+        if self.writer_started || self.peer.outbox.pending_len() == 0 {
+            return Ok(());
+        }
+        self.start_writer()
     }
 
     fn start_writer(&mut self) -> Result<(), End> {

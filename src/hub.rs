@@ -1,61 +1,36 @@
 //! The shared broker: the one lock around the broker core, the registry of connected peers,
-//! and the fan-out of deliveries to their outboxes after the lock is released.
+//! and the fan-out of outgoing frames (the broker's deliveries, or any [`Outgoing`] sent to a
+//! registered connection) to their outboxes after the lock is released.
 //!
 //! Nothing here writes to a socket or waits on one while the lock is held. A poisoned lock (a
 //! thread panicked inside the broker, whose state may then be half-changed) is fatal: it is
 //! reported once on the fatal channel and the server shuts down rather than run half-alive.
 
 use crate::broker::{Broker, ConnId, Delivery};
+// Re-exported: every caller of the hub meets it.
+pub use crate::fatal::BrokerDown;
+use crate::fatal::Fatal;
 use crate::id::IdMap;
 use crate::net::{Bell, Stream};
 use crate::outbox::Outbox;
-use crate::request::{encode_dispatch, Request};
+use crate::outgoing::Outgoing;
+use crate::request::Request;
 use crate::store::{now_millis, Backlog, Millis};
 use crossbeam_channel::Sender;
-use std::fmt;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread;
 use std::time::Duration;
-
-/// The broker lock was poisoned by a panic: the server is going down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BrokerDown;
-
-impl fmt::Display for BrokerDown {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the broker stopped after a thread panicked while holding its lock")
-    }
-}
-
-impl std::error::Error for BrokerDown {}
-
-/// Why the server must stop on its own.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fatal {
-    BrokerDown,
-    /// A thread the server cannot run without ended early.
-    ThreadExited(String),
-    /// The in-memory store failed: what is accepted from now on could not be persisted.
-    Persistence(String),
-}
-
-impl fmt::Display for Fatal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Fatal::BrokerDown => write!(f, "{BrokerDown}"),
-            Fatal::ThreadExited(name) => write!(f, "thread {name} ended unexpectedly"),
-            Fatal::Persistence(e) => write!(f, "persistence failed: {e}"),
-        }
-    }
-}
 
 /// Output backed up beyond this pauses deliveries to the connection (its client is not
 /// reading): what it would get stays ready for others, and memory stays bounded.
 pub const OUTBOX_HIGH_WATER: usize = 16 << 20;
 /// Deliveries resume once the backlog is down to this.
 pub const OUTBOX_LOW_WATER: usize = 4 << 20;
+
+/// How often a producer held back by the store re-checks, unasked, whether its connection is
+/// closing for a reason that does not wake it (a failed write; a shutdown does wake it).
+pub const STORE_WAIT_RECHECK: Duration = Duration::from_millis(50);
 
 /// A connected client as the rest of the server sees it.
 #[derive(Debug)]
@@ -166,16 +141,18 @@ impl Hub {
     /// writer, or its mirror during a flood): what it has not taken is held in memory, so a
     /// store that cannot keep up slows the producers down rather than letting memory grow
     /// without bound. Returns at once when every backlog is below its high-water mark (nearly
-    /// always); once one is above, waits until all are down to half, or the connection is
-    /// closing.
+    /// always); once one is above, sleeps until all are down to half (their owners signal
+    /// that), or the connection is closing ([`Hub::begin_close`] wakes it to see that; other
+    /// reasons, such as a failed write, are seen within [`STORE_WAIT_RECHECK`]).
     pub fn wait_for_store(&self, peer: &Peer) {
         if !self.store_backlogs.iter().any(|b| b.is_high()) {
             return;
         }
-        // The writer applies hundreds of changes per millisecond: a short sleep is the
-        // right grain, and nothing has to wake this thread.
-        while !self.store_backlogs.iter().all(|b| b.is_low()) && !peer.is_closing() {
-            thread::sleep(Duration::from_millis(1));
+        // Each round sleeps on one backlog that is not low yet; done when all are low at once.
+        while let Some(behind) = self.store_backlogs.iter().find(|b| !b.is_low()) {
+            if !behind.wait_until_low(STORE_WAIT_RECHECK, || peer.is_closing()) {
+                return;
+            }
         }
     }
 
@@ -227,6 +204,15 @@ impl Hub {
         Ok(())
     }
 
+    /// Sends frames to connections, whether they ever asked to consume or not: each goes out at
+    /// once if its socket takes it, else after what is queued for that connection already.
+    /// Frames for a connection that is not registered are dropped.
+    pub fn send(&self, frames: Vec<(ConnId, Outgoing)>) -> Result<(), BrokerDown> {
+        let routed = route(&self.lock()?.peers, frames);
+        self.deliver(routed);
+        Ok(())
+    }
+
     /// Drops ready messages whose TTL ran out.
     pub fn expire(&self) -> Result<usize, BrokerDown> {
         self.read_mut(|broker, now| broker.expire(now))
@@ -261,7 +247,7 @@ impl Hub {
 
     /// Writes deliveries out, then pauses connections whose output backed up past the
     /// high-water mark (re-checked under the lock, so a pause is never missed by the writer).
-    fn deliver(&self, routed: Vec<(Arc<Peer>, Vec<Delivery>)>) {
+    fn deliver(&self, routed: Routed) {
         let backed_up = fan_out(routed);
         if backed_up.is_empty() {
             return;
@@ -307,6 +293,10 @@ impl Hub {
             peer.closing.store(true, Ordering::Relaxed);
         }
         self.bell.ring();
+        // Producers held back by the store see at once that they are closing.
+        for backlog in &self.store_backlogs {
+            backlog.wake_all();
+        }
     }
 
     /// Hangs up on every connection still there: each takes the whole frames that already
@@ -325,45 +315,81 @@ impl Hub {
     }
 }
 
-/// Pairs each delivery with its peer, grouped by peer in delivery order.
-fn route(
-    peers: &IdMap<ConnId, Arc<Peer>>,
-    mut deliveries: Vec<Delivery>,
-) -> Vec<(Arc<Peer>, Vec<Delivery>)> {
-    let mut routed: Vec<(Arc<Peer>, Vec<Delivery>)> = Vec::new();
-    if deliveries.is_empty() {
+/// A frame addressed to one connection: a broker's [`Delivery`], or any [`Outgoing`] with the
+/// connection it is for.
+trait Addressed {
+    fn conn(&self) -> ConnId;
+    fn into_frame(self) -> Outgoing;
+}
+
+impl Addressed for Delivery {
+    fn conn(&self) -> ConnId {
+        self.conn
+    }
+    fn into_frame(self) -> Outgoing {
+        Outgoing::from(self)
+    }
+}
+
+impl Addressed for (ConnId, Outgoing) {
+    fn conn(&self) -> ConnId {
+        self.0
+    }
+    fn into_frame(self) -> Outgoing {
+        self.1
+    }
+}
+
+/// Each connection's frames, in the order they were made.
+type Routed = Vec<(Arc<Peer>, Vec<Outgoing>)>;
+
+/// Pairs each frame with its peer, grouped by peer in the order given. Frames for a connection
+/// that is not registered (any more) are dropped.
+fn route<A: Addressed>(peers: &IdMap<ConnId, Arc<Peer>>, mut frames: Vec<A>) -> Routed {
+    let mut routed: Routed = Vec::new();
+    if frames.is_empty() {
         return routed;
     }
-    // Stable: each connection's deliveries keep their order.
-    deliveries.sort_by_key(|d| d.conn);
+    // Stable: each connection's frames keep their order.
+    frames.sort_by_key(|f| f.conn());
     let mut current: Option<ConnId> = None;
-    for delivery in deliveries {
-        if current != Some(delivery.conn) {
-            let Some(peer) = peers.get(&delivery.conn) else {
-                // Cannot happen: only registered connections consume. The message stays held
-                // and comes back when the connection is unregistered.
-                continue;
-            };
-            current = Some(delivery.conn);
-            routed.push((peer.clone(), Vec::new()));
+    let mut skipping = false;
+    for frame in frames {
+        if current != Some(frame.conn()) {
+            current = Some(frame.conn());
+            match peers.get(&frame.conn()) {
+                Some(peer) => {
+                    skipping = false;
+                    routed.push((peer.clone(), Vec::new()));
+                }
+                // Only registered connections consume, so a dispatch is never skipped (if it
+                // were, its message stays held and comes back when the connection goes). Other
+                // frames may be for a connection that has just gone.
+                None => skipping = true,
+            }
+        }
+        if skipping {
+            continue;
         }
         if let Some((_, group)) = routed.last_mut() {
-            group.push(delivery);
+            group.push(frame.into_frame());
         }
     }
     routed
 }
 
-/// Encodes each peer's dispatches into its outbox, one append per peer. Returns the peers
-/// whose output backed up past the high-water mark and are not paused yet.
-fn fan_out(routed: Vec<(Arc<Peer>, Vec<Delivery>)>) -> Vec<Arc<Peer>> {
+/// Encodes each peer's frames into its outbox, one append per peer: sent at once if the socket
+/// takes them, else left to the connection's writer. Returns the peers whose output backed up
+/// past the high-water mark and are not paused yet.
+fn fan_out(routed: Routed) -> Vec<Arc<Peer>> {
     let mut backed_up = Vec::new();
-    for (peer, deliveries) in routed {
+    for (peer, frames) in routed {
+        // The dialect is the wire's business: a v1.0 client reads exactly three packets in a
+        // dispatch and breaks on a fourth.
         let shows_ttl = peer.speaks_v11.load(Ordering::Acquire);
         peer.outbox.push(&*peer.stream, |buffer| {
-            for d in &deliveries {
-                let ttl = d.ttl_remaining.filter(|_| shows_ttl);
-                encode_dispatch(buffer, &d.queue, &d.content, d.id, ttl);
+            for frame in &frames {
+                frame.encode(buffer, shows_ttl);
             }
         });
         if !peer.paused.load(Ordering::Acquire) && peer.outbox.pending_len() > OUTBOX_HIGH_WATER {
@@ -376,8 +402,10 @@ fn fan_out(routed: Vec<(Arc<Peer>, Vec<Delivery>)>) -> Vec<Arc<Peer>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outgoing::encode_dispatch;
     use crate::store::NullStore;
     use std::os::unix::net::UnixStream;
+    use std::thread;
 
     fn hub_behind(backlog: &Arc<Backlog>) -> Hub {
         let (fatal, _) = crossbeam_channel::unbounded();
@@ -423,7 +451,7 @@ mod tests {
             content: Arc::from(&b"x"[..]),
             ttl_remaining: Some(60),
         };
-        fan_out(vec![(Arc::new(peer), vec![delivery])]);
+        fan_out(vec![(Arc::new(peer), vec![delivery.into()])]);
         let mut got = Vec::new();
         client.set_nonblocking(true).unwrap();
         let mut buf = [0u8; 4096];
@@ -468,5 +496,89 @@ mod tests {
         peer.closing.store(true, Ordering::Relaxed);
         hub.wait_for_store(&peer);
         assert!(backlog.is_high(), "returned without the store catching up");
+    }
+
+    fn hub() -> Hub {
+        let (fatal, _) = crossbeam_channel::unbounded();
+        Hub::new(
+            Broker::new(Box::new(NullStore)),
+            fatal,
+            Bell::new().unwrap(),
+        )
+    }
+
+    /// Registers a connection that never consumes; returns it and its client end.
+    fn registered(hub: &Hub, conn: ConnId) -> (Arc<Peer>, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let peer = Arc::new(Peer::new(conn, "test".into(), Stream::Unix(ours)));
+        assert_eq!(hub.register(conn, peer.clone()), Ok(true));
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        (peer, theirs)
+    }
+
+    fn read_exactly(client: &mut UnixStream, len: usize) -> Vec<u8> {
+        use std::io::Read;
+        let mut got = vec![0; len];
+        client
+            .read_exact(&mut got)
+            .expect("the frame did not arrive");
+        got
+    }
+
+    #[test]
+    fn a_frame_other_than_a_dispatch_reaches_a_connection_that_never_consumed() {
+        let hub = hub();
+        let (_, mut client) = registered(&hub, 1);
+        let (_, mut other) = registered(&hub, 2);
+        hub.send(vec![
+            (1, Outgoing::Raw(b"first".to_vec())),
+            (2, Outgoing::Raw(b"theirs".to_vec())),
+            (1, Outgoing::Raw(b"second".to_vec())),
+        ])
+        .unwrap();
+        // Sent directly: nothing waits for a writer.
+        assert_eq!(read_exactly(&mut client, 11), b"firstsecond");
+        assert_eq!(read_exactly(&mut other, 6), b"theirs");
+    }
+
+    #[test]
+    fn frames_for_a_connection_that_is_gone_are_dropped() {
+        let hub = hub();
+        let (_, mut client) = registered(&hub, 1);
+        let _gone = registered(&hub, 2);
+        hub.unregister(2).unwrap();
+        hub.send(vec![
+            (2, Outgoing::Raw(b"lost".to_vec())),
+            (1, Outgoing::Raw(b"kept".to_vec())),
+            (3, Outgoing::Raw(b"never".to_vec())),
+        ])
+        .unwrap();
+        assert_eq!(read_exactly(&mut client, 4), b"kept");
+    }
+
+    #[test]
+    fn a_frame_the_socket_does_not_take_waits_in_order_for_the_writer() {
+        let hub = hub();
+        let (peer, mut client) = registered(&hub, 1);
+        // More than any socket buffer takes at once: the rest waits in the outbox.
+        let big = vec![b'x'; 8 << 20];
+        hub.send(vec![
+            (1, Outgoing::Raw(big.clone())),
+            (1, Outgoing::Raw(b"after".to_vec())),
+        ])
+        .unwrap();
+        assert!(
+            peer.outbox.pending_len() > 0,
+            "the socket took 8 MiB at once"
+        );
+        thread::scope(|scope| {
+            let writer = scope.spawn(|| peer.outbox.write_loop(&*peer.stream, || {}));
+            let got = read_exactly(&mut client, big.len() + 5);
+            assert!(got.starts_with(&big) && got.ends_with(b"after"));
+            peer.outbox.close();
+            writer.join().unwrap().unwrap();
+        });
     }
 }

@@ -124,41 +124,16 @@ mod tests {
     }
 }
 
-/// A fast hasher for keys the server makes itself (message ids, connection ids): clients
-/// cannot choose them, so SipHash's protection against chosen keys buys nothing there, and
-/// hashing was a tenth of the broker's time. Keys clients choose (queue names) keep SipHash.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        // The multiply spreads the counter's changing low bits into the high bits the hash
-        // table uses.
-        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-
-    fn write_u128(&mut self, n: u128) {
-        self.write_u64(n as u64);
-        self.write_u64((n >> 64) as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
+/// A fast hasher (FxHash, from `rustc-hash`) for keys the server makes itself (message ids,
+/// connection ids): clients cannot choose them, so SipHash's protection against chosen keys buys
+/// nothing there, and hashing was a tenth of the broker's time. Keys clients choose (queue names)
+/// keep SipHash.
+pub type IdHasher = rustc_hash::FxHasher;
 
 /// A map keyed by server-made ids.
-pub type IdMap<K, V> = std::collections::HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+pub type IdMap<K, V> = rustc_hash::FxHashMap<K, V>;
 /// A set of server-made ids.
-pub type IdSet<K> = std::collections::HashSet<K, std::hash::BuildHasherDefault<IdHasher>>;
+pub type IdSet<K> = rustc_hash::FxHashSet<K>;
 
 #[cfg(test)]
 mod hasher_tests {

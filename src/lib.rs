@@ -6,11 +6,14 @@
 //! - [`id`]: message ids.
 //! - [`broker`]: the queue state machine (FIFO queues, consumer rings, holds); no I/O.
 //! - [`store`]: the seam where the broker reports changes for persistence.
+//! - [`hub`]: the one lock around the broker, the registry of connections, and the fan-out.
 //! - [`net`]: the one place that names TCP and Unix sockets.
 //! - [`outbox`]: a connection's pending output and the thread that writes it.
+//! - [`outgoing`]: the frames the server sends (dispatches) and their encoding.
 //! - [`connection`]: one client's read loop: bytes in, requests to the broker.
 //! - [`admin`]: the maintenance console (status, monitor, show, search, flush).
 //! - [`server`]: binds the listeners, accepts, owns the shared broker and the shutdown order.
+//! - [`fatal`]: why the server must stop on its own.
 //! - [`persist`]: the in-memory SQLite store, its mirror to a file, and recovery.
 //! - [`logfile`]: a log file that SIGHUP can reopen.
 //! - [`memory`]: giving freed memory back to the system.
@@ -27,12 +30,14 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod fatal;
 pub mod hub;
 pub mod id;
 pub mod logfile;
 pub mod memory;
 pub mod net;
 pub mod outbox;
+pub mod outgoing;
 pub mod persist;
 pub mod ratelog;
 pub mod request;

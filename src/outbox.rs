@@ -1,11 +1,14 @@
-//! A connection's pending output: frames that other threads hand over, written in order.
+//! A connection's pending output: encoded frames of any kind that other threads hand over,
+//! written in order. It knows bytes, not frames ([`crate::outgoing`] encodes them).
 //!
-//! The thread that decides a delivery tries to write it at once with a non-blocking send: no
-//! thread wake-up on the way to the consumer. Whatever the socket does not take at once (a slow
-//! consumer, a full buffer) waits here for the connection's writer thread, the only thread that
-//! ever blocks on this socket, so a slow consumer stalls nobody else. Frames are only ever
-//! written whole and in order; several pending frames go out in one write. The pending size is
-//! bounded by the consumer's prefetch: only dispatches come here.
+//! The thread that decides a frame (a delivery, say) tries to write it at once with a
+//! non-blocking send: no thread wake-up on the way to the client. Whatever the socket does not
+//! take at once (a slow consumer, a full buffer) waits here for the connection's writer thread,
+//! the only thread that ever blocks on this socket, so a slow client stalls nobody else. Frames
+//! are only ever written whole and in order; several pending frames go out in one write. The
+//! pending size is bounded by whoever sends: dispatches by the consumer's prefetch and the hub's
+//! pause past its high-water mark; a sender of other frames must bound what it sends to a
+//! client that does not read.
 
 use std::io::{self, Write};
 use std::mem;

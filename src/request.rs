@@ -1,7 +1,8 @@
-//! Typed client requests and server dispatches on top of the codec: validates what the packets
-//! carry (queue names, decimal numbers) and knows which frames a client may send. No I/O.
+//! Typed client requests on top of the codec: validates what the packets carry (queue names,
+//! decimal numbers) and knows which frames a client may send. No I/O. What the server sends is
+//! in [`crate::outgoing`].
 
-use crate::codec::{self, Frame, MessageType, PacketType};
+use crate::codec::{Frame, MessageType, PacketType};
 use crate::id::MessageId;
 use std::borrow::Borrow;
 use std::fmt;
@@ -186,37 +187,10 @@ fn saturating_decimal(bytes: &[u8]) -> Option<u64> {
     }))
 }
 
-/// Appends a 003 dispatch frame. `ttl_remaining` is given only to v1.1 connections.
-pub fn encode_dispatch(
-    out: &mut Vec<u8>,
-    queue: &QueueName,
-    content: &[u8],
-    id: MessageId,
-    ttl_remaining: Option<u64>,
-) {
-    let id = id.to_hex();
-    let ttl_text;
-    let mut packets: [(PacketType, &[u8]); 4] = [
-        (PacketType::Queue, queue.as_str().as_bytes()),
-        (PacketType::Content, content),
-        (PacketType::MessageId, &id),
-        (PacketType::Ttl, b""),
-    ];
-    let used = match ttl_remaining {
-        Some(ttl) => {
-            ttl_text = ttl.to_string();
-            packets[3].1 = ttl_text.as_bytes();
-            4
-        }
-        None => 3,
-    };
-    codec::encode_frame(out, MessageType::Dispatch, &packets[..used]);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{decode_frame, Decoded};
+    use crate::codec::{self, decode_frame, Decoded};
 
     fn request(bytes: &[u8]) -> Result<Request, RequestError> {
         match decode_frame(bytes, 1 << 20) {
@@ -356,24 +330,5 @@ mod tests {
         ))
         .unwrap();
         assert!(matches!(ack, Request::Ack { id: None, .. }));
-    }
-
-    #[test]
-    fn dispatch_has_three_packets_without_ttl_and_four_with() {
-        let queue = QueueName::new(b"q").unwrap();
-        let id = MessageId::from_u128(255);
-        let mut out = Vec::new();
-        encode_dispatch(&mut out, &queue, b"hi", id, None);
-        assert_eq!(&out[..8], b"H0100303");
-        let mut expected =
-            b"H0100303P0100000000000000000000000000001qP0200000000000000000000000000002hi".to_vec();
-        expected
-            .extend_from_slice(b"P0300000000000000000000000000032000000000000000000000000000000ff");
-        assert_eq!(out, expected);
-
-        out.clear();
-        encode_dispatch(&mut out, &queue, b"hi", id, Some(42));
-        assert_eq!(&out[..8], b"H0100304");
-        assert!(out.ends_with(b"P050000000000000000000000000000242"));
     }
 }

@@ -11,8 +11,8 @@
 use crate::id::MessageId;
 use crate::request::QueueName;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch: the wall-clock time unit of the broker and the store.
 pub type Millis = u64;
@@ -123,6 +123,11 @@ impl Store for NullStore {
 /// Changes handed to a store that it has not applied yet, and the content bytes they carry.
 /// Producers are held back while it is high ([`Backlog::is_high`]), so a store that cannot keep
 /// up slows them down instead of letting memory grow without bound.
+///
+/// A held-back producer sleeps on a condition variable ([`Backlog::wait_until_low`]) that its
+/// owner's [`Backlog::remove`] or [`Backlog::set`] signals once the backlog is down to its low
+/// mark. The counts stay atomics: [`Backlog::add`] runs under the broker's lock for every
+/// change and never takes the mutex; the others take it only while someone waits.
 #[derive(Debug)]
 pub struct Backlog {
     changes: AtomicUsize,
@@ -131,6 +136,11 @@ pub struct Backlog {
     high_changes: usize,
     /// ...or bytes of content.
     high_bytes: usize,
+    /// Producers inside [`Backlog::wait_until_low`]: signalling costs a mutex only then.
+    waiting: AtomicUsize,
+    /// Guards nothing but the check-then-sleep of a waiter against a signal in between.
+    gate: Mutex<()>,
+    low: Condvar,
 }
 
 impl Default for Backlog {
@@ -147,23 +157,29 @@ impl Backlog {
             bytes: AtomicUsize::new(0),
             high_changes,
             high_bytes,
+            waiting: AtomicUsize::new(0),
+            gate: Mutex::new(()),
+            low: Condvar::new(),
         }
     }
 
     pub fn add(&self, bytes: usize) {
+        // Only ever raises the backlog: nobody to wake.
         self.changes.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub fn remove(&self, changes: usize, bytes: usize) {
-        self.changes.fetch_sub(changes, Ordering::Relaxed);
-        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.changes.fetch_sub(changes, Ordering::SeqCst);
+        self.bytes.fetch_sub(bytes, Ordering::SeqCst);
+        self.signal_if_low();
     }
 
     /// Says what is pending now (for an owner that counts it itself).
     pub fn set(&self, changes: usize, bytes: usize) {
-        self.changes.store(changes, Ordering::Relaxed);
-        self.bytes.store(bytes, Ordering::Relaxed);
+        self.changes.store(changes, Ordering::SeqCst);
+        self.bytes.store(bytes, Ordering::SeqCst);
+        self.signal_if_low();
     }
 
     /// Past the high-water mark: producers should wait.
@@ -174,8 +190,8 @@ impl Backlog {
 
     /// Down to half the high-water mark: waiting producers may go on.
     pub fn is_low(&self) -> bool {
-        self.changes.load(Ordering::Relaxed) <= self.high_changes / 2
-            && self.bytes.load(Ordering::Relaxed) <= self.high_bytes / 2
+        self.changes.load(Ordering::SeqCst) <= self.high_changes / 2
+            && self.bytes.load(Ordering::SeqCst) <= self.high_bytes / 2
     }
 
     /// Past a quarter of the high-water mark: time for its owner to catch up, before producers
@@ -183,6 +199,49 @@ impl Backlog {
     pub fn is_rising(&self) -> bool {
         self.changes.load(Ordering::Relaxed) > self.high_changes / 4
             || self.bytes.load(Ordering::Relaxed) > self.high_bytes / 4
+    }
+
+    /// Sleeps until the backlog is low (true) or `give_up` says to stop waiting (false).
+    /// `give_up` is asked before each sleep, after each wake-up ([`Backlog::wake_all`] wakes
+    /// every waiter to ask it) and at least every `recheck`, for reasons nobody signals.
+    pub fn wait_until_low(&self, recheck: Duration, give_up: impl Fn() -> bool) -> bool {
+        // SeqCst with the counts: either the owner's signal sees this waiter, or this waiter
+        // sees the owner's new counts (the check below, under the gate, before sleeping).
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut gate = self.gate();
+        let low = loop {
+            if self.is_low() {
+                break true;
+            }
+            if give_up() {
+                break false;
+            }
+            gate = match self.low.wait_timeout(gate, recheck) {
+                Ok((gate, _)) => gate,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        };
+        drop(gate);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        low
+    }
+
+    /// Wakes every waiter to ask its `give_up` again (e.g. the server began shutting down).
+    pub fn wake_all(&self) {
+        // Taking the gate orders this after a waiter's check: it is asleep or will see why.
+        drop(self.gate());
+        self.low.notify_all();
+    }
+
+    fn signal_if_low(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 && self.is_low() {
+            self.wake_all();
+        }
+    }
+
+    fn gate(&self) -> MutexGuard<'_, ()> {
+        // The mutex guards no data: a panic while holding it leaves nothing half-changed.
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -206,5 +265,79 @@ mod tests {
         assert!(!backlog.is_high() && !backlog.is_low());
         backlog.add(1);
         assert!(backlog.is_high(), "bytes alone count");
+    }
+
+    /// Long enough that only a signal can wake the waiter within the test's bound.
+    const NEVER: Duration = Duration::from_secs(3600);
+
+    fn high() -> Backlog {
+        let backlog = Backlog::new(10, 1 << 20);
+        backlog.set(11, 0);
+        assert!(backlog.is_high());
+        backlog
+    }
+
+    /// Returns once a thread is inside `wait_until_low`.
+    fn until_waiting(backlog: &Backlog) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while backlog.waiting.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiter never started"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_waiter_is_woken_when_the_backlog_falls_to_its_low_mark() {
+        let backlog = high();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _ = done.send(backlog.wait_until_low(NEVER, || false));
+            });
+            // Once it waits, only a signal can wake it in time (it re-checks hourly).
+            until_waiting(&backlog);
+            backlog.remove(1, 0);
+            assert!(
+                finished.recv_timeout(Duration::from_millis(50)).is_err(),
+                "went on between the marks"
+            );
+            backlog.remove(5, 0); // 5 changes: half the high mark
+            let low = finished
+                .recv_timeout(Duration::from_secs(10))
+                .expect("not woken by the low mark");
+            assert!(low);
+        });
+    }
+
+    #[test]
+    fn a_set_to_low_and_a_wake_all_wake_waiters() {
+        let backlog = high();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _ = done.send(backlog.wait_until_low(NEVER, || stop.load(Ordering::SeqCst)));
+            });
+            stop.store(true, Ordering::SeqCst);
+            backlog.wake_all();
+            let low = finished
+                .recv_timeout(Duration::from_secs(10))
+                .expect("not woken to give up");
+            assert!(!low, "gave up, the backlog is still high");
+        });
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _ = done.send(backlog.wait_until_low(NEVER, || false));
+            });
+            until_waiting(&backlog);
+            backlog.set(0, 0);
+            let low = finished
+                .recv_timeout(Duration::from_secs(10))
+                .expect("not woken by set");
+            assert!(low);
+        });
     }
 }
