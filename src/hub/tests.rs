@@ -1,0 +1,180 @@
+use super::*;
+use crate::outgoing::encode_dispatch;
+use crate::store::NullStore;
+use std::os::unix::net::UnixStream;
+use std::thread;
+
+fn hub_behind(backlog: &Arc<Backlog>) -> Hub {
+    let (fatal, _) = crossbeam_channel::unbounded();
+    let broker = Broker::new(Box::new(NullStore));
+    Hub::new(broker, fatal, Bell::new().unwrap()).with_store_backlogs(vec![backlog.clone()])
+}
+
+fn peer() -> (Peer, UnixStream) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    (Peer::new(1, "test".into(), Stream::Unix(ours)), theirs)
+}
+
+#[test]
+fn producers_wait_while_the_store_is_far_behind() {
+    let backlog = Arc::new(Backlog::default());
+    let hub = hub_behind(&backlog);
+    let (peer, _client) = peer();
+    hub.wait_for_store(&peer); // nothing pending: returns at once
+    backlog.add(64 << 20);
+    let (done, finished) = crossbeam_channel::bounded(1);
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            hub.wait_for_store(&peer);
+            let _ = done.send(());
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_millis(50)).is_err(),
+            "went on while the store was 64 MiB behind"
+        );
+        backlog.remove(1, 64 << 20);
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("still waiting once the store caught up");
+    });
+}
+
+/// What a peer's client receives for one delivery of a message with a TTL.
+fn dispatch_seen_by(peer: Peer, client: &mut UnixStream) -> Vec<u8> {
+    let delivery = Delivery {
+        conn: 1,
+        queue: crate::request::QueueName::new(b"jobs").unwrap(),
+        id: crate::id::MessageId::from_u128(7),
+        content: Arc::from(&b"x"[..]),
+        ttl_remaining: Some(60),
+    };
+    fan_out(vec![(Arc::new(peer), vec![delivery.into()])]);
+    let mut got = Vec::new();
+    client.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    // The direct send wrote it all before fan_out returned: read until nothing is left.
+    while let Ok(n) = std::io::Read::read(client, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+#[test]
+fn only_a_peer_that_showed_v11_sees_the_ttl_packet() {
+    let queue = crate::request::QueueName::new(b"jobs").unwrap();
+    let id = crate::id::MessageId::from_u128(7);
+    let (peer, mut client) = peer();
+    let mut three_packets = Vec::new();
+    encode_dispatch(&mut three_packets, &queue, b"x", id, None);
+    assert_eq!(
+        dispatch_seen_by(peer, &mut client),
+        three_packets,
+        "a v1.0 connection reads exactly three packets after a 003"
+    );
+    let (peer, mut client) = self::peer();
+    peer.note_dialect(&Request::DeadLetter {
+        queue: queue.clone(),
+        id: None,
+    });
+    let mut four_packets = Vec::new();
+    encode_dispatch(&mut four_packets, &queue, b"x", id, Some(60));
+    assert_eq!(dispatch_seen_by(peer, &mut client), four_packets);
+}
+
+#[test]
+fn a_closing_connection_does_not_wait() {
+    let backlog = Arc::new(Backlog::default());
+    backlog.add(64 << 20);
+    let hub = hub_behind(&backlog);
+    let (peer, _client) = peer();
+    peer.closing.store(true, Ordering::Relaxed);
+    hub.wait_for_store(&peer);
+    assert!(backlog.is_high(), "returned without the store catching up");
+}
+
+fn hub() -> Hub {
+    let (fatal, _) = crossbeam_channel::unbounded();
+    Hub::new(
+        Broker::new(Box::new(NullStore)),
+        fatal,
+        Bell::new().unwrap(),
+    )
+}
+
+/// Registers a connection that never consumes; returns it and its client end.
+fn registered(hub: &Hub, conn: ConnId) -> (Arc<Peer>, UnixStream) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let peer = Arc::new(Peer::new(conn, "test".into(), Stream::Unix(ours)));
+    assert_eq!(hub.register(conn, peer.clone()), Ok(true));
+    theirs
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    (peer, theirs)
+}
+
+fn read_exactly(client: &mut UnixStream, len: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut got = vec![0; len];
+    client
+        .read_exact(&mut got)
+        .expect("the frame did not arrive");
+    got
+}
+
+#[test]
+fn a_frame_other_than_a_dispatch_reaches_a_connection_that_never_consumed() {
+    let hub = hub();
+    let (_, mut client) = registered(&hub, 1);
+    let (_, mut other) = registered(&hub, 2);
+    hub.send(vec![
+        (1, Outgoing::Raw(b"first".to_vec())),
+        (2, Outgoing::Raw(b"theirs".to_vec())),
+        (1, Outgoing::Raw(b"second".to_vec())),
+    ])
+    .unwrap();
+    // Sent directly: nothing waits for a writer.
+    assert_eq!(read_exactly(&mut client, 11), b"firstsecond");
+    assert_eq!(read_exactly(&mut other, 6), b"theirs");
+}
+
+#[test]
+fn frames_for_a_connection_that_is_gone_are_dropped() {
+    let hub = hub();
+    let (_, mut client) = registered(&hub, 1);
+    let _gone = registered(&hub, 2);
+    hub.unregister(2).unwrap();
+    hub.send(vec![
+        (2, Outgoing::Raw(b"lost".to_vec())),
+        (1, Outgoing::Raw(b"kept".to_vec())),
+        (3, Outgoing::Raw(b"never".to_vec())),
+    ])
+    .unwrap();
+    assert_eq!(read_exactly(&mut client, 4), b"kept");
+}
+
+#[test]
+fn a_frame_the_socket_does_not_take_waits_in_order_for_the_writer() {
+    let hub = hub();
+    let (peer, mut client) = registered(&hub, 1);
+    // More than any socket buffer takes at once: the rest waits in the outbox.
+    let big = vec![b'x'; 8 << 20];
+    hub.send(vec![
+        (1, Outgoing::Raw(big.clone())),
+        (1, Outgoing::Raw(b"after".to_vec())),
+    ])
+    .unwrap();
+    assert!(
+        peer.outbox.pending_len() > 0,
+        "the socket took 8 MiB at once"
+    );
+    thread::scope(|scope| {
+        let writer = scope.spawn(|| peer.outbox.write_loop(&*peer.stream, || {}));
+        let got = read_exactly(&mut client, big.len() + 5);
+        assert!(got.starts_with(&big) && got.ends_with(b"after"));
+        peer.outbox.close();
+        writer.join().unwrap().unwrap();
+    });
+}
