@@ -179,7 +179,7 @@ pub fn new_memory() -> Result<Connection, PersistError> {
 /// No rollback journal: a batch that fails makes the server stop anyway.
 fn tune_memory(memory: &Connection) -> rusqlite::Result<()> {
     // 16 KiB pages: a quarter of the B-tree pages to split, balance and cache per message as
-    // at SQLite's default 4 KiB (end to end +14%, same memory; measured). Only a new database
+    // at SQLite's default 4 KiB, for the same memory (BENCHMARKS.md). Only a new database
     // takes it: one loaded from a file keeps the file's page size (an in-memory database's
     // cannot change), which works the same, only slower.
     // Incremental vacuum: freed pages can be given back a step at a time (memory and file

@@ -93,7 +93,7 @@ pub fn check(conn: &Connection, path: &Path) -> Result<(), PersistError> {
 
 /// Checks the structure of every page (`PRAGMA quick_check`): reading the rows back finds a
 /// damaged table, but not damage to the free list or the pointer map, which would break the
-/// store later, in the middle of its work. About 0.15 s for 1M messages in memory.
+/// store later, in the middle of its work. It reads the database in memory, so it is quick.
 pub fn quick_check(conn: &Connection, path: &Path) -> Result<(), PersistError> {
     let verdict: String = conn
         .query_row("PRAGMA quick_check(1)", [], |row| row.get(0))
@@ -134,7 +134,7 @@ pub fn load(
     // Every id, to refuse a file where two messages share one: acknowledgements find held
     // messages by id. One server run makes ascending ids, so a file is mostly ascending runs:
     // a file that is ascending throughout cannot hold a duplicate, and a merge sort of a few
-    // runs is cheap: ~6 ms for 1M ids in 5 runs (~60 ms if they were random).
+    // runs is cheap, far cheaper than sorting ids in random order.
     let mut ids: Vec<u128> = Vec::new();
     let mut ascending = true;
     // Rows of one queue mostly follow each other: one name serves them all.

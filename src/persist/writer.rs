@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 const MAX_BATCH: usize = 8192;
 /// How long the writer gathers changes after the first one before writing them.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
-/// What a mirror copies between two batches: tens of milliseconds at worst.
+/// What a mirror copies between two batches: a short pause for the batches and fetches that wait.
 const MIRROR_STEP_BYTES: i64 = 16 << 20;
 /// A database up to this size is copied in one step: every batch applied between steps also
 /// writes its changed pages into the copy, which costs more than the short pause saves.
