@@ -4,7 +4,7 @@
 //! `messages.seq` is the table's rowid: the FIFO position is also the key, so deletes and
 //! re-queues find a row without a secondary index.
 
-use super::PersistError;
+use super::error::PersistError;
 use crate::id::MessageId;
 use crate::request::QueueName;
 use crate::store::StoredRow;
