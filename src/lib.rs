@@ -10,10 +10,13 @@
 //! - [`outbox`]: a connection's pending output and the thread that writes it.
 //! - [`connection`]: one client's read loop: bytes in, requests to the broker.
 //! - [`admin`]: the maintenance console (status, monitor, show, search, flush).
-//! - [`server`]: binds the listeners, accepts, owns the shared broker and the shutdown order.
-//! - [`persist`]: the in-memory SQLite store, its mirror to a file, and recovery.
+//! - [`server`]: the composition root: binds the listeners, accepts, owns the shared broker
+//!   and the shutdown order.
+//! - [`storage`]: the seam between the server and a storage backend ([`storage::Storage`]).
+//! - [`persist`]: the SQLite backend: the in-memory store, its mirror to a file, and recovery.
 //! - [`logfile`]: a log file that SIGHUP can reopen.
 //! - [`memory`]: giving freed memory back to the system.
+//! - [`system`]: what `/proc` tells about this process (resident memory, bytes written).
 //! - [`ratelog`]: rate limits for the log lines clients can cause.
 //! - [`config`]: the server's settings and listen addresses.
 //! - [`client`]: a blocking PHPMQ client for the `phpmq` command line.
@@ -37,4 +40,6 @@ pub mod persist;
 pub mod ratelog;
 pub mod request;
 pub mod server;
+pub mod storage;
 pub mod store;
+pub mod system;

@@ -15,12 +15,11 @@ pub use render::{status_json, status_text};
 use crate::broker::{Listing, QueueStatus, Totals};
 use crate::hub::BrokerDown;
 use crate::net::Stream;
-use crate::persist::{MirrorHealth, MirrorReport};
 use crate::request::QueueName;
+use crate::storage::StorageStatus;
 use crate::store::Millis;
 use log::{debug, info};
 use std::io::{self, BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// What every reply ends with.
@@ -43,10 +42,8 @@ pub struct Status {
     pub rss_bytes: Option<u64>,
     pub totals: Totals,
     pub queues: Vec<QueueStatus>,
-    pub db: Option<PathBuf>,
-    pub last_mirror: Option<MirrorReport>,
-    /// How the mirror has been doing (`None` without persistence).
-    pub mirror: Option<MirrorHealth>,
+    /// How storage has been doing (`None` when messages are kept in memory only).
+    pub storage: Option<StorageStatus>,
     /// When the snapshot was taken.
     pub now: Millis,
 }

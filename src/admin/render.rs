@@ -58,12 +58,13 @@ pub fn status_text(status: &Status) -> String {
         "messages: {} accepted, {} delivered, {} acknowledged, {} requeued, {} expired, {} dead-lettered, {} flushed",
         t.accepted, t.delivered, t.acknowledged, t.requeued, t.expired, t.dead_lettered, t.flushed
     );
-    match (&status.db, &status.last_mirror) {
+    let storage = status.storage.as_ref();
+    match (storage, storage.and_then(|s| s.last_sync.as_ref())) {
         (None, _) => out.push_str("persistence: none (memory only)\n"),
-        (Some(db), None) => {
-            let _ = writeln!(out, "last mirror: none yet, to {}", db.display());
+        (Some(storage), None) => {
+            let _ = writeln!(out, "last mirror: none yet, to {}", storage.location);
         }
-        (Some(db), Some(m)) => {
+        (Some(storage), Some(m)) => {
             let _ = writeln!(
                 out,
                 "last mirror: {} ago ({}), took {}, {} messages, {} written, file {}, to {}",
@@ -73,11 +74,11 @@ pub fn status_text(status: &Status) -> String {
                 m.messages,
                 m.written.map_or_else(|| "?".into(), bytes),
                 bytes(m.bytes),
-                db.display()
+                storage.location
             );
         }
     }
-    if let Some(health) = &status.mirror {
+    if let Some(health) = &status.storage {
         if health.pending_changes > 0 {
             let _ = writeln!(
                 out,
@@ -154,7 +155,8 @@ fn json_opt(value: Option<u64>) -> String {
 /// phpmq(1) and stable: fields may be added, never renamed or removed.
 pub fn status_json(status: &Status) -> String {
     let t = &status.totals;
-    let mirror = match &status.last_mirror {
+    let storage = status.storage.as_ref();
+    let mirror = match storage.and_then(|s| s.last_sync.as_ref()) {
         None => "null".to_string(),
         Some(m) => format!(
             r#"{{"at_ms":{},"age_ms":{},"duration_ms":{},"messages":{},"bytes":{},"written_bytes":{},"full":{}}}"#,
@@ -167,7 +169,7 @@ pub fn status_json(status: &Status) -> String {
             m.full
         ),
     };
-    let health = match &status.mirror {
+    let health = match storage {
         None => "null".to_string(),
         Some(h) => format!(
             r#"{{"completed":{},"full_copies":{},"failures":{},"failing_for":{},"last_error":{},"last_error_at_ms":{},"written_bytes":{},"pending_changes":{}}}"#,
@@ -183,10 +185,7 @@ pub fn status_json(status: &Status) -> String {
             h.pending_changes
         ),
     };
-    let db = status
-        .db
-        .as_ref()
-        .map_or_else(|| "null".into(), |p| json_string(&p.display().to_string()));
+    let db = storage.map_or_else(|| "null".into(), |s| json_string(&s.location));
     let queues: Vec<String> = status
         .queues
         .iter()

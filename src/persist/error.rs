@@ -40,6 +40,9 @@ pub enum PersistError {
     /// A thread panicked while using the in-memory database.
     #[error("the in-memory store stopped after a thread panicked while using it")]
     Poisoned,
+    /// A thread of the store could not be started.
+    #[error("cannot start a thread: {0}")]
+    Spawn(#[source] io::Error),
     /// At the end, the file is not where it should be.
     #[error("{}: no database file after the final mirror ({detail})", path.display())]
     Missing { path: PathBuf, detail: String },

@@ -4,8 +4,10 @@
 
 use super::error::PersistError;
 use super::shared::Shared;
+use crate::storage::{StatusSource, StorageStatus, SyncReport};
 use crate::store::{now_millis, Millis};
 use log::{debug, info};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,6 +31,19 @@ pub struct MirrorReport {
     pub locked: Duration,
     /// When it was complete on disk.
     pub finished_at: Millis,
+}
+
+impl From<&MirrorReport> for SyncReport {
+    fn from(report: &MirrorReport) -> SyncReport {
+        SyncReport {
+            finished_at: report.finished_at,
+            duration: report.duration,
+            messages: report.messages,
+            bytes: report.bytes,
+            written: report.written,
+            full: report.full,
+        }
+    }
 }
 
 /// How the mirror has been doing, for status displays and the log.
@@ -58,6 +73,7 @@ pub struct MirrorHealth {
 pub struct MirrorStatus {
     pub(super) health: Arc<Mutex<MirrorHealth>>,
     pub(super) shared: Arc<Shared>,
+    pub(super) target: PathBuf,
 }
 
 impl MirrorStatus {
@@ -71,6 +87,23 @@ impl MirrorStatus {
         let mut health = lock(&self.health).clone();
         health.pending_changes = self.shared.journal.pending() + health.held_back;
         health
+    }
+}
+
+impl StatusSource for MirrorStatus {
+    fn status(&self) -> StorageStatus {
+        let health = self.health();
+        StorageStatus {
+            location: self.target.display().to_string(),
+            last_sync: health.last.as_ref().map(SyncReport::from),
+            completed: health.completed,
+            full_copies: health.full_copies,
+            failures: health.failures,
+            failing_for: health.failing_for,
+            last_error: health.last_error,
+            written: health.written,
+            pending_changes: health.pending_changes,
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Persistence: every accepted message lives in an in-memory SQLite database, which is mirrored
 //! to a file in the background, so messages survive a restart without the broker ever waiting
-//! for a disk. [`Persistence`] is the front.
+//! for a disk. [`Persistence`] is the front, and the SQLite [`crate::storage::Storage`].
 //!
 //! - `error`: [`PersistError`], what goes wrong, worded for the operator.
 //! - `schema`: the tables, recognising our files, reading messages back.
@@ -37,7 +37,8 @@ pub use health::{MirrorHealth, MirrorReport, MirrorStatus};
 pub use schema::SCHEMA_VERSION;
 pub use writer::ChannelStore;
 
-use crate::store::{now_millis, Backlog, FetchRequest, Fetched, StoredRow};
+use crate::storage::{OnFatal, OnFetched, StatusSource, Storage, StorageError, SyncReport};
+use crate::store::{now_millis, Backlog, FetchRequest, Fetched, Store, StoredRow};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use file::FileDb;
 use log::{info, warn};
@@ -155,6 +156,7 @@ impl Persistence {
         MirrorStatus {
             health: self.health.clone(),
             shared: self.shared.clone(),
+            target: self.target.clone(),
         }
     }
 
@@ -293,6 +295,41 @@ impl Persistence {
         let report = copy::write(&self.shared, &self.target)?;
         health::record(&self.health, report.clone());
         Ok(Some(report))
+    }
+}
+
+/// The SQLite mirror as the server's storage.
+impl Storage for Persistence {
+    fn location(&self) -> String {
+        self.target.display().to_string()
+    }
+
+    fn recover(&mut self, restore: &mut dyn FnMut(StoredRow<'_>)) -> Result<usize, StorageError> {
+        Persistence::recover(self, restore).map_err(StorageError::new)
+    }
+
+    fn store(&self) -> Box<dyn Store> {
+        Box::new(Persistence::store(self))
+    }
+
+    fn backlogs(&self) -> Vec<Arc<Backlog>> {
+        Persistence::backlogs(self)
+    }
+
+    fn status(&self) -> Arc<dyn StatusSource> {
+        Arc::new(self.mirror_status())
+    }
+
+    fn start(&mut self, on_fetched: OnFetched, on_fatal: OnFatal) -> Result<(), StorageError> {
+        let on_fatal = Arc::new(move |e: PersistError| on_fatal(StorageError::new(e)));
+        Persistence::start(self, on_fetched, on_fatal)
+            .map_err(|e| StorageError::new(PersistError::Spawn(e)))
+    }
+
+    fn finish(self: Box<Self>) -> Result<Option<SyncReport>, StorageError> {
+        Persistence::finish(*self)
+            .map(|report| report.as_ref().map(SyncReport::from))
+            .map_err(StorageError::new)
     }
 }
 
