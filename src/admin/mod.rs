@@ -7,10 +7,12 @@
 //! no command for the console idle timeout is closed, and a client beyond the session limit is
 //! told so before it is closed.
 
+mod json;
 pub mod names;
 mod render;
 
-pub use render::{status_json, status_text};
+pub use json::status_json;
+pub use render::status_text;
 
 use crate::broker::{Listing, QueueStatus, Totals};
 use crate::hub::BrokerDown;
@@ -186,7 +188,10 @@ pub fn execute(line: &str, backend: &dyn Backend) -> Reply {
             Err(e) => down(e),
         },
         ("status", "json") => match backend.status() {
-            Ok(status) => Reply::Text(status_json(&status) + "\n"),
+            Ok(status) => match status_json(&status) {
+                Ok(json) => Reply::Text(json + "\n"),
+                Err(e) => Reply::Text(format!("error: {e}\n")),
+            },
             Err(e) => down(e),
         },
         ("monitor", "") => Reply::Monitor,
