@@ -8,7 +8,7 @@ use super::copy;
 use super::error::PersistError;
 use super::file::FileDb;
 use super::health::{self, MirrorHealth, MirrorReport};
-use super::shared::Shared;
+use super::shared::{PanicAlarm, Shared};
 use super::writer::Command;
 use crate::store::{now_millis, StoreOp};
 use crossbeam_channel::{bounded, select, tick, Receiver, Sender};
@@ -59,12 +59,20 @@ enum Outcome {
 }
 
 impl Mirror {
-    /// Starts the thread, mirroring every `interval`.
-    pub fn spawn(self, state: MirrorState, interval: Duration) -> io::Result<Running> {
+    /// Starts the thread, mirroring every `interval`; `alarm` goes off if it panics.
+    pub fn spawn(
+        self,
+        state: MirrorState,
+        interval: Duration,
+        alarm: PanicAlarm,
+    ) -> io::Result<Running> {
         let (stop, stopped) = bounded(1);
         let handle = thread::Builder::new()
             .name("phpmq-mirror".into())
-            .spawn(move || self.run(state, interval, &stopped))?;
+            .spawn(move || {
+                let _alarm = alarm;
+                self.run(state, interval, &stopped)
+            })?;
         Ok((stop, handle))
     }
 

@@ -43,7 +43,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use file::FileDb;
 use log::{info, warn};
 use mirror::{Mirror, MirrorState};
-use shared::Shared;
+use shared::{PanicAlarm, Shared};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -187,14 +187,18 @@ impl Persistence {
             }
         };
         let shared = self.shared.clone();
+        let alarm = PanicAlarm(on_fatal.clone());
         let callbacks = Callbacks {
             fetched: on_fetched,
-            error: on_fatal,
+            error: on_fatal.clone(),
         };
         self.writer = Some(
             thread::Builder::new()
                 .name("phpmq-store".into())
-                .spawn(move || writer::run(&shared, &commands, &fetches, &callbacks))?,
+                .spawn(move || {
+                    let _alarm = alarm;
+                    writer::run(&shared, &commands, &fetches, &callbacks)
+                })?,
         );
         let mirror = Mirror {
             shared: self.shared.clone(),
@@ -202,7 +206,7 @@ impl Persistence {
             target: self.target.clone(),
             health: self.health.clone(),
         };
-        self.mirror = Some(mirror.spawn(state, self.interval)?);
+        self.mirror = Some(mirror.spawn(state, self.interval, PanicAlarm(on_fatal))?);
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! What the store writer, the mirror thread and the front share: the in-memory database and
-//! the counters and journal around it. In a module of its own so that the writer and the
-//! copying code both use it without importing each other.
+//! the counters and journal around it, and the alarm its threads hold. In a module of its own
+//! so that the writer and the copying code both use it without importing each other.
 
 use super::error::PersistError;
 use super::journal::Journal;
@@ -8,6 +8,7 @@ use crate::store::Backlog;
 use rusqlite::Connection;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::{Arc, Mutex};
+use std::thread;
 
 /// What the writer and the rest of persistence share.
 pub struct Shared {
@@ -42,5 +43,44 @@ pub fn memory_failure(action: &'static str) -> impl Fn(rusqlite::Error) -> Persi
         action,
         path: ":memory:".into(),
         source,
+    }
+}
+
+/// Held by the store's threads: one that panics tells the server, which stops rather than run
+/// on with changes that are no longer kept (a panicking mirror thread's state is lost, and
+/// the final mirror writes the file in full).
+pub struct PanicAlarm(pub Arc<dyn Fn(PersistError) + Send + Sync>);
+
+impl Drop for PanicAlarm {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            (self.0)(PersistError::Poisoned);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn a_thread_that_panics_holding_the_alarm_sets_it_off() {
+        let heard = Arc::new(AtomicBool::new(false));
+        let alarm = {
+            let heard = heard.clone();
+            PanicAlarm(Arc::new(move |e: PersistError| {
+                heard.store(matches!(e, PersistError::Poisoned), Ordering::SeqCst);
+            }))
+        };
+        // Dropped without a panic: silent.
+        drop(PanicAlarm(Arc::new(|_| unreachable!("no panic, no alarm"))));
+        let joined = thread::spawn(move || {
+            let _alarm = alarm;
+            panic!("a store thread panics");
+        })
+        .join();
+        assert!(joined.is_err());
+        assert!(heard.load(Ordering::SeqCst));
     }
 }
