@@ -6,6 +6,7 @@
 //! - [`id`]: message ids.
 //! - [`broker`]: the queue state machine (FIFO queues, consumer rings, holds); no I/O.
 //! - [`store`]: the seam where the broker reports changes for persistence.
+//! - [`hub`]: the lock around the broker, and the fan-out of its output to connections.
 //! - [`net`]: the one place that names TCP and Unix sockets.
 //! - [`outbox`]: a connection's pending output and the thread that writes it.
 //! - [`connection`]: one client's read loop: bytes in, requests to the broker.

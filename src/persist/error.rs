@@ -22,7 +22,13 @@ pub enum PersistError {
     },
     /// A phpmq database with damaged contents.
     #[error("{}: the database is corrupt ({detail}); refusing to start, the file is left as it is", path.display())]
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        path: PathBuf,
+        detail: String,
+        /// SQLite's own error, where SQLite found the damage.
+        #[source]
+        source: Option<rusqlite::Error>,
+    },
     #[error("cannot {action} {}: {source}", path.display())]
     Sqlite {
         action: &'static str,

@@ -41,6 +41,7 @@ pub fn classify(path: &Path, action: &'static str, error: rusqlite::Error) -> Pe
         Some(ErrorCode::DatabaseCorrupt) => PersistError::Corrupt {
             path: path.to_owned(),
             detail: error.to_string(),
+            source: Some(error),
         },
         _ => PersistError::Sqlite {
             action,
@@ -108,6 +109,7 @@ pub fn quick_check(conn: &Connection, path: &Path) -> Result<(), PersistError> {
     Err(PersistError::Corrupt {
         path: path.to_owned(),
         detail: first.chars().take(200).collect(),
+        source: None,
     })
 }
 
@@ -123,6 +125,7 @@ pub fn load(
     let corrupt = |detail: String| PersistError::Corrupt {
         path: path.to_owned(),
         detail,
+        source: None,
     };
     let mut statement = conn
         .prepare(
