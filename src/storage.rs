@@ -125,3 +125,36 @@ pub fn open(config: &Config) -> Result<Option<Box<dyn Storage>>, StorageError> {
         None => Ok(None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persist::PersistError;
+    use crate::server::ServerError;
+    use std::error::Error;
+
+    #[test]
+    fn a_storage_error_reads_as_the_backends_and_keeps_its_source() {
+        let config = Config {
+            db: Some("/nonexistent-phpmq-dir/phpmq.sqlite".into()),
+            ..Config::default()
+        };
+        let Err(e) = open(&config) else {
+            panic!("a file in a missing directory cannot be created");
+        };
+        assert!(
+            e.to_string()
+                .starts_with("cannot create /nonexistent-phpmq-dir/phpmq.sqlite.tmp: "),
+            "{e}"
+        );
+        assert!(e.inner().downcast_ref::<PersistError>().is_some());
+        let sqlite = e.source().expect("SQLite's error");
+        assert!(
+            sqlite.downcast_ref::<rusqlite::Error>().is_some(),
+            "{sqlite}"
+        );
+        let server = ServerError::from(e);
+        assert!(server.to_string().starts_with("cannot create "), "{server}");
+        assert!(server.source().is_some());
+    }
+}
