@@ -12,11 +12,14 @@
 //! - [`outgoing`]: the frames the server sends (dispatches) and their encoding.
 //! - [`connection`]: one client's read loop: bytes in, requests to the broker.
 //! - [`admin`]: the maintenance console (status, monitor, show, search, flush).
-//! - [`server`]: binds the listeners, accepts, owns the shared broker and the shutdown order.
+//! - [`server`]: the composition root: binds the listeners, accepts, owns the shared broker
+//!   and the shutdown order.
 //! - [`fatal`]: why the server must stop on its own.
-//! - [`persist`]: the in-memory SQLite store, its mirror to a file, and recovery.
+//! - [`storage`]: the seam between the server and a storage backend ([`storage::Storage`]).
+//! - [`persist`]: the SQLite backend: the in-memory store, its mirror to a file, and recovery.
 //! - [`logfile`]: a log file that SIGHUP can reopen.
 //! - [`memory`]: giving freed memory back to the system.
+//! - [`system`]: what `/proc` tells about this process (resident memory, bytes written).
 //! - [`ratelog`]: rate limits for the log lines clients can cause.
 //! - [`config`]: the server's settings and listen addresses.
 //! - [`client`]: a blocking PHPMQ client for the `phpmq` command line.
@@ -42,4 +45,6 @@ pub mod persist;
 pub mod ratelog;
 pub mod request;
 pub mod server;
+pub mod storage;
 pub mod store;
+pub mod system;

@@ -7,20 +7,21 @@
 //! no command for the console idle timeout is closed, and a client beyond the session limit is
 //! told so before it is closed.
 
+mod json;
 pub mod names;
 mod render;
 
-pub use render::{status_json, status_text};
+pub use json::status_json;
+pub use render::status_text;
 
 use crate::broker::{Listing, QueueStatus, Totals};
 use crate::hub::BrokerDown;
 use crate::net::Stream;
-use crate::persist::{MirrorHealth, MirrorReport};
 use crate::request::QueueName;
+use crate::storage::StorageStatus;
 use crate::store::Millis;
 use log::{debug, info};
 use std::io::{self, BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// What every reply ends with.
@@ -43,10 +44,8 @@ pub struct Status {
     pub rss_bytes: Option<u64>,
     pub totals: Totals,
     pub queues: Vec<QueueStatus>,
-    pub db: Option<PathBuf>,
-    pub last_mirror: Option<MirrorReport>,
-    /// How the mirror has been doing (`None` without persistence).
-    pub mirror: Option<MirrorHealth>,
+    /// How storage has been doing (`None` when messages are kept in memory only).
+    pub storage: Option<StorageStatus>,
     /// When the snapshot was taken.
     pub now: Millis,
 }
@@ -189,7 +188,10 @@ pub fn execute(line: &str, backend: &dyn Backend) -> Reply {
             Err(e) => down(e),
         },
         ("status", "json") => match backend.status() {
-            Ok(status) => Reply::Text(status_json(&status) + "\n"),
+            Ok(status) => match status_json(&status) {
+                Ok(json) => Reply::Text(json + "\n"),
+                Err(e) => Reply::Text(format!("error: {e}\n")),
+            },
             Err(e) => down(e),
         },
         ("monitor", "") => Reply::Monitor,

@@ -1,4 +1,5 @@
-//! Turning a [`Status`] or a [`Listing`] into text for people and JSON for programs.
+//! Turning a [`Status`] or a [`Listing`] into text for people (the JSON for programs is in
+//! `json`).
 
 use super::{names, Status};
 use crate::broker::{Listing, MessageState};
@@ -58,12 +59,13 @@ pub fn status_text(status: &Status) -> String {
         "messages: {} accepted, {} delivered, {} acknowledged, {} requeued, {} expired, {} dead-lettered, {} flushed",
         t.accepted, t.delivered, t.acknowledged, t.requeued, t.expired, t.dead_lettered, t.flushed
     );
-    match (&status.db, &status.last_mirror) {
+    let storage = status.storage.as_ref();
+    match (storage, storage.and_then(|s| s.last_sync.as_ref())) {
         (None, _) => out.push_str("persistence: none (memory only)\n"),
-        (Some(db), None) => {
-            let _ = writeln!(out, "last mirror: none yet, to {}", db.display());
+        (Some(storage), None) => {
+            let _ = writeln!(out, "last mirror: none yet, to {}", storage.location);
         }
-        (Some(db), Some(m)) => {
+        (Some(storage), Some(m)) => {
             let _ = writeln!(
                 out,
                 "last mirror: {} ago ({}), took {}, {} messages, {} written, file {}, to {}",
@@ -73,11 +75,11 @@ pub fn status_text(status: &Status) -> String {
                 m.messages,
                 m.written.map_or_else(|| "?".into(), bytes),
                 bytes(m.bytes),
-                db.display()
+                storage.location
             );
         }
     }
-    if let Some(health) = &status.mirror {
+    if let Some(health) = &status.storage {
         if health.pending_changes > 0 {
             let _ = writeln!(
                 out,
@@ -126,104 +128,6 @@ pub fn status_text(status: &Status) -> String {
         if status.queues.len() == 1 { "" } else { "s" }
     );
     out
-}
-
-/// A JSON string literal.
-fn json_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn json_opt(value: Option<u64>) -> String {
-    value.map_or_else(|| "null".into(), |v| v.to_string())
-}
-
-/// The machine-readable status: one JSON document on one line. Its shape is documented in
-/// phpmq(1) and stable: fields may be added, never renamed or removed.
-pub fn status_json(status: &Status) -> String {
-    let t = &status.totals;
-    let mirror = match &status.last_mirror {
-        None => "null".to_string(),
-        Some(m) => format!(
-            r#"{{"at_ms":{},"age_ms":{},"duration_ms":{},"messages":{},"bytes":{},"written_bytes":{},"full":{}}}"#,
-            m.finished_at,
-            status.now.saturating_sub(m.finished_at),
-            m.duration.as_millis(),
-            m.messages,
-            m.bytes,
-            json_opt(m.written),
-            m.full
-        ),
-    };
-    let health = match &status.mirror {
-        None => "null".to_string(),
-        Some(h) => format!(
-            r#"{{"completed":{},"full_copies":{},"failures":{},"failing_for":{},"last_error":{},"last_error_at_ms":{},"written_bytes":{},"pending_changes":{}}}"#,
-            h.completed,
-            h.full_copies,
-            h.failures,
-            h.failing_for,
-            h.last_error
-                .as_ref()
-                .map_or_else(|| "null".into(), |(_, e)| json_string(e)),
-            json_opt(h.last_error.as_ref().map(|(at, _)| *at)),
-            h.written,
-            h.pending_changes
-        ),
-    };
-    let db = status
-        .db
-        .as_ref()
-        .map_or_else(|| "null".into(), |p| json_string(&p.display().to_string()));
-    let queues: Vec<String> = status
-        .queues
-        .iter()
-        .map(|q| {
-            format!(
-                r#"{{"name":{},"ready":{},"in_flight":{},"consumers":{},"bytes":{},"oldest_ready_ms":{}}}"#,
-                json_string(q.name.as_str()),
-                q.ready,
-                q.in_flight,
-                q.consumers,
-                q.bytes,
-                json_opt(q.oldest_ready_ms)
-            )
-        })
-        .collect();
-    format!(
-        concat!(
-            r#"{{"server":{{"version":{},"uptime_s":{},"connections":{},"rss_bytes":{},"db":{},"last_mirror":{},"mirror":{},"#,
-            r#""totals":{{"accepted":{},"delivered":{},"acknowledged":{},"requeued":{},"expired":{},"dead_lettered":{},"flushed":{}}}}},"#,
-            r#""queues":[{}]}}"#
-        ),
-        json_string(status.version),
-        status.uptime.as_secs(),
-        status.connections,
-        json_opt(status.rss_bytes),
-        db,
-        mirror,
-        health,
-        t.accepted,
-        t.delivered,
-        t.acknowledged,
-        t.requeued,
-        t.expired,
-        t.dead_lettered,
-        t.flushed,
-        queues.join(",")
-    )
 }
 
 /// The messages of one queue.
@@ -276,12 +180,5 @@ mod tests {
         assert_eq!(age(307_000), "5m07s");
         assert_eq!(age(3 * 3_600_000 + 120_000), "3h02m");
         assert_eq!(age(2 * 86_400_000 + 4 * 3_600_000), "2d04h");
-    }
-
-    #[test]
-    fn json_strings_are_escaped() {
-        assert_eq!(json_string(r#"a"b\c"#), r#""a\"b\\c""#);
-        assert_eq!(json_string("\u{1}"), r#""\u0001""#);
-        assert_eq!(json_string("zürich"), "\"zürich\"");
     }
 }

@@ -34,9 +34,10 @@ impl Backend for Fake {
                     oldest_ready_ms: Some(1500),
                 })
                 .collect(),
-            db: Some("phpmq.sqlite".into()),
-            last_mirror: None,
-            mirror: None,
+            storage: Some(crate::storage::StorageStatus {
+                location: "phpmq.sqlite".into(),
+                ..Default::default()
+            }),
             now: 0,
         })
     }

@@ -153,12 +153,8 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let addrs: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
-    let db = match server.db_path() {
-        Some(path) => format!(
-            "db {} ({} messages recovered)",
-            path.display(),
-            server.recovered()
-        ),
+    let db = match server.storage_location() {
+        Some(location) => format!("db {location} ({} messages recovered)", server.recovered()),
         None => "db none (memory only)".to_string(),
     };
     let console: Vec<String> = server

@@ -101,7 +101,7 @@ impl FileDb {
     /// Applies `ops` in one synced transaction, then folds the log into the file if it grew
     /// large, and gives back a step of free space if much is free.
     pub fn apply(&self, ops: &[StoreOp]) -> rusqlite::Result<Applied> {
-        let before = written_by_this_thread();
+        let before = crate::system::written_by_this_thread();
         // Space is given back on a mirror with nothing else to do: during a drain, moving
         // pages would only add to what the drain writes.
         let (row_delta, shrunk) = if ops.is_empty() {
@@ -112,7 +112,7 @@ impl FileDb {
         if self.wal_bytes() > CHECKPOINT_BYTES {
             self.checkpoint()?;
         }
-        let written = match (before, written_by_this_thread()) {
+        let written = match (before, crate::system::written_by_this_thread()) {
             (Some(before), Some(after)) => Some(after.saturating_sub(before)),
             _ => None,
         };
@@ -181,12 +181,4 @@ fn io_failure(path: &Path, e: io::Error) -> rusqlite::Error {
         rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
         Some(format!("{}: {e}", path.display())),
     )
-}
-
-/// Bytes this thread has passed to `write(2)` and the like so far (Linux), for the mirror's
-/// report of what it cost.
-fn written_by_this_thread() -> Option<u64> {
-    let io = fs::read_to_string("/proc/thread-self/io").ok()?;
-    let line = io.lines().find(|l| l.starts_with("wchar:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }

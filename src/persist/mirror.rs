@@ -1,300 +1,230 @@
-//! Copying between the in-memory database and the file, with SQLite's online backup API.
-//!
-//! A mirror is written to a temporary file beside the target, synced, renamed over the target,
-//! and the directory synced: the target is always one complete mirror, and a crash at any
-//! point leaves the previous one. Loading opens the file read-only (unless SQLite must replay a
-//! write-ahead log left by a crash), so a file that is refused is never changed.
+//! The mirror thread: on every tick (and early when the journal grows), brings the file up to
+//! date: the changes since the last mirror in one synced transaction, or a full copy where
+//! the file needs one (missing, replaced, from an old phpmq, or the journal overflowed). A
+//! failing mirror keeps its changes for the next try, within bounds, and is counted in
+//! [`MirrorHealth`].
 
-use super::schema;
-use super::writer::Shared;
-use super::PersistError;
-use crate::store::{now_millis, Millis};
-use rusqlite::backup::{Backup, StepResult};
-use rusqlite::{Connection, OpenFlags};
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use super::copy;
+use super::error::PersistError;
+use super::file::FileDb;
+use super::health::{self, MirrorHealth, MirrorReport};
+use super::shared::{PanicAlarm, Shared};
+use super::writer::Command;
+use crate::store::{now_millis, StoreOp};
+use crossbeam_channel::{bounded, select, tick, Receiver, Sender};
+use log::{error, warn};
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// What one mirror did.
-#[derive(Clone, Debug)]
-pub struct MirrorReport {
-    /// The writer generation the file reflects.
-    pub generation: u64,
+/// Changes a failing mirror keeps for its next try; past this it forgets them and writes the
+/// file in full once it can.
+const MAX_IN_HAND: usize = 4 << 20;
+/// ...or this many content bytes.
+const MAX_IN_HAND_BYTES: usize = 256 << 20;
+/// Content bytes of a mirror after which freed memory is handed back to the system.
+const RELEASE_AFTER_BYTES: usize = 8 << 20;
+
+/// What the mirror thread keeps between runs, and hands back when it stops for the final
+/// mirror.
+#[derive(Default)]
+pub struct MirrorState {
+    /// The open file; `None` when it must be written in full on the next run.
+    pub file: Option<FileDb>,
     /// Messages in the file.
-    pub messages: i64,
-    /// The file's size.
-    pub bytes: u64,
-    /// Bytes written to disk for this mirror, where the system tells.
-    pub written: Option<u64>,
-    /// A full copy (a new, missing, replaced or old-format file), not the changes alone.
-    pub full: bool,
-    /// The whole mirror: write, sync (and for a full copy, rename).
-    pub duration: Duration,
-    /// The longest the store writer spent copying in one go for a full copy (its batches and
-    /// fetches wait meanwhile; the broker never does).
-    pub locked: Duration,
-    /// When it was complete on disk.
-    pub finished_at: Millis,
+    pub rows: i64,
+    /// Changes taken from the journal that are not in the file yet (their mirror failed).
+    pub in_hand: Vec<StoreOp>,
 }
 
-/// The temporary file a mirror is written to before it replaces `target`.
-pub fn temp_path(target: &Path) -> PathBuf {
-    let mut name = target.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    target.with_file_name(name)
+/// The mirror thread: on every tick, brings the file up to date.
+pub struct Mirror {
+    pub shared: Arc<Shared>,
+    /// The store writer, which makes full copies.
+    pub writer: Sender<Command>,
+    pub target: PathBuf,
+    pub health: Arc<Mutex<MirrorHealth>>,
 }
 
-fn io_error<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl Fn(std::io::Error) -> PersistError + 'a {
-    move |source| PersistError::Io {
-        action,
-        path: path.to_owned(),
-        source,
+/// The running mirror thread: closing `stop` ends it, and joining gives its state back.
+pub type Running = (Sender<()>, JoinHandle<MirrorState>);
+
+/// What a mirror run came to.
+enum Outcome {
+    Done(Option<MirrorReport>),
+    /// The writer has stopped: the final mirror is not ours to write.
+    Stopped,
+}
+
+impl Mirror {
+    /// Starts the thread, mirroring every `interval`; `alarm` goes off if it panics.
+    pub fn spawn(
+        self,
+        state: MirrorState,
+        interval: Duration,
+        alarm: PanicAlarm,
+    ) -> io::Result<Running> {
+        let (stop, stopped) = bounded(1);
+        let handle = thread::Builder::new()
+            .name("phpmq-mirror".into())
+            .spawn(move || {
+                let _alarm = alarm;
+                self.run(state, interval, &stopped)
+            })?;
+        Ok((stop, handle))
     }
-}
 
-/// Copies all pages of `from` into `to` in one step.
-fn copy_all(from: &Connection, to: &mut Connection) -> rusqlite::Result<()> {
-    let backup = Backup::new(from, to)?;
-    // Nothing else uses these connections, so one step finishes; a few retries cover a
-    // spurious busy without ever spinning forever.
-    for _ in 0..100 {
-        if backup.step(-1)? == StepResult::Done {
-            return Ok(());
-        }
-    }
-    Err(rusqlite::Error::SqliteFailure(
-        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
-        Some("backup did not complete".into()),
-    ))
-}
-
-/// Creates a fresh `temp` (replacing a stale one) to copy a mirror into.
-pub fn create_temp(temp: &Path) -> Result<Connection, PersistError> {
-    match fs::remove_file(temp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io_error("remove", temp)(e))
-        }
-        _ => {}
-    }
-    let sqlite = |action| {
-        move |source| PersistError::Sqlite {
-            action,
-            path: temp.to_owned(),
-            source,
-        }
-    };
-    let file = Connection::open(temp).map_err(sqlite("create"))?;
-    // We sync the finished file ourselves; SQLite's journal and syncs would only slow the copy.
-    file.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
-        .map_err(sqlite("set up"))?;
-    Ok(file)
-}
-
-/// Makes a complete copy at `temp` the mirror: sync it, rename it over `target`, sync the
-/// directory. Returns its size.
-pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
-    let synced = File::open(temp).map_err(io_error("open", temp))?;
-    synced.sync_all().map_err(io_error("sync", temp))?;
-    let bytes = synced.metadata().map(|m| m.len()).unwrap_or_default();
-    drop(synced);
-    // A write-ahead log left beside the target belongs to the file being replaced: SQLite
-    // would replay it into the new one. Nobody has the target open now (the mirror closed it).
-    for suffix in ["-wal", "-shm"] {
-        let mut stale = target.as_os_str().to_owned();
-        stale.push(suffix);
-        match fs::remove_file(&stale) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io_error("remove", Path::new(&stale))(e))
+    /// Mirrors on every tick until the stop channel closes; returns its state for the final
+    /// mirror.
+    fn run(&self, mut state: MirrorState, interval: Duration, stop: &Receiver<()>) -> MirrorState {
+        let ticker = tick(interval);
+        let early = self.shared.journal.wake_ups().clone();
+        loop {
+            select! {
+                recv(ticker) -> _ => {}
+                recv(early) -> _ => {
+                    // A failing mirror retries on its tick, not on every batch.
+                    if health::lock(&self.health).failing_for > 0 {
+                        continue;
+                    }
+                }
+                recv(stop) -> _ => return state,
             }
-            _ => {}
+            let outcome = self.once(&mut state, stop);
+            health::lock(&self.health).held_back = state.in_hand.len();
+            match outcome {
+                Ok(Outcome::Done(Some(report))) => health::record(&self.health, report),
+                Ok(Outcome::Done(None)) => {}
+                Ok(Outcome::Stopped) => return state,
+                Err(e) => {
+                    // Logged once per run of failures, then every 60th, not every tick.
+                    let failing_for = health::lock(&self.health).failing_for;
+                    if failing_for.is_multiple_of(60) {
+                        error!(
+                            "mirror of {} failed, will retry: {e}",
+                            self.target.display()
+                        );
+                    }
+                    health::fail(&self.health, &e);
+                }
+            }
         }
     }
-    fs::rename(temp, target).map_err(io_error("rename into place", target))?;
-    sync_dir(target)?;
-    Ok(bytes)
-}
 
-/// Writes the in-memory database to `target` in one go (at creation and after the writer
-/// stopped; while it runs, the writer copies a few pages at a time).
-pub fn write(shared: &Shared, target: &Path) -> Result<MirrorReport, PersistError> {
-    let started = Instant::now();
-    let temp = temp_path(target);
-    let mut file = create_temp(&temp)?;
-    let (generation, messages, locked) = {
-        let memory = shared.memory.lock().map_err(|_| PersistError::Poisoned)?;
-        let locked_at = Instant::now();
-        copy_all(&memory, &mut file).map_err(|source| PersistError::Sqlite {
-            action: "write",
-            path: temp.clone(),
-            source,
-        })?;
-        (
-            shared.generation.load(Ordering::Acquire),
-            shared.rows.load(Ordering::Relaxed),
-            locked_at.elapsed(),
-        )
-    };
-    drop(file);
-    let bytes = put_in_place(&temp, target)?;
-    Ok(MirrorReport {
-        generation,
-        messages,
-        bytes,
-        written: Some(bytes),
-        full: true,
-        duration: started.elapsed(),
-        locked,
-        finished_at: now_millis(),
-    })
-}
-
-/// Makes a rename durable: sync the directory that holds `path`.
-fn sync_dir(path: &Path) -> Result<(), PersistError> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error("sync directory of", path))
-}
-
-/// A fresh in-memory database with the schema.
-pub fn new_memory() -> Result<Connection, PersistError> {
-    let fail = |source| PersistError::Sqlite {
-        action: "create",
-        path: ":memory:".into(),
-        source,
-    };
-    let memory = Connection::open_in_memory().map_err(fail)?;
-    tune_memory(&memory).map_err(fail)?;
-    schema::create(&memory).map_err(fail)?;
-    Ok(memory)
-}
-
-/// No rollback journal: a batch that fails makes the server stop anyway.
-fn tune_memory(memory: &Connection) -> rusqlite::Result<()> {
-    // 16 KiB pages: a quarter of the B-tree pages to split, balance and cache per message as
-    // at SQLite's default 4 KiB (end to end +14%, same memory; measured). Only a new database
-    // takes it: one loaded from a file keeps the file's page size (an in-memory database's
-    // cannot change), which works the same, only slower.
-    // Incremental vacuum: freed pages can be given back a step at a time (memory and file
-    // follow the live messages); it must be chosen before the first table exists, and the
-    // files copied from this database inherit it.
-    memory.execute_batch(&format!(
-        "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = OFF;"
-    ))
-}
-
-/// Whether `conn` can give freed pages back a step at a time.
-pub fn shrinks_incrementally(conn: &Connection) -> rusqlite::Result<bool> {
-    conn.query_row("PRAGMA auto_vacuum", [], |r| r.get::<_, i64>(0))
-        .map(|mode| mode == 2)
-}
-
-/// The page size of databases this build creates.
-pub const PAGE_SIZE: i64 = 16 << 10;
-
-/// Whether SQLite may have to recover `path` as it opens it: the file is in WAL mode (bytes 18
-/// and 19 of its header, the read and write format versions, are 2), or a write-ahead log or a
-/// rollback journal lies beside it (a crash in the middle of a mirror, or of switching modes).
-fn needs_recovery(path: &Path) -> bool {
-    use std::io::Read;
-    let beside = |suffix: &str| {
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        Path::new(&name).exists()
-    };
-    let mut header = [0u8; 20];
-    let wal_mode = File::open(path)
-        .and_then(|mut f| f.read_exact(&mut header))
-        .is_ok_and(|()| header.starts_with(b"SQLite format 3\0") && header[18] == 2);
-    wal_mode || beside("-wal") || beside("-journal")
-}
-
-/// Opens `path` read-only, checks it is a phpmq database, and copies it into memory.
-pub fn load(path: &Path) -> Result<Connection, PersistError> {
-    // A file left in WAL mode or with a journal by a server that crashed must be opened with
-    // write access, so that SQLite can replay the log (or roll the journal back): read-only,
-    // it may read the file through a stale log index, or fail. Any other file is opened
-    // read-only and so is never changed, even when it is refused.
-    let access = if needs_recovery(path) {
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-    } else {
-        OpenFlags::SQLITE_OPEN_READ_ONLY
-    };
-    let file = Connection::open_with_flags(path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| schema::classify(path, "open", e))?;
-    schema::check(&file, path)?;
-    let fail = |source| PersistError::Sqlite {
-        action: "load",
-        path: path.to_owned(),
-        source,
-    };
-    let mut memory = Connection::open_in_memory().map_err(fail)?;
-    copy_all(&file, &mut memory).map_err(|e| schema::classify(path, "load", e))?;
-    schema::quick_check(&memory, path)?;
-    tune_memory(&memory).map_err(fail)?;
-    if !shrinks_incrementally(&memory).map_err(fail)? {
-        // A file from before incremental mirrors: rebuild once so that freed pages can be
-        // given back (the first mirror then rewrites the file in the same form).
-        memory.execute_batch("VACUUM").map_err(fail)?;
-    }
-    Ok(memory)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_new_store_uses_the_larger_pages() {
-        let memory = new_memory().unwrap();
-        let size: i64 = memory
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(size, PAGE_SIZE);
+    /// One mirror: the changes since the last one, or a full copy where the file needs it.
+    fn once(&self, state: &mut MirrorState, stop: &Receiver<()>) -> Result<Outcome, PersistError> {
+        let in_place = state.file.as_ref().is_some_and(FileDb::is_in_place);
+        if in_place {
+            let taken = self.shared.journal.take();
+            if !taken.overflowed {
+                return self.apply_changes(state, taken.ops, taken.generation);
+            }
+        } else if state.file.is_some() {
+            warn!(
+                "{} was deleted or replaced while the server ran; writing it again in full",
+                self.target.display()
+            );
+        }
+        // Closing first: a full copy replaces the file and its log.
+        state.file = None;
+        state.in_hand.clear();
+        let Some(report) = self.full_copy(stop)? else {
+            return Ok(Outcome::Stopped);
+        };
+        state.rows = report.messages;
+        state.file = Some(
+            FileDb::open(&self.target).map_err(|source| PersistError::Sqlite {
+                action: "open for writing",
+                path: self.target.clone(),
+                source,
+            })?,
+        );
+        Ok(Outcome::Done(Some(report)))
     }
 
-    /// The files a crash leaves: the database in WAL mode with committed changes still only in
-    /// its log (copied while the writing connection is open, as a SIGKILL would leave them).
-    #[test]
-    fn a_crash_image_is_loaded_with_what_its_log_holds() {
-        let dir = std::env::temp_dir().join(format!("phpmq-crash-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("image")).unwrap();
-        let live = dir.join("phpmq.sqlite");
-        let conn = Connection::open(&live).unwrap();
-        conn.execute_batch(&format!(
-            "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL;"
-        ))
-        .unwrap();
-        schema::create(&conn).unwrap();
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;")
-            .unwrap();
-        for seq in 1..=100i64 {
-            conn.execute(
-                "INSERT INTO messages (seq, id, queue, content, accepted_at) VALUES (?1, ?2, 'q', x'00', 0)",
-                rusqlite::params![seq, &(seq as u128).to_be_bytes()[..]],
-            )
-            .unwrap();
+    fn apply_changes(
+        &self,
+        state: &mut MirrorState,
+        ops: Vec<StoreOp>,
+        generation: u64,
+    ) -> Result<Outcome, PersistError> {
+        let Some(file) = &state.file else {
+            return Ok(Outcome::Done(None));
+        };
+        let started = Instant::now();
+        // Nothing changed: the file may still have space to give back.
+        state.in_hand.extend(ops);
+        match file.apply(&state.in_hand) {
+            Ok(applied) if !applied.wrote => Ok(Outcome::Done(None)),
+            Ok(applied) => {
+                state.rows += applied.row_delta;
+                let content: usize = state.in_hand.iter().map(StoreOp::content_len).sum();
+                state.in_hand = Vec::new();
+                if content > RELEASE_AFTER_BYTES {
+                    // A flood's content was held here until now: give its pages back.
+                    crate::memory::release_free_pages();
+                }
+                Ok(Outcome::Done(Some(MirrorReport {
+                    generation,
+                    messages: state.rows,
+                    bytes: file.size(),
+                    written: applied.written,
+                    full: false,
+                    duration: started.elapsed(),
+                    locked: Duration::ZERO,
+                    finished_at: now_millis(),
+                })))
+            }
+            Err(source) => {
+                // Kept for the next try, within bounds; past them, the next mirror that can
+                // writes the file in full from memory.
+                let content: usize = state.in_hand.iter().map(StoreOp::content_len).sum();
+                if state.in_hand.len() > MAX_IN_HAND || content > MAX_IN_HAND_BYTES {
+                    state.in_hand.clear();
+                    state.file = None;
+                }
+                Err(PersistError::Sqlite {
+                    action: "mirror changes to",
+                    path: self.target.clone(),
+                    source,
+                })
+            }
         }
-        for suffix in ["", "-wal", "-shm"] {
-            let name = format!("phpmq.sqlite{suffix}");
-            fs::copy(dir.join(&name), dir.join("image").join(&name)).unwrap();
+    }
+
+    /// Has the writer copy the database beside the target, then syncs the copy and puts it in
+    /// place. `None` if the writer has stopped.
+    fn full_copy(&self, stop: &Receiver<()>) -> Result<Option<MirrorReport>, PersistError> {
+        let started = Instant::now();
+        let temp = copy::temp_path(&self.target);
+        let (reply, copied) = bounded(1);
+        let request = Command::Mirror {
+            temp: temp.clone(),
+            reply,
+        };
+        if self.writer.send(request).is_err() {
+            return Ok(None);
         }
-        drop(conn);
-        let image = dir.join("image").join("phpmq.sqlite");
-        assert!(needs_recovery(&image));
-        let memory = load(&image).unwrap();
-        let rows: i64 = memory
-            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(rows, 100, "the rows only the log had");
-        let _ = fs::remove_dir_all(&dir);
+        // The writer answers, or drops the request as it stops (and then `stop` closes).
+        let copy = select! {
+            recv(copied) -> copy => match copy {
+                Ok(copy) => copy?,
+                Err(_) => return Ok(None),
+            },
+            recv(stop) -> _ => return Ok(None),
+        };
+        let bytes = copy::put_in_place(&temp, &self.target)?;
+        Ok(Some(MirrorReport {
+            generation: copy.generation,
+            messages: copy.messages,
+            bytes,
+            written: Some(bytes),
+            full: true,
+            duration: started.elapsed(),
+            locked: copy.longest_step,
+            finished_at: now_millis(),
+        }))
     }
 }

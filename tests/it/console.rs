@@ -575,3 +575,124 @@ fn the_17th_session_is_refused_with_a_line_saying_why() {
         out.status.success()
     });
 }
+
+/// `status json` read as a program would: parsed, with every documented field there and of its
+/// documented type (phpmq(1), STATUS JSON); `null` only where the man page allows it.
+#[test]
+fn status_json_parses_with_the_documented_fields_and_types() {
+    use serde_json::Value;
+    fn is_count(v: &Value) -> bool {
+        v.is_u64()
+    }
+    fn count_or_null(v: &Value) -> bool {
+        v.is_u64() || v.is_null()
+    }
+    /// A field's name and the test its value must pass.
+    type Field = (&'static str, fn(&Value) -> bool);
+    fn check(object: &Value, fields: &[Field]) {
+        for (name, ok) in fields {
+            let value = object
+                .get(name)
+                .unwrap_or_else(|| panic!("no field {name:?} in {object}"));
+            assert!(ok(value), "field {name:?} is {value} in {object}");
+        }
+    }
+    let parse = |text: &str| -> Value {
+        assert_eq!(text.lines().count(), 1, "{text}");
+        serde_json::from_str(text.trim_end()).unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+
+    let server = busy_server();
+    let (mut s, _) = Session::open(&server);
+    s.settle();
+    let doc = parse(&s.run("status json"));
+    let srv = &doc["server"];
+    check(
+        srv,
+        &[
+            ("version", Value::is_string),
+            ("uptime_s", is_count),
+            ("connections", is_count),
+            ("rss_bytes", count_or_null),
+            ("db", Value::is_string),
+            ("last_mirror", Value::is_object),
+            ("mirror", Value::is_object),
+            ("totals", Value::is_object),
+        ],
+    );
+    assert_eq!(srv["version"], env!("CARGO_PKG_VERSION"));
+    assert!(srv["db"]
+        .as_str()
+        .is_some_and(|db| db.ends_with("phpmq.sqlite")));
+    check(
+        &srv["last_mirror"],
+        &[
+            ("at_ms", is_count),
+            ("age_ms", is_count),
+            ("duration_ms", is_count),
+            ("messages", Value::is_i64),
+            ("bytes", is_count),
+            ("written_bytes", count_or_null),
+            ("full", Value::is_boolean),
+        ],
+    );
+    check(
+        &srv["mirror"],
+        &[
+            ("completed", is_count),
+            ("full_copies", is_count),
+            ("failures", is_count),
+            ("failing_for", is_count),
+            ("last_error", Value::is_null),
+            ("last_error_at_ms", Value::is_null),
+            ("written_bytes", is_count),
+            ("pending_changes", is_count),
+        ],
+    );
+    assert!(srv["mirror"]["completed"].as_u64() >= Some(1), "{doc}");
+    assert_eq!(srv["mirror"]["failures"], 0, "{doc}");
+    let totals: [Field; 7] = [
+        ("accepted", is_count),
+        ("delivered", is_count),
+        ("acknowledged", is_count),
+        ("requeued", is_count),
+        ("expired", is_count),
+        ("dead_lettered", is_count),
+        ("flushed", is_count),
+    ];
+    check(&srv["totals"], &totals);
+    assert!(srv["totals"]["accepted"].as_u64() >= Some(32), "{doc}");
+    let queues = doc["queues"].as_array().expect("queues is an array");
+    for queue in queues {
+        check(
+            queue,
+            &[
+                ("name", Value::is_string),
+                ("ready", is_count),
+                ("in_flight", is_count),
+                ("consumers", is_count),
+                ("bytes", is_count),
+                ("oldest_ready_ms", count_or_null),
+            ],
+        );
+    }
+    let names: Vec<&str> = queues.iter().filter_map(|q| q["name"].as_str()).collect();
+    assert_eq!(names, ["Mail-EU", "mail", "orders"], "sorted by name");
+    let orders = &queues[2];
+    assert_eq!(
+        (&orders["ready"], &orders["in_flight"], &orders["bytes"]),
+        (&Value::from(30), &Value::from(0), &Value::from(230)),
+        "{orders}"
+    );
+    assert!(orders["oldest_ready_ms"].is_u64(), "{orders}");
+
+    // Memory only: no storage, so null where its fields would be.
+    let memory_only = TestServer::start(&["--db", "none"]);
+    let (mut s, _) = Session::open(&memory_only);
+    let doc = parse(&s.run("status json"));
+    for field in ["db", "last_mirror", "mirror"] {
+        assert!(doc["server"][field].is_null(), "{field}: {doc}");
+    }
+    check(&doc["server"]["totals"], &totals);
+    assert_eq!(doc["queues"], Value::Array(Vec::new()));
+}

@@ -1,0 +1,289 @@
+//! Copying between the in-memory database and the file, with SQLite's online backup API: full
+//! copies put in place atomically, and loading a file into memory at start.
+//!
+//! A mirror is written to a temporary file beside the target, synced, renamed over the target,
+//! and the directory synced: the target is always one complete mirror, and a crash at any
+//! point leaves the previous one. Loading opens the file read-only (unless SQLite must replay a
+//! write-ahead log left by a crash), so a file that is refused is never changed.
+
+use super::error::PersistError;
+use super::health::MirrorReport;
+use super::schema;
+use super::shared::Shared;
+use crate::store::now_millis;
+use rusqlite::backup::{Backup, StepResult};
+use rusqlite::{Connection, OpenFlags};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// The temporary file a mirror is written to before it replaces `target`.
+pub fn temp_path(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    target.with_file_name(name)
+}
+
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl Fn(std::io::Error) -> PersistError + 'a {
+    move |source| PersistError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Copies all pages of `from` into `to` in one step.
+fn copy_all(from: &Connection, to: &mut Connection) -> rusqlite::Result<()> {
+    let backup = Backup::new(from, to)?;
+    // Nothing else uses these connections, so one step finishes; a few retries cover a
+    // spurious busy without ever spinning forever.
+    for _ in 0..100 {
+        if backup.step(-1)? == StepResult::Done {
+            return Ok(());
+        }
+    }
+    Err(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+        Some("backup did not complete".into()),
+    ))
+}
+
+/// Creates a fresh `temp` (replacing a stale one) to copy a mirror into.
+pub fn create_temp(temp: &Path) -> Result<Connection, PersistError> {
+    match fs::remove_file(temp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io_error("remove", temp)(e))
+        }
+        _ => {}
+    }
+    let sqlite = |action| {
+        move |source| PersistError::Sqlite {
+            action,
+            path: temp.to_owned(),
+            source,
+        }
+    };
+    let file = Connection::open(temp).map_err(sqlite("create"))?;
+    // We sync the finished file ourselves; SQLite's journal and syncs would only slow the copy.
+    file.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
+        .map_err(sqlite("set up"))?;
+    Ok(file)
+}
+
+/// Makes a complete copy at `temp` the mirror: sync it, rename it over `target`, sync the
+/// directory. Returns its size.
+pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
+    let synced = File::open(temp).map_err(io_error("open", temp))?;
+    synced.sync_all().map_err(io_error("sync", temp))?;
+    let bytes = synced.metadata().map(|m| m.len()).unwrap_or_default();
+    drop(synced);
+    // A write-ahead log left beside the target belongs to the file being replaced: SQLite
+    // would replay it into the new one. Nobody has the target open now (the mirror closed it).
+    for suffix in ["-wal", "-shm"] {
+        let mut stale = target.as_os_str().to_owned();
+        stale.push(suffix);
+        match fs::remove_file(&stale) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_error("remove", Path::new(&stale))(e))
+            }
+            _ => {}
+        }
+    }
+    fs::rename(temp, target).map_err(io_error("rename into place", target))?;
+    sync_dir(target)?;
+    Ok(bytes)
+}
+
+/// Writes the in-memory database to `target` in one go (at creation and after the writer
+/// stopped; while it runs, the writer copies a few pages at a time).
+pub fn write(shared: &Shared, target: &Path) -> Result<MirrorReport, PersistError> {
+    let started = Instant::now();
+    let temp = temp_path(target);
+    let mut file = create_temp(&temp)?;
+    let (generation, messages, locked) = {
+        let memory = shared.memory.lock().map_err(|_| PersistError::Poisoned)?;
+        let locked_at = Instant::now();
+        copy_all(&memory, &mut file).map_err(|source| PersistError::Sqlite {
+            action: "write",
+            path: temp.clone(),
+            source,
+        })?;
+        (
+            shared.generation.load(Ordering::Acquire),
+            shared.rows.load(Ordering::Relaxed),
+            locked_at.elapsed(),
+        )
+    };
+    drop(file);
+    let bytes = put_in_place(&temp, target)?;
+    Ok(MirrorReport {
+        generation,
+        messages,
+        bytes,
+        written: Some(bytes),
+        full: true,
+        duration: started.elapsed(),
+        locked,
+        finished_at: now_millis(),
+    })
+}
+
+/// Makes a rename durable: sync the directory that holds `path`.
+fn sync_dir(path: &Path) -> Result<(), PersistError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("sync directory of", path))
+}
+
+/// A fresh in-memory database with the schema.
+pub fn new_memory() -> Result<Connection, PersistError> {
+    let fail = |source| PersistError::Sqlite {
+        action: "create",
+        path: ":memory:".into(),
+        source,
+    };
+    let memory = Connection::open_in_memory().map_err(fail)?;
+    tune_memory(&memory).map_err(fail)?;
+    schema::create(&memory).map_err(fail)?;
+    Ok(memory)
+}
+
+/// No rollback journal: a batch that fails makes the server stop anyway.
+fn tune_memory(memory: &Connection) -> rusqlite::Result<()> {
+    // 16 KiB pages: a quarter of the B-tree pages to split, balance and cache per message as
+    // at SQLite's default 4 KiB, for the same memory (BENCHMARKS.md). Only a new database
+    // takes it: one loaded from a file keeps the file's page size (an in-memory database's
+    // cannot change), which works the same, only slower.
+    // Incremental vacuum: freed pages can be given back a step at a time (memory and file
+    // follow the live messages); it must be chosen before the first table exists, and the
+    // files copied from this database inherit it.
+    memory.execute_batch(&format!(
+        "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = OFF;"
+    ))
+}
+
+/// Whether `conn` can give freed pages back a step at a time.
+pub fn shrinks_incrementally(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row("PRAGMA auto_vacuum", [], |r| r.get::<_, i64>(0))
+        .map(|mode| mode == 2)
+}
+
+/// The page size of databases this build creates.
+pub const PAGE_SIZE: i64 = 16 << 10;
+
+/// Whether SQLite may have to recover `path` as it opens it: the file is in WAL mode (bytes 18
+/// and 19 of its header, the read and write format versions, are 2), or a write-ahead log or a
+/// rollback journal lies beside it (a crash in the middle of a mirror, or of switching modes).
+fn needs_recovery(path: &Path) -> bool {
+    use std::io::Read;
+    let beside = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        Path::new(&name).exists()
+    };
+    let mut header = [0u8; 20];
+    let wal_mode = File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok_and(|()| header.starts_with(b"SQLite format 3\0") && header[18] == 2);
+    wal_mode || beside("-wal") || beside("-journal")
+}
+
+/// Opens `path` read-only, checks it is a phpmq database, and copies it into memory.
+pub fn load(path: &Path) -> Result<Connection, PersistError> {
+    // A file left in WAL mode or with a journal by a server that crashed must be opened with
+    // write access, so that SQLite can replay the log (or roll the journal back): read-only,
+    // it may read the file through a stale log index, or fail. Any other file is opened
+    // read-only and so is never changed, even when it is refused.
+    let access = if needs_recovery(path) {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    };
+    let file = Connection::open_with_flags(path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| schema::classify(path, "open", e))?;
+    schema::check(&file, path)?;
+    let fail = |source| PersistError::Sqlite {
+        action: "load",
+        path: path.to_owned(),
+        source,
+    };
+    let mut memory = Connection::open_in_memory().map_err(fail)?;
+    copy_all(&file, &mut memory).map_err(|e| schema::classify(path, "load", e))?;
+    schema::quick_check(&memory, path)?;
+    tune_memory(&memory).map_err(fail)?;
+    if !shrinks_incrementally(&memory).map_err(fail)? {
+        // A file from before incremental mirrors: rebuild once so that freed pages can be
+        // given back (the first mirror then rewrites the file in the same form).
+        memory.execute_batch("VACUUM").map_err(fail)?;
+    }
+    Ok(memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_file_sits_beside_the_target() {
+        assert_eq!(
+            temp_path(Path::new("/var/lib/phpmq/phpmq.sqlite")),
+            Path::new("/var/lib/phpmq/phpmq.sqlite.tmp")
+        );
+        assert_eq!(temp_path(Path::new("x.db")), Path::new("x.db.tmp"));
+    }
+
+    #[test]
+    fn a_new_store_uses_the_larger_pages() {
+        let memory = new_memory().unwrap();
+        let size: i64 = memory
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(size, PAGE_SIZE);
+    }
+
+    /// The files a crash leaves: the database in WAL mode with committed changes still only in
+    /// its log (copied while the writing connection is open, as a SIGKILL would leave them).
+    #[test]
+    fn a_crash_image_is_loaded_with_what_its_log_holds() {
+        let dir = std::env::temp_dir().join(format!("phpmq-crash-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("image")).unwrap();
+        let live = dir.join("phpmq.sqlite");
+        let conn = Connection::open(&live).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL;"
+        ))
+        .unwrap();
+        schema::create(&conn).unwrap();
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;")
+            .unwrap();
+        for seq in 1..=100i64 {
+            conn.execute(
+                "INSERT INTO messages (seq, id, queue, content, accepted_at) VALUES (?1, ?2, 'q', x'00', 0)",
+                rusqlite::params![seq, &(seq as u128).to_be_bytes()[..]],
+            )
+            .unwrap();
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let name = format!("phpmq.sqlite{suffix}");
+            fs::copy(dir.join(&name), dir.join("image").join(&name)).unwrap();
+        }
+        drop(conn);
+        let image = dir.join("image").join("phpmq.sqlite");
+        assert!(needs_recovery(&image));
+        let memory = load(&image).unwrap();
+        let rows: i64 = memory
+            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 100, "the rows only the log had");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

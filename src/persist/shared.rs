@@ -1,0 +1,86 @@
+//! What the store writer, the mirror thread and the front share: the in-memory database and
+//! the counters and journal around it, and the alarm its threads hold. In a module of its own
+//! so that the writer and the copying code both use it without importing each other.
+
+use super::error::PersistError;
+use super::journal::Journal;
+use crate::store::Backlog;
+use rusqlite::Connection;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+/// What the writer and the rest of persistence share.
+pub struct Shared {
+    /// Held by the writer while it runs; the final mirror takes it after.
+    pub memory: Mutex<Connection>,
+    /// Bumped after every committed batch: the mirror copies only when it moved.
+    pub generation: AtomicU64,
+    /// Rows in `messages`, for the mirror's log line.
+    pub rows: AtomicI64,
+    /// What the broker sent and the writer has not applied yet.
+    pub backlog: Arc<Backlog>,
+    /// What the writer committed and the mirror has not taken yet.
+    pub journal: Journal,
+}
+
+impl Shared {
+    /// Shares `memory`, with nothing pending yet.
+    pub fn new(memory: Connection) -> Shared {
+        Shared {
+            memory: Mutex::new(memory),
+            generation: AtomicU64::new(0),
+            rows: AtomicI64::new(0),
+            backlog: Arc::default(),
+            journal: Journal::default(),
+        }
+    }
+}
+
+/// Turns an SQLite error on the in-memory database into a [`PersistError`].
+pub fn memory_failure(action: &'static str) -> impl Fn(rusqlite::Error) -> PersistError {
+    move |source| PersistError::Sqlite {
+        action,
+        path: ":memory:".into(),
+        source,
+    }
+}
+
+/// Held by the store's threads: one that panics tells the server, which stops rather than run
+/// on with changes that are no longer kept (a panicking mirror thread's state is lost, and
+/// the final mirror writes the file in full).
+pub struct PanicAlarm(pub Arc<dyn Fn(PersistError) + Send + Sync>);
+
+impl Drop for PanicAlarm {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            (self.0)(PersistError::Poisoned);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn a_thread_that_panics_holding_the_alarm_sets_it_off() {
+        let heard = Arc::new(AtomicBool::new(false));
+        let alarm = {
+            let heard = heard.clone();
+            PanicAlarm(Arc::new(move |e: PersistError| {
+                heard.store(matches!(e, PersistError::Poisoned), Ordering::SeqCst);
+            }))
+        };
+        // Dropped without a panic: silent.
+        drop(PanicAlarm(Arc::new(|_| unreachable!("no panic, no alarm"))));
+        let joined = thread::spawn(move || {
+            let _alarm = alarm;
+            panic!("a store thread panics");
+        })
+        .join();
+        assert!(joined.is_err());
+        assert!(heard.load(Ordering::SeqCst));
+    }
+}

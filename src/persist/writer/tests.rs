@@ -1,0 +1,211 @@
+//! The store writer against a real in-memory database.
+
+use super::*;
+use crate::id::MessageId;
+use crate::request::QueueName;
+use crate::store::StoredMessage;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+fn insert(seq: u64) -> StoreOp {
+    StoreOp::Insert(StoredMessage {
+        id: MessageId::from_u128(seq.into()),
+        queue: QueueName::new(b"q").unwrap(),
+        content: Arc::from(&b"x"[..]),
+        accepted_at: 0,
+        expires_at: None,
+        seq,
+    })
+}
+
+fn delete(seq: u64) -> StoreOp {
+    StoreOp::Delete {
+        id: MessageId::from_u128(seq.into()),
+        seq,
+    }
+}
+
+#[test]
+fn chunked_inserts_and_ranged_deletes_touch_exactly_their_rows() {
+    let shared = memory();
+    let inserts: Vec<StoreOp> = (1..=150).map(insert).collect();
+    apply(&shared, &inserts).unwrap();
+    let doomed: Vec<u64> = [3, 4, 5, 10, 149, 7777]
+        .into_iter()
+        .chain(100..=120)
+        .collect();
+    // Out of order, as acks from several consumers arrive.
+    let deletes: Vec<StoreOp> = doomed.iter().rev().map(|&s| delete(s)).collect();
+    apply(&shared, &deletes).unwrap();
+    let expected: Vec<i64> = (1..=150)
+        .filter(|s| !doomed.contains(s))
+        .map(|s| s as i64)
+        .collect();
+    assert_eq!(seqs(&shared), expected);
+    assert_eq!(shared.rows.load(Ordering::Relaxed), expected.len() as i64);
+}
+
+#[test]
+fn a_drained_store_gives_its_pages_back_before_it_is_empty() {
+    let shared = memory();
+    let big = |seq: u64| insert_of(seq, 1024);
+    let pages = |shared: &Shared| -> i64 {
+        let conn = shared.memory.lock().unwrap();
+        conn.query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap()
+    };
+    apply(&shared, &(1..=40_000).map(big).collect::<Vec<_>>()).unwrap();
+    let full = pages(&shared);
+    assert!(full > 2000, "{full} pages");
+    // Nine in ten acknowledged: the live tenth is what memory should come down to.
+    apply(&shared, &(1..=36_000).map(delete).collect::<Vec<_>>()).unwrap();
+    assert_eq!(pages(&shared), full, "acks alone give nothing back");
+    for _ in 0..100 {
+        shrink_step(&shared.memory.lock().unwrap()).unwrap();
+    }
+    let left = pages(&shared);
+    assert!(
+        left < full / 5,
+        "{left} of {full} pages left after shrinking"
+    );
+    assert_eq!(seqs(&shared), (36_001..=40_000).collect::<Vec<i64>>());
+}
+
+fn apply(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
+    let conn = shared.memory.lock().unwrap();
+    commit(shared, &conn, ops.to_vec())
+}
+
+fn memory() -> Shared {
+    Shared::new(copy::new_memory().unwrap())
+}
+
+fn seqs(shared: &Shared) -> Vec<i64> {
+    let conn = shared.memory.lock().unwrap();
+    let mut statement = conn
+        .prepare("SELECT seq FROM messages ORDER BY seq")
+        .unwrap();
+    let rows = statement.query_map([], |r| r.get(0)).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+#[test]
+fn contents_are_read_back_for_dense_and_sparse_requests() {
+    let shared = memory();
+    apply(&shared, &(1..=500).map(insert).collect::<Vec<_>>()).unwrap();
+    apply(&shared, &[delete(3)]).unwrap();
+    let conn = shared.memory.lock().unwrap();
+    let seqs = |contents: Vec<(u64, Arc<[u8]>)>| -> Vec<u64> {
+        assert!(contents.iter().all(|(_, c)| &c[..] == b"x"));
+        contents.into_iter().map(|(seq, _)| seq).collect()
+    };
+    // A run (one range scan); the deleted one is simply not there.
+    assert_eq!(
+        seqs(read_contents(&conn, &[2, 3, 4, 5]).unwrap()),
+        [2, 4, 5]
+    );
+    // Scattered (row by row), including one never stored.
+    assert_eq!(
+        seqs(read_contents(&conn, &[1, 300, 499, 9999]).unwrap()),
+        [1, 300, 499]
+    );
+    assert!(read_contents(&conn, &[]).unwrap().is_empty());
+}
+
+fn insert_of(seq: u64, size: usize) -> StoreOp {
+    let mut op = insert(seq);
+    if let StoreOp::Insert(m) = &mut op {
+        m.content = Arc::from(vec![b'y'; size]);
+    }
+    op
+}
+
+#[test]
+fn a_stepped_mirror_copy_includes_changes_made_between_its_steps() {
+    // 40 MB: more than one step, so the writer applies what waits between steps.
+    let shared = memory();
+    apply(
+        &shared,
+        &(1..=10_000).map(|s| insert_of(s, 4000)).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let (commands, command_rx) = crossbeam_channel::unbounded();
+    let (fetches, fetch_rx) = crossbeam_channel::unbounded();
+    let mut store = ChannelStore {
+        commands,
+        fetches,
+        backlog: shared.backlog.clone(),
+    };
+    for seq in 1..=2000 {
+        store.apply(delete(seq));
+    }
+    store.fetch(FetchRequest {
+        token: 1,
+        queue: QueueName::new(b"q").unwrap(),
+        seqs: vec![2001, 2002],
+    });
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let callbacks = Callbacks {
+        fetched: {
+            let answers = answers.clone();
+            Arc::new(move |f: Fetched| answers.lock().unwrap().push(f.contents.len()))
+        },
+        error: Arc::new(|e| panic!("{e}")),
+    };
+    let dir = std::env::temp_dir().join(format!("phpmq-writer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let temp = dir.join("copy.sqlite");
+    let conn = shared.memory.lock().unwrap();
+    let mut writer = Writer {
+        conn: &conn,
+        shared: &shared,
+        commands: &command_rx,
+        fetches: &fetch_rx,
+        callbacks: &callbacks,
+        batch: Vec::new(),
+        batch_bytes: 0,
+        flushes: Vec::new(),
+        pending_fetches: Vec::new(),
+        mirror: None,
+        copying: true,
+        shrunk: false,
+        may_shrink: false,
+        stop: false,
+    };
+    let copy = writer.copy_to(&temp).unwrap();
+    assert_eq!(
+        *answers.lock().unwrap(),
+        [2],
+        "fetches are answered during a copy"
+    );
+    let file = Connection::open(&temp).unwrap();
+    let rows: i64 = file
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, copy.messages);
+    assert_eq!(rows, 8000, "the deletes applied during the copy are in it");
+    assert!(shared.backlog.is_low() && !shared.backlog.is_high());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn ops_reach_the_database() {
+    let shared = memory();
+    apply(&shared, &[insert(1), insert(2), insert(3)]).unwrap();
+    apply(
+        &shared,
+        &[
+            delete(2),
+            StoreOp::Requeue {
+                id: MessageId::from_u128(1),
+                old_seq: 1,
+                seq: 4,
+                expires_at: None,
+            },
+        ],
+    )
+    .unwrap();
+    assert_eq!(seqs(&shared), [3, 4]);
+    assert_eq!(shared.rows.load(Ordering::Relaxed), 2);
+    assert_eq!(shared.generation.load(Ordering::Relaxed), 2);
+}

@@ -1,0 +1,88 @@
+//! The console's view of the running server: [`crate::admin::Backend`] over the hub, the
+//! connection count and storage's status. Long listings and flushes take the broker lock a
+//! chunk at a time, so the console never stalls message traffic for long.
+
+use super::Shared;
+use crate::admin::{Backend, Status};
+use crate::broker::{Listing, QueueStatus, FLUSH_CHUNK, STATUS_CHUNK};
+use crate::hub::BrokerDown;
+use crate::request::QueueName;
+use crate::system;
+use std::sync::atomic::Ordering;
+
+impl Backend for Shared {
+    /// A near-snapshot: the queues are looked at a chunk per lock acquisition, in name order,
+    /// so a status of 100,000 queues does not stall message traffic.
+    fn status(&self) -> Result<Status, BrokerDown> {
+        let (totals, now) = self.hub.read(|broker, now| (broker.totals(), now))?;
+        let mut queues: Vec<QueueStatus> = Vec::new();
+        loop {
+            let after = queues.last().map(|q| &q.name);
+            let chunk = self
+                .hub
+                .read(|broker, now| broker.queue_statuses_after(after, STATUS_CHUNK, now))?;
+            let done = chunk.len() < STATUS_CHUNK;
+            queues.extend(chunk);
+            if done {
+                break;
+            }
+        }
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime: self.started.elapsed(),
+            connections: self.connections.live(),
+            rss_bytes: system::resident_memory(),
+            totals,
+            queues,
+            storage: self.storage.as_ref().map(|s| s.status()),
+            now,
+        })
+    }
+
+    fn list_messages(&self, queue: &str, limit: usize) -> Result<Option<Listing>, BrokerDown> {
+        self.hub
+            .read(|broker, now| broker.list_messages(queue, limit, now))
+    }
+
+    /// In chunks, like [`Shared::status`].
+    fn queue_names(&self) -> Result<Vec<QueueName>, BrokerDown> {
+        let mut names: Vec<QueueName> = Vec::new();
+        loop {
+            let after = names.last();
+            let chunk = self
+                .hub
+                .read(|broker, _| broker.queue_names_after(after, STATUS_CHUNK))?;
+            let done = chunk.len() < STATUS_CHUNK;
+            names.extend(chunk);
+            if done {
+                return Ok(names);
+            }
+        }
+    }
+
+    fn flush(&self, queue: &str) -> Result<Option<usize>, BrokerDown> {
+        self.hub
+            .modify(|broker, now, out| broker.flush(queue, now, out))
+    }
+
+    /// A chunk of queues per lock acquisition, in name order: a message sent meanwhile to a
+    /// queue already flushed stays.
+    fn flush_all(&self) -> Result<(usize, usize), BrokerDown> {
+        let (mut messages, mut queues, mut after) = (0, 0, None);
+        loop {
+            let (m, q, last) = self.hub.modify(|broker, now, out| {
+                broker.flush_after(after.as_ref(), FLUSH_CHUNK, now, out)
+            })?;
+            messages += m;
+            queues += q;
+            if q < FLUSH_CHUNK {
+                return Ok((messages, queues));
+            }
+            after = last;
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,270 @@
+//! The server's composition root: opens storage and recovers from it, builds the broker and
+//! the hub, binds every listener, and starts the threads: one accept thread per listener and
+//! one per client (`accept`), the sweeper that expires messages, and storage's own. It owns
+//! the one shutdown path (`shutdown`); the console sees the server through `console`.
+//!
+//! Storage is reached only through [`crate::storage::Storage`].
+
+mod accept;
+mod console;
+mod shutdown;
+
+use crate::broker::Broker;
+use crate::config::{Config, ListenAddr};
+use crate::connection::Limits;
+use crate::fatal::Fatal;
+use crate::hub::Hub;
+use crate::net::{Bell, BindError, Listener};
+use crate::ratelog;
+use crate::storage::{self, StatusSource, Storage, StorageError};
+use crate::store::{NullStore, Store};
+use accept::{ConnectionCount, Endpoint};
+use crossbeam_channel::{select, tick, unbounded, Receiver, Sender};
+use log::{error, info};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// How often ready messages are checked for expiry (and suppressed log lines reported).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Why the server could not start, or stopped on its own. Each shows as the one line
+/// `phpmq-server` prints.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("no address to listen on")]
+    NoListeners,
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot start a thread: {0}")]
+    Spawn(#[source] io::Error),
+    /// The shutdown bell (an eventfd) could not be made.
+    #[error("cannot create an eventfd: {0}")]
+    Bell(#[source] io::Error),
+    #[error("{0}")]
+    Fatal(Fatal),
+}
+
+/// What the accept threads share.
+struct Shared {
+    hub: Hub,
+    connections: Arc<ConnectionCount>,
+    console_sessions: Arc<ConnectionCount>,
+    max_connections: usize,
+    limits: Limits,
+    console_idle_timeout: Duration,
+    next_conn: AtomicU64,
+    stopping: AtomicBool,
+    fatal: Sender<Fatal>,
+    started: Instant,
+    /// How storage is doing (`None` when messages are kept in memory only).
+    storage: Option<Arc<dyn StatusSource>>,
+}
+
+/// Held by a thread the server cannot run without: if the thread ends (a panic included)
+/// before shutdown began, the server is told to stop instead of running half-alive.
+struct Lifeline {
+    shared: Arc<Shared>,
+    name: String,
+}
+
+impl Drop for Lifeline {
+    fn drop(&mut self) {
+        if !self.shared.stopping.load(Ordering::SeqCst) {
+            let _ = self
+                .shared
+                .fatal
+                .try_send(Fatal::ThreadExited(self.name.clone()));
+        }
+    }
+}
+
+/// A bound server, ready to run.
+pub struct Server {
+    listeners: Vec<Arc<Listener>>,
+    console_listeners: Vec<Arc<Listener>>,
+    shared: Arc<Shared>,
+    fatal: Receiver<Fatal>,
+    storage: Option<Box<dyn Storage>>,
+    recovered: usize,
+}
+
+impl Server {
+    /// Recovers stored messages, then binds every listen address; fails on the first problem.
+    pub fn bind(config: &Config) -> Result<Server, ServerError> {
+        if config.listen.is_empty() {
+            return Err(ServerError::NoListeners);
+        }
+        // Storage first: one that cannot be used must stop us before anyone connects.
+        let started = Instant::now();
+        let mut storage = storage::open(config)?;
+        let store: Box<dyn Store> = match &storage {
+            Some(storage) => storage.store(),
+            None => Box::new(NullStore),
+        };
+        let mut broker = Broker::new(store);
+        let mut recovered = 0;
+        if let Some(storage) = &mut storage {
+            recovered = storage.recover(&mut |message| broker.restore(message))?;
+            info!(
+                "recovered {recovered} messages from {} in {} ms",
+                storage.location(),
+                started.elapsed().as_millis()
+            );
+        }
+        let bind_all = |addrs: &[ListenAddr]| {
+            addrs
+                .iter()
+                .map(|addr| Listener::bind(addr).map(Arc::new))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let listeners = bind_all(&config.listen)?;
+        let console_listeners = bind_all(&config.admin)?;
+        let (fatal_tx, fatal) = unbounded();
+        let hub = Hub::new(
+            broker,
+            fatal_tx.clone(),
+            Bell::new().map_err(ServerError::Bell)?,
+        );
+        let hub = match &storage {
+            Some(storage) => hub.with_store_backlogs(storage.backlogs()),
+            None => hub,
+        };
+        let shared = Arc::new(Shared {
+            hub,
+            connections: Arc::default(),
+            max_connections: config.max_connections,
+            console_idle_timeout: config.console_idle_timeout,
+            limits: Limits {
+                max_packet_len: config.max_message_size,
+                frame_timeout: config.frame_timeout,
+                idle_timeout: config.idle_timeout,
+            },
+            next_conn: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+            fatal: fatal_tx,
+            console_sessions: Arc::default(),
+            started: Instant::now(),
+            storage: storage.as_ref().map(|s| s.status()),
+        });
+        Ok(Server {
+            listeners,
+            console_listeners,
+            shared,
+            fatal,
+            storage,
+            recovered,
+        })
+    }
+
+    /// The bound console addresses.
+    pub fn console_addrs(&self) -> Vec<ListenAddr> {
+        self.console_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Where messages are kept (the mirror file), if they are.
+    pub fn storage_location(&self) -> Option<String> {
+        self.storage.as_ref().map(|s| s.location())
+    }
+
+    /// How many stored messages were recovered at start.
+    pub fn recovered(&self) -> usize {
+        self.recovered
+    }
+
+    /// The bound addresses, with real port numbers where port 0 was asked for.
+    pub fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Serves until `shutdown` receives (or is dropped), then shuts down in order.
+    pub fn run(mut self, shutdown: Receiver<()>) -> Result<(), ServerError> {
+        if let Some(storage) = &mut self.storage {
+            let fatal = self.shared.fatal.clone();
+            let on_fatal = Arc::new(move |e: StorageError| {
+                error!("{e}");
+                let _ = fatal.try_send(Fatal::Persistence(e.to_string()));
+            });
+            let shared = self.shared.clone();
+            let on_fetched = Arc::new(move |fetched| {
+                // A poisoned broker is already reported as fatal.
+                let _ = shared
+                    .hub
+                    .modify(|broker, now, out| broker.attach(fetched, now, out));
+            });
+            storage.start(on_fetched, on_fatal)?;
+        }
+        let mut accept_threads = Vec::new();
+        let endpoints = self
+            .listeners
+            .iter()
+            .map(|l| (l, Endpoint::Messages))
+            .chain(
+                self.console_listeners
+                    .iter()
+                    .map(|l| (l, Endpoint::Console)),
+            );
+        for (listener, endpoint) in endpoints {
+            match accept::spawn_acceptor(listener.clone(), self.shared.clone(), endpoint) {
+                Ok(handle) => accept_threads.push(handle),
+                Err(e) => {
+                    let _ = self.stop(accept_threads, None);
+                    return Err(ServerError::Spawn(e));
+                }
+            }
+        }
+        let (stop_sweeper, sweeper_stopped) = unbounded::<()>();
+        let sweeper = match spawn_sweeper(self.shared.clone(), sweeper_stopped) {
+            Ok(handle) => handle,
+            Err(e) => {
+                let _ = self.stop(accept_threads, None);
+                return Err(ServerError::Spawn(e));
+            }
+        };
+        let outcome = select! {
+            recv(shutdown) -> _ => Ok(()),
+            recv(self.fatal) -> fatal => Err(ServerError::Fatal(fatal.unwrap_or(Fatal::BrokerDown))),
+        };
+        match &outcome {
+            Ok(()) => info!("shutting down"),
+            Err(e) => error!("shutting down: {e}"),
+        }
+        drop(stop_sweeper);
+        let stopped = self.stop(accept_threads, Some(sweeper));
+        outcome.and(stopped)
+    }
+}
+
+/// Expires ready messages and reports suppressed log lines, every [`SWEEP_INTERVAL`].
+fn spawn_sweeper(shared: Arc<Shared>, stop: Receiver<()>) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name("phpmq-sweeper".into())
+        .spawn(move || {
+            let _lifeline = Lifeline {
+                shared: shared.clone(),
+                name: "phpmq-sweeper".into(),
+            };
+            let ticker = tick(SWEEP_INTERVAL);
+            loop {
+                select! {
+                    recv(ticker) -> _ => {
+                        if shared.hub.expire().is_err() {
+                            return;
+                        }
+                        ratelog::report_suppressed();
+                    }
+                    recv(stop) -> _ => return,
+                }
+            }
+        })
+}
