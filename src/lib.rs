@@ -2,7 +2,7 @@
 //!
 //! Layout, from the bytes up:
 //! - [`codec`]: PHPMQ v1 frames to and from bytes; pure functions.
-//! - [`request`]: typed, validated client requests and the server's dispatch frame.
+//! - [`request`]: typed, validated client requests.
 //! - [`id`]: message ids.
 //! - [`broker`]: the queue state machine (FIFO queues, consumer rings, holds); no I/O.
 //! - [`store`]: the seam where the broker reports changes for persistence.

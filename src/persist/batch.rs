@@ -8,7 +8,6 @@
 use crate::store::{StoreOp, StoredMessage};
 use rusqlite::{params, Connection};
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::OnceLock;
 
 /// A run of changes with the ones that cancel out removed: an insert that a later delete
@@ -17,8 +16,8 @@ use std::sync::OnceLock;
 #[derive(Default)]
 pub struct Coalesced {
     slots: Vec<Option<StoreOp>>,
-    /// seq → slot of an insert still in `slots`.
-    inserted: HashMap<u64, usize>,
+    /// seq → slot of an insert still in `slots` (server-made keys: the fast hasher).
+    inserted: rustc_hash::FxHashMap<u64, usize>,
     /// Content bytes held by the inserts still in `slots`.
     bytes: usize,
     /// Ops still in `slots`.

@@ -30,6 +30,12 @@ const SHRINK_FREE_BYTES: i64 = 4 << 20;
 /// ...at most this much per mirror, so that one mirror stays short.
 const SHRINK_STEP_BYTES: i64 = 64 << 20;
 
+/// What a stored row costs beyond its content (id, queue, times, cell and page overhead).
+const ROW_OVERHEAD: u64 = 64;
+/// Below this size a store is never worth copying instead of replaying what changed: a small
+/// change to a small store stays small.
+const MIN_COPY_BYTES: u64 = 1 << 20;
+
 /// Which file a path names: a file replaced under the same name has another identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Identity {
@@ -163,6 +169,28 @@ impl FileDb {
     /// The file's size in bytes, with its write-ahead log.
     pub fn size(&self) -> u64 {
         fs::metadata(&self.path).map_or(0, |m| m.len()) + self.wal_bytes() as u64
+    }
+
+    /// Whether replaying `ops` into this file would write more than copying the whole store
+    /// (`rows` messages in the file): then a full copy is the cheaper tool — a store much smaller
+    /// than the churn that went through it since the last mirror (a burst sent and drained
+    /// within a second or two, a large drain). A replayed change is written twice (to the log,
+    /// then into the file); a deleted or re-queued row is costed at the file's average row.
+    pub fn replay_outweighs_copy<'a>(
+        &self,
+        ops: impl IntoIterator<Item = &'a StoreOp>,
+        rows: i64,
+    ) -> bool {
+        let file_bytes = fs::metadata(&self.path).map_or(0, |m| m.len());
+        let average_row = file_bytes / rows.max(1) as u64;
+        let replayed: u64 = ops
+            .into_iter()
+            .map(|op| match op {
+                StoreOp::Insert(m) => m.content.len() as u64 + ROW_OVERHEAD,
+                StoreOp::Delete { .. } | StoreOp::Requeue { .. } => average_row,
+            })
+            .sum();
+        2 * replayed > file_bytes.max(MIN_COPY_BYTES)
     }
 
     /// Closes the file for good: the log is folded in first, so what is left is one plain

@@ -116,9 +116,13 @@ impl Mirror {
     /// One mirror: the changes since the last one, or a full copy where the file needs it.
     fn once(&self, state: &mut MirrorState, stop: &Receiver<()>) -> Result<Outcome, PersistError> {
         let in_place = state.file.as_ref().is_some_and(FileDb::is_in_place);
-        if in_place {
+        if let Some(file) = state.file.as_ref().filter(|_| in_place) {
             let taken = self.shared.journal.take();
-            if !taken.overflowed {
+            // A store much smaller than what went through it since the last mirror is
+            // cheaper to copy than to replay.
+            let outweighs =
+                || file.replay_outweighs_copy(state.in_hand.iter().chain(&taken.ops), state.rows);
+            if !taken.overflowed && !outweighs() {
                 return self.apply_changes(state, taken.ops, taken.generation);
             }
         } else if state.file.is_some() {

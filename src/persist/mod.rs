@@ -262,7 +262,12 @@ impl Persistence {
             rows,
             mut in_hand,
         } = state;
-        if let Some(file) = file.filter(|f| f.is_in_place() && !taken.overflowed) {
+        let replay = |f: &FileDb| {
+            f.is_in_place()
+                && !taken.overflowed
+                && !f.replay_outweighs_copy(in_hand.iter().chain(&taken.ops), rows)
+        };
+        if let Some(file) = file.filter(replay) {
             in_hand.extend(taken.ops);
             match file.apply(&in_hand) {
                 Ok(applied) => {
