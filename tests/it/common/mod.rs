@@ -494,7 +494,12 @@ impl Client {
                 Err(e) => panic!("server sent a bad frame: {e}"),
             }
             let mut chunk = [0u8; 64 << 10];
-            let n = self.socket.read(&mut chunk)?;
+            let n = match self.socket.read(&mut chunk) {
+                Ok(n) => n,
+                // A signal that lands mid-read is not the server's doing: read again.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
             if n == 0 {
                 return Ok(None);
             }
