@@ -194,11 +194,11 @@ impl Backlog {
             && self.bytes.load(Ordering::SeqCst) <= self.high_bytes / 2
     }
 
-    /// Past a quarter of the high-water mark: time for its owner to catch up, before producers
-    /// have to wait.
+    /// Past half the high-water mark: time for its owner to catch up, before producers have to
+    /// wait.
     pub fn is_rising(&self) -> bool {
-        self.changes.load(Ordering::Relaxed) > self.high_changes / 4
-            || self.bytes.load(Ordering::Relaxed) > self.high_bytes / 4
+        self.changes.load(Ordering::Relaxed) > self.high_changes / 2
+            || self.bytes.load(Ordering::Relaxed) > self.high_bytes / 2
     }
 
     /// Sleeps until the backlog is low (true) or `give_up` says to stop waiting (false).

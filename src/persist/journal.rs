@@ -13,7 +13,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Content bytes at which producers wait for the mirror to take the journal (it is woken
-/// before its tick at a quarter of that)...
+/// before its tick at half of that)...
 const HIGH_BYTES: usize = 128 << 20;
 /// ...or changes.
 const HIGH_CHANGES: usize = 1 << 20;
@@ -179,7 +179,7 @@ mod tests {
         let journal = Journal::default();
         journal.record(vec![insert(1, 1024)], 1);
         assert!(journal.wake_ups().try_recv().is_err());
-        journal.record(vec![insert(2, HIGH_BYTES / 4)], 2);
+        journal.record(vec![insert(2, HIGH_BYTES / 2)], 2);
         assert!(!journal.backlog().is_high());
         journal.record(vec![insert(3, HIGH_BYTES)], 3);
         assert!(journal.backlog().is_high(), "producers wait");
