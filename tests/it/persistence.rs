@@ -28,11 +28,14 @@ fn take(client: &mut Client, queue: &str, n: usize) -> Vec<Dispatch> {
 
 /// Waits for a mirror that started after this call, so it holds everything accepted before.
 /// (The first mirror to finish may have started earlier; the second cannot have.) Mirrors run
-/// only when something changed, so `client` keeps changing the store meanwhile.
+/// only when something changed, so `client` keeps adding a message to a queue of its own
+/// meanwhile: a sync's barrier is sent and acknowledged within one batch of the store, and
+/// never reaches the file.
 fn wait_for_a_fresh_mirror(server: &TestServer, client: &mut Client) {
     let mirrors = |log: &str| log.lines().filter(|l| l.contains("] mirrored ")).count();
     let before = mirrors(&server.log.text());
     common::wait_until("two more mirrors", || {
+        client.send("mirror-nudge", b"");
         client.sync();
         mirrors(&server.log.text()) >= before + 2
     });
