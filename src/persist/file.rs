@@ -4,9 +4,9 @@
 //!
 //! Each commit is synced (`synchronous = FULL`): once [`FileDb::apply`] returns, its changes
 //! survive a crash. The write-ahead log is folded into the file whenever it grows past
-//! [`CHECKPOINT_BYTES`], and at a graceful stop, after which the file is one plain SQLite
-//! database again. Space freed by acknowledged messages is given back a step at a time
-//! (incremental vacuum), so the file follows the live messages.
+//! [`CHECKPOINT_BYTES`], on a mirror with nothing else to do, and at a graceful stop, after
+//! which the file is one plain SQLite database again. Space freed by acknowledged messages is
+//! given back a step at a time (incremental vacuum), so the file follows the live messages.
 //!
 //! The mirror also checks on every run that the path still names the file it writes: a file
 //! deleted or replaced under it is noticed ([`FileDb::is_in_place`]) and written again in full.
@@ -115,15 +115,22 @@ impl FileDb {
         } else {
             (batch::apply(&self.conn, ops)?, false)
         };
-        if self.wal_bytes() > CHECKPOINT_BYTES {
+        // The log is folded in once it is large, and whenever the mirror has nothing else to
+        // do: only then does space given back leave the file (in WAL mode the file shrinks at
+        // a checkpoint).
+        let wal = self.wal_bytes();
+        let folded = if wal > CHECKPOINT_BYTES || (ops.is_empty() && wal > 0) {
             self.checkpoint()?;
-        }
+            true
+        } else {
+            false
+        };
         let written = match (before, crate::system::written_by_this_thread()) {
             (Some(before), Some(after)) => Some(after.saturating_sub(before)),
             _ => None,
         };
         Ok(Applied {
-            wrote: !ops.is_empty() || shrunk,
+            wrote: !ops.is_empty() || shrunk || folded,
             row_delta,
             written,
         })
