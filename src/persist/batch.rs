@@ -178,11 +178,12 @@ pub fn apply(conn: &Connection, ops: &[StoreOp]) -> rusqlite::Result<i64> {
     Ok(row_delta)
 }
 
+/// Changes for tests of the stores: a one-byte insert and its delete, by seq.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(super) mod test_ops {
     use crate::id::MessageId;
     use crate::request::QueueName;
+    use crate::store::{StoreOp, StoredMessage};
     use std::sync::Arc;
 
     pub fn insert(seq: u64) -> StoreOp {
@@ -202,6 +203,13 @@ mod tests {
             seq,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_ops::{delete, insert};
+    use super::*;
+    use crate::id::MessageId;
 
     #[test]
     fn accepted_then_acked_in_one_batch_costs_nothing() {

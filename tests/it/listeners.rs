@@ -147,18 +147,7 @@ fn connections_beyond_the_limit_are_refused() {
     drop(first);
     common::wait_until("a new connection to be admitted", || {
         let mut next = server.tcp_client();
-        let mut frames = Vec::new();
-        encode_frame(
-            &mut frames,
-            MessageType::Send,
-            &[(PacketType::Queue, b"probe"), (PacketType::Content, b"x")],
-        );
-        encode_frame(
-            &mut frames,
-            MessageType::Consume,
-            &[(PacketType::Queue, b"probe"), (PacketType::Count, b"1")],
-        );
-        next.try_raw(&frames).is_ok() && matches!(next.try_recv(), Ok(Some(_)))
+        is_served(&mut next)
     });
 }
 
@@ -259,18 +248,7 @@ fn idle_connections_are_closed_but_consumers_never_are() {
     let mut admitted = None;
     common::wait_until("a place to free up", || {
         let mut probe = server.tcp_client();
-        let mut frames = Vec::new();
-        encode_frame(
-            &mut frames,
-            MessageType::Send,
-            &[(PacketType::Queue, b"probe"), (PacketType::Content, b"x")],
-        );
-        encode_frame(
-            &mut frames,
-            MessageType::Consume,
-            &[(PacketType::Queue, b"probe"), (PacketType::Count, b"1")],
-        );
-        let ok = probe.try_raw(&frames).is_ok() && matches!(probe.try_recv(), Ok(Some(_)));
+        let ok = is_served(&mut probe);
         if ok {
             admitted = Some(probe);
         }
@@ -282,4 +260,21 @@ fn idle_connections_are_closed_but_consumers_never_are() {
     assert!(holding.sync().is_empty());
     producer.consume("elsewhere", 1);
     assert_eq!(producer.recv().text(), "before going quiet");
+}
+
+/// Whether the server takes a message from `client` and hands it back to it: a refused
+/// connection is closed before it gets either.
+fn is_served(client: &mut Client) -> bool {
+    let mut frames = Vec::new();
+    encode_frame(
+        &mut frames,
+        MessageType::Send,
+        &[(PacketType::Queue, b"probe"), (PacketType::Content, b"x")],
+    );
+    encode_frame(
+        &mut frames,
+        MessageType::Consume,
+        &[(PacketType::Queue, b"probe"), (PacketType::Count, b"1")],
+    );
+    client.try_raw(&frames).is_ok() && matches!(client.try_recv(), Ok(Some(_)))
 }

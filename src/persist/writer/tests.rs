@@ -2,28 +2,10 @@
 
 use super::*;
 use crate::id::MessageId;
+use crate::persist::batch::test_ops::{delete, insert};
 use crate::request::QueueName;
-use crate::store::StoredMessage;
 use std::sync::Arc;
 use std::sync::Mutex;
-
-fn insert(seq: u64) -> StoreOp {
-    StoreOp::Insert(StoredMessage {
-        id: MessageId::from_u128(seq.into()),
-        queue: QueueName::new(b"q").unwrap(),
-        content: Arc::from(&b"x"[..]),
-        accepted_at: 0,
-        expires_at: None,
-        seq,
-    })
-}
-
-fn delete(seq: u64) -> StoreOp {
-    StoreOp::Delete {
-        id: MessageId::from_u128(seq.into()),
-        seq,
-    }
-}
 
 #[test]
 fn chunked_inserts_and_ranged_deletes_touch_exactly_their_rows() {
