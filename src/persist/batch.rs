@@ -65,6 +65,11 @@ impl Coalesced {
         self.len
     }
 
+    /// Inserts kept.
+    pub fn inserts(&self) -> usize {
+        self.inserted.len()
+    }
+
     /// Content bytes of the inserts kept.
     pub fn bytes(&self) -> usize {
         self.bytes

@@ -36,6 +36,45 @@ const ROW_OVERHEAD: u64 = 64;
 /// change to a small store stays small.
 const MIN_COPY_BYTES: u64 = 1 << 20;
 
+/// What the file holds, to decide whether replaying changes or copying the whole store is the
+/// cheaper way to bring it up to date.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileWeight {
+    /// The file's size, without its log.
+    pub bytes: u64,
+    /// Messages in it.
+    pub rows: i64,
+}
+
+impl FileWeight {
+    /// Whether replaying changes (`inserts` rows with `insert_bytes` of content, and `others`
+    /// deletes or re-queues) would write more than copying the whole store: then a full copy
+    /// is the cheaper tool — a store much smaller than the churn that went through it since
+    /// the last mirror (a burst sent and drained within a second or two, a large drain). A
+    /// replayed change is written twice (to the log, then into the file); a deleted or
+    /// re-queued row is costed at the file's average row.
+    pub fn replay_outweighs_copy(&self, insert_bytes: u64, inserts: u64, others: u64) -> bool {
+        let average_row = self.bytes / self.rows.max(1) as u64;
+        let replayed = insert_bytes + inserts * ROW_OVERHEAD + others * average_row;
+        2 * replayed > self.bytes.max(MIN_COPY_BYTES)
+    }
+
+    /// [`FileWeight::replay_outweighs_copy`] for a list of changes.
+    pub fn replay_of_outweighs_copy<'a>(&self, ops: impl IntoIterator<Item = &'a StoreOp>) -> bool {
+        let (mut insert_bytes, mut inserts, mut others) = (0, 0, 0);
+        for op in ops {
+            match op {
+                StoreOp::Insert(m) => {
+                    insert_bytes += m.content.len() as u64;
+                    inserts += 1;
+                }
+                StoreOp::Delete { .. } | StoreOp::Requeue { .. } => others += 1,
+            }
+        }
+        self.replay_outweighs_copy(insert_bytes, inserts, others)
+    }
+}
+
 /// Which file a path names: a file replaced under the same name has another identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Identity {
@@ -178,26 +217,12 @@ impl FileDb {
         fs::metadata(&self.path).map_or(0, |m| m.len()) + self.wal_bytes() as u64
     }
 
-    /// Whether replaying `ops` into this file would write more than copying the whole store
-    /// (`rows` messages in the file): then a full copy is the cheaper tool — a store much smaller
-    /// than the churn that went through it since the last mirror (a burst sent and drained
-    /// within a second or two, a large drain). A replayed change is written twice (to the log,
-    /// then into the file); a deleted or re-queued row is costed at the file's average row.
-    pub fn replay_outweighs_copy<'a>(
-        &self,
-        ops: impl IntoIterator<Item = &'a StoreOp>,
-        rows: i64,
-    ) -> bool {
-        let file_bytes = fs::metadata(&self.path).map_or(0, |m| m.len());
-        let average_row = file_bytes / rows.max(1) as u64;
-        let replayed: u64 = ops
-            .into_iter()
-            .map(|op| match op {
-                StoreOp::Insert(m) => m.content.len() as u64 + ROW_OVERHEAD,
-                StoreOp::Delete { .. } | StoreOp::Requeue { .. } => average_row,
-            })
-            .sum();
-        2 * replayed > file_bytes.max(MIN_COPY_BYTES)
+    /// What the file holds (`rows` messages), to weigh replaying changes against a full copy.
+    pub fn weight(&self, rows: i64) -> FileWeight {
+        FileWeight {
+            bytes: fs::metadata(&self.path).map_or(0, |m| m.len()),
+            rows,
+        }
     }
 
     /// Closes the file for good: the log is folded in first, so what is left is one plain

@@ -5,9 +5,13 @@
 //! never reaches the file), so what is held follows the net change, not the traffic. If the
 //! mirror cannot keep up (a disk that hangs), the journal stops holding changes past a bound
 //! and asks for a full copy instead: memory stays bounded, nothing is lost, the next mirror
-//! costs what is stored.
+//! costs what is stored. It does the same, and stops recording, as soon as what it holds would
+//! cost more to replay than copying the store (a burst into a small store): recording a flood
+//! that the next mirror will not replay only takes the writer's time and holds the flood's
+//! content in memory.
 
 use super::batch::Coalesced;
+use super::file::FileWeight;
 use crate::store::{Backlog, StoreOp};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,7 +34,9 @@ struct State {
     generation: u64,
     /// The changes since the last full copy are not all here: only a full copy brings the
     /// file up to date.
-    overflowed: bool,
+    copy_wanted: bool,
+    /// What the file holds; `None` until there is a file to replay into.
+    file: Option<FileWeight>,
 }
 
 /// Changes committed to memory and not yet taken by the mirror.
@@ -61,7 +67,7 @@ pub struct Taken {
     /// The writer generation the ops bring the file up to.
     pub generation: u64,
     /// The ops are incomplete: the file needs a full copy.
-    pub overflowed: bool,
+    pub copy_wanted: bool,
 }
 
 impl Journal {
@@ -74,15 +80,27 @@ impl Journal {
     pub fn record(&self, ops: Vec<StoreOp>, generation: u64) {
         let mut state = self.state();
         state.generation = generation;
-        if state.overflowed {
+        if state.copy_wanted {
             return;
         }
         for op in ops {
             state.pending.push(op);
         }
-        if state.pending.bytes() > MAX_BYTES || state.pending.len() > MAX_CHANGES {
+        let pending = &state.pending;
+        let outweighs_copy = |file: FileWeight| {
+            let others = pending.len() - pending.inserts();
+            file.replay_outweighs_copy(
+                pending.bytes() as u64,
+                pending.inserts() as u64,
+                others as u64,
+            )
+        };
+        if pending.bytes() > MAX_BYTES
+            || pending.len() > MAX_CHANGES
+            || state.file.is_none_or(outweighs_copy)
+        {
             state.pending = Coalesced::default();
-            state.overflowed = true;
+            state.copy_wanted = true;
         }
         self.backlog.set(state.pending.len(), state.pending.bytes());
         if self.backlog.is_rising() {
@@ -104,30 +122,43 @@ impl Journal {
 
     /// Takes everything recorded so far.
     pub fn take(&self) -> Taken {
-        let (pending, generation, overflowed) = {
+        let (pending, generation, copy_wanted) = {
             let mut state = self.state();
             self.backlog.set(0, 0);
             (
                 std::mem::take(&mut state.pending),
                 state.generation,
-                state.overflowed,
+                state.copy_wanted,
             )
         };
         // Unpacked outside the lock: the writer records its next batch meanwhile.
         Taken {
             ops: pending.into_ops(),
             generation,
-            overflowed,
+            copy_wanted,
         }
     }
 
-    /// A full copy that reflects every batch recorded so far is complete: start afresh.
-    /// Called by the writer, between batches.
-    pub fn reset(&self) {
+    /// A full copy of `file` that reflects every batch recorded so far is complete: start
+    /// afresh. Called by the writer, between batches.
+    pub fn reset(&self, file: FileWeight) {
         let mut state = self.state();
         state.pending = Coalesced::default();
-        state.overflowed = false;
+        state.copy_wanted = false;
+        state.file = Some(file);
         self.backlog.set(0, 0);
+    }
+
+    /// What the file holds now that the mirror wrote it; `None`: there is no file to replay
+    /// into, the next mirror writes it in full (and nothing is recorded until then).
+    pub fn note_file(&self, file: Option<FileWeight>) {
+        let mut state = self.state();
+        state.file = file;
+        if file.is_none() {
+            state.pending = Coalesced::default();
+            state.copy_wanted = true;
+            self.backlog.set(0, 0);
+        }
     }
 
     /// Changes waiting for the next mirror.
@@ -155,9 +186,19 @@ mod tests {
         })
     }
 
+    /// A journal replaying into a file far larger than any test's changes.
+    fn journal() -> Journal {
+        let journal = Journal::default();
+        journal.note_file(Some(FileWeight {
+            bytes: 1 << 40,
+            rows: 1 << 20,
+        }));
+        journal
+    }
+
     #[test]
     fn changes_cancel_across_batches() {
-        let journal = Journal::default();
+        let journal = journal();
         journal.record(vec![insert(1, 3), insert(2, 3)], 1);
         journal.record(
             vec![StoreOp::Delete {
@@ -170,13 +211,13 @@ mod tests {
         let taken = journal.take();
         assert_eq!(taken.ops, vec![insert(2, 3)]);
         assert_eq!(taken.generation, 2);
-        assert!(!taken.overflowed);
+        assert!(!taken.copy_wanted);
         assert_eq!(journal.pending(), 0);
     }
 
     #[test]
     fn a_growing_journal_wakes_the_mirror_early() {
-        let journal = Journal::default();
+        let journal = journal();
         journal.record(vec![insert(1, 1024)], 1);
         assert!(journal.wake_ups().try_recv().is_err());
         journal.record(vec![insert(2, HIGH_BYTES / 2)], 2);
@@ -190,19 +231,59 @@ mod tests {
 
     #[test]
     fn a_journal_past_its_bound_asks_for_a_full_copy_until_reset() {
-        let journal = Journal::default();
+        let journal = journal();
         journal.record(vec![insert(1, MAX_BYTES + 1)], 1);
         journal.record(vec![insert(2, 1)], 2);
         let taken = journal.take();
-        assert!(taken.overflowed && taken.ops.is_empty());
+        assert!(taken.copy_wanted && taken.ops.is_empty());
         assert!(
-            journal.take().overflowed,
-            "stays overflowed until a full copy"
+            journal.take().copy_wanted,
+            "stays copy_wanted until a full copy"
         );
-        journal.reset();
+        journal.reset(FileWeight {
+            bytes: 1 << 40,
+            rows: 1,
+        });
         journal.record(vec![insert(3, 1)], 3);
         let taken = journal.take();
-        assert!(!taken.overflowed);
+        assert!(!taken.copy_wanted);
         assert_eq!(taken.ops, vec![insert(3, 1)]);
+    }
+
+    #[test]
+    fn changes_that_outweigh_a_copy_are_not_recorded() {
+        let journal = Journal::default();
+        journal.record(vec![insert(1, 10)], 1);
+        assert!(
+            journal.take().copy_wanted,
+            "no file yet: it is written in full"
+        );
+
+        // A 10 MB file of 1,000 rows: replaying a 1 KiB change pays, replaying 6 MB does not.
+        let file = FileWeight {
+            bytes: 10 << 20,
+            rows: 1000,
+        };
+        journal.reset(file);
+        journal.record(vec![insert(2, 1024)], 2);
+        assert_eq!(journal.pending(), 1);
+        journal.record(vec![insert(3, 6 << 20)], 3);
+        assert_eq!(journal.pending(), 0, "the flood is not held");
+        let taken = journal.take();
+        assert!(taken.copy_wanted && taken.ops.is_empty());
+
+        // Deletes are costed at the file's average row (10 KiB here).
+        journal.reset(file);
+        let deletes = (0..600)
+            .map(|seq| StoreOp::Delete {
+                id: MessageId::from_u128(seq.into()),
+                seq,
+            })
+            .collect();
+        journal.record(deletes, 4);
+        assert!(
+            journal.take().copy_wanted,
+            "600 × 10 KiB × 2 outweighs 10 MiB"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The mirror thread: on every tick (and early when the journal grows), brings the file up to
 //! date: the changes since the last mirror in one synced transaction, or a full copy where
-//! the file needs one (missing, replaced, from an old phpmq, or the journal overflowed). A
+//! the file needs one (missing, replaced, from an old phpmq, or the journal gave up on the changes). A
 //! failing mirror keeps its changes for the next try, within bounds, and is counted in
 //! [`MirrorHealth`].
 
@@ -81,6 +81,7 @@ impl Mirror {
     fn run(&self, mut state: MirrorState, interval: Duration, stop: &Receiver<()>) -> MirrorState {
         let ticker = tick(interval);
         let early = self.shared.journal.wake_ups().clone();
+        self.note_file(&state);
         loop {
             select! {
                 recv(ticker) -> _ => {}
@@ -93,6 +94,7 @@ impl Mirror {
                 recv(stop) -> _ => return state,
             }
             let outcome = self.once(&mut state, stop);
+            self.note_file(&state);
             health::lock(&self.health).held_back = state.in_hand.len();
             match outcome {
                 Ok(Outcome::Done(Some(report))) => health::record(&self.health, report),
@@ -113,6 +115,12 @@ impl Mirror {
         }
     }
 
+    /// Tells the journal what the file holds, so it can tell when replaying stops paying.
+    fn note_file(&self, state: &MirrorState) {
+        let weight = state.file.as_ref().map(|file| file.weight(state.rows));
+        self.shared.journal.note_file(weight);
+    }
+
     /// One mirror: the changes since the last one, or a full copy where the file needs it.
     fn once(&self, state: &mut MirrorState, stop: &Receiver<()>) -> Result<Outcome, PersistError> {
         let in_place = state.file.as_ref().is_some_and(FileDb::is_in_place);
@@ -120,9 +128,11 @@ impl Mirror {
             let taken = self.shared.journal.take();
             // A store much smaller than what went through it since the last mirror is
             // cheaper to copy than to replay.
-            let outweighs =
-                || file.replay_outweighs_copy(state.in_hand.iter().chain(&taken.ops), state.rows);
-            if !taken.overflowed && !outweighs() {
+            let outweighs = || {
+                file.weight(state.rows)
+                    .replay_of_outweighs_copy(state.in_hand.iter().chain(&taken.ops))
+            };
+            if !taken.copy_wanted && !outweighs() {
                 return self.apply_changes(state, taken.ops, taken.generation);
             }
         } else if state.file.is_some() {

@@ -186,6 +186,9 @@ impl Persistence {
                 None
             }
         };
+        // Before the writer records anything: without a file the journal holds nothing.
+        let weight = state.file.as_ref().map(|file| file.weight(state.rows));
+        self.shared.journal.note_file(weight);
         let shared = self.shared.clone();
         let alarm = PanicAlarm(on_fatal.clone());
         let callbacks = Callbacks {
@@ -264,8 +267,10 @@ impl Persistence {
         } = state;
         let replay = |f: &FileDb| {
             f.is_in_place()
-                && !taken.overflowed
-                && !f.replay_outweighs_copy(in_hand.iter().chain(&taken.ops), rows)
+                && !taken.copy_wanted
+                && !f
+                    .weight(rows)
+                    .replay_of_outweighs_copy(in_hand.iter().chain(&taken.ops))
         };
         if let Some(file) = file.filter(replay) {
             in_hand.extend(taken.ops);

@@ -11,6 +11,7 @@
 use super::batch;
 use super::copy;
 use super::error::PersistError;
+use super::file::FileWeight;
 use super::shared::{memory_failure, Shared};
 use crate::store::{Backlog, FetchRequest, Fetched, Store, StoreOp};
 use crossbeam_channel::{select, Receiver, Sender};
@@ -343,7 +344,11 @@ impl Writer<'_> {
         }
         drop(file);
         // The copy holds every batch committed so far: the journal starts again from here.
-        self.shared.journal.reset();
+        let (pages, page_size) = pages_and_size(self.conn).map_err(sqlite("measure"))?;
+        self.shared.journal.reset(FileWeight {
+            bytes: (pages * page_size).max(0) as u64,
+            rows: self.shared.rows.load(Ordering::Relaxed),
+        });
         Ok(Copied {
             generation: self.shared.generation.load(Ordering::Acquire),
             messages: self.shared.rows.load(Ordering::Relaxed),
