@@ -36,6 +36,12 @@ pub struct StoredMessage {
     pub expires_at: Option<Millis>,
     /// Position in the FIFO order: larger is newer.
     pub seq: u64,
+    /// Not dispatched before this time (a v1.2 delay); `None`: ready at once.
+    pub due_at: Option<Millis>,
+    /// Dispatches counted so far (v1.2 rule 6). The broker stores the count whenever a
+    /// dispatch ends without an acknowledgement ([`StoreOp::Returned`], [`StoreOp::Requeue`]),
+    /// not at every dispatch: a dispatch under way when the server is killed is not counted.
+    pub deliveries: u32,
 }
 
 /// A stored message as recovery reads it, borrowed from the database row: the broker copies
@@ -48,6 +54,8 @@ pub struct StoredRow<'a> {
     pub accepted_at: Millis,
     pub expires_at: Option<Millis>,
     pub seq: u64,
+    pub due_at: Option<Millis>,
+    pub deliveries: u32,
 }
 
 /// One change to the set of stored messages.
@@ -60,12 +68,26 @@ pub enum StoreOp {
         id: MessageId,
         seq: u64,
     },
-    /// Re-queued to the tail: it moves from `old_seq` to `seq` with a new expiry.
+    /// Moved to a new position `seq` (from `old_seq`): re-queued to the tail (with a delay:
+    /// `due_at`), a delayed message that became due and joined the tail, or moved to another
+    /// queue (`queue`: dead-lettered to `<queue>.dead`, or redriven back). Carries the
+    /// message's expiry and delivery count as they are now.
     Requeue {
         id: MessageId,
         old_seq: u64,
         seq: u64,
         expires_at: Option<Millis>,
+        due_at: Option<Millis>,
+        deliveries: u32,
+        /// `Some`: it moves to this queue; `None`: it stays in its own.
+        queue: Option<QueueName>,
+    },
+    /// Back at its place in its queue after a dispatch that ended without an
+    /// acknowledgement (its holder left, its lease expired): only the count changes.
+    Returned {
+        id: MessageId,
+        seq: u64,
+        deliveries: u32,
     },
 }
 

@@ -194,6 +194,9 @@ impl Broker {
             old_seq: held.seq,
             seq,
             expires_at: stored_expiry(expires_at),
+            due_at: None,
+            deliveries: 0,
+            queue: None,
         });
         self.table.totals.requeued += 1;
         let size = held.content.len();

@@ -316,6 +316,8 @@ impl Broker {
             accepted_at: now,
             expires_at: stored_expiry(expires_at),
             seq,
+            due_at: None,
+            deliveries: 0,
         }));
         self.table.totals.accepted += 1;
         let ready = Ready::new(seq, id, content.len(), Some(content), now, expires_at);

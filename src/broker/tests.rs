@@ -45,6 +45,7 @@ impl Recorder {
                         stored.insert(*seq, content);
                     }
                 }
+                StoreOp::Returned { .. } => {}
             }
         }
         stored
@@ -365,7 +366,10 @@ fn requeue_goes_to_the_tail_with_a_new_ttl() {
         id: a,
         old_seq: 1,
         seq: 3,
-        expires_at: Some(61_000)
+        expires_at: Some(61_000),
+        due_at: None,
+        deliveries: 0,
+        queue: None,
     }));
 }
 
@@ -566,6 +570,8 @@ fn restored_messages_are_ready_in_order_and_new_ones_follow() {
             accepted_at: 0,
             expires_at: None,
             seq,
+            due_at: None,
+            deliveries: 0,
         });
     }
     assert!(
@@ -792,6 +798,9 @@ impl Broker {
                     id, old_seq, seq, ..
                 } => {
                     assert_eq!(stored.insert(*id, *seq), Some(*old_seq), "requeue of {id}");
+                }
+                StoreOp::Returned { id, seq, .. } => {
+                    assert_eq!(stored.get(id), Some(seq), "return of {id} at its seq");
                 }
             }
         }
@@ -1070,6 +1079,8 @@ fn restored_content_beyond_the_window_stays_in_the_store() {
                 accepted_at: 0,
                 expires_at: None,
                 seq,
+                due_at: None,
+                deliveries: 0,
             }));
         b.restore(StoredRow {
             id: MessageId::from_u128(seq.into()),
@@ -1078,6 +1089,8 @@ fn restored_content_beyond_the_window_stays_in_the_store() {
             accepted_at: 0,
             expires_at: None,
             seq,
+            due_at: None,
+            deliveries: 0,
         });
     }
     let queue = &b.queues["jobs"];
@@ -1220,6 +1233,8 @@ fn huge_ttls_are_clamped_to_the_latest_expiry_and_read_back_the_same() {
             accepted_at: 0,
             expires_at: Some(expires_at),
             seq,
+            due_at: None,
+            deliveries: 0,
         });
     }
     b.connect(1);

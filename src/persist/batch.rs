@@ -130,6 +130,8 @@ pub fn apply(conn: &Connection, ops: &[StoreOp]) -> rusqlite::Result<i64> {
                 expires_at.map(stored_time),
             )),
             StoreOp::Delete { seq, .. } => deletes.push(stored_time(*seq)),
+            // Stored with the delivery-count columns (next commit).
+            StoreOp::Returned { .. } => {}
         }
     }
     deletes.sort_unstable();
@@ -199,6 +201,8 @@ pub(super) mod test_ops {
             accepted_at: 0,
             expires_at: None,
             seq,
+            due_at: None,
+            deliveries: 0,
         })
     }
 
@@ -229,6 +233,9 @@ mod tests {
             old_seq: 1,
             seq: 5,
             expires_at: Some(9),
+            due_at: None,
+            deliveries: 0,
+            queue: None,
         };
         let ops = coalesce(vec![insert(1), requeue(), delete(5)]);
         assert!(ops.is_empty(), "{ops:?}");

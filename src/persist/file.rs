@@ -68,7 +68,9 @@ impl FileWeight {
                     insert_bytes += m.content.len() as u64;
                     inserts += 1;
                 }
-                StoreOp::Delete { .. } | StoreOp::Requeue { .. } => others += 1,
+                StoreOp::Delete { .. } | StoreOp::Requeue { .. } | StoreOp::Returned { .. } => {
+                    others += 1
+                }
             }
         }
         self.replay_outweighs_copy(insert_bytes, inserts, others)

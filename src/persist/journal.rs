@@ -183,6 +183,8 @@ mod tests {
             accepted_at: 0,
             expires_at: None,
             seq,
+            due_at: None,
+            deliveries: 0,
         })
     }
 

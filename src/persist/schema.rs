@@ -185,6 +185,8 @@ pub fn load(
             // Bit for bit: older builds wrote expiry times beyond i64::MAX as negative
             // numbers; the broker clamps them like any other too-late expiry.
             expires_at: expires_at.map(|at| at as u64),
+            due_at: None,
+            deliveries: 0,
             seq: seq.max(0) as u64,
         });
         count += 1;

@@ -183,6 +183,9 @@ fn ops_reach_the_database() {
                 old_seq: 1,
                 seq: 4,
                 expires_at: None,
+                due_at: None,
+                deliveries: 0,
+                queue: None,
             },
         ],
     )
