@@ -7,10 +7,16 @@
 #
 #   scripts/bench-ab.sh old=/tmp/old/phpmq-server new=target/release/phpmq-server
 #
-# Environment: ROUNDS (default 4), MQBENCH_SRC (default ../shared/bench).
+# Environment: ROUNDS (default 4), MQBENCH_SRC (default ../shared/bench), SIZE (message bytes,
+# default 256), N (messages per case, default 200000), SCENARIOS (default "produce,drain e2e"),
+# UNIX=1 (over the server's Unix socket instead of TCP).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-4}
+SIZE=${SIZE:-256}
+N=${N:-200000}
+SCENARIOS=${SCENARIOS:-produce,drain e2e}
+UNIX=${UNIX:-0}
 MQBENCH_SRC=${MQBENCH_SRC:-../shared/bench}
 [ $# -ge 2 ] || { echo "usage: $0 NAME=PATH NAME=PATH [...]" >&2; exit 2; }
 CARGO_TARGET_DIR=/tmp/mqbench-target cargo build --release --quiet --manifest-path "$MQBENCH_SRC/Cargo.toml"
@@ -26,11 +32,13 @@ for round in $(seq "$ROUNDS"); do
     name=${build%%=*} bin=${build#*=}
     dir=$work/$name-$round port=$(free_port)
     mkdir -p "$dir"
-    "$bin" --listen "127.0.0.1:$port" --admin none --db "$dir/phpmq.sqlite" 2>"$dir/log" &
+    addr=127.0.0.1:$port unix_args=()
+    if [ "$UNIX" = 1 ]; then addr=unix:$dir/phpmq.sock unix_args=(--listen "unix:$dir/phpmq.sock"); fi
+    "$bin" --listen "127.0.0.1:$port" "${unix_args[@]}" --admin none --db "$dir/phpmq.sqlite" 2>"$dir/log" &
     pid=$!
     for _ in $(seq 150); do grep -q "ready;" "$dir/log" && break; sleep 0.1; done
-    for scenario in produce,drain e2e; do
-      "$mqbench" --driver phpmq --addr "127.0.0.1:$port" -S 256 -N 200000 -P 2 -C 2 -K 16 \
+    for scenario in $SCENARIOS; do
+      "$mqbench" --driver phpmq --addr "$addr" -S "$SIZE" -N "$N" -P 2 -C 2 -K 16 \
           --scenario "$scenario" -W 16 -R 1 --label "$name" | grep -v '^#' |
         awk -v name="$name" '{for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
                               print f["scenario"], name, f["msgs_per_s"]}' >>"$results"

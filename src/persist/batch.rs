@@ -5,14 +5,15 @@
 //! database, and the mirror applies everything since its last run to the file. Neither step
 //! knows which database it writes to.
 
+use crate::request::QueueName;
 use crate::store::{StoreOp, StoredMessage};
 use rusqlite::{params, Connection};
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
 /// A run of changes with the ones that cancel out removed: an insert that a later delete
-/// removes never happened, and a re-queue of a message inserted in the same run rewrites the
-/// insert. Pushing costs O(1); the order of what is kept is the order it came in.
+/// removes never happened, and a re-queue or return of a message inserted in the same run
+/// rewrites the insert. Pushing costs O(1); the order of what is kept is the order it came in.
 #[derive(Default)]
 pub struct Coalesced {
     slots: Vec<Option<StoreOp>>,
@@ -39,14 +40,31 @@ impl Coalesced {
                 old_seq,
                 seq,
                 expires_at,
+                due_at,
+                deliveries,
+                queue,
                 ..
             } if self.inserted.contains_key(&old_seq) => {
                 if let Some(slot) = self.inserted.remove(&old_seq) {
                     if let Some(StoreOp::Insert(message)) = &mut self.slots[slot] {
                         message.seq = seq;
                         message.expires_at = expires_at;
+                        message.due_at = due_at;
+                        message.deliveries = deliveries;
+                        if let Some(queue) = queue {
+                            message.queue = queue;
+                        }
                     }
                     self.inserted.insert(seq, slot);
+                }
+            }
+            StoreOp::Returned {
+                seq, deliveries, ..
+            } if self.inserted.contains_key(&seq) => {
+                if let Some(&slot) = self.inserted.get(&seq) {
+                    if let Some(StoreOp::Insert(message)) = &mut self.slots[slot] {
+                        message.deliveries = deliveries;
+                    }
                 }
             }
             op => {
@@ -92,12 +110,12 @@ pub fn coalesce(ops: Vec<StoreOp>) -> Vec<StoreOp> {
 /// Inserts per multi-row INSERT statement: one statement costs about as much as a row.
 const INSERT_CHUNK: usize = 64;
 /// Bound parameters per inserted row.
-const INSERT_COLUMNS: usize = 6;
+const INSERT_COLUMNS: usize = 8;
 
 fn insert_sql(rows: usize) -> String {
     let row = format!("({})", ["?"; INSERT_COLUMNS].join(","));
     format!(
-        "INSERT INTO messages (seq, id, queue, content, accepted_at, expires_at) VALUES {}",
+        "INSERT INTO messages (seq, id, queue, content, accepted_at, expires_at, due_at, deliveries) VALUES {}",
         vec![row; rows].join(",")
     )
 }
@@ -115,6 +133,7 @@ fn stored_time(at: u64) -> i64 {
 pub fn apply(conn: &Connection, ops: &[StoreOp]) -> rusqlite::Result<i64> {
     let mut inserts: Vec<&StoredMessage> = Vec::new();
     let mut requeues = Vec::new();
+    let mut returns = Vec::new();
     let mut deletes: Vec<i64> = Vec::new();
     for op in ops {
         match op {
@@ -123,15 +142,22 @@ pub fn apply(conn: &Connection, ops: &[StoreOp]) -> rusqlite::Result<i64> {
                 old_seq,
                 seq,
                 expires_at,
+                due_at,
+                deliveries,
+                queue,
                 ..
             } => requeues.push((
                 stored_time(*old_seq),
                 stored_time(*seq),
                 expires_at.map(stored_time),
+                due_at.map(stored_time),
+                *deliveries,
+                queue.as_ref().map(QueueName::as_str),
             )),
+            StoreOp::Returned {
+                seq, deliveries, ..
+            } => returns.push((stored_time(*seq), *deliveries)),
             StoreOp::Delete { seq, .. } => deletes.push(stored_time(*seq)),
-            // Stored with the delivery-count columns (next commit).
-            StoreOp::Returned { .. } => {}
         }
     }
     deletes.sort_unstable();
@@ -148,7 +174,7 @@ pub fn apply(conn: &Connection, ops: &[StoreOp]) -> rusqlite::Result<i64> {
             Cow::Owned(insert_sql(chunk.len()))
         };
         let mut insert = tx.prepare_cached(&sql)?;
-        // Parameters are numbered from 1, six per row, in the column order of the statement.
+        // Parameters are numbered from 1, a row's worth at a time, in the statement's column order.
         let mut at = 0;
         let mut bind = |value: &dyn rusqlite::ToSql| {
             at += 1;
@@ -161,14 +187,27 @@ pub fn apply(conn: &Connection, ops: &[StoreOp]) -> rusqlite::Result<i64> {
             bind(&&m.content[..])?;
             bind(&stored_time(m.accepted_at))?;
             bind(&m.expires_at.map(stored_time))?;
+            bind(&m.due_at.map(stored_time))?;
+            bind(&m.deliveries)?;
         }
         row_delta += insert.raw_execute()? as i64;
     }
     if !requeues.is_empty() {
-        let mut requeue =
-            tx.prepare_cached("UPDATE messages SET seq = ?1, expires_at = ?2 WHERE seq = ?3")?;
-        for (old_seq, seq, expires_at) in requeues {
-            requeue.execute(params![seq, expires_at, old_seq])?;
+        let mut requeue = tx.prepare_cached(
+            "UPDATE messages SET seq = ?1, expires_at = ?2, due_at = ?3, deliveries = ?4,
+             queue = coalesce(?5, queue) WHERE seq = ?6",
+        )?;
+        for (old_seq, seq, expires_at, due_at, deliveries, queue) in requeues {
+            requeue.execute(params![seq, expires_at, due_at, deliveries, queue, old_seq])?;
+        }
+    }
+    // After the re-queues, in order: a return names the position the message has by then (a
+    // return whose message a later re-queue moved finds no row, and the re-queue carries
+    // the newer count).
+    if !returns.is_empty() {
+        let mut returned = tx.prepare_cached("UPDATE messages SET deliveries = ?1 WHERE seq = ?2")?;
+        for (seq, deliveries) in returns {
+            returned.execute(params![deliveries, seq])?;
         }
     }
     if !deletes.is_empty() {

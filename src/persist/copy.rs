@@ -218,6 +218,8 @@ pub fn load(path: &Path) -> Result<Connection, PersistError> {
     let mut memory = Connection::open_in_memory().map_err(fail)?;
     copy_all(&file, &mut memory).map_err(|e| schema::classify(path, "load", e))?;
     schema::quick_check(&memory, path)?;
+    // The file itself is left as it is: the first mirror writes it in full, in this form.
+    schema::upgrade(&memory).map_err(fail)?;
     tune_memory(&memory).map_err(fail)?;
     if !shrinks_incrementally(&memory).map_err(fail)? {
         // A file from before incremental mirrors: rebuild once so that freed pages can be
@@ -284,6 +286,45 @@ mod tests {
             .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 100, "the rows only the log had");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A file from before v1.2 (schema version 1, without `due_at` and `deliveries`) loads:
+    /// its messages have no delay and no dispatch counted, and the store has the new columns.
+    #[test]
+    fn a_version_1_file_loads_with_the_new_columns_empty() {
+        let dir = std::env::temp_dir().join(format!("phpmq-v1-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("phpmq.sqlite");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA auto_vacuum = INCREMENTAL;
+             CREATE TABLE phpmq_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO phpmq_meta (key, value) VALUES ('format', 'phpmq');
+             CREATE TABLE messages (seq INTEGER PRIMARY KEY, id BLOB NOT NULL,
+                 queue TEXT NOT NULL, content BLOB NOT NULL, accepted_at INTEGER NOT NULL,
+                 expires_at INTEGER);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO messages VALUES (7, ?1, 'jobs', x'68690a', 1000, 99000)",
+            [&7u128.to_be_bytes()[..]],
+        )
+        .unwrap();
+        drop(conn);
+
+        let memory = load(&path).unwrap();
+        assert_eq!(schema::version(&memory).unwrap(), schema::SCHEMA_VERSION);
+        let mut rows = Vec::new();
+        schema::load(&memory, &path, &mut |row| {
+            rows.push((row.seq, row.content.to_vec(), row.expires_at, row.due_at, row.deliveries))
+        })
+        .unwrap();
+        assert_eq!(rows, vec![(7, b"hi\n".to_vec(), Some(99_000), None, 0)]);
+        let file = Connection::open(&path).unwrap();
+        assert_eq!(schema::version(&file).unwrap(), 1, "loading leaves the file as it was");
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -12,6 +12,7 @@
 //! deleted or replaced under it is noticed ([`FileDb::is_in_place`]) and written again in full.
 
 use super::batch;
+use super::schema;
 use crate::store::StoreOp;
 use rusqlite::Connection;
 use std::fs;
@@ -99,6 +100,8 @@ pub struct FileDb {
     identity: Identity,
     page_size: i64,
     incremental_vacuum: bool,
+    /// Written in the schema this build writes (not an older phpmq's).
+    current_schema: bool,
 }
 
 /// What one [`FileDb::apply`] did.
@@ -125,12 +128,14 @@ impl FileDb {
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
         let identity = identity(path).map_err(|e| io_failure(path, e))?;
+        let current_schema = schema::version(&conn)? == schema::SCHEMA_VERSION;
         Ok(FileDb {
             conn,
             path: path.to_owned(),
             identity,
             page_size,
             incremental_vacuum: auto_vacuum == 2,
+            current_schema,
         })
     }
 
@@ -139,10 +144,11 @@ impl FileDb {
         identity(&self.path).is_ok_and(|found| found == self.identity)
     }
 
-    /// Whether this file gives freed space back by itself (files written by phpmq 0.1 before
-    /// incremental mirrors do not, and are rewritten once in full).
-    pub fn shrinks_incrementally(&self) -> bool {
-        self.incremental_vacuum
+    /// Whether changes can be replayed into this file: it gives freed space back by itself
+    /// and has this build's columns. Files of older phpmq builds (before incremental mirrors,
+    /// or before v1.2's columns) are written once in full instead.
+    pub fn takes_changes(&self) -> bool {
+        self.incremental_vacuum && self.current_schema
     }
 
     /// Applies `ops` in one synced transaction, then folds the log into the file if it grew

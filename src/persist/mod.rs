@@ -179,7 +179,7 @@ impl Persistence {
         // left exactly as it was. If it cannot be opened, or is from before incremental
         // mirrors (it cannot give space back), the first mirror writes it in full.
         state.file = match FileDb::open(&self.target) {
-            Ok(file) if file.shrinks_incrementally() => Some(file),
+            Ok(file) if file.takes_changes() => Some(file),
             Ok(_) => None,
             Err(e) => {
                 warn!("cannot open {} for writing: {e}", self.target.display());

@@ -12,7 +12,9 @@ use rusqlite::{Connection, ErrorCode};
 use std::path::Path;
 
 /// The schema version this build writes and the newest it reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+/// Version 2 added `due_at` and `deliveries` (PHPMQ v1.2); a version-1 file is upgraded in
+/// memory when it is loaded ([`upgrade`]) and written in full by the first mirror.
+pub const SCHEMA_VERSION: i64 = 2;
 /// The `phpmq_meta` row that marks a database as ours.
 const FORMAT: &str = "phpmq";
 
@@ -26,10 +28,32 @@ pub fn create(conn: &Connection) -> rusqlite::Result<()> {
              queue TEXT NOT NULL,
              content BLOB NOT NULL,
              accepted_at INTEGER NOT NULL,
-             expires_at INTEGER
+             expires_at INTEGER,
+             due_at INTEGER,
+             deliveries INTEGER NOT NULL DEFAULT 0
          );
          PRAGMA user_version = {SCHEMA_VERSION};"
     ))
+}
+
+/// The schema version of `conn`'s database.
+pub fn version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA user_version", [], |row| row.get(0))
+}
+
+/// Brings a database this build reads up to the version it writes: a version-1 store (phpmq
+/// before v1.2) gets the two new columns, empty (no delay, no dispatch counted). Adding a
+/// column rewrites no row. Returns whether anything changed.
+pub fn upgrade(conn: &Connection) -> rusqlite::Result<bool> {
+    if version(conn)? >= SCHEMA_VERSION {
+        return Ok(false);
+    }
+    conn.execute_batch(&format!(
+        "ALTER TABLE messages ADD COLUMN due_at INTEGER;
+         ALTER TABLE messages ADD COLUMN deliveries INTEGER NOT NULL DEFAULT 0;
+         PRAGMA user_version = {SCHEMA_VERSION};"
+    ))?;
+    Ok(true)
 }
 
 /// Turns an SQLite error met while reading `path` into what it means for the operator.
@@ -79,9 +103,7 @@ pub fn check(conn: &Connection, path: &Path) -> Result<(), PersistError> {
             path: path.to_owned(),
         });
     }
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .map_err(|e| classify(path, "read", e))?;
+    let version = version(conn).map_err(|e| classify(path, "read", e))?;
     if version > SCHEMA_VERSION {
         return Err(PersistError::NewerSchema {
             path: path.to_owned(),
@@ -129,7 +151,8 @@ pub fn load(
     };
     let mut statement = conn
         .prepare(
-            "SELECT seq, id, queue, content, accepted_at, expires_at FROM messages ORDER BY seq",
+            "SELECT seq, id, queue, content, accepted_at, expires_at, due_at, deliveries
+             FROM messages ORDER BY seq",
         )
         .map_err(read)?;
     let mut rows = statement.query([]).map_err(read)?;
@@ -175,6 +198,8 @@ pub fn load(
             .map_err(|e| corrupt(e.to_string()))?;
         let accepted_at: i64 = row.get(4).map_err(read)?;
         let expires_at: Option<i64> = row.get(5).map_err(read)?;
+        let due_at: Option<i64> = row.get(6).map_err(read)?;
+        let deliveries: i64 = row.get(7).map_err(read)?;
         ascending &= ids.last().is_none_or(|&last| last < id.as_u128());
         ids.push(id.as_u128());
         restore(StoredRow {
@@ -185,8 +210,8 @@ pub fn load(
             // Bit for bit: older builds wrote expiry times beyond i64::MAX as negative
             // numbers; the broker clamps them like any other too-late expiry.
             expires_at: expires_at.map(|at| at as u64),
-            due_at: None,
-            deliveries: 0,
+            due_at: due_at.map(|at| at.max(0) as u64),
+            deliveries: u32::try_from(deliveries.max(0)).unwrap_or(u32::MAX),
             seq: seq.max(0) as u64,
         });
         count += 1;

@@ -3,6 +3,8 @@
 use super::*;
 use crate::id::MessageId;
 use crate::persist::batch::test_ops::{delete, insert};
+use crate::persist::schema;
+use crate::store::StoredMessage;
 use crate::request::QueueName;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -193,4 +195,112 @@ fn ops_reach_the_database() {
     assert_eq!(seqs(&shared), [3, 4]);
     assert_eq!(shared.rows.load(Ordering::Relaxed), 2);
     assert_eq!(shared.generation.load(Ordering::Relaxed), 2);
+}
+
+/// What v1.2 adds to a message (due time, delivery count, a move to another queue) is
+/// stored by every kind of change and read back by recovery.
+#[test]
+fn due_times_counts_and_moves_are_stored_and_read_back() {
+    let shared = memory();
+    let delayed = StoreOp::Insert(StoredMessage {
+        due_at: Some(5_000),
+        ..message(1)
+    });
+    apply(&shared, &[delayed, insert(2), insert(3)]).unwrap();
+    apply(
+        &shared,
+        &[
+            // 1 became due and joined the tail; 2 went back after a dispatch; 3 was
+            // dead-lettered after its third.
+            StoreOp::Requeue {
+                id: MessageId::from_u128(1),
+                old_seq: 1,
+                seq: 10,
+                expires_at: Some(9_000),
+                due_at: None,
+                deliveries: 0,
+                queue: None,
+            },
+            StoreOp::Returned {
+                id: MessageId::from_u128(2),
+                seq: 2,
+                deliveries: 2,
+            },
+            StoreOp::Requeue {
+                id: MessageId::from_u128(3),
+                old_seq: 3,
+                seq: 11,
+                expires_at: None,
+                due_at: None,
+                deliveries: 3,
+                queue: Some(QueueName::new(b"q.dead").unwrap()),
+            },
+        ],
+    )
+    .unwrap();
+    let conn = shared.memory.lock().unwrap();
+    let mut rows = Vec::new();
+    schema::load(&conn, std::path::Path::new("memory"), &mut |row| {
+        rows.push((
+            row.seq,
+            row.queue.as_str().to_owned(),
+            row.expires_at,
+            row.due_at,
+            row.deliveries,
+        ))
+    })
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (2, "q".into(), None, None, 2),
+            (10, "q".into(), Some(9_000), None, 0),
+            (11, "q.dead".into(), None, None, 3),
+        ]
+    );
+}
+
+/// A re-queue or a return of a message inserted in the same batch rewrites the insert.
+#[test]
+fn a_batch_folds_returns_and_moves_into_its_inserts() {
+    let shared = memory();
+    let ops = vec![
+        insert(1),
+        insert(2),
+        StoreOp::Returned {
+            id: MessageId::from_u128(1),
+            seq: 1,
+            deliveries: 4,
+        },
+        StoreOp::Requeue {
+            id: MessageId::from_u128(2),
+            old_seq: 2,
+            seq: 3,
+            expires_at: None,
+            due_at: Some(77),
+            deliveries: 1,
+            queue: Some(QueueName::new(b"other").unwrap()),
+        },
+    ];
+    let folded = batch::coalesce(ops.clone());
+    assert_eq!(folded.len(), 2, "{folded:?}");
+    apply(&shared, &ops).unwrap();
+    let conn = shared.memory.lock().unwrap();
+    let read = |seq: i64| -> (String, Option<i64>, i64) {
+        conn.query_row(
+            "SELECT queue, due_at, deliveries FROM messages WHERE seq = ?1",
+            [seq],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    };
+    assert_eq!(read(1), ("q".into(), None, 4));
+    assert_eq!(read(3), ("other".into(), Some(77), 1));
+}
+
+fn message(seq: u64) -> StoredMessage {
+    match insert(seq) {
+        StoreOp::Insert(message) => message,
+        _ => unreachable!("insert() makes inserts"),
+    }
 }
