@@ -72,7 +72,27 @@ pub trait Storage: Send {
     /// Brings storage up to date with every change reported so far, then stops it. Returns
     /// the last sync (`None` if there was nothing left to write).
     fn finish(self: Box<Self>) -> Result<Option<SyncReport>, StorageError>;
+
+    /// Tells when changes are on disk, for durable receipts (PHPMQ v1.2 rule 8); `None` if
+    /// this backend cannot (the server then does not offer them).
+    fn durability(&self) -> Option<Arc<dyn Durability>> {
+        None
+    }
 }
+
+/// When changes handed to the [`Store`] are synced to disk, counted in tickets
+/// ([`Store::submitted`]).
+pub trait Durability: Send + Sync {
+    /// Someone waits until every change through `ticket` is synced: sync soon.
+    fn want(&self, ticket: u64);
+    /// Every change through this ticket is synced.
+    fn synced(&self) -> u64;
+    /// Sets who hears, from storage's thread, of each new synced ticket (once).
+    fn set_on_synced(&self, on_synced: OnSynced);
+}
+
+/// Hears that changes are synced through a ticket ([`Durability`]).
+pub type OnSynced = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// Tells how a running backend is doing.
 pub trait StatusSource: Send + Sync {

@@ -123,6 +123,12 @@ pub struct Fetched {
 pub trait Store: Send {
     fn apply(&mut self, op: StoreOp);
 
+    /// How many changes were handed to [`Store::apply`] so far: the ticket a durable receipt
+    /// waits for (PHPMQ v1.2 rule 8). 0 for a store that keeps nothing durable.
+    fn submitted(&self) -> u64 {
+        0
+    }
+
     /// Whether [`Store::fetch`] works, i.e. whether the broker may let go of content the store
     /// has. The answer must not change.
     fn can_fetch(&self) -> bool {

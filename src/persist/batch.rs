@@ -205,7 +205,8 @@ pub fn apply(conn: &Connection, ops: &[StoreOp]) -> rusqlite::Result<i64> {
     // return whose message a later re-queue moved finds no row, and the re-queue carries
     // the newer count).
     if !returns.is_empty() {
-        let mut returned = tx.prepare_cached("UPDATE messages SET deliveries = ?1 WHERE seq = ?2")?;
+        let mut returned =
+            tx.prepare_cached("UPDATE messages SET deliveries = ?1 WHERE seq = ?2")?;
         for (seq, deliveries) in returns {
             returned.execute(params![deliveries, seq])?;
         }

@@ -319,12 +319,22 @@ mod tests {
         assert_eq!(schema::version(&memory).unwrap(), schema::SCHEMA_VERSION);
         let mut rows = Vec::new();
         schema::load(&memory, &path, &mut |row| {
-            rows.push((row.seq, row.content.to_vec(), row.expires_at, row.due_at, row.deliveries))
+            rows.push((
+                row.seq,
+                row.content.to_vec(),
+                row.expires_at,
+                row.due_at,
+                row.deliveries,
+            ))
         })
         .unwrap();
         assert_eq!(rows, vec![(7, b"hi\n".to_vec(), Some(99_000), None, 0)]);
         let file = Connection::open(&path).unwrap();
-        assert_eq!(schema::version(&file).unwrap(), 1, "loading leaves the file as it was");
+        assert_eq!(
+            schema::version(&file).unwrap(),
+            1,
+            "loading leaves the file as it was"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }

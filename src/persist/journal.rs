@@ -161,6 +161,12 @@ impl Journal {
         }
     }
 
+    /// Has the mirror run now rather than on its tick (a durable receipt waits).
+    pub fn wake_mirror(&self) {
+        // Full means a wake-up is already waiting.
+        let _ = self.wake.try_send(());
+    }
+
     /// Changes waiting for the next mirror.
     pub fn pending(&self) -> usize {
         self.state().pending.len()

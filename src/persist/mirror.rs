@@ -147,6 +147,8 @@ impl Mirror {
         let Some(report) = self.full_copy(stop)? else {
             return Ok(Outcome::Stopped);
         };
+        // Put in place and its directory synced.
+        self.shared.durable.mark_synced(report.generation);
         state.rows = report.messages;
         state.file = Some(
             FileDb::open(&self.target).map_err(|source| PersistError::Sqlite {
@@ -170,7 +172,12 @@ impl Mirror {
         let started = Instant::now();
         // Nothing changed: the file may still have space to give back.
         state.in_hand.extend(ops);
-        match file.apply(&state.in_hand) {
+        let applied = file.apply(&state.in_hand);
+        if applied.is_ok() {
+            // Synced (or nothing to write): the file holds every change through `generation`.
+            self.shared.durable.mark_synced(generation);
+        }
+        match applied {
             Ok(applied) if !applied.wrote => Ok(Outcome::Done(None)),
             Ok(applied) => {
                 state.rows += applied.row_delta;

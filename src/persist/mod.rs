@@ -13,6 +13,7 @@
 //! - `file`: the database file, kept up to date one transaction per mirror (WAL mode).
 //! - `copy`: full copies put in place atomically, and loading a file into memory.
 //! - `health`: how the mirror has been doing, for the console and the log.
+//! - `durable`: how far the file is synced, for receipts that wait for it.
 //!
 //! On every tick the mirror thread applies the journal to the file in one synced transaction:
 //! a mirror costs what changed. A full copy is written only where it is the right tool: a new
@@ -23,6 +24,7 @@
 
 mod batch;
 mod copy;
+mod durable;
 mod error;
 mod file;
 mod health;
@@ -37,7 +39,9 @@ pub use health::{MirrorHealth, MirrorReport, MirrorStatus};
 pub use schema::SCHEMA_VERSION;
 pub use writer::ChannelStore;
 
-use crate::storage::{OnFatal, OnFetched, StatusSource, Storage, StorageError, SyncReport};
+use crate::storage::{
+    Durability, OnFatal, OnFetched, StatusSource, Storage, StorageError, SyncReport,
+};
 use crate::store::{now_millis, Backlog, FetchRequest, Fetched, Store, StoredRow};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use file::FileDb;
@@ -132,11 +136,14 @@ impl Persistence {
     }
 
     /// The store to give the broker.
+    /// There is one: the writer counts the changes it takes as the tickets this store hands
+    /// out ([`Store::submitted`]).
     pub fn store(&self) -> ChannelStore {
         ChannelStore {
             commands: self.commands.clone(),
             fetches: self.fetches.clone(),
             backlog: self.shared.backlog.clone(),
+            submitted: 0,
         }
     }
 
@@ -282,6 +289,7 @@ impl Persistence {
                         path: self.target.clone(),
                         source,
                     })?;
+                    self.shared.durable.mark_synced(taken.generation);
                     if in_hand.is_empty() {
                         return Ok(None);
                     }
@@ -307,6 +315,7 @@ impl Persistence {
         }
         // Missing, replaced, never written, or behind by more than the journal holds.
         let report = copy::write(&self.shared, &self.target)?;
+        self.shared.durable.mark_synced(report.generation);
         health::record(&self.health, report.clone());
         Ok(Some(report))
     }
@@ -334,6 +343,10 @@ impl Storage for Persistence {
         Arc::new(self.mirror_status())
     }
 
+    fn durability(&self) -> Option<Arc<dyn Durability>> {
+        Some(self.shared.durable.clone())
+    }
+
     fn start(&mut self, on_fetched: OnFetched, on_fatal: OnFatal) -> Result<(), StorageError> {
         let on_fatal = Arc::new(move |e: PersistError| on_fatal(StorageError::new(e)));
         Persistence::start(self, on_fetched, on_fatal)
@@ -358,3 +371,6 @@ fn probe_writable(target: &Path) -> Result<(), PersistError> {
             source,
         })
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,6 +2,7 @@
 //! the counters and journal around it, and the alarm its threads hold. In a module of its own
 //! so that the writer and the copying code both use it without importing each other.
 
+use super::durable::Durable;
 use super::error::PersistError;
 use super::journal::Journal;
 use crate::store::Backlog;
@@ -14,7 +15,8 @@ use std::thread;
 pub struct Shared {
     /// Held by the writer while it runs; the final mirror takes it after.
     pub memory: Mutex<Connection>,
-    /// Bumped after every committed batch: the mirror copies only when it moved.
+    /// The store ticket committed so far: how many changes the broker had handed over when
+    /// the writer committed its last batch ([`crate::store::Store::submitted`]).
     pub generation: AtomicU64,
     /// Rows in `messages`, for the mirror's log line.
     pub rows: AtomicI64,
@@ -22,6 +24,8 @@ pub struct Shared {
     pub backlog: Arc<Backlog>,
     /// What the writer committed and the mirror has not taken yet.
     pub journal: Journal,
+    /// How far the file is synced, for durable receipts.
+    pub durable: Arc<Durable>,
 }
 
 impl Shared {
@@ -33,6 +37,7 @@ impl Shared {
             rows: AtomicI64::new(0),
             backlog: Arc::default(),
             journal: Journal::default(),
+            durable: Arc::default(),
         }
     }
 }

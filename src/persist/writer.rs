@@ -60,13 +60,20 @@ pub struct ChannelStore {
     pub(super) commands: Sender<Command>,
     pub(super) fetches: Sender<FetchRequest>,
     pub(super) backlog: Arc<Backlog>,
+    /// Changes sent so far; the writer counts them as it takes them, in the same order.
+    pub(super) submitted: u64,
 }
 
 impl Store for ChannelStore {
     fn apply(&mut self, op: StoreOp) {
         self.backlog.add(op.content_len());
+        self.submitted += 1;
         // Fails only once the writer has stopped, at the very end of shutdown.
         let _ = self.commands.send(Command::Op(op));
+    }
+
+    fn submitted(&self) -> u64 {
+        self.submitted
     }
 
     fn can_fetch(&self) -> bool {
@@ -78,13 +85,22 @@ impl Store for ChannelStore {
     }
 }
 
-/// Applies a coalesced batch to the in-memory database, then hands it to the journal for
-/// the next mirror.
-fn commit(shared: &Shared, conn: &Connection, ops: Vec<StoreOp>) -> Result<(), PersistError> {
+/// Applies a coalesced batch, which brings the store up to ticket `through`, to the in-memory
+/// database, then hands it to the journal for the next mirror (at once if a durable receipt
+/// waits for it).
+fn commit(
+    shared: &Shared,
+    conn: &Connection,
+    ops: Vec<StoreOp>,
+    through: u64,
+) -> Result<(), PersistError> {
     let delta = batch::apply(conn, &ops).map_err(memory_failure("write to"))?;
     shared.rows.fetch_add(delta, Ordering::Relaxed);
-    let generation = shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
-    shared.journal.record(ops, generation);
+    shared.generation.store(through, Ordering::Release);
+    shared.journal.record(ops, through);
+    if shared.durable.is_wanted() {
+        shared.journal.wake_mirror();
+    }
     Ok(())
 }
 
@@ -138,6 +154,7 @@ pub fn run(
         callbacks,
         batch: Vec::new(),
         batch_bytes: 0,
+        received: 0,
         flushes: Vec::new(),
         pending_fetches: Vec::new(),
         mirror: None,
@@ -160,6 +177,8 @@ struct Writer<'a> {
     batch: Vec<StoreOp>,
     /// Content bytes in `batch`.
     batch_bytes: usize,
+    /// Changes taken from the channel so far: the store ticket (see [`ChannelStore`]).
+    received: u64,
     flushes: Vec<Sender<()>>,
     pending_fetches: Vec<FetchRequest>,
     mirror: Option<(PathBuf, Sender<Result<Copied, PersistError>>)>,
@@ -201,13 +220,22 @@ impl Writer<'_> {
             // reaches SQLite, and a busy stream costs one transaction per window, not one per
             // message. Changes sent meanwhile do not wake this thread; a fetch does, since a
             // consumer may be waiting for it.
+            // A durable receipt waiting is not worth a window either: it waits for this
+            // batch, then for the file's sync.
             let only_changes = self.flushes.is_empty()
                 && self.pending_fetches.is_empty()
                 && self.mirror.is_none()
-                && !self.stop;
+                && !self.stop
+                && !self.shared.durable.is_wanted();
             if only_changes && self.commands.len() < MAX_BATCH {
-                if let Ok(request) = self.fetches.recv_timeout(BATCH_WINDOW) {
-                    self.pending_fetches.push(request);
+                select! {
+                    recv(self.fetches) -> request => {
+                        if let Ok(request) = request {
+                            self.pending_fetches.push(request);
+                        }
+                    }
+                    recv(self.shared.durable.writer_wake_ups()) -> _ => {}
+                    default(BATCH_WINDOW) => {}
                 }
             }
             self.work()?;
@@ -252,6 +280,7 @@ impl Writer<'_> {
     fn take(&mut self, command: Command) {
         match command {
             Command::Op(op) => {
+                self.received += 1;
                 self.batch_bytes += op.content_len();
                 self.batch.push(op);
             }
@@ -284,7 +313,7 @@ impl Writer<'_> {
         if !self.batch.is_empty() {
             let changes = self.batch.len();
             let ops = batch::coalesce(std::mem::take(&mut self.batch));
-            commit(self.shared, self.conn, ops)?;
+            commit(self.shared, self.conn, ops, self.received)?;
             self.may_shrink = true;
             self.shared
                 .backlog

@@ -4,8 +4,8 @@ use super::*;
 use crate::id::MessageId;
 use crate::persist::batch::test_ops::{delete, insert};
 use crate::persist::schema;
-use crate::store::StoredMessage;
 use crate::request::QueueName;
+use crate::store::StoredMessage;
 use std::sync::Arc;
 use std::sync::Mutex;
 
@@ -57,7 +57,8 @@ fn a_drained_store_gives_its_pages_back_before_it_is_empty() {
 
 fn apply(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
     let conn = shared.memory.lock().unwrap();
-    commit(shared, &conn, ops.to_vec())
+    let through = shared.generation.load(Ordering::Acquire) + ops.len() as u64;
+    commit(shared, &conn, ops.to_vec(), through)
 }
 
 fn memory() -> Shared {
@@ -119,6 +120,7 @@ fn a_stepped_mirror_copy_includes_changes_made_between_its_steps() {
         commands,
         fetches,
         backlog: shared.backlog.clone(),
+        submitted: 0,
     };
     for seq in 1..=2000 {
         store.apply(delete(seq));
@@ -147,6 +149,7 @@ fn a_stepped_mirror_copy_includes_changes_made_between_its_steps() {
         fetches: &fetch_rx,
         callbacks: &callbacks,
         batch: Vec::new(),
+        received: 0,
         batch_bytes: 0,
         flushes: Vec::new(),
         pending_fetches: Vec::new(),
@@ -194,7 +197,11 @@ fn ops_reach_the_database() {
     .unwrap();
     assert_eq!(seqs(&shared), [3, 4]);
     assert_eq!(shared.rows.load(Ordering::Relaxed), 2);
-    assert_eq!(shared.generation.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        shared.generation.load(Ordering::Relaxed),
+        5,
+        "the ticket: five changes taken"
+    );
 }
 
 /// What v1.2 adds to a message (due time, delivery count, a move to another queue) is

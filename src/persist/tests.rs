@@ -1,0 +1,65 @@
+//! Persistence as a whole: the writer and mirror threads against a real file.
+
+use super::batch::test_ops::insert;
+use super::*;
+use crate::store::Store;
+
+fn rows_in(path: &Path) -> i64 {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// A durable receipt does not wait for the mirror's tick (an hour here): wanting a ticket
+/// syncs the file at once, for a new file (a full copy) and then for the changes alone.
+#[test]
+fn a_wanted_ticket_is_synced_at_once_not_on_the_tick() {
+    let dir = std::env::temp_dir().join(format!("phpmq-durable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("phpmq.sqlite");
+    let mut persistence = Persistence::open(&path, Duration::from_secs(3600)).unwrap();
+    persistence.recover(&mut |_| {}).unwrap();
+    let durability = Storage::durability(&persistence).expect("the file backend is durable");
+    let (synced, heard) = unbounded();
+    durability.set_on_synced(Arc::new(move |ticket| {
+        let _ = synced.send(ticket);
+    }));
+    persistence
+        .start(
+            Arc::new(|_| {}),
+            Arc::new(|e| panic!("storage failed: {e}")),
+        )
+        .unwrap();
+    let mut store = persistence.store();
+    let wait_for = |ticket: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while durability.synced() < ticket {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                heard.recv_timeout(left).is_ok(),
+                "ticket {ticket} not synced"
+            );
+        }
+    };
+
+    for seq in 1..=3 {
+        store.apply(insert(seq));
+    }
+    assert_eq!(store.submitted(), 3);
+    durability.want(3);
+    wait_for(3);
+    assert_eq!(rows_in(&path), 3, "a new file: written in full");
+
+    for seq in 4..=10 {
+        store.apply(insert(seq));
+    }
+    durability.want(store.submitted());
+    wait_for(10);
+    assert_eq!(rows_in(&path), 10, "then the changes alone");
+
+    persistence.finish().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
