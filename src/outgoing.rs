@@ -231,4 +231,162 @@ mod tests {
         frame.encode(&mut out, Dialect::V10);
         assert_eq!(out, v10, "a v1.0 connection gets three packets");
     }
+
+    fn p(code: &str, content: &str) -> String {
+        format!("P{code}{:029}{content}", content.len())
+    }
+
+    fn encoded(frame: &Outgoing, dialect: Dialect) -> String {
+        let mut out = Vec::new();
+        frame.encode(&mut out, dialect);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn q() -> QueueName {
+        QueueName::new(b"jobs").unwrap()
+    }
+
+    /// The server's lines of the example in PROTOCOL-v1.2.md, without the spaces and line
+    /// breaks it shows for reading.
+    #[test]
+    fn spec_example_welcome_and_receipt() {
+        let welcome = Outgoing::Welcome {
+            version: Version::V1_2,
+            features: Features::served(true, false),
+        };
+        assert_eq!(
+            encoded(&welcome, Dialect::V12),
+            "H0100802P06000000000000000000000000000031.2P0800000000000000000000000000046confirm stats delay attempts lease dead-letter"
+        );
+        let id = MessageId::from_u128(0x8d5e << 112);
+        let receipt = Outgoing::Receipt { queue: q(), id };
+        assert_eq!(
+            encoded(&receipt, Dialect::V12),
+            "H0100902P0100000000000000000000000000004jobsP03000000000000000000000000000328d5e0000000000000000000000000000"
+        );
+    }
+
+    #[test]
+    fn v12_frames_byte_for_byte() {
+        let error = Outgoing::Error {
+            code: ErrorCode::Invalid,
+            text: "invalid queue name:\nnot UTF-8".into(),
+        };
+        assert_eq!(
+            encoded(&error, Dialect::V12),
+            format!(
+                "H0101002{}{}",
+                p("10", "422"),
+                p("02", "invalid queue name: not UTF-8")
+            )
+        );
+        let counts = Outgoing::Counts {
+            queue: q(),
+            ready: 3,
+            delayed: 2,
+            in_flight: 1,
+            consumers: 0,
+        };
+        assert_eq!(
+            encoded(&counts, Dialect::V12),
+            format!("H0101302{}{}", p("01", "jobs"), p("13", "3 2 1 0"))
+        );
+        let flushed = Outgoing::Flushed {
+            queue: q(),
+            count: 12,
+        };
+        assert_eq!(
+            encoded(&flushed, Dialect::V12),
+            format!("H0101502{}{}", p("01", "jobs"), p("04", "12"))
+        );
+        let welcome = Outgoing::Welcome {
+            version: Version::V1_1,
+            features: Features::served(false, true),
+        };
+        assert_eq!(
+            encoded(&welcome, Dialect::V11),
+            format!(
+                "H0100802{}{}",
+                p("06", "1.1"),
+                p("08", "confirm stats delay attempts lease durable")
+            )
+        );
+    }
+
+    #[test]
+    fn replies_reach_only_v12_but_welcome_and_error_reach_any_hello() {
+        let id = MessageId::from_u128(1);
+        let replies = [
+            Outgoing::Receipt { queue: q(), id },
+            Outgoing::Counts {
+                queue: q(),
+                ready: 0,
+                delayed: 0,
+                in_flight: 0,
+                consumers: 0,
+            },
+            Outgoing::Flushed {
+                queue: q(),
+                count: 0,
+            },
+        ];
+        for frame in &replies {
+            for dialect in [Dialect::V10, Dialect::V11] {
+                assert_eq!(encoded(frame, dialect), "", "{frame:?} to {dialect}");
+            }
+            assert!(!encoded(frame, Dialect::V12).is_empty());
+        }
+        let answers = [
+            Outgoing::Welcome {
+                version: Version::V1_0,
+                features: Features::NONE,
+            },
+            Outgoing::Error {
+                code: ErrorCode::BadRequest,
+                text: String::new(),
+            },
+        ];
+        for frame in &answers {
+            for dialect in Dialect::ALL {
+                assert!(!encoded(frame, dialect).is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn a_dispatch_shows_each_dialect_its_packets() {
+        let id = MessageId::from_u128(255);
+        let dispatch = |ttl| {
+            Outgoing::Dispatch(Dispatch {
+                queue: q(),
+                id,
+                content: Arc::from(&b"hi"[..]),
+                ttl_remaining: ttl,
+                deliveries: 3,
+            })
+        };
+        let base = format!(
+            "{}{}{}",
+            p("01", "jobs"),
+            p("02", "hi"),
+            p("03", &id.to_string())
+        );
+        let with_ttl = dispatch(Some(42));
+        assert_eq!(encoded(&with_ttl, Dialect::V10), format!("H0100303{base}"));
+        assert_eq!(
+            encoded(&with_ttl, Dialect::V11),
+            format!("H0100304{base}{}", p("05", "42"))
+        );
+        assert_eq!(
+            encoded(&with_ttl, Dialect::V12),
+            format!("H0100305{base}{}{}", p("05", "42"), p("09", "3"))
+        );
+        let without = dispatch(None);
+        assert_eq!(encoded(&without, Dialect::V10), format!("H0100303{base}"));
+        assert_eq!(encoded(&without, Dialect::V11), format!("H0100303{base}"));
+        assert_eq!(
+            encoded(&without, Dialect::V12),
+            format!("H0100304{base}{}", p("09", "3"))
+        );
+    }
 }

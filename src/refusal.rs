@@ -203,3 +203,170 @@ pub fn sanitize_text(text: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::PacketType;
+    use crate::hello::VersionError;
+    use crate::request::QueueNameProblem;
+
+    fn every_codec_error() -> Vec<CodecError> {
+        let t = MessageType::Send;
+        let p = PacketType::Queue;
+        vec![
+            CodecError::BadMagic(b'X'),
+            CodecError::BadHeader(*b"H01x0102"),
+            CodecError::UnsupportedVersion(2),
+            CodecError::UnknownMessageType(99),
+            CodecError::PacketCount {
+                message_type: t,
+                count: 9,
+            },
+            CodecError::BadPacketHeader([b'X'; 32]),
+            CodecError::UnknownPacketType(99),
+            CodecError::UnexpectedPacket {
+                message_type: t,
+                packet: PacketType::Lease,
+            },
+            CodecError::DuplicatePacket(p),
+            CodecError::MissingPacket {
+                message_type: t,
+                packet: p,
+            },
+            CodecError::PacketTooLarge {
+                packet: p,
+                length: 11,
+                max: 10,
+            },
+        ]
+    }
+
+    #[test]
+    fn codes_and_their_wire_form() {
+        let codes: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.code()).collect();
+        assert_eq!(codes, [400, 401, 413, 422, 429, 503]);
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_code(code.code()), Some(code));
+            assert_eq!(code.to_wire(), *code.code().to_string().as_bytes());
+            assert!(!code.text().is_empty());
+        }
+        assert_eq!(ErrorCode::from_code(500), None);
+        assert_eq!(ErrorCode::Invalid.to_string(), "422 invalid value");
+    }
+
+    #[test]
+    fn a_bad_frame_is_400_or_413_and_always_closes() {
+        for error in every_codec_error() {
+            let expected = match error {
+                CodecError::PacketTooLarge { .. } => ErrorCode::TooLarge,
+                _ => ErrorCode::BadRequest,
+            };
+            assert_eq!(error.error_code(), expected, "{error}");
+            for dialect in Dialect::ALL {
+                for declared in [None, Some(MessageType::Send), Some(MessageType::Hello)] {
+                    let refusal = Refusal::codec(&error, dialect, declared);
+                    assert_eq!(refusal.code, expected);
+                    assert!(!refusal.keep_open, "{error} closes");
+                    // Rule 2: no reply on an older connection, unless the frame is a HELLO.
+                    let reply = dialect == Dialect::V12 || declared == Some(MessageType::Hello);
+                    assert_eq!(refusal.reply, reply, "{error} {dialect} {declared:?}");
+                    assert_eq!(refusal.frame().is_some(), reply);
+                    assert_eq!(refusal.text, error.to_string());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_values_are_422_and_keep_send_stats_and_flush_open() {
+        let invalid = [
+            RequestError::QueueName(QueueNameProblem::Length(0)),
+            RequestError::QueueName(QueueNameProblem::NotUtf8),
+            RequestError::QueueName(QueueNameProblem::ControlCharacter),
+            RequestError::NotANumber {
+                packet: PacketType::Count,
+                preview: "x".into(),
+            },
+            RequestError::OutOfRange {
+                packet: PacketType::Delay,
+                preview: "9".into(),
+                max: 1,
+            },
+        ];
+        for error in &invalid {
+            assert_eq!(error.error_code(), ErrorCode::Invalid);
+            for t in MessageType::ALL.into_iter().filter(|t| t.is_from_client()) {
+                let open = matches!(
+                    t,
+                    MessageType::Send | MessageType::Stats | MessageType::Flush
+                );
+                let refusal = Refusal::request(error, Dialect::V12, t);
+                assert_eq!(
+                    (refusal.code, refusal.reply, refusal.keep_open),
+                    (ErrorCode::Invalid, true, open),
+                    "{error} in {t}"
+                );
+                // Before v1.2: closed without a reply, as always.
+                for dialect in [Dialect::V10, Dialect::V11] {
+                    let refusal = Refusal::request(error, dialect, t);
+                    assert!(!refusal.keep_open);
+                    assert_eq!(refusal.reply, t == MessageType::Hello);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn broken_rules_are_400_and_close() {
+        let broken = [
+            RequestError::ServerOnly(MessageType::Receipt),
+            RequestError::NotInDialect {
+                message_type: MessageType::Touch,
+                dialect: Dialect::V10,
+            },
+            RequestError::PacketNotInDialect {
+                packet: PacketType::Delay,
+                dialect: Dialect::V11,
+            },
+            RequestError::Version(VersionError {
+                preview: "1".into(),
+            }),
+            RequestError::Features(crate::hello::FeaturesError {
+                preview: " ".into(),
+            }),
+        ];
+        for error in &broken {
+            assert_eq!(error.error_code(), ErrorCode::BadRequest);
+            for t in [MessageType::Send, MessageType::Hello, MessageType::Ack] {
+                let refusal = Refusal::request(error, Dialect::V12, t);
+                assert!(refusal.reply && !refusal.keep_open, "{error}");
+            }
+        }
+        // A HELLO that cannot be used is answered on any connection (rule 1).
+        let bad_hello = Refusal::request(&broken[3], Dialect::V10, MessageType::Hello);
+        assert_eq!(
+            (bad_hello.code, bad_hello.reply, bad_hello.keep_open),
+            (ErrorCode::BadRequest, true, false)
+        );
+        let late = Refusal::hello("HELLO is only valid as the first frame");
+        assert_eq!(
+            late.frame(),
+            Some(Outgoing::Error {
+                code: ErrorCode::BadRequest,
+                text: "HELLO is only valid as the first frame".into()
+            })
+        );
+        assert!(!late.keep_open);
+    }
+
+    #[test]
+    fn error_text_is_one_bounded_line() {
+        assert_eq!(sanitize_text("a\nb\r\tc\u{7f}d\u{85}e"), "a b  c d e");
+        assert_eq!(sanitize_text("zürich ✓"), "zürich ✓");
+        let long = "é".repeat(MAX_ERROR_TEXT);
+        let cut = sanitize_text(&long);
+        assert!(cut.len() <= MAX_ERROR_TEXT && cut.len() >= MAX_ERROR_TEXT - 1);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+}
