@@ -5,9 +5,12 @@
 //! caller can pipeline without thinking about it. [`Client::recv_frame`] reads whatever the
 //! server sends next and says what it is ([`ServerFrame`]); [`Client::recv`] expects a dispatch.
 
-use crate::codec::{self, Decoded, Frame, MessageType, PacketType};
+use crate::codec::{self, Decoded, Dialect, Frame, MessageType, PacketType};
 use crate::config::ListenAddr;
+use crate::hello::{Features, Version};
 use crate::net::Stream;
+#[cfg(doc)]
+use crate::refusal::ErrorCode;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::time::Duration;
@@ -17,6 +20,26 @@ use std::time::Duration;
 pub enum ServerFrame {
     /// 003: a message to handle (and acknowledge).
     Dispatch(Dispatch),
+    /// 008 (v1.2): the answer to a HELLO.
+    Welcome {
+        version: Version,
+        features: Features,
+    },
+    /// 009 (v1.2): a send was accepted, and the id it got.
+    Receipt { queue: String, id: String },
+    /// 010 (v1.2): a request was refused. `code` is kept as a number: a newer server may send
+    /// one this client does not know ([`ErrorCode::from_code`] names the known ones).
+    Error { code: u16, text: String },
+    /// 013 (v1.2): a queue's counts.
+    Counts {
+        queue: String,
+        ready: u64,
+        delayed: u64,
+        in_flight: u64,
+        consumers: u64,
+    },
+    /// 015 (v1.2): how many messages a flush removed.
+    Flushed { queue: String, count: u64 },
 }
 
 impl ServerFrame {
@@ -24,6 +47,11 @@ impl ServerFrame {
     pub fn kind(&self) -> &'static str {
         match self {
             ServerFrame::Dispatch(_) => "dispatch",
+            ServerFrame::Welcome { .. } => "welcome",
+            ServerFrame::Receipt { .. } => "receipt",
+            ServerFrame::Error { .. } => "error",
+            ServerFrame::Counts { .. } => "counts",
+            ServerFrame::Flushed { .. } => "flushed",
         }
     }
 
@@ -31,8 +59,6 @@ impl ServerFrame {
     pub fn into_dispatch(self) -> Result<Dispatch, ClientError> {
         match self {
             ServerFrame::Dispatch(dispatch) => Ok(dispatch),
-            // Reachable once v1.2's frames (RECEIPT, ERROR) are variants.
-            #[allow(unreachable_patterns)]
             other => Err(ClientError::Unexpected {
                 expected: "dispatch",
                 got: other.kind(),
@@ -48,6 +74,8 @@ pub struct Dispatch {
     pub content: Vec<u8>,
     pub id: String,
     pub ttl: Option<u64>,
+    /// The delivery count (v1.2 connections only).
+    pub deliveries: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -223,7 +251,8 @@ impl Client {
     pub fn recv_frame(&mut self) -> Result<ServerFrame, ClientError> {
         self.flush()?;
         loop {
-            match codec::decode_frame(&self.buf[self.start..], usize::MAX >> 1) {
+            // v1.2 reads every frame a server sends, to a connection of any dialect.
+            match codec::decode_frame_in(&self.buf[self.start..], usize::MAX >> 1, Dialect::V12) {
                 Ok(Decoded::Frame(frame, used)) => {
                     let got = server_frame(&frame)?;
                     self.start += used;
@@ -249,24 +278,91 @@ impl Client {
 /// Types a decoded frame from the server.
 fn server_frame(frame: &Frame<'_>) -> Result<ServerFrame, ClientError> {
     let text = |p| String::from_utf8_lossy(frame.required(p)).into_owned();
-    match frame.message_type {
-        MessageType::Dispatch => Ok(ServerFrame::Dispatch(Dispatch {
+    let bad = |p: PacketType| {
+        ClientError::Protocol(format!(
+            "packet {p} of a {} frame is malformed: {:?}",
+            frame.message_type.name(),
+            String::from_utf8_lossy(frame.required(p))
+        ))
+    };
+    let number = |p: PacketType| -> Result<u64, ClientError> {
+        decimal(frame.required(p)).ok_or_else(|| bad(p))
+    };
+    Ok(match frame.message_type {
+        MessageType::Dispatch => ServerFrame::Dispatch(Dispatch {
             queue: text(PacketType::Queue),
             content: frame.required(PacketType::Content).to_vec(),
             id: text(PacketType::MessageId),
             ttl: frame
                 .packet(PacketType::Ttl)
                 .and_then(|t| std::str::from_utf8(t).ok()?.parse().ok()),
-        })),
+            deliveries: frame
+                .packet(PacketType::Deliveries)
+                .map(|d| decimal(d).and_then(|d| u32::try_from(d).ok()))
+                .map(|d| d.ok_or_else(|| bad(PacketType::Deliveries)))
+                .transpose()?,
+        }),
+        MessageType::Welcome => ServerFrame::Welcome {
+            version: Version::parse(frame.required(PacketType::Version))
+                .map_err(|_| bad(PacketType::Version))?,
+            features: Features::parse(frame.required(PacketType::Features))
+                .map_err(|_| bad(PacketType::Features))?,
+        },
+        MessageType::Receipt => ServerFrame::Receipt {
+            queue: text(PacketType::Queue),
+            id: text(PacketType::MessageId),
+        },
+        MessageType::Error => {
+            let code = frame.required(PacketType::ErrorCode);
+            ServerFrame::Error {
+                code: match decimal(code) {
+                    Some(n) if code.len() == 3 => n as u16, // three digits fit
+                    _ => return Err(bad(PacketType::ErrorCode)),
+                },
+                text: text(PacketType::Content),
+            }
+        }
+        MessageType::Counts => {
+            let counts = frame.required(PacketType::Counts);
+            let values: Option<Vec<u64>> = counts.split(|&b| b == b' ').map(decimal).collect();
+            match values.as_deref() {
+                Some(&[ready, delayed, in_flight, consumers]) => ServerFrame::Counts {
+                    queue: text(PacketType::Queue),
+                    ready,
+                    delayed,
+                    in_flight,
+                    consumers,
+                },
+                _ => return Err(bad(PacketType::Counts)),
+            }
+        }
+        MessageType::Flushed => ServerFrame::Flushed {
+            queue: text(PacketType::Queue),
+            count: number(PacketType::Count)?,
+        },
         MessageType::Send
         | MessageType::Consume
         | MessageType::Ack
         | MessageType::Requeue
-        | MessageType::DeadLetter => Err(ClientError::Protocol(format!(
-            "message type {}, which only clients send",
-            frame.message_type
-        ))),
+        | MessageType::DeadLetter
+        | MessageType::Hello
+        | MessageType::Touch
+        | MessageType::Stats
+        | MessageType::Flush => {
+            return Err(ClientError::Protocol(format!(
+                "message type {}, which only clients send",
+                frame.message_type
+            )))
+        }
+    })
+}
+
+/// A plain decimal that fits u64: what a server writes in its number packets.
+fn decimal(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
     }
+    std::str::from_utf8(bytes).ok()?.parse().ok()
 }
 
 /// A session with the maintenance console: sends a command line, returns the reply.
@@ -381,5 +477,141 @@ mod tests {
             error.to_string(),
             "the server sent a receipt frame where a dispatch was expected"
         );
+    }
+
+    fn from_server(frame: crate::outgoing::Outgoing) -> Result<ServerFrame, ClientError> {
+        let mut bytes = Vec::new();
+        frame.encode(&mut bytes, Dialect::V12);
+        match codec::decode_frame_in(&bytes, 1 << 20, Dialect::V12) {
+            Ok(Decoded::Frame(frame, _)) => server_frame(&frame),
+            other => panic!("not a frame: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn v12_frames_are_typed() {
+        use crate::outgoing::{Dispatch as Sent, Outgoing};
+        use crate::refusal::ErrorCode;
+        let queue = crate::request::QueueName::new(b"jobs").unwrap();
+        let id = crate::id::MessageId::from_u128(9);
+        assert_eq!(
+            from_server(Outgoing::Welcome {
+                version: Version::V1_2,
+                features: Features::served(true, false),
+            })
+            .unwrap(),
+            ServerFrame::Welcome {
+                version: Version::V1_2,
+                features: Features::served(true, false)
+            }
+        );
+        assert_eq!(
+            from_server(Outgoing::Receipt {
+                queue: queue.clone(),
+                id
+            })
+            .unwrap(),
+            ServerFrame::Receipt {
+                queue: "jobs".into(),
+                id: id.to_string()
+            }
+        );
+        assert_eq!(
+            from_server(Outgoing::Error {
+                code: ErrorCode::QueueFull,
+                text: "queue full".into()
+            })
+            .unwrap(),
+            ServerFrame::Error {
+                code: 429,
+                text: "queue full".into()
+            }
+        );
+        assert_eq!(
+            from_server(Outgoing::Counts {
+                queue: queue.clone(),
+                ready: 4,
+                delayed: 3,
+                in_flight: 2,
+                consumers: 1
+            })
+            .unwrap(),
+            ServerFrame::Counts {
+                queue: "jobs".into(),
+                ready: 4,
+                delayed: 3,
+                in_flight: 2,
+                consumers: 1
+            }
+        );
+        assert_eq!(
+            from_server(Outgoing::Flushed {
+                queue: queue.clone(),
+                count: 7
+            })
+            .unwrap(),
+            ServerFrame::Flushed {
+                queue: "jobs".into(),
+                count: 7
+            }
+        );
+        let dispatch = from_server(Outgoing::Dispatch(Sent {
+            queue,
+            id,
+            content: std::sync::Arc::from(&b"x"[..]),
+            ttl_remaining: None,
+            deliveries: 2,
+        }))
+        .unwrap()
+        .into_dispatch()
+        .unwrap();
+        assert_eq!((dispatch.deliveries, dispatch.ttl), (Some(2), None));
+    }
+
+    #[test]
+    fn malformed_v12_packets_from_the_server_are_protocol_errors() {
+        let q = (PacketType::Queue, &b"q"[..]);
+        for (t, packets) in [
+            (
+                MessageType::Counts,
+                vec![q, (PacketType::Counts, &b"1 2 3"[..])],
+            ),
+            (
+                MessageType::Counts,
+                vec![q, (PacketType::Counts, b"1 2 3 x")],
+            ),
+            (MessageType::Flushed, vec![q, (PacketType::Count, b"-1")]),
+            (
+                MessageType::Error,
+                vec![
+                    (PacketType::ErrorCode, &b"4000"[..]),
+                    (PacketType::Content, b""),
+                ],
+            ),
+            (
+                MessageType::Welcome,
+                vec![
+                    (PacketType::Version, &b"12"[..]),
+                    (PacketType::Features, b""),
+                ],
+            ),
+            (
+                MessageType::Dispatch,
+                vec![
+                    q,
+                    (PacketType::Content, b""),
+                    (PacketType::MessageId, b"i"),
+                    (PacketType::Deliveries, b"4294967296"),
+                ],
+            ),
+        ] {
+            let mut bytes = Vec::new();
+            codec::encode_frame(&mut bytes, t, &packets);
+            let error = match codec::decode_frame_in(&bytes, 1 << 20, Dialect::V12) {
+                Ok(Decoded::Frame(frame, _)) => server_frame(&frame).unwrap_err(),
+                other => panic!("{other:?}"),
+            };
+            assert!(matches!(error, ClientError::Protocol(_)), "{t}: {error:?}");
+        }
     }
 }

@@ -2,14 +2,16 @@
 //!
 //! Layout, from the bytes up:
 //! - [`codec`]: PHPMQ v1 frames to and from bytes; pure functions.
-//! - [`request`]: typed, validated client requests.
+//! - [`request`]: typed, validated client requests (and their client-side encoding).
+//! - [`hello`]: v1.2's negotiation: versions, the answer to a HELLO, feature lists.
+//! - [`refusal`]: v1.2's error codes and how each bad frame or request is answered.
 //! - [`id`]: message ids.
 //! - [`broker`]: the queue state machine (FIFO queues, consumer rings, holds); no I/O.
 //! - [`store`]: the seam where the broker reports changes for persistence.
 //! - [`hub`]: the one lock around the broker, the registry of connections, and the fan-out.
 //! - [`net`]: the one place that names TCP and Unix sockets.
 //! - [`outbox`]: a connection's pending output and the thread that writes it.
-//! - [`outgoing`]: the frames the server sends (dispatches) and their encoding.
+//! - [`outgoing`]: the frames the server sends and their encoding in each dialect.
 //! - [`connection`]: one client's read loop: bytes in, requests to the broker.
 //! - [`admin`]: the maintenance console (status, monitor, show, search, flush).
 //! - [`server`]: the composition root: binds the listeners, accepts, owns the shared broker
@@ -34,6 +36,7 @@ pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod fatal;
+pub mod hello;
 pub mod hub;
 pub mod id;
 pub mod logfile;
@@ -43,6 +46,7 @@ pub mod outbox;
 pub mod outgoing;
 pub mod persist;
 pub mod ratelog;
+pub mod refusal;
 pub mod request;
 pub mod server;
 pub mod storage;

@@ -58,6 +58,9 @@ pub struct Delivery {
     /// Remaining TTL in whole seconds (rounded up); `None` if the message never expires.
     /// Whether the client sees it is the wire's choice: the v1.0 dialect has no TTL packet.
     pub ttl_remaining: Option<u64>,
+    /// How many times the message has been dispatched, this one included (≥ 1); only v1.2
+    /// connections see it.
+    pub deliveries: u32,
 }
 
 /// Counters since the broker started.
@@ -277,23 +280,40 @@ impl Broker {
     /// Applies one client request.
     pub fn handle(&mut self, conn: ConnId, request: Request, now: Millis, out: &mut Vec<Delivery>) {
         match request {
+            // v1.2's delay and lease are not served yet: taken as absent.
             Request::Send {
                 queue,
                 content,
                 ttl,
+                delay: _,
             } => {
                 self.send(queue, content, ttl, now, out);
             }
-            Request::Consume { queue, count } => self.consume(conn, queue, count, now, out),
+            Request::Consume {
+                queue,
+                count,
+                lease: _,
+            } => self.consume(conn, queue, count, now, out),
             Request::Ack { queue, id } => {
                 self.ack(conn, &queue, id, now, out);
             }
-            Request::Requeue { queue, id, ttl } => {
+            Request::Requeue {
+                queue,
+                id,
+                ttl,
+                delay: _,
+            } => {
                 self.requeue(conn, &queue, id, ttl, now, out);
             }
             Request::DeadLetter { queue, id } => {
                 self.dead_letter(conn, &queue, id, now, out);
             }
+            // v1.2 requests: no connection speaks v1.2 yet (HELLO is not answered), and the
+            // broker's side of them is still to come.
+            Request::Hello { .. }
+            | Request::Touch { .. }
+            | Request::Stats { .. }
+            | Request::Flush { .. } => {}
         }
     }
 
@@ -450,6 +470,8 @@ impl Broker {
                 content: content.clone(),
                 ttl_remaining: (entry.expires_at != NEVER)
                     .then(|| remaining_seconds(entry.expires_at, now)),
+                // Not counted yet: the broker's delivery counts (v1.2 rule 6) will set it.
+                deliveries: 1,
             });
             let held = Held {
                 queue: name.clone(),

@@ -1,13 +1,18 @@
-//! The PHPMQ v1 frame codec: pure functions between bytes and [`Frame`]s, no I/O.
+//! The PHPMQ frame codec: pure functions between bytes and [`Frame`]s, no I/O.
 //!
 //! A frame is an 8-byte message header (`H`, version `01`, 3-digit message type, 2-digit packet
 //! count) followed by that many packets, each a 32-byte packet header (`P`, 2-digit packet type,
 //! 29-digit content length) and the raw content. Packets are identified by type, never by position,
-//! because two dialects of v1 exist (see `man/phpmq-protocol.7`).
+//! because several dialects exist (v1.0, v1.1 and the opt-in v1.2; see `man/phpmq-protocol.7`).
+//! Which types and packets a connection may use depends on its [`Dialect`] (module `types`).
 //!
 //! The decoder checks everything it can as soon as the bytes for it have arrived: a garbage header,
 //! an oversized length or a packet count that does not fit the message type fails before the rest of
 //! the frame is read, so a bad client is dropped at once instead of after a stall.
+
+mod types;
+
+pub use types::{Dialect, MessageType, PacketType, MAX_PACKETS};
 
 use std::fmt;
 
@@ -18,155 +23,25 @@ pub const PACKET_HEADER_LEN: usize = 32;
 /// The only protocol version there is.
 pub const PROTOCOL_VERSION: u8 = 1;
 
-/// Message (frame) types of PHPMQ v1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum MessageType {
-    /// 001, client → server.
-    Send,
-    /// 002, client → server.
-    Consume,
-    /// 003, server → client.
-    Dispatch,
-    /// 004, client → server.
-    Ack,
-    /// 005, client → server (v1.1).
-    Requeue,
-    /// 006, client → server (v1.1).
-    DeadLetter,
-}
-
-/// Packet types of PHPMQ v1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PacketType {
-    Queue,
-    Content,
-    MessageId,
-    Count,
-    Ttl,
-}
-
-/// Which packets a message type requires and which it may carry in addition.
-struct Shape {
-    required: &'static [PacketType],
-    optional: &'static [PacketType],
-}
-
-impl MessageType {
-    pub const ALL: [MessageType; 6] = [
-        MessageType::Send,
-        MessageType::Consume,
-        MessageType::Dispatch,
-        MessageType::Ack,
-        MessageType::Requeue,
-        MessageType::DeadLetter,
-    ];
-
-    pub fn code(self) -> u16 {
-        match self {
-            MessageType::Send => 1,
-            MessageType::Consume => 2,
-            MessageType::Dispatch => 3,
-            MessageType::Ack => 4,
-            MessageType::Requeue => 5,
-            MessageType::DeadLetter => 6,
-        }
-    }
-
-    pub fn from_code(code: u16) -> Option<MessageType> {
-        MessageType::ALL.into_iter().find(|t| t.code() == code)
-    }
-
-    /// The union of both dialects: v1.0 sends and dispatches lack the TTL packet, v1.1 has it.
-    fn shape(self) -> Shape {
-        use PacketType::*;
-        let (required, optional): (&'static [PacketType], &'static [PacketType]) = match self {
-            MessageType::Send => (&[Queue, Content], &[Ttl]),
-            MessageType::Consume => (&[Queue, Count], &[]),
-            MessageType::Dispatch => (&[Queue, Content, MessageId], &[Ttl]),
-            MessageType::Ack => (&[Queue, MessageId], &[]),
-            MessageType::Requeue => (&[Queue, MessageId, Ttl], &[]),
-            MessageType::DeadLetter => (&[Queue, MessageId], &[]),
-        };
-        Shape { required, optional }
-    }
-
-    fn allows(self, packet: PacketType) -> bool {
-        let shape = self.shape();
-        shape.required.contains(&packet) || shape.optional.contains(&packet)
-    }
-
-    fn packet_counts(self) -> std::ops::RangeInclusive<usize> {
-        let shape = self.shape();
-        shape.required.len()..=shape.required.len() + shape.optional.len()
-    }
-}
-
-impl fmt::Display for MessageType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match self {
-            MessageType::Send => "send",
-            MessageType::Consume => "consume",
-            MessageType::Dispatch => "dispatch",
-            MessageType::Ack => "ack",
-            MessageType::Requeue => "requeue",
-            MessageType::DeadLetter => "dead-letter",
-        };
-        write!(f, "{:03} ({name})", self.code())
-    }
-}
-
-impl PacketType {
-    pub const ALL: [PacketType; 5] = [
-        PacketType::Queue,
-        PacketType::Content,
-        PacketType::MessageId,
-        PacketType::Count,
-        PacketType::Ttl,
-    ];
-
-    pub fn code(self) -> u8 {
-        match self {
-            PacketType::Queue => 1,
-            PacketType::Content => 2,
-            PacketType::MessageId => 3,
-            PacketType::Count => 4,
-            PacketType::Ttl => 5,
-        }
-    }
-
-    pub fn from_code(code: u8) -> Option<PacketType> {
-        PacketType::ALL.into_iter().find(|t| t.code() == code)
-    }
-
-    fn index(self) -> usize {
-        usize::from(self.code() - 1)
-    }
-}
-
-impl fmt::Display for PacketType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match self {
-            PacketType::Queue => "queue",
-            PacketType::Content => "content",
-            PacketType::MessageId => "message id",
-            PacketType::Count => "count",
-            PacketType::Ttl => "ttl",
-        };
-        write!(f, "{:02} ({name})", self.code())
-    }
-}
-
 /// One decoded frame; packet contents borrow the input buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame<'a> {
     pub message_type: MessageType,
-    packets: [Option<&'a [u8]>; 5],
+    /// The first `count` are the packets in wire order (so re-encoding gives the same bytes);
+    /// no type occurs twice. A scan of at most five finds one.
+    packets: [(PacketType, &'a [u8]); MAX_PACKETS],
+    count: usize,
 }
 
 impl<'a> Frame<'a> {
     /// The content of the packet of type `packet`, if the frame has one.
     pub fn packet(&self, packet: PacketType) -> Option<&'a [u8]> {
-        self.packets[packet.index()]
+        self.packets().find(|&(p, _)| p == packet).map(|(_, c)| c)
+    }
+
+    /// Every packet, in the order it came on the wire.
+    pub fn packets(&self) -> impl Iterator<Item = (PacketType, &'a [u8])> + '_ {
+        self.packets[..self.count].iter().copied()
     }
 
     /// The content of a packet the frame's shape requires; decoding guaranteed it is there.
@@ -184,7 +59,7 @@ pub enum Decoded<'a> {
     Incomplete { needed: usize },
 }
 
-/// Why bytes are not a valid PHPMQ v1 frame.
+/// Why bytes are not a valid PHPMQ frame (for the dialect they were read in).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CodecError {
     /// The first byte of a message header is not `H`.
@@ -192,6 +67,7 @@ pub enum CodecError {
     /// A message header field is not decimal digits.
     BadHeader([u8; HEADER_LEN]),
     UnsupportedVersion(u8),
+    /// A message type that does not exist, or not in the connection's dialect.
     UnknownMessageType(u16),
     /// The header's packet count does not fit the message type.
     PacketCount {
@@ -200,6 +76,7 @@ pub enum CodecError {
     },
     /// A packet header does not start with `P` or has non-digit fields.
     BadPacketHeader([u8; PACKET_HEADER_LEN]),
+    /// A packet type that does not exist, or not in the connection's dialect.
     UnknownPacketType(u8),
     /// A packet type that this message type does not carry.
     UnexpectedPacket {
@@ -237,11 +114,7 @@ impl fmt::Display for CodecError {
             CodecError::PacketCount {
                 message_type,
                 count,
-            } => write!(
-                f,
-                "message type {message_type} cannot have {count} packets (expected {:?})",
-                message_type.packet_counts()
-            ),
+            } => write!(f, "message type {message_type} cannot have {count} packets"),
             CodecError::BadPacketHeader(h) => {
                 write!(
                     f,
@@ -306,8 +179,20 @@ fn parse_length(digits: &[u8]) -> Option<u128> {
     }
 }
 
-/// Decodes one frame from the start of `buf`, refusing any packet longer than `max_packet_len`.
+/// Decodes one frame from the start of `buf` as a v1.0 or v1.1 connection reads it (the two
+/// read the same frames): [`decode_frame_in`] with [`Dialect::V11`].
 pub fn decode_frame(buf: &[u8], max_packet_len: usize) -> Result<Decoded<'_>, CodecError> {
+    decode_frame_in(buf, max_packet_len, Dialect::V11)
+}
+
+/// Decodes one frame from the start of `buf` as a connection of `dialect` reads it, refusing any
+/// packet longer than `max_packet_len`. A type or packet the dialect does not know is unknown
+/// (v1.2's on a v1.0 or v1.1 connection, except a HELLO and its packets).
+pub fn decode_frame_in(
+    buf: &[u8],
+    max_packet_len: usize,
+    dialect: Dialect,
+) -> Result<Decoded<'_>, CodecError> {
     if let Some(&first) = buf.first() {
         if first != b'H' {
             return Err(CodecError::BadMagic(first));
@@ -316,23 +201,25 @@ pub fn decode_frame(buf: &[u8], max_packet_len: usize) -> Result<Decoded<'_>, Co
     if buf.len() < HEADER_LEN {
         return Ok(Decoded::Incomplete { needed: HEADER_LEN });
     }
-    let (message_type, count) = decode_header(&buf[..HEADER_LEN])?;
+    let (message_type, count) = decode_header(&buf[..HEADER_LEN], dialect)?;
 
-    let mut packets: [Option<&[u8]>; 5] = [None; 5];
+    let mut packets: [(PacketType, &[u8]); MAX_PACKETS] = [(PacketType::Queue, b""); MAX_PACKETS];
     let mut pos = HEADER_LEN;
-    for _ in 0..count {
+    // The header check bounds `count` by the type's shape, which is at most MAX_PACKETS.
+    for i in 0..count.min(MAX_PACKETS) {
         let header_end = pos + PACKET_HEADER_LEN;
         if buf.len() < header_end {
             return Ok(Decoded::Incomplete { needed: header_end });
         }
-        let (packet, length) = decode_packet_header(&buf[pos..header_end], max_packet_len)?;
-        if !message_type.allows(packet) {
+        let known = |p: PacketType| p.known_in(message_type, dialect);
+        let (packet, length) = decode_packet_header(&buf[pos..header_end], max_packet_len, known)?;
+        if !message_type.allows(packet, dialect) {
             return Err(CodecError::UnexpectedPacket {
                 message_type,
                 packet,
             });
         }
-        if packets[packet.index()].is_some() {
+        if packets[..i].iter().any(|&(p, _)| p == packet) {
             return Err(CodecError::DuplicatePacket(packet));
         }
         let content_end = header_end + length;
@@ -341,11 +228,16 @@ pub fn decode_frame(buf: &[u8], max_packet_len: usize) -> Result<Decoded<'_>, Co
                 needed: content_end,
             });
         }
-        packets[packet.index()] = Some(&buf[header_end..content_end]);
+        packets[i] = (packet, &buf[header_end..content_end]);
         pos = content_end;
     }
     let shape = message_type.shape();
-    if let Some(&packet) = shape.required.iter().find(|p| packets[p.index()].is_none()) {
+    let present = &packets[..count];
+    if let Some(&packet) = shape
+        .required
+        .iter()
+        .find(|&&r| !present.iter().any(|&(p, _)| p == r))
+    {
         return Err(CodecError::MissingPacket {
             message_type,
             packet,
@@ -355,12 +247,24 @@ pub fn decode_frame(buf: &[u8], max_packet_len: usize) -> Result<Decoded<'_>, Co
         Frame {
             message_type,
             packets,
+            count,
         },
         pos,
     ))
 }
 
-fn decode_header(header: &[u8]) -> Result<(MessageType, usize), CodecError> {
+/// The message type a buffer's first 8 bytes declare, if they are a well-formed header of a type
+/// that exists: lets a caller tell, after a decode error, whether the bad frame was a HELLO.
+pub fn peek_message_type(buf: &[u8]) -> Option<MessageType> {
+    let header = buf.get(..HEADER_LEN)?;
+    if header[0] != b'H' || parse_decimal(&header[1..3])? != u128::from(PROTOCOL_VERSION) {
+        return None;
+    }
+    // Three digits always fit in u16.
+    MessageType::from_code(parse_decimal(&header[3..6])? as u16)
+}
+
+fn decode_header(header: &[u8], dialect: Dialect) -> Result<(MessageType, usize), CodecError> {
     let mut raw = [0u8; HEADER_LEN];
     raw.copy_from_slice(header);
     let bad = || CodecError::BadHeader(raw);
@@ -372,8 +276,10 @@ fn decode_header(header: &[u8]) -> Result<(MessageType, usize), CodecError> {
     if version != PROTOCOL_VERSION {
         return Err(CodecError::UnsupportedVersion(version));
     }
-    let message_type = MessageType::from_code(code).ok_or(CodecError::UnknownMessageType(code))?;
-    if !message_type.packet_counts().contains(&count) {
+    let message_type = MessageType::from_code(code)
+        .filter(|t| t.known_in(dialect))
+        .ok_or(CodecError::UnknownMessageType(code))?;
+    if !message_type.packet_counts(dialect).contains(&count) {
         return Err(CodecError::PacketCount {
             message_type,
             count,
@@ -385,6 +291,7 @@ fn decode_header(header: &[u8]) -> Result<(MessageType, usize), CodecError> {
 fn decode_packet_header(
     header: &[u8],
     max_packet_len: usize,
+    known: impl Fn(PacketType) -> bool,
 ) -> Result<(PacketType, usize), CodecError> {
     let mut raw = [0u8; PACKET_HEADER_LEN];
     raw.copy_from_slice(header);
@@ -394,7 +301,9 @@ fn decode_packet_header(
     }
     let code = parse_decimal(&header[1..3]).ok_or_else(bad)? as u8;
     let length = parse_length(&header[3..]).ok_or_else(bad)?;
-    let packet = PacketType::from_code(code).ok_or(CodecError::UnknownPacketType(code))?;
+    let packet = PacketType::from_code(code)
+        .filter(|&p| known(p))
+        .ok_or(CodecError::UnknownPacketType(code))?;
     match usize::try_from(length) {
         Ok(length) if length <= max_packet_len => Ok((packet, length)),
         _ => Err(CodecError::PacketTooLarge {

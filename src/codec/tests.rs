@@ -73,6 +73,12 @@ fn v11_send_with_ttl_in_any_order() {
 
 #[test]
 fn every_message_type_round_trips() {
+    fn decode_whole(bytes: &[u8]) -> Frame<'_> {
+        match decode_frame_in(bytes, MAX, Dialect::V12) {
+            Ok(Decoded::Frame(frame, used)) if used == bytes.len() => frame,
+            other => panic!("expected a whole frame, got {other:?}"),
+        }
+    }
     for message_type in MessageType::ALL {
         let shape = message_type.shape();
         let packets: Vec<(PacketType, &[u8])> = shape
@@ -226,7 +232,7 @@ fn arbitrary_input_never_panics() {
                 .collect();
             assert_eq!(encoded_len(&packets), used, "{input:?}");
             // Validation must not panic on what the decoder lets through either.
-            let _ = crate::request::Request::from_frame(&frame);
+            let _ = crate::request::Request::from_frame(&frame, Dialect::V10);
         }
     }
 }
@@ -257,4 +263,255 @@ fn parse_decimal_rejects_non_digits() {
     assert_eq!(parse_decimal(b"-1"), None);
     assert_eq!(parse_decimal(b"1 "), None);
     assert_eq!(parse_decimal(&[b'9'; 40]), None);
+}
+
+// ---- v1.2 ----
+
+fn decode_in(bytes: &[u8], dialect: Dialect) -> Result<Decoded<'_>, CodecError> {
+    decode_frame_in(bytes, MAX, dialect)
+}
+
+fn whole_in(bytes: &[u8], dialect: Dialect) -> Frame<'_> {
+    match decode_in(bytes, dialect) {
+        Ok(Decoded::Frame(frame, used)) if used == bytes.len() => frame,
+        other => panic!("expected a whole frame, got {other:?}"),
+    }
+}
+
+fn err_in(bytes: &[u8], dialect: Dialect) -> CodecError {
+    decode_in(bytes, dialect).expect_err("expected a decode error")
+}
+
+/// A packet header by hand, for frames the encoder would not write.
+fn packet(code: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = format!("P{code:02}{:029}", content.len()).into_bytes();
+    out.extend_from_slice(content);
+    out
+}
+
+/// The example of PROTOCOL-v1.2.md, with the spaces and line breaks it shows for reading
+/// taken out (packets follow each other directly on the wire).
+#[test]
+fn spec_v12_example_bytes() {
+    let hello = b"H0100701P06000000000000000000000000000031.2";
+    let frame = whole_in(hello, Dialect::V10);
+    assert_eq!(frame.message_type, MessageType::Hello);
+    assert_eq!(frame.packet(PacketType::Version), Some(&b"1.2"[..]));
+
+    let welcome = b"H0100802P06000000000000000000000000000031.2P0800000000000000000000000000046confirm stats delay attempts lease dead-letter";
+    let frame = whole_in(welcome, Dialect::V12);
+    assert_eq!(frame.message_type, MessageType::Welcome);
+    assert_eq!(
+        frame.packet(PacketType::Features),
+        Some(&b"confirm stats delay attempts lease dead-letter"[..])
+    );
+
+    let send = b"H0100103P0100000000000000000000000000004jobsP0200000000000000000000000000005helloP11000000000000000000000000000045000";
+    let frame = whole_in(send, Dialect::V12);
+    assert_eq!(frame.packet(PacketType::Delay), Some(&b"5000"[..]));
+
+    let mut receipt =
+        b"H0100902P0100000000000000000000000000004jobsP0300000000000000000000000000032".to_vec();
+    receipt.extend_from_slice(b"8d5e0000000000000000000000000000");
+    let frame = whole_in(&receipt, Dialect::V12);
+    assert_eq!(frame.message_type, MessageType::Receipt);
+}
+
+#[test]
+fn v12_types_and_packets_are_unknown_before_v12() {
+    for dialect in [Dialect::V10, Dialect::V11] {
+        for code in 8..=15u16 {
+            let header = format!("H01{code:03}01");
+            assert_eq!(
+                err_in(header.as_bytes(), dialect),
+                CodecError::UnknownMessageType(code),
+                "{dialect}"
+            );
+        }
+        for code in 6..=13u8 {
+            let mut bytes = b"H0100103".to_vec();
+            bytes.extend(packet(code, b"1"));
+            assert_eq!(
+                err_in(&bytes, dialect),
+                CodecError::UnknownPacketType(code),
+                "{dialect}"
+            );
+        }
+        // A send with a delay cannot have four packets there: decided from the header.
+        assert_eq!(
+            err_in(b"H0100104", dialect),
+            CodecError::PacketCount {
+                message_type: MessageType::Send,
+                count: 4
+            }
+        );
+        // HELLO's own packets, and only those, exist in a HELLO.
+        let mut hello = b"H0100703".to_vec();
+        hello.extend(packet(6, b"1.2"));
+        hello.extend(packet(7, b"secret"));
+        hello.extend(packet(8, b"confirm"));
+        assert_eq!(
+            whole_in(&hello, dialect).packet(PacketType::Token),
+            Some(&b"secret"[..])
+        );
+        let mut hello = b"H0100702".to_vec();
+        hello.extend(packet(6, b"1.2"));
+        hello.extend(packet(11, b"5"));
+        assert_eq!(err_in(&hello, dialect), CodecError::UnknownPacketType(11));
+    }
+}
+
+#[test]
+fn v12_shapes_are_enforced() {
+    let v12 = Dialect::V12;
+    // A packet a type does not carry is malformed, whether v1 or v1.2 packet.
+    let mut bytes = b"H0100102".to_vec();
+    bytes.extend(packet(1, b"q"));
+    bytes.extend(packet(12, b"5"));
+    assert_eq!(
+        err_in(&bytes, v12),
+        CodecError::UnexpectedPacket {
+            message_type: MessageType::Send,
+            packet: PacketType::Lease
+        }
+    );
+    let mut bytes = b"H0101201".to_vec();
+    bytes.extend(packet(4, b"5"));
+    assert_eq!(
+        err_in(&bytes, v12),
+        CodecError::UnexpectedPacket {
+            message_type: MessageType::Stats,
+            packet: PacketType::Count
+        }
+    );
+    // Duplicates, as in v1.
+    let mut bytes = b"H0100104".to_vec();
+    bytes.extend(packet(1, b"q"));
+    bytes.extend(packet(11, b"5"));
+    bytes.extend(packet(11, b"5"));
+    assert_eq!(
+        err_in(&bytes, v12),
+        CodecError::DuplicatePacket(PacketType::Delay)
+    );
+    // Missing a required packet.
+    let mut bytes = b"H0100701".to_vec();
+    bytes.extend(packet(8, b"confirm"));
+    assert_eq!(
+        err_in(&bytes, v12),
+        CodecError::MissingPacket {
+            message_type: MessageType::Hello,
+            packet: PacketType::Version
+        }
+    );
+    // Impossible counts, from the header alone.
+    for (header, message_type, count) in [
+        (&b"H0101202"[..], MessageType::Stats, 2),
+        (b"H0101200", MessageType::Stats, 0),
+        (b"H0100700", MessageType::Hello, 0),
+        (b"H0100704", MessageType::Hello, 4),
+        (b"H0100105", MessageType::Send, 5),
+        (b"H0100306", MessageType::Dispatch, 6),
+        (b"H0101001", MessageType::Error, 1),
+    ] {
+        assert_eq!(
+            err_in(header, v12),
+            CodecError::PacketCount {
+                message_type,
+                count
+            }
+        );
+    }
+    // The 413 case for a new type: decided from the packet header, content unread.
+    assert_eq!(
+        decode_frame_in(b"H0101401P0100000000000000000000000000011", 10, v12),
+        Err(CodecError::PacketTooLarge {
+            packet: PacketType::Queue,
+            length: 11,
+            max: 10
+        })
+    );
+    assert!(matches!(
+        err_in(b"H0100701P0699999999999999999999999999999", Dialect::V10),
+        CodecError::PacketTooLarge {
+            packet: PacketType::Version,
+            ..
+        }
+    ));
+    assert!(matches!(err_in(b"H01012x1", v12), CodecError::BadHeader(_)));
+    assert_eq!(err_in(b"H0101601", v12), CodecError::UnknownMessageType(16));
+    let mut bytes = b"H0101201".to_vec();
+    bytes.extend(packet(14, b"x"));
+    assert_eq!(err_in(&bytes, v12), CodecError::UnknownPacketType(14));
+}
+
+#[test]
+fn every_shape_fits_in_a_frame_and_counts_grow_with_the_dialect() {
+    for t in MessageType::ALL {
+        assert!(
+            t.required().len() + t.optional().len() <= MAX_PACKETS,
+            "{t}"
+        );
+        for d in Dialect::ALL {
+            assert!(t.packet_counts(d).end() <= &MAX_PACKETS);
+        }
+        assert!(t.packet_counts(Dialect::V10) == t.packet_counts(Dialect::V11));
+        assert!(t.packet_counts(Dialect::V11).end() <= t.packet_counts(Dialect::V12).end());
+        assert_eq!(MessageType::from_code(t.code()), Some(t));
+    }
+    for p in PacketType::ALL {
+        assert_eq!(PacketType::from_code(p.code()), Some(p));
+    }
+    assert_eq!(
+        MessageType::ALL.map(MessageType::code),
+        std::array::from_fn(|i| i as u16 + 1)
+    );
+    assert_eq!(
+        PacketType::ALL.map(PacketType::code),
+        std::array::from_fn(|i| i as u8 + 1)
+    );
+}
+
+#[test]
+fn packets_keep_their_wire_order() {
+    let mut bytes = b"H0100304".to_vec();
+    bytes.extend(packet(9, b"2"));
+    bytes.extend(packet(3, b"id"));
+    bytes.extend(packet(2, b"c"));
+    bytes.extend(packet(1, b"q"));
+    let frame = whole_in(&bytes, Dialect::V12);
+    let order: Vec<PacketType> = frame.packets().map(|(p, _)| p).collect();
+    assert_eq!(
+        order,
+        [
+            PacketType::Deliveries,
+            PacketType::MessageId,
+            PacketType::Content,
+            PacketType::Queue
+        ]
+    );
+    let packets: Vec<(PacketType, &[u8])> = frame.packets().collect();
+    let mut out = Vec::new();
+    encode_frame(&mut out, frame.message_type, &packets);
+    assert_eq!(out, bytes);
+}
+
+#[test]
+fn the_declared_type_can_be_read_after_an_error() {
+    assert_eq!(peek_message_type(b"H0100701P09"), Some(MessageType::Hello));
+    assert_eq!(peek_message_type(b"H0101599"), Some(MessageType::Flushed));
+    assert_eq!(peek_message_type(b"H01007"), None);
+    assert_eq!(peek_message_type(b"H0201701"), None);
+    assert_eq!(peek_message_type(b"H0101699"), None);
+    assert_eq!(peek_message_type(b"X0100701"), None);
+    assert_eq!(peek_message_type(b"H01a0701"), None);
+}
+
+#[test]
+fn dialects_are_ordered_and_stored_compactly() {
+    assert!(Dialect::V10 < Dialect::V11 && Dialect::V11 < Dialect::V12);
+    for d in Dialect::ALL {
+        assert_eq!(Dialect::from_u8(d.to_u8()), Some(d));
+    }
+    assert_eq!(Dialect::from_u8(0), None);
+    assert!(!Dialect::V10.shows_ttl() && Dialect::V11.shows_ttl() && Dialect::V12.shows_ttl());
 }

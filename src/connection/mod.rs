@@ -16,6 +16,7 @@ mod reader;
 
 use crate::broker::ConnId;
 use crate::codec::CodecError;
+use crate::hello::Version;
 use crate::hub::{BrokerDown, Hub, Peer};
 use crate::net::Stream;
 use crate::ratelog;
@@ -61,6 +62,8 @@ enum End {
     },
     Codec(CodecError),
     Request(RequestError),
+    /// A HELLO (v1.2), which this build does not answer yet.
+    Hello(Version),
     /// EOF in the middle of a frame.
     CutOff {
         buffered: usize,
@@ -94,6 +97,7 @@ impl fmt::Display for End {
             ),
             End::Codec(e) => write!(f, "bad frame: {e}"),
             End::Request(e) => write!(f, "bad request: {e}"),
+            End::Hello(version) => write!(f, "HELLO for version {version}, not served yet"),
             End::CutOff { buffered } => {
                 write!(
                     f,
@@ -257,7 +261,7 @@ impl Session<'_, '_> {
                 if batch.len() == MAX_BATCH {
                     break Ok(());
                 }
-                match reader.next_request() {
+                match reader.next_request(self.peer.dialect()) {
                     Ok(Some(request)) => batch.push(request),
                     Ok(None) => break Ok(()),
                     Err(end) => break Err(end),

@@ -2,7 +2,7 @@
 //! and enforces the frame timeout, the idle timeout and the shutdown's hang-up.
 
 use super::{End, Limits, QUIET, READ_BUFFER};
-use crate::codec::{self, Decoded};
+use crate::codec::{self, Decoded, Dialect};
 use crate::hub::Peer;
 use crate::net::{Bell, Readiness, Stream};
 use crate::request::Request;
@@ -53,15 +53,23 @@ impl FrameReader {
         self.more_pending
     }
 
-    /// The next whole request in the buffer, if there is one.
-    pub(super) fn next_request(&mut self) -> Result<Option<Request>, End> {
+    /// The next whole request in the buffer, if there is one, read in `dialect`.
+    pub(super) fn next_request(&mut self, dialect: Dialect) -> Result<Option<Request>, End> {
         self.more_pending = false;
-        let decoded =
-            codec::decode_frame(&self.buf[self.start..self.end], self.limits.max_packet_len)
-                .map_err(End::Codec)?;
+        let decoded = codec::decode_frame_in(
+            &self.buf[self.start..self.end],
+            self.limits.max_packet_len,
+            dialect,
+        )
+        .map_err(End::Codec)?;
         match decoded {
             Decoded::Frame(frame, used) => {
-                let request = Request::from_frame(&frame).map_err(End::Request)?;
+                let request = Request::from_frame(&frame, dialect).map_err(End::Request)?;
+                // Nothing answers a HELLO yet: it ends the connection as an unknown type did
+                // before v1.2 (the HELLO/WELCOME wiring replaces this).
+                if let Request::Hello { version, .. } = &request {
+                    return Err(End::Hello(*version));
+                }
                 self.start += used;
                 self.needed = codec::HEADER_LEN;
                 self.deadline = None;

@@ -7,6 +7,7 @@
 //! reported once on the fatal channel and the server shuts down rather than run half-alive.
 
 use crate::broker::{Broker, ConnId, Delivery};
+use crate::codec::Dialect;
 // Re-exported: every caller of the hub meets it.
 pub use crate::fatal::BrokerDown;
 use crate::fatal::Fatal;
@@ -18,7 +19,7 @@ use crate::request::Request;
 use crate::store::{now_millis, Backlog, Millis};
 use crossbeam_channel::Sender;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -45,10 +46,12 @@ pub struct Peer {
     /// the connection shares it ([`Broker::connect_with_pause_flag`]) and alone writes it,
     /// under the lock ([`Broker::set_paused`]); the writer reads it here after every write.
     pub paused: Arc<AtomicBool>,
-    /// The client sent a request that exists only in v1.1 ([`Request::shows_v11`]): its
-    /// dispatches show the remaining TTL. The released v1.0 client reads exactly three packets
-    /// after a `003` and breaks on a fourth, so until then they never do.
-    pub speaks_v11: AtomicBool,
+    /// The [`Dialect`] the connection speaks ([`Dialect::to_u8`]), which decides what its
+    /// frames show: v1.0 until it sends a request that exists only in v1.1
+    /// ([`Request::shows_v11`]), after which its dispatches show the remaining TTL (the
+    /// released v1.0 client reads exactly three packets after a `003` and breaks on a fourth,
+    /// so until then they never do); v1.2 only once a HELLO agreed on it.
+    dialect: AtomicU8,
     /// Set at the shutdown's hang-up ([`Peer::stop_reading`]): take the whole frames that
     /// already arrived, then end.
     pub hung_up: AtomicBool,
@@ -59,7 +62,7 @@ impl Peer {
         Peer {
             conn,
             paused: Arc::new(AtomicBool::new(false)),
-            speaks_v11: AtomicBool::new(false),
+            dialect: AtomicU8::new(Dialect::V10.to_u8()),
             name,
             stream: Arc::new(stream),
             outbox: Outbox::new(),
@@ -72,8 +75,25 @@ impl Peer {
     /// already show the TTL.
     pub fn note_dialect(&self, request: &Request) {
         if request.shows_v11() {
-            self.speaks_v11.store(true, Ordering::Release);
+            // Only v1.0 moves up: v1.1 already shows the TTL, and v1.2 more.
+            let _ = self.dialect.compare_exchange(
+                Dialect::V10.to_u8(),
+                Dialect::V11.to_u8(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
         }
+    }
+
+    /// The dialect the connection speaks now.
+    pub fn dialect(&self) -> Dialect {
+        // Only `Dialect::to_u8` values are ever stored.
+        Dialect::from_u8(self.dialect.load(Ordering::Acquire)).unwrap_or(Dialect::V10)
+    }
+
+    /// Sets the dialect a HELLO agreed on, before the WELCOME and anything after it is encoded.
+    pub fn set_dialect(&self, dialect: Dialect) {
+        self.dialect.store(dialect.to_u8(), Ordering::Release);
     }
 
     /// Whether the server is ending this connection (shutdown or a failed write).
@@ -386,10 +406,10 @@ fn fan_out(routed: Routed) -> Vec<Arc<Peer>> {
     for (peer, frames) in routed {
         // The dialect is the wire's business: a v1.0 client reads exactly three packets in a
         // dispatch and breaks on a fourth.
-        let shows_ttl = peer.speaks_v11.load(Ordering::Acquire);
+        let dialect = peer.dialect();
         peer.outbox.push(&*peer.stream, |buffer| {
             for frame in &frames {
-                frame.encode(buffer, shows_ttl);
+                frame.encode(buffer, dialect);
             }
         });
         if !peer.paused.load(Ordering::Acquire) && peer.outbox.pending_len() > OUTBOX_HIGH_WATER {

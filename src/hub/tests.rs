@@ -47,6 +47,7 @@ fn dispatch_seen_by(peer: Peer, client: &mut UnixStream) -> Vec<u8> {
         id: crate::id::MessageId::from_u128(7),
         content: Arc::from(&b"x"[..]),
         ttl_remaining: Some(60),
+        deliveries: 1,
     };
     fan_out(vec![(Arc::new(peer), vec![delivery.into()])]);
     let mut got = Vec::new();
@@ -177,4 +178,32 @@ fn a_frame_the_socket_does_not_take_waits_in_order_for_the_writer() {
         peer.outbox.close();
         writer.join().unwrap().unwrap();
     });
+}
+
+#[test]
+fn a_peer_moves_up_from_v10_on_a_v11_request_and_never_down() {
+    let (peer, _client) = peer();
+    assert_eq!(peer.dialect(), Dialect::V10);
+    let dead_letter = Request::DeadLetter {
+        queue: crate::request::QueueName::new(b"q").unwrap(),
+        id: None,
+    };
+    peer.note_dialect(&dead_letter);
+    assert_eq!(peer.dialect(), Dialect::V11);
+    peer.set_dialect(Dialect::V12);
+    peer.note_dialect(&dead_letter);
+    assert_eq!(peer.dialect(), Dialect::V12, "v1.2 stays v1.2");
+    let (peer, mut client) = self::peer();
+    peer.set_dialect(Dialect::V12);
+    let queue = crate::request::QueueName::new(b"jobs").unwrap();
+    let mut expected = Vec::new();
+    crate::outgoing::encode_dispatch_with(
+        &mut expected,
+        &queue,
+        b"x",
+        crate::id::MessageId::from_u128(7),
+        Some(60),
+        Some(1),
+    );
+    assert_eq!(dispatch_seen_by(peer, &mut client), expected);
 }
