@@ -402,6 +402,12 @@ impl Broker {
         })
     }
 
+    /// How many changes the broker has handed to its store: the ticket a durable receipt for
+    /// the last of them waits for ([`Store::submitted`]).
+    pub fn store_submitted(&self) -> u64 {
+        self.table.store.submitted()
+    }
+
     /// How many messages are stored (ready and held).
     pub fn message_count(&self) -> usize {
         self.table.held.len() + self.queues.values().map(|q| q.ready.len()).sum::<usize>()

@@ -16,10 +16,11 @@ mod reader;
 
 use crate::broker::ConnId;
 use crate::codec::CodecError;
-use crate::hello::Version;
-use crate::hub::{BrokerDown, Hub, Peer};
+use crate::hello::{self, Feature};
+use crate::hub::{BrokerDown, Hub, Incoming, Peer, Replies};
 use crate::net::Stream;
 use crate::ratelog;
+use crate::refusal::Refusal;
 use crate::request::{Request, RequestError};
 use log::{debug, info, warn};
 use reader::FrameReader;
@@ -60,10 +61,12 @@ enum End {
     HungUp {
         partial: usize,
     },
-    Codec(CodecError),
-    Request(RequestError),
-    /// A HELLO (v1.2), which this build does not answer yet.
-    Hello(Version),
+    /// Bytes that are not a frame, and how to answer them (v1.2 rule 4).
+    Codec(CodecError, Refusal),
+    /// A frame that is not a valid request, and how to answer it.
+    Request(RequestError, Refusal),
+    /// A HELLO that is not the first frame, or for no version we speak (rule 1).
+    Hello(Refusal),
     /// EOF in the middle of a frame.
     CutOff {
         buffered: usize,
@@ -82,6 +85,18 @@ enum End {
     BrokerDown(BrokerDown),
 }
 
+impl End {
+    /// The ERROR frame owed to the client before the connection closes, if any.
+    fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            End::Codec(_, refusal) | End::Request(_, refusal) | End::Hello(refusal) => {
+                Some(refusal).filter(|r| r.reply)
+            }
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for End {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -95,9 +110,9 @@ impl fmt::Display for End {
                 "hung up at shutdown after taking every whole frame received; \
                  {partial} bytes of an unfinished frame dropped"
             ),
-            End::Codec(e) => write!(f, "bad frame: {e}"),
-            End::Request(e) => write!(f, "bad request: {e}"),
-            End::Hello(version) => write!(f, "HELLO for version {version}, not served yet"),
+            End::Codec(e, _) => write!(f, "bad frame: {e}"),
+            End::Request(e, _) => write!(f, "bad request: {e}"),
+            End::Hello(refusal) => write!(f, "bad HELLO: {}", refusal.text),
             End::CutOff { buffered } => {
                 write!(
                     f,
@@ -168,10 +183,19 @@ pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
             peer: peer.clone(),
             writer_started: false,
             consumer: false,
+            frames: 0,
+            replies: Replies::None,
             label: label.clone(),
             scope,
         };
         let end = session.read_loop(limits);
+        // A v1.2 client (or one that sent a HELLO) learns why, before the close.
+        if let Some(frame) = end.refusal().and_then(Refusal::frame) {
+            if hub.send(vec![(conn, frame)]).is_ok() {
+                // The reply must not be cut off by a reset for what the client sent after it.
+                let _ = peer.stream.shutdown(std::net::Shutdown::Write);
+            }
+        }
         // Unregister first: the held messages go to other consumers before this socket closes.
         // Hanging up also ends the writer.
         drop(registration);
@@ -247,6 +271,10 @@ struct Session<'scope, 'env> {
     writer_started: bool,
     /// It asked to consume: never idle from then on.
     consumer: bool,
+    /// Frames read so far: a HELLO must be the first.
+    frames: u64,
+    /// What it is told about its own requests (v1.2: receipts, maybe durable).
+    replies: Replies,
     label: String,
     scope: &'scope thread::Scope<'scope, 'env>,
 }
@@ -262,7 +290,20 @@ impl Session<'_, '_> {
                     break Ok(());
                 }
                 match reader.next_request(self.peer.dialect()) {
-                    Ok(Some(request)) => batch.push(request),
+                    Ok(Some(Incoming::Request(Request::Hello {
+                        version, features, ..
+                    }))) => {
+                        // Answered at once: it is the first frame, so nothing is before it,
+                        // and the frames after it are read in the dialect it agrees on.
+                        self.frames += 1;
+                        if let Err(end) = self.hello(version, features) {
+                            break Err(end);
+                        }
+                    }
+                    Ok(Some(item)) => {
+                        self.frames += 1;
+                        batch.push(item);
+                    }
                     Ok(None) => break Ok(()),
                     Err(end) => break Err(end),
                 }
@@ -290,26 +331,66 @@ impl Session<'_, '_> {
         }
     }
 
-    fn apply(&mut self, batch: Vec<Request>) -> Result<(), End> {
+    /// Answers a HELLO (rule 1): WELCOME and the agreed dialect if it is the first frame and
+    /// names a version we speak; otherwise ERROR 400 and the connection closes.
+    fn hello(&mut self, version: hello::Version, wanted: hello::Features) -> Result<(), End> {
+        if self.frames > 1 {
+            return Err(End::Hello(Refusal::hello(
+                "HELLO is allowed only as the first frame of a connection",
+            )));
+        }
+        let served = self.hub.served();
+        let (dialect, welcome) = hello::respond(version, served)
+            .map_err(|e| End::Hello(Refusal::hello(e.to_string())))?;
+        // Before the WELCOME is encoded: it and everything after it speak the new dialect.
+        self.peer.set_dialect(dialect);
+        self.hub
+            .send(vec![(self.conn, welcome)])
+            .map_err(End::BrokerDown)?;
+        if dialect.is_v12() {
+            self.replies = if wanted.contains(Feature::Durable) && served.contains(Feature::Durable)
+            {
+                Replies::Durable
+            } else {
+                Replies::Receipts
+            };
+        }
+        // Durable receipts are written from storage's thread whenever a sync completes: what
+        // the socket does not take then needs the writer.
+        if self.replies == Replies::Durable && !self.writer_started {
+            return self.start_writer();
+        }
+        self.start_writer_if_pending()
+    }
+
+    fn apply(&mut self, batch: Vec<Incoming>) -> Result<(), End> {
         if batch.is_empty() {
             return self.start_writer_if_pending();
         }
+        let requests = || {
+            batch.iter().filter_map(|item| match item {
+                Incoming::Request(request) => Some(request),
+                Incoming::Refused(_) => None,
+            })
+        };
         // A consumer may be sent a dispatch at any time from now on, by any thread: its writer
         // must be there before the first one that the socket does not take.
-        if !self.consumer && batch.iter().any(|r| matches!(r, Request::Consume { .. })) {
+        if !self.consumer && requests().any(|r| matches!(r, Request::Consume { .. })) {
             self.consumer = true;
             if !self.writer_started {
                 self.start_writer()?;
             }
         }
-        if batch.iter().any(|r| matches!(r, Request::Send { .. })) {
+        if requests().any(|r| matches!(r, Request::Send { .. })) {
             self.hub.wait_for_store(&self.peer);
         }
         // The dialect is the wire's business: noted before the broker decides anything.
-        for request in &batch {
+        for request in requests() {
             self.peer.note_dialect(request);
         }
-        self.hub.apply(self.conn, batch).map_err(End::BrokerDown)?;
+        self.hub
+            .apply(self.conn, batch, self.replies)
+            .map_err(End::BrokerDown)?;
         self.start_writer_if_pending()
     }
 

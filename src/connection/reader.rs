@@ -3,8 +3,9 @@
 
 use super::{End, Limits, QUIET, READ_BUFFER};
 use crate::codec::{self, Decoded, Dialect};
-use crate::hub::Peer;
+use crate::hub::{Incoming, Peer};
 use crate::net::{Bell, Readiness, Stream};
+use crate::refusal::Refusal;
 use crate::request::Request;
 use std::io;
 use std::time::{Duration, Instant};
@@ -53,23 +54,30 @@ impl FrameReader {
         self.more_pending
     }
 
-    /// The next whole request in the buffer, if there is one, read in `dialect`.
-    pub(super) fn next_request(&mut self, dialect: Dialect) -> Result<Option<Request>, End> {
+    /// The next whole request in the buffer, if there is one, read in `dialect`: a request,
+    /// or a refusal that leaves the connection open (v1.2 rule 4). A refusal that closes it
+    /// ends the connection, with what to answer.
+    pub(super) fn next_request(&mut self, dialect: Dialect) -> Result<Option<Incoming>, End> {
         self.more_pending = false;
-        let decoded = codec::decode_frame_in(
-            &self.buf[self.start..self.end],
-            self.limits.max_packet_len,
-            dialect,
-        )
-        .map_err(End::Codec)?;
+        let buffered = &self.buf[self.start..self.end];
+        let decoded = codec::decode_frame_in(buffered, self.limits.max_packet_len, dialect)
+            .map_err(|error| {
+                let declared = codec::peek_message_type(buffered);
+                let refusal = Refusal::codec(&error, dialect, declared);
+                End::Codec(error, refusal)
+            })?;
         match decoded {
             Decoded::Frame(frame, used) => {
-                let request = Request::from_frame(&frame, dialect).map_err(End::Request)?;
-                // Nothing answers a HELLO yet: it ends the connection as an unknown type did
-                // before v1.2 (the HELLO/WELCOME wiring replaces this).
-                if let Request::Hello { version, .. } = &request {
-                    return Err(End::Hello(*version));
-                }
+                let item = match Request::from_frame(&frame, dialect) {
+                    Ok(request) => Incoming::Request(request),
+                    Err(error) => {
+                        let refusal = Refusal::request(&error, dialect, frame.message_type);
+                        if !refusal.keep_open {
+                            return Err(End::Request(error, refusal));
+                        }
+                        Incoming::Refused(refusal)
+                    }
+                };
                 self.start += used;
                 self.needed = codec::HEADER_LEN;
                 self.deadline = None;
@@ -83,7 +91,7 @@ impl FrameReader {
                     // Assume the caller's batch may end here; it asks again if not.
                     self.more_pending = true;
                 }
-                Ok(Some(request))
+                Ok(Some(item))
             }
             Decoded::Incomplete { needed } => {
                 self.needed = needed;

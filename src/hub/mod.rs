@@ -2,12 +2,23 @@
 //! and the fan-out of outgoing frames (the broker's deliveries, or any [`Outgoing`] sent to a
 //! registered connection) to their outboxes after the lock is released.
 //!
+//! On a v1.2 connection every send, STATS and FLUSH gets exactly one reply, in order (rule 3):
+//! [`Hub::apply`] places each reply before the dispatches its request caused, so a RECEIPT is
+//! written before any dispatch of that message to the same connection. A connection that asked
+//! for durable receipts (rule 8) has its replies queued on its [`Peer`] instead, each with the
+//! store ticket it waits for; they go out in order as storage reports its syncs
+//! ([`Hub::release_durable`]).
+//!
 //! Nothing here writes to a socket or waits on one while the lock is held. A poisoned lock (a
 //! thread panicked inside the broker, whose state may then be half-changed) is fatal: it is
 //! reported once on the fatal channel and the server shuts down rather than run half-alive.
 
 use crate::broker::{Broker, ConnId, Delivery};
 use crate::codec::Dialect;
+use crate::hello::Features;
+use crate::refusal::Refusal;
+use crate::storage::Durability;
+use std::collections::VecDeque;
 // Re-exported: every caller of the hub meets it.
 pub use crate::fatal::BrokerDown;
 use crate::fatal::Fatal;
@@ -55,6 +66,9 @@ pub struct Peer {
     /// Set at the shutdown's hang-up ([`Peer::stop_reading`]): take the whole frames that
     /// already arrived, then end.
     pub hung_up: AtomicBool,
+    /// Replies of a connection with durable receipts, in order, each with the store ticket
+    /// it waits for (0: none, it only waits for those before it).
+    durable_replies: Mutex<VecDeque<(u64, Outgoing)>>,
 }
 
 impl Peer {
@@ -68,7 +82,15 @@ impl Peer {
             outbox: Outbox::new(),
             closing: AtomicBool::new(false),
             hung_up: AtomicBool::new(false),
+            durable_replies: Mutex::default(),
         }
+    }
+
+    fn durable_replies(&self) -> MutexGuard<'_, VecDeque<(u64, Outgoing)>> {
+        // A plain queue: a panic elsewhere cannot leave it half-changed.
+        self.durable_replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Notes the dialect a request shows, before it reaches the broker: dispatches it causes
@@ -135,6 +157,31 @@ pub struct Hub {
     bell: Bell,
     /// The store's unapplied changes, if messages are persisted.
     store_backlogs: Vec<Arc<Backlog>>,
+    /// The v1.2 features this server serves (rule 8), listed in every WELCOME.
+    served: Features,
+    /// Tells when changes are on disk, if storage can: durable receipts wait for it.
+    durability: Option<Arc<dyn Durability>>,
+    /// Connections with durable replies waiting.
+    durable_waiting: Mutex<IdMap<ConnId, Arc<Peer>>>,
+}
+
+/// What a connection is told about its own requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replies {
+    /// v1.0 and v1.1: nothing.
+    None,
+    /// v1.2: a reply to each send, STATS and FLUSH, and an ERROR for each refused one.
+    Receipts,
+    /// v1.2 with `durable`: as `Receipts`, each RECEIPT sent once its message is on disk.
+    Durable,
+}
+
+/// A connection's frame as the hub applies it: a request, or one that was refused but
+/// leaves the connection open (it gets its ERROR in its turn).
+#[derive(Debug)]
+pub enum Incoming {
+    Request(Request),
+    Refused(Refusal),
 }
 
 impl Hub {
@@ -148,7 +195,23 @@ impl Hub {
             fatal,
             bell,
             store_backlogs: Vec::new(),
+            served: Features::served(false, false),
+            durability: None,
+            durable_waiting: Mutex::default(),
         }
+    }
+
+    /// Serves v1.2 with these features; `durability` (if storage has one) backs durable
+    /// receipts, which are then served too.
+    pub fn with_v12(mut self, dead_letter: bool, durability: Option<Arc<dyn Durability>>) -> Hub {
+        self.served = Features::served(dead_letter, durability.is_some());
+        self.durability = durability;
+        self
+    }
+
+    /// The v1.2 features served, for WELCOME.
+    pub fn served(&self) -> Features {
+        self.served
     }
 
     /// Holds producers back while this store backlog is high ([`Hub::wait_for_store`]).
@@ -201,19 +264,165 @@ impl Hub {
         Ok(true)
     }
 
-    /// Applies a connection's requests in order, under one lock, then writes the deliveries out.
-    pub fn apply(&self, conn: ConnId, requests: Vec<Request>) -> Result<(), BrokerDown> {
-        self.modify(|broker, now, out| {
-            for request in requests {
-                broker.handle(conn, request, now, out);
+    /// Applies a connection's requests in order, under one lock, then writes out the
+    /// deliveries and, per `replies`, the connection's replies (see the module doc).
+    pub fn apply(
+        &self,
+        conn: ConnId,
+        batch: Vec<Incoming>,
+        replies: Replies,
+    ) -> Result<(), BrokerDown> {
+        if replies == Replies::None {
+            return self.modify(|broker, now, out| {
+                for item in batch {
+                    if let Incoming::Request(request) = item {
+                        broker.handle(conn, request, now, out);
+                    }
+                }
+            });
+        }
+        let durable = replies == Replies::Durable && self.durability.is_some();
+        let now = now_millis();
+        let mut deliveries = Vec::new();
+        // Each reply with the number of deliveries made before it, and its store ticket.
+        let mut answers: Vec<(usize, Outgoing, u64)> = Vec::new();
+        let (routed, peer) = {
+            let mut state = self.lock()?;
+            let broker = &mut state.broker;
+            for item in batch {
+                let at = deliveries.len();
+                match item {
+                    Incoming::Refused(refusal) => {
+                        if let Some(frame) = refusal.frame() {
+                            answers.push((at, frame, 0));
+                        }
+                    }
+                    Incoming::Request(Request::Send {
+                        queue,
+                        content,
+                        ttl,
+                        delay,
+                    }) => {
+                        // Delays are the broker's next step (PHPMQ v1.2 rule 5).
+                        let _ = delay;
+                        let id = broker.send(queue.clone(), content, ttl, now, &mut deliveries);
+                        let ticket = if durable { broker.store_submitted() } else { 0 };
+                        answers.push((at, Outgoing::Receipt { queue, id }, ticket));
+                    }
+                    Incoming::Request(Request::Stats { queue }) => {
+                        let counts = broker.queue_stats(queue.as_str()).unwrap_or_default();
+                        answers.push((
+                            at,
+                            Outgoing::Counts {
+                                queue,
+                                ready: counts.ready as u64,
+                                delayed: 0,
+                                in_flight: counts.in_flight as u64,
+                                consumers: counts.consumers as u64,
+                            },
+                            0,
+                        ));
+                    }
+                    Incoming::Request(Request::Flush { queue }) => {
+                        let count = broker
+                            .flush(queue.as_str(), now, &mut deliveries)
+                            .unwrap_or(0);
+                        answers.push((
+                            at,
+                            Outgoing::Flushed {
+                                queue,
+                                count: count as u64,
+                            },
+                            0,
+                        ));
+                    }
+                    Incoming::Request(request) => {
+                        broker.handle(conn, request, now, &mut deliveries)
+                    }
+                }
             }
-        })
+            let peer = state.peers.get(&conn).cloned();
+            if durable {
+                (route(&state.peers, deliveries), peer)
+            } else {
+                // Each reply goes before the deliveries its request caused.
+                let mut frames = Vec::with_capacity(deliveries.len() + answers.len());
+                let mut answers = answers.drain(..).peekable();
+                for (i, delivery) in deliveries.into_iter().enumerate() {
+                    while let Some((_, frame, _)) = answers.next_if(|(at, _, _)| *at <= i) {
+                        frames.push((conn, frame));
+                    }
+                    frames.push((delivery.conn, Outgoing::from(delivery)));
+                }
+                frames.extend(answers.map(|(_, frame, _)| (conn, frame)));
+                (route(&state.peers, frames), None)
+            }
+        };
+        self.deliver(routed);
+        if let (Some(peer), Some(durability)) = (peer, &self.durability) {
+            if answers.is_empty() {
+                return Ok(());
+            }
+            let wanted = answers.iter().map(|(_, _, ticket)| *ticket).max();
+            peer.durable_replies().extend(
+                answers
+                    .into_iter()
+                    .map(|(_, frame, ticket)| (ticket, frame)),
+            );
+            self.durable_waiting().insert(conn, peer.clone());
+            if let Some(ticket) = wanted.filter(|&t| t > 0) {
+                durability.want(ticket);
+            }
+            self.release_replies(&peer, durability.synced());
+        }
+        Ok(())
+    }
+
+    fn durable_waiting(&self) -> MutexGuard<'_, IdMap<ConnId, Arc<Peer>>> {
+        // A plain map: a panic elsewhere cannot leave it half-changed.
+        self.durable_waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes out a durable connection's replies whose tickets are synced, in order. Returns
+    /// whether some still wait. The queue stays locked while the frames go into the outbox,
+    /// so two threads releasing at once cannot swap them.
+    fn release_replies(&self, peer: &Peer, synced: u64) -> bool {
+        let mut queue = peer.durable_replies();
+        let mut ready = Vec::new();
+        while queue.front().is_some_and(|(ticket, _)| *ticket <= synced) {
+            if let Some((_, frame)) = queue.pop_front() {
+                ready.push(frame);
+            }
+        }
+        if !ready.is_empty() {
+            let dialect = peer.dialect();
+            peer.outbox.push(&*peer.stream, |buffer| {
+                for frame in &ready {
+                    frame.encode(buffer, dialect);
+                }
+            });
+        }
+        !queue.is_empty()
+    }
+
+    /// Storage synced more changes: durable replies waiting for them go out. Called from
+    /// storage's thread.
+    pub fn release_durable(&self) {
+        let Some(durability) = &self.durability else {
+            return;
+        };
+        let synced = durability.synced();
+        self.durable_waiting()
+            .retain(|_, peer| self.release_replies(peer, synced));
     }
 
     /// Removes a connection; what it held is redelivered to the others.
     pub fn unregister(&self, conn: ConnId) -> Result<(), BrokerDown> {
         let now = now_millis();
         let mut deliveries = Vec::new();
+        self.durable_waiting().remove(&conn);
         let routed = {
             let mut state = self.lock()?;
             state.peers.remove(&conn);

@@ -131,8 +131,10 @@ impl Server {
             Bell::new().map_err(ServerError::Bell)?,
         );
         let hub = match &storage {
-            Some(storage) => hub.with_store_backlogs(storage.backlogs()),
-            None => hub,
+            Some(storage) => hub
+                .with_store_backlogs(storage.backlogs())
+                .with_v12(false, storage.durability()),
+            None => hub.with_v12(false, None),
         };
         let shared = Arc::new(Shared {
             hub,
@@ -202,6 +204,15 @@ impl Server {
                     .hub
                     .modify(|broker, now, out| broker.attach(fetched, now, out));
             });
+            if let Some(durability) = storage.durability() {
+                // Weak: the hub holds the durability, which holds this callback.
+                let shared = Arc::downgrade(&self.shared);
+                durability.set_on_synced(Arc::new(move |_| {
+                    if let Some(shared) = shared.upgrade() {
+                        shared.hub.release_durable();
+                    }
+                }));
+            }
             storage.start(on_fetched, on_fatal)?;
         }
         let mut accept_threads = Vec::new();

@@ -11,3 +11,4 @@ mod docs;
 mod listeners;
 mod persistence;
 mod semantics;
+mod v12;

@@ -738,28 +738,6 @@ fn db_none_keeps_messages_in_memory_only() {
     assert!(files.is_empty(), "no file written: {files:?}");
 }
 
-/// One console command over a fresh session; its reply without the prompt.
-fn console(server: &TestServer, line: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(server.console.expect("console on")).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut text = String::new();
-    let read_prompt = |stream: &mut std::net::TcpStream, text: &mut String| loop {
-        if let Some(at) = text.find("phpmq> ") {
-            let reply = text[..at].to_string();
-            text.drain(..at + "phpmq> ".len());
-            return reply;
-        }
-        let mut chunk = [0u8; 65536];
-        let n = stream.read(&mut chunk).expect("console reply");
-        assert!(n > 0, "console closed: {text:?}");
-        text.push_str(&String::from_utf8_lossy(&chunk[..n]));
-    };
-    read_prompt(&mut stream, &mut text);
-    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
-    read_prompt(&mut stream, &mut text)
-}
-
 /// The number after `"key":` in a JSON document (the first one).
 fn json_number(json: &str, key: &str) -> Option<u64> {
     let rest = &json[json.find(&format!("\"{key}\":"))? + key.len() + 3..];
@@ -821,7 +799,7 @@ fn a_large_store_keeps_mirroring_under_a_trickle_and_a_sigkill_loses_only_the_la
         client.sync();
         taken_at.push(Instant::now());
         if i % 25 == 24 {
-            let status = console(&server, "status json");
+            let status = server.console_command("status json");
             let age = json_number(&status, "age_ms").expect("a mirror has completed");
             worst_age = worst_age.max(age);
         }
@@ -969,11 +947,11 @@ fn a_failing_mirror_is_reported_and_a_stop_that_leaves_no_file_fails() {
     };
     block();
     common::wait_until("the failures to show in status", || {
-        let status = console(&server, "status json");
+        let status = server.console_command("status json");
         json_number(&status, "failing_for").is_some_and(|n| n >= 2)
             && status.contains("\"last_error\":\"")
     });
-    let text = console(&server, "status");
+    let text = server.console_command("status");
     assert!(text.contains("mirror failures: "), "{text}");
 
     // Out of the way again: the next mirror completes and says so.
@@ -982,7 +960,7 @@ fn a_failing_mirror_is_reported_and_a_stop_that_leaves_no_file_fails() {
         l.contains("mirror completed again")
     });
     assert!(db.is_file());
-    let status = console(&server, "status json");
+    let status = server.console_command("status json");
     assert_eq!(json_number(&status, "failing_for"), Some(0), "{status}");
     assert!(json_number(&status, "failures").is_some_and(|n| n >= 2));
 

@@ -226,6 +226,28 @@ impl TestServer {
         count.unwrap_or_else(|| panic!("no recovered count in {ready:?}"))
     }
 
+    /// One console command over a fresh session; its reply without the prompt.
+    pub fn console_command(&self, line: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.console.expect("console on")).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut text = String::new();
+        let read_prompt = |stream: &mut std::net::TcpStream, text: &mut String| loop {
+            if let Some(at) = text.find("phpmq> ") {
+                let reply = text[..at].to_string();
+                text.drain(..at + "phpmq> ".len());
+                return reply;
+            }
+            let mut chunk = [0u8; 65536];
+            let n = stream.read(&mut chunk).expect("console reply");
+            assert!(n > 0, "console closed: {text:?}");
+            text.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        };
+        read_prompt(&mut stream, &mut text);
+        stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+        read_prompt(&mut stream, &mut text)
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("phpmq.sqlite")
     }
@@ -530,6 +552,63 @@ impl Client {
         }
     }
 
+    /// Writes one frame of `message_type` (its 3-digit code) with `packets` (2-digit type,
+    /// content), framed byte by byte as the spec says, independent of the server's codec.
+    pub fn frame_of(&mut self, message_type: u16, packets: &[(u8, &[u8])]) -> &mut Client {
+        let bytes = frame_bytes(message_type, packets);
+        self.raw(&bytes)
+    }
+
+    /// A v1.2 HELLO for `version`, asking for `features` (none if empty).
+    pub fn hello(&mut self, version: &str, features: &str) -> &mut Client {
+        let mut packets: Vec<(u8, &[u8])> = vec![(6, version.as_bytes())];
+        if !features.is_empty() {
+            packets.push((8, features.as_bytes()));
+        }
+        self.frame_of(7, &packets)
+    }
+
+    /// The next frame of any type, parsed byte by byte; `None` on EOF or reset.
+    pub fn recv_frame(&mut self) -> Option<RawFrame> {
+        loop {
+            if let Some((frame, used)) = RawFrame::parse(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 64 << 10];
+            let n = match self.socket.read(&mut chunk) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("no frame within {DEADLINE:?}")
+                }
+                Err(_) => return None,
+            };
+            if n == 0 {
+                assert!(self.buf.is_empty(), "EOF inside a frame: {:?}", self.buf);
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next frame, which must be of `message_type`.
+    pub fn expect_frame(&mut self, message_type: u16) -> RawFrame {
+        let frame = self
+            .recv_frame()
+            .unwrap_or_else(|| panic!("connection closed while waiting for a {message_type:03}"));
+        assert_eq!(
+            frame.message_type, message_type,
+            "unexpected frame {frame:?}"
+        );
+        frame
+    }
+
     /// Waits for the server to close this connection (EOF or reset).
     pub fn expect_closed(&mut self) {
         let deadline = Instant::now() + DEADLINE;
@@ -554,6 +633,83 @@ impl Client {
 
     pub fn shutdown_write(&mut self) {
         self.socket.shutdown_write().expect("shutdown write");
+    }
+}
+
+/// A frame's bytes: header `H01` + type + count, then each packet `P` + type + 29-digit length
+/// + content.
+pub fn frame_bytes(message_type: u16, packets: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut out = format!("H01{message_type:03}{:02}", packets.len()).into_bytes();
+    for (packet_type, content) in packets {
+        out.extend_from_slice(format!("P{packet_type:02}{:029}", content.len()).as_bytes());
+        out.extend_from_slice(content);
+    }
+    out
+}
+
+/// A frame as the server sent it, packets in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawFrame {
+    pub message_type: u16,
+    pub packets: Vec<(u8, Vec<u8>)>,
+}
+
+impl RawFrame {
+    /// A whole frame at the start of `buf`, and its length.
+    fn parse(buf: &[u8]) -> Option<(RawFrame, usize)> {
+        let number = |bytes: &[u8]| -> usize {
+            std::str::from_utf8(bytes)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("not a number in a server frame: {bytes:?}"))
+        };
+        let header = buf.get(..8)?;
+        assert_eq!(
+            &header[..3],
+            b"H01",
+            "bad header from the server: {header:?}"
+        );
+        let message_type = number(&header[3..6]) as u16;
+        let count = number(&header[6..8]);
+        let mut at = 8;
+        let mut packets = Vec::new();
+        for _ in 0..count {
+            let head = buf.get(at..at + 32)?;
+            assert_eq!(head[0], b'P', "bad packet header from the server: {head:?}");
+            let len = number(&head[3..32]);
+            let content = buf.get(at + 32..at + 32 + len)?;
+            packets.push((number(&head[1..3]) as u8, content.to_vec()));
+            at += 32 + len;
+        }
+        Some((
+            RawFrame {
+                message_type,
+                packets,
+            },
+            at,
+        ))
+    }
+
+    /// The content of packet `packet_type`; panics if it is not there.
+    pub fn get(&self, packet_type: u8) -> &[u8] {
+        self.packets
+            .iter()
+            .find(|(t, _)| *t == packet_type)
+            .map(|(_, c)| c.as_slice())
+            .unwrap_or_else(|| panic!("no packet {packet_type:02} in {self:?}"))
+    }
+
+    pub fn text(&self, packet_type: u8) -> String {
+        String::from_utf8(self.get(packet_type).to_vec()).expect("UTF-8 packet")
+    }
+
+    pub fn has(&self, packet_type: u8) -> bool {
+        self.packets.iter().any(|(t, _)| *t == packet_type)
+    }
+
+    /// The packet types in order.
+    pub fn types(&self) -> Vec<u8> {
+        self.packets.iter().map(|(t, _)| *t).collect()
     }
 }
 
