@@ -94,6 +94,11 @@ pub enum ClientError {
     },
     /// The server closed the connection.
     Closed,
+    /// The server refused a request (a v1.2 ERROR frame).
+    Refused {
+        code: u16,
+        text: String,
+    },
     /// The console answered with an error.
     Console(String),
 }
@@ -113,6 +118,9 @@ impl fmt::Display for ClientError {
                 )
             }
             ClientError::Closed => f.write_str("the server closed the connection"),
+            ClientError::Refused { code, text } => {
+                write!(f, "refused by the server ({code}): {text}")
+            }
             ClientError::Console(e) => f.write_str(e),
         }
     }
@@ -208,6 +216,84 @@ impl Client {
                     ],
                 )
             }
+        }
+    }
+
+    /// Asks for PHPMQ v1.2 (the first frame of a connection), wanting `features` (words
+    /// separated by single spaces, e.g. `durable`; none if empty), and waits for the answer:
+    /// the version both speak and the features served. A server that does not know v1.2
+    /// closes the connection ([`ClientError::Closed`] or an I/O error).
+    pub fn hello(&mut self, features: &str) -> Result<(Version, Features), ClientError> {
+        let mut packets: Vec<(PacketType, &[u8])> = vec![(PacketType::Version, b"1.2")];
+        if !features.is_empty() {
+            packets.push((PacketType::Features, features.as_bytes()));
+        }
+        self.frame(MessageType::Hello, &packets)?;
+        match self.recv_frame()? {
+            ServerFrame::Welcome { version, features } => Ok((version, features)),
+            ServerFrame::Error { code, text } => Err(ClientError::Refused { code, text }),
+            other => Err(ClientError::Protocol(format!(
+                "expected a welcome, got a {}",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Queues a v1.2 send: `ttl` in seconds, `delay` in milliseconds (only on a connection
+    /// that agreed on v1.2).
+    pub fn send_v12(
+        &mut self,
+        queue: &str,
+        content: &[u8],
+        ttl: Option<u64>,
+        delay: Option<u64>,
+    ) -> Result<(), ClientError> {
+        let ttl = ttl.map(|t| t.to_string());
+        let delay = delay.map(|d| d.to_string());
+        let mut packets: Vec<(PacketType, &[u8])> = vec![
+            (PacketType::Queue, queue.as_bytes()),
+            (PacketType::Content, content),
+        ];
+        if let Some(ttl) = &ttl {
+            packets.push((PacketType::Ttl, ttl.as_bytes()));
+        }
+        if let Some(delay) = &delay {
+            packets.push((PacketType::Delay, delay.as_bytes()));
+        }
+        self.frame(MessageType::Send, &packets)
+    }
+
+    /// A v1.2 consume request with a lease in milliseconds (0: none).
+    pub fn consume_leased(
+        &mut self,
+        queue: &str,
+        count: u64,
+        lease: u64,
+    ) -> Result<(), ClientError> {
+        let count = count.to_string();
+        let lease = lease.to_string();
+        self.frame(
+            MessageType::Consume,
+            &[
+                (PacketType::Queue, queue.as_bytes()),
+                (PacketType::Count, count.as_bytes()),
+                (PacketType::Lease, lease.as_bytes()),
+            ],
+        )
+    }
+
+    /// Waits for the next reply to a send on a v1.2 connection: `Ok(id)` for a receipt,
+    /// `Err(refusal)` for an ERROR (the connection stays usable for a 422 or 429). Dispatches
+    /// that arrive meanwhile are a protocol error: a connection that also consumes reads its
+    /// frames with [`Client::recv_frame`].
+    pub fn recv_receipt(&mut self) -> Result<Result<String, ClientError>, ClientError> {
+        match self.recv_frame()? {
+            ServerFrame::Receipt { id, .. } => Ok(Ok(id)),
+            ServerFrame::Error { code, text } => Ok(Err(ClientError::Refused { code, text })),
+            other => Err(ClientError::Protocol(format!(
+                "expected a receipt, got a {}",
+                other.kind()
+            ))),
         }
     }
 

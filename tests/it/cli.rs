@@ -167,3 +167,49 @@ fn bench_reports_one_result_line_with_nothing_lost() {
     let out = phpmq(&server.tcp_addr().to_string(), &["bench", "-S", "8"], None);
     assert!(!out.status.success(), "payloads under 16 bytes are refused");
 }
+
+/// `phpmq send` waits for v1.2 receipts: `--ids` prints the ids consumers then see, a
+/// refused message makes it exit 1 with the message's number, and `--durable` needs a file.
+#[test]
+fn send_prints_receipt_ids_and_fails_for_a_refused_message() {
+    let server = TestServer::start(&[]);
+    let addr = server.tcp_addr().to_string();
+    let out = phpmq(
+        &addr,
+        &["send", "--ids", "--durable", "jobs", "a", "b"],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let ids: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+
+    let out = phpmq(
+        &addr,
+        &["consume", "--verbose", "jobs", "--count", "2"],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        format!("{} 1 a\n{} 1 b\n", ids[0], ids[1]),
+        "id, delivery count, text"
+    );
+
+    let out = phpmq(&addr, &["send", "", "nameless"], None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("message 1: refused by the server (422)"),
+        "{err}"
+    );
+    assert!(err.contains("1 of 1 messages were refused"), "{err}");
+
+    let memory = TestServer::start(&["--db", "none"]);
+    let out = phpmq(
+        &memory.tcp_addr().to_string(),
+        &["send", "--durable", "q", "x"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--db none"));
+}

@@ -6,6 +6,7 @@ use argh::FromArgs;
 use phpmq::admin::names;
 use phpmq::client::{Client, ClientError, Console};
 use phpmq::config::{ListenAddr, DEFAULT_ADMIN, DEFAULT_LISTEN};
+use phpmq::hello::{Feature, Features, Version};
 use std::io::{self, BufRead, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -71,8 +72,8 @@ struct FlushArgs {
     all: bool,
 }
 
-/// Send messages: one per TEXT, or one per line of standard input when there is none. Exits
-/// once the server has taken them all.
+/// Send messages: one per TEXT, or one per line of standard input when there is none. Waits
+/// for the server's receipt for each (PHPMQ v1.2) and exits 0 only if every message got one.
 #[derive(FromArgs)]
 #[argh(subcommand, name = "send")]
 struct SendArgs {
@@ -87,6 +88,18 @@ struct SendArgs {
     /// seconds until the messages expire (0: never)
     #[argh(option)]
     ttl: Option<u64>,
+
+    /// milliseconds before the messages may be dispatched (0: at once)
+    #[argh(option)]
+    delay: Option<u64>,
+
+    /// wait until each message is in the server's database file, synced to disk
+    #[argh(switch)]
+    durable: bool,
+
+    /// print each message's id, in order, as its receipt arrives
+    #[argh(switch)]
+    ids: bool,
 }
 
 /// Consume messages: print each one on a line of its own, acknowledge it, and exit after
@@ -109,6 +122,15 @@ struct ConsumeArgs {
     /// give up after this many seconds without a message (default: wait forever)
     #[argh(option)]
     timeout: Option<u64>,
+
+    /// milliseconds a message may be held unacknowledged before the server takes it back
+    /// (PHPMQ v1.2 lease; default: held until acknowledged)
+    #[argh(option)]
+    lease: Option<u64>,
+
+    /// print each message's id and delivery count before its text
+    #[argh(switch)]
+    verbose: bool,
 }
 
 /// Measure round trips (send, dispatch, ack) on a private queue; prints one summary line.
@@ -162,6 +184,13 @@ enum CliError {
     Stdout(io::Error),
     Timeout(u64),
     Usage(&'static str),
+    /// The server is older than PHPMQ v1.2 and an option needs it.
+    NoV12(&'static str),
+    /// Some messages got an ERROR instead of a receipt (each one was reported).
+    Refused {
+        refused: usize,
+        sent: usize,
+    },
 }
 
 impl std::fmt::Display for CliError {
@@ -172,6 +201,12 @@ impl std::fmt::Display for CliError {
             CliError::Stdout(e) => write!(f, "cannot write standard output: {e}"),
             CliError::Timeout(s) => write!(f, "no message within {s} s"),
             CliError::Usage(u) => write!(f, "usage: {u}"),
+            CliError::NoV12(what) => {
+                write!(f, "{what} needs a server that speaks PHPMQ v1.2")
+            }
+            CliError::Refused { refused, sent } => {
+                write!(f, "{refused} of {sent} messages were refused")
+            }
         }
     }
 }
@@ -207,28 +242,120 @@ fn confirm(client: &mut Client) -> Result<(), ClientError> {
     }
 }
 
-fn send(server: &ListenAddr, cmd: SendArgs) -> Result<(), CliError> {
+/// Receipts a sender may wait for at once: enough to keep the connection busy, few enough
+/// that neither side buffers much.
+const SEND_WINDOW: usize = 1024;
+
+/// Opens a v1.2 connection wanting `features`; `None` if the server is older (it closes the
+/// connection on a HELLO, or answers with an older version).
+fn connect_v12(
+    server: &ListenAddr,
+    features: &str,
+) -> Result<Option<(Client, Features)>, CliError> {
     let mut client = Client::connect(server)?;
-    if cmd.texts.is_empty() {
-        for line in io::stdin().lock().lines() {
-            let line = line.map_err(CliError::Stdin)?;
-            client.send(&cmd.queue, line.as_bytes(), cmd.ttl)?;
+    match client.hello(features) {
+        Ok((version, served)) if version >= Version::V1_2 => Ok(Some((client, served))),
+        Ok(_) | Err(ClientError::Closed | ClientError::Io(_) | ClientError::Refused { .. }) => {
+            Ok(None)
         }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn send(server: &ListenAddr, cmd: SendArgs) -> Result<(), CliError> {
+    let texts: Box<dyn Iterator<Item = Result<Vec<u8>, CliError>>> = if cmd.texts.is_empty() {
+        Box::new(
+            io::stdin()
+                .lock()
+                .lines()
+                .map(|line| line.map(String::into_bytes).map_err(CliError::Stdin)),
+        )
     } else {
-        for text in &cmd.texts {
-            client.send(&cmd.queue, text.as_bytes(), cmd.ttl)?;
+        Box::new(cmd.texts.iter().map(|t| Ok(t.clone().into_bytes())))
+    };
+    let features = if cmd.durable { "durable" } else { "" };
+    let Some((mut client, served)) = connect_v12(server, features)? else {
+        if cmd.durable || cmd.ids || cmd.delay.is_some() {
+            return Err(CliError::NoV12("--durable, --ids or --delay"));
+        }
+        // A v1 server: no receipts, so a barrier proves it took everything.
+        let mut client = Client::connect(server)?;
+        for text in texts {
+            client.send(&cmd.queue, &text?, cmd.ttl)?;
+        }
+        return Ok(confirm(&mut client)?);
+    };
+    if cmd.durable && !served.contains(Feature::Durable) {
+        return Err(CliError::Usage(
+            "phpmq send --durable: this server keeps no file (--db none): nothing is durable",
+        ));
+    }
+    let mut replies = Replies {
+        out: io::stdout().lock(),
+        print_ids: cmd.ids,
+        answered: 0,
+        refused: 0,
+    };
+    let mut sent = 0;
+    for text in texts {
+        client.send_v12(&cmd.queue, &text?, cmd.ttl, cmd.delay)?;
+        sent += 1;
+        if sent - replies.answered >= SEND_WINDOW {
+            replies.take(&mut client)?;
         }
     }
-    confirm(&mut client)?;
-    Ok(())
+    while replies.answered < sent {
+        replies.take(&mut client)?;
+    }
+    match replies.refused {
+        0 => Ok(()),
+        refused => Err(CliError::Refused { refused, sent }),
+    }
+}
+
+/// The replies to `phpmq send`'s messages, in order.
+struct Replies<W: Write> {
+    out: W,
+    print_ids: bool,
+    answered: usize,
+    refused: usize,
+}
+
+impl<W: Write> Replies<W> {
+    /// Waits for the next reply: prints the id of a receipt (with --ids), reports a refusal.
+    fn take(&mut self, client: &mut Client) -> Result<(), CliError> {
+        self.answered += 1;
+        match client.recv_receipt()? {
+            Ok(id) if self.print_ids => writeln!(self.out, "{id}").map_err(CliError::Stdout),
+            Ok(_) => Ok(()),
+            Err(refusal) => {
+                eprintln!("phpmq send: message {}: {refusal}", self.answered);
+                self.refused += 1;
+                Ok(())
+            }
+        }
+    }
 }
 
 fn consume(server: &ListenAddr, cmd: ConsumeArgs) -> Result<(), CliError> {
-    let mut client = Client::connect(server)?;
+    // v1.2 for a lease or the delivery count; plain v1 otherwise, as every server speaks it.
+    let mut client = if cmd.lease.is_some() || cmd.verbose {
+        match connect_v12(server, "")? {
+            Some((client, _)) => client,
+            None if cmd.lease.is_some() => return Err(CliError::NoV12("--lease")),
+            None => Client::connect(server)?,
+        }
+    } else {
+        Client::connect(server)?
+    };
     client.set_read_timeout(cmd.timeout.map(Duration::from_secs))?;
     let prefetch = cmd.prefetch.max(1);
     let mut asked = prefetch.min(cmd.count);
-    client.consume(&cmd.queue, asked)?;
+    let ask = |client: &mut Client, count: u64| match cmd.lease {
+        Some(lease) => client.consume_leased(&cmd.queue, count, lease),
+        None => client.consume(&cmd.queue, count),
+    };
+    ask(&mut client, asked)?;
     let stdout = io::stdout();
     let mut out = stdout.lock();
     for done in 0..cmd.count {
@@ -239,6 +366,10 @@ fn consume(server: &ListenAddr, cmd: ConsumeArgs) -> Result<(), CliError> {
             }
             Err(e) => return Err(e.into()),
         };
+        if cmd.verbose {
+            let deliveries = d.deliveries.map_or_else(|| "?".into(), |n| n.to_string());
+            write!(out, "{} {deliveries} ", d.id).map_err(CliError::Stdout)?;
+        }
         out.write_all(&d.content).map_err(CliError::Stdout)?;
         out.write_all(b"\n").map_err(CliError::Stdout)?;
         out.flush().map_err(CliError::Stdout)?;
@@ -247,7 +378,7 @@ fn consume(server: &ListenAddr, cmd: ConsumeArgs) -> Result<(), CliError> {
         let left = cmd.count - done - 1;
         if left < asked {
             asked = left;
-            client.consume(&cmd.queue, asked)?;
+            ask(&mut client, asked)?;
         }
     }
     client.flush()?;
