@@ -358,4 +358,6 @@ pub fn encoded_len(packets: &[(PacketType, &[u8])]) -> usize {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
