@@ -11,6 +11,7 @@ use crate::hello::{Features, Version};
 use crate::net::Stream;
 #[cfg(doc)]
 use crate::refusal::ErrorCode;
+use crate::request::Request;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::time::Duration;
@@ -184,6 +185,16 @@ impl Client {
         packets: &[(PacketType, &[u8])],
     ) -> Result<(), ClientError> {
         codec::encode_frame(&mut self.out, t, packets);
+        if self.out.len() >= 64 << 10 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Queues any request, v1.2's included (a HELLO first, for those: see
+    /// `man/phpmq-protocol.7`), exactly as [`Request::encode`] writes it.
+    pub fn request(&mut self, request: &Request) -> Result<(), ClientError> {
+        request.encode(&mut self.out);
         if self.out.len() >= 64 << 10 {
             self.flush()?;
         }

@@ -105,19 +105,19 @@ pub struct NoCommonVersion {
 }
 
 /// The answer to a first-frame HELLO for `client`: the connection's new dialect and the
-/// WELCOME to send (with `served`, the server's features, whatever the dialect: a client that
-/// got 1.1 learns from the version alone that it must not use them). Below 1.0 there is no
-/// common version: the caller answers ERROR 400 and closes, as for a HELLO it cannot use.
+/// WELCOME to send. It lists `served` (the server's features, [`Features::served`]) when the
+/// answer is 1.2, and no feature for 1.0 or 1.1: every feature is a v1.2 one, and such a
+/// connection gets none (rule 1). Below 1.0 there is no common version: the caller answers
+/// ERROR 400 and closes, as for any HELLO it cannot use.
 pub fn respond(client: Version, served: Features) -> Result<(Dialect, Outgoing), NoCommonVersion> {
     let version = negotiate(client);
     let dialect = dialect_for(version).ok_or(NoCommonVersion { client })?;
-    Ok((
-        dialect,
-        Outgoing::Welcome {
-            version,
-            features: served,
-        },
-    ))
+    let features = if dialect.is_v12() {
+        served
+    } else {
+        Features::NONE
+    };
+    Ok((dialect, Outgoing::Welcome { version, features }))
 }
 
 /// A feature of v1.2 (rule 8), as named in the 08 packet.
@@ -333,8 +333,18 @@ mod tests {
                 }
             ))
         );
-        let (dialect, _) = respond(v("1.1"), served).unwrap();
-        assert_eq!(dialect, Dialect::V11);
+        assert_eq!(
+            respond(v("1.1"), served),
+            Ok((
+                Dialect::V11,
+                Outgoing::Welcome {
+                    version: Version::V1_1,
+                    features: Features::NONE
+                }
+            ))
+        );
+        let (dialect, _) = respond(v("1.0"), served).unwrap();
+        assert_eq!(dialect, Dialect::V10);
         assert_eq!(
             respond(v("0.9"), served),
             Err(NoCommonVersion { client: v("0.9") })

@@ -20,7 +20,7 @@ use std::fmt;
 pub const HEADER_LEN: usize = 8;
 /// Length of a packet header: `P` + 2 + 29 digits.
 pub const PACKET_HEADER_LEN: usize = 32;
-/// The only protocol version there is.
+/// The header's version: 01 in every dialect (v1.2 is negotiated by HELLO, not by the header).
 pub const PROTOCOL_VERSION: u8 = 1;
 
 /// One decoded frame; packet contents borrow the input buffer.
@@ -357,5 +357,7 @@ pub fn encoded_len(packets: &[(PacketType, &[u8])]) -> usize {
             .sum::<usize>()
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -340,3 +340,96 @@ fn the_install_script_stages_everything() {
         assert!(version.status.success());
     }
 }
+
+/// The frames of phpmq-protocol(7)'s v1.2 section: every line of its examples that is a frame.
+fn v12_frames() -> Vec<String> {
+    let page = read("man/phpmq-protocol.7");
+    let section = page
+        .split(".SH PHPMQ v1.2")
+        .nth(1)
+        .and_then(|rest| rest.split(".SH EXAMPLES").next())
+        .expect("a PHPMQ v1.2 section before EXAMPLES");
+    section
+        .split(".EX\n")
+        .skip(1)
+        .filter_map(|block| block.split("\n.EE").next())
+        .flat_map(|block| block.lines())
+        .filter(|line| line.starts_with("H01"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every v1.2 frame the page shows is one whole, valid frame as a v1.2 connection reads it,
+/// and the requests among them are valid v1.2 requests.
+#[test]
+fn the_protocol_page_v12_frames_decode_byte_for_byte() {
+    use phpmq::codec::{decode_frame_in, Decoded, Dialect};
+    use phpmq::request::Request;
+    let frames = v12_frames();
+    assert!(frames.len() >= 15, "{frames:?}");
+    for frame in &frames {
+        match decode_frame_in(frame.as_bytes(), 1 << 20, Dialect::V12) {
+            Ok(Decoded::Frame(decoded, used)) => {
+                assert_eq!(used, frame.len(), "{frame}");
+                if decoded.message_type.is_from_client() {
+                    let request = Request::from_frame(&decoded, Dialect::V12);
+                    assert!(request.is_ok(), "{frame}: {request:?}");
+                }
+            }
+            other => panic!("{frame}: {other:?}"),
+        }
+    }
+}
+
+/// The `printf … | nc` line of the v1.2 section sends exactly a HELLO for 1.2, a send with a
+/// delay and a STATS, and the WELCOME shown is the one a server without dead-letter or
+/// durable receipts sends.
+#[test]
+fn the_protocol_page_v12_nc_example_sends_what_it_says() {
+    use phpmq::codec::{decode_frame_in, Decoded, Dialect};
+    use phpmq::hello::{Features, Version};
+    use phpmq::outgoing::Outgoing;
+    use phpmq::request::Request;
+    let page = read("man/phpmq-protocol.7");
+    let line = page
+        .lines()
+        .find(|l| l.starts_with("(printf '%s' "))
+        .expect("a printf line");
+    let quoted: Vec<&str> = line.split('\'').skip(3).step_by(2).collect();
+    let bytes = quoted.concat();
+    let mut rest = bytes.as_bytes();
+    let mut requests = Vec::new();
+    while !rest.is_empty() {
+        match decode_frame_in(rest, 1 << 20, Dialect::V12) {
+            Ok(Decoded::Frame(frame, used)) => {
+                requests.push(Request::from_frame(&frame, Dialect::V12).unwrap());
+                rest = &rest[used..];
+            }
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        requests.as_slice(),
+        [
+            Request::Hello {
+                version: Version::V1_2,
+                token: None,
+                ..
+            },
+            Request::Send {
+                delay: Some(5000),
+                ..
+            },
+            Request::Stats { .. }
+        ]
+    ));
+    assert!(line.ends_with("; sleep 1) | nc 127.0.0.1 9100"), "{line}");
+    let mut welcome = Vec::new();
+    Outgoing::Welcome {
+        version: Version::V1_2,
+        features: Features::served(false, false),
+    }
+    .encode(&mut welcome, Dialect::V12);
+    let welcome = String::from_utf8(welcome).unwrap();
+    assert!(v12_frames().contains(&welcome), "the page shows {welcome}");
+}
