@@ -152,21 +152,24 @@ impl FileDb {
     }
 
     /// Applies `ops` in one synced transaction, then folds the log into the file if it grew
-    /// large, and gives back a step of free space if much is free.
-    pub fn apply(&self, ops: &[StoreOp]) -> rusqlite::Result<Applied> {
+    /// large. With `upkeep` (a mirror on its timer, not one run early for a durable receipt)
+    /// and nothing to apply, it also gives back a step of free space and folds the log in.
+    pub fn apply(&self, ops: &[StoreOp], upkeep: bool) -> rusqlite::Result<Applied> {
         let before = crate::system::written_by_this_thread();
+        let idle = ops.is_empty() && upkeep;
         // Space is given back on a mirror with nothing else to do: during a drain, moving
         // pages would only add to what the drain writes.
         let (row_delta, shrunk) = if ops.is_empty() {
-            (0, self.shrink_step()?)
+            (0, idle && self.shrink_step()?)
         } else {
             (batch::apply(&self.conn, ops)?, false)
         };
         // The log is folded in once it is large, and whenever the mirror has nothing else to
         // do: only then does space given back leave the file (in WAL mode the file shrinks at
-        // a checkpoint).
+        // a checkpoint). Not on a run for a durable receipt: a stream of those would fold
+        // (and sync the file twice more) after every one.
         let wal = self.wal_bytes();
-        let folded = if wal > CHECKPOINT_BYTES || (ops.is_empty() && wal > 0) {
+        let folded = if wal > CHECKPOINT_BYTES || (idle && wal > 0) {
             self.checkpoint()?;
             true
         } else {

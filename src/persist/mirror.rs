@@ -83,17 +83,19 @@ impl Mirror {
         let early = self.shared.journal.wake_ups().clone();
         self.note_file(&state);
         loop {
-            select! {
-                recv(ticker) -> _ => {}
+            // Upkeep (folding the log, giving space back) is for runs on the timer.
+            let upkeep = select! {
+                recv(ticker) -> _ => true,
                 recv(early) -> _ => {
                     // A failing mirror retries on its tick, not on every batch.
                     if health::lock(&self.health).failing_for > 0 {
                         continue;
                     }
+                    false
                 }
                 recv(stop) -> _ => return state,
-            }
-            let outcome = self.once(&mut state, stop);
+            };
+            let outcome = self.once(&mut state, stop, upkeep);
             self.note_file(&state);
             health::lock(&self.health).held_back = state.in_hand.len();
             match outcome {
@@ -122,7 +124,12 @@ impl Mirror {
     }
 
     /// One mirror: the changes since the last one, or a full copy where the file needs it.
-    fn once(&self, state: &mut MirrorState, stop: &Receiver<()>) -> Result<Outcome, PersistError> {
+    fn once(
+        &self,
+        state: &mut MirrorState,
+        stop: &Receiver<()>,
+        upkeep: bool,
+    ) -> Result<Outcome, PersistError> {
         let in_place = state.file.as_ref().is_some_and(FileDb::is_in_place);
         if let Some(file) = state.file.as_ref().filter(|_| in_place) {
             let taken = self.shared.journal.take();
@@ -133,7 +140,7 @@ impl Mirror {
                     .replay_of_outweighs_copy(state.in_hand.iter().chain(&taken.ops))
             };
             if !taken.copy_wanted && !outweighs() {
-                return self.apply_changes(state, taken.ops, taken.generation);
+                return self.apply_changes(state, taken.ops, taken.generation, upkeep);
             }
         } else if state.file.is_some() {
             warn!(
@@ -165,6 +172,7 @@ impl Mirror {
         state: &mut MirrorState,
         ops: Vec<StoreOp>,
         generation: u64,
+        upkeep: bool,
     ) -> Result<Outcome, PersistError> {
         let Some(file) = &state.file else {
             return Ok(Outcome::Done(None));
@@ -172,7 +180,7 @@ impl Mirror {
         let started = Instant::now();
         // Nothing changed: the file may still have space to give back.
         state.in_hand.extend(ops);
-        let applied = file.apply(&state.in_hand);
+        let applied = file.apply(&state.in_hand, upkeep);
         if applied.is_ok() {
             // Synced (or nothing to write): the file holds every change through `generation`.
             self.shared.durable.mark_synced(generation);

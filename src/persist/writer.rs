@@ -211,6 +211,8 @@ impl Writer<'_> {
                         self.pending_fetches.push(request);
                     }
                 }
+                // A durable receipt waits, maybe for changes already committed before it asked.
+                recv(self.shared.durable.writer_wake_ups()) -> _ => {}
                 default(idle) => {
                     self.shrink()?;
                     continue;
@@ -239,6 +241,10 @@ impl Writer<'_> {
                 }
             }
             self.work()?;
+            if self.shared.durable.is_wanted() {
+                // Committed by now: the mirror syncs it at once.
+                self.shared.journal.wake_mirror();
+            }
             if let Some((temp, reply)) = self.mirror.take() {
                 self.copying = true;
                 let copied = self.copy_to(&temp);

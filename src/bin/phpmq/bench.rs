@@ -5,6 +5,7 @@
 use argh::FromArgs;
 use phpmq::client::{Client, ClientError};
 use phpmq::config::ListenAddr;
+use phpmq::hello::{Feature, Version};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,6 +45,28 @@ pub struct BenchArgs {
     /// give up after this many seconds (default 300)
     #[argh(option, default = "300")]
     timeout: u64,
+
+    /// confirmed sends (PHPMQ v1.2): each producer waits for the server's receipts, with at
+    /// most -W sends unanswered at a time, as confirmed sends to other brokers are measured
+    #[argh(switch)]
+    confirm: bool,
+
+    /// with --confirm: sends a producer may have unanswered at once (default 1: each send
+    /// waits for its receipt)
+    #[argh(option, short = 'W', default = "1")]
+    window: usize,
+
+    /// with --confirm: durable receipts (each one once the message is synced to disk)
+    #[argh(switch)]
+    durable: bool,
+}
+
+/// How producers send: fire and forget (v1), or waiting for receipts (v1.2).
+#[derive(Clone, Copy)]
+enum Sending {
+    Unconfirmed,
+    /// At most this many sends unanswered.
+    Confirmed(usize),
 }
 
 /// What the run shares between its threads.
@@ -73,6 +96,16 @@ pub fn run(server: &ListenAddr, args: BenchArgs) -> Result<(), super::CliError> 
             "phpmq bench: -S is at least 16, and -P, -C and -N at least 1",
         ));
     }
+    if args.durable && !args.confirm {
+        return Err(super::CliError::Usage(
+            "phpmq bench: --durable goes with --confirm",
+        ));
+    }
+    let sending = if args.confirm {
+        Sending::Confirmed(args.window.max(1))
+    } else {
+        Sending::Unconfirmed
+    };
     let run = Arc::new(Run {
         start: Instant::now(),
         queue: super::private_queue("bench"),
@@ -99,7 +132,19 @@ pub fn run(server: &ListenAddr, args: BenchArgs) -> Result<(), super::CliError> 
     let started = Instant::now();
     let mut producers = Vec::new();
     for p in 0..args.producers {
-        let client = Client::connect(server)?;
+        let mut client = Client::connect(server)?;
+        if args.confirm {
+            let wanted = if args.durable { "durable" } else { "" };
+            let (version, served) = client.hello(wanted)?;
+            if version < Version::V1_2 {
+                return Err(super::CliError::NoV12("phpmq bench --confirm"));
+            }
+            if args.durable && !served.contains(Feature::Durable) {
+                return Err(super::CliError::Usage(
+                    "phpmq bench --durable: this server keeps no file (--db none)",
+                ));
+            }
+        }
         let run = run.clone();
         let share =
             args.messages / args.producers + usize::from(p < args.messages % args.producers);
@@ -110,7 +155,14 @@ pub fn run(server: &ListenAddr, args: BenchArgs) -> Result<(), super::CliError> 
             .sum();
         let (size, rate, producers_n) = (args.size, args.rate, args.producers as u64);
         producers.push(thread::spawn(move || {
-            produce(client, &run, first, share, size, rate / producers_n.max(1))
+            produce(
+                client,
+                &run,
+                (first, share),
+                size,
+                rate / producers_n.max(1),
+                sending,
+            )
         }));
     }
     let deadline = started + Duration::from_secs(args.timeout);
@@ -152,14 +204,18 @@ pub fn run(server: &ListenAddr, args: BenchArgs) -> Result<(), super::CliError> 
     }
 }
 
+/// Sends messages `first..first + count`, paced to `rate` a second if it is not 0.
 fn produce(
     mut client: Client,
     run: &Run,
-    first: usize,
-    count: usize,
+    (first, count): (usize, usize),
     size: usize,
     rate: u64,
+    sending: Sending,
 ) -> Result<(), ClientError> {
+    let mut unanswered = 0;
+    let take_receipt =
+        |client: &mut Client| -> Result<(), ClientError> { client.recv_receipt()?.map(|_| ()) };
     let mut payload = vec![b'.'; size];
     let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
     let begin = run.start.elapsed();
@@ -178,10 +234,27 @@ fn produce(
         };
         payload[..8].copy_from_slice(&(sent_at.as_nanos() as u64).to_le_bytes());
         payload[8..16].copy_from_slice(&((first + i) as u64).to_le_bytes());
-        client.send(&run.queue, &payload, None)?;
-        if interval.is_some() {
-            client.flush()?;
+        match sending {
+            Sending::Unconfirmed => {
+                client.send(&run.queue, &payload, None)?;
+                if interval.is_some() {
+                    client.flush()?;
+                }
+            }
+            Sending::Confirmed(window) => {
+                client.send_v12(&run.queue, &payload, None, None)?;
+                unanswered += 1;
+                if unanswered >= window {
+                    take_receipt(&mut client)?;
+                    unanswered -= 1;
+                } else if interval.is_some() {
+                    client.flush()?;
+                }
+            }
         }
+    }
+    for _ in 0..unanswered {
+        take_receipt(&mut client)?;
     }
     client.flush()
 }
@@ -245,7 +318,7 @@ fn report(args: &BenchArgs, server: &ListenAddr, run: &Run, elapsed: Duration) {
     let delivered = run.delivered.load(Ordering::Relaxed);
     let secs = elapsed.as_secs_f64().max(1e-9);
     println!(
-        "bench transport={} P={} C={} N={} S={} K={} rate={} delivered={} lost={} dups={} foreign={} elapsed_s={:.3} msgs_per_s={:.0} MB_per_s={:.1} p50_us={:.0} p90_us={:.0} p99_us={:.0} p999_us={:.0} max_us={:.0}",
+        "bench transport={} P={} C={} N={} S={} K={} rate={} confirm={} durable={} delivered={} lost={} dups={} foreign={} elapsed_s={:.3} msgs_per_s={:.0} MB_per_s={:.1} p50_us={:.0} p90_us={:.0} p99_us={:.0} p999_us={:.0} max_us={:.0}",
         match server {
             ListenAddr::Tcp(_) => "tcp",
             ListenAddr::Unix(_) => "unix",
@@ -256,6 +329,8 @@ fn report(args: &BenchArgs, server: &ListenAddr, run: &Run, elapsed: Duration) {
         args.size,
         args.prefetch,
         args.rate,
+        if args.confirm { args.window.max(1) } else { 0 },
+        u8::from(args.durable),
         delivered,
         run.total - delivered,
         run.duplicates.load(Ordering::Relaxed),
