@@ -51,12 +51,12 @@ pub struct BenchArgs {
     #[argh(switch)]
     confirm: bool,
 
-    /// with --confirm: sends a producer may have unanswered at once (default 1: each send
+    /// sends a producer may have unanswered at once, for --confirm (default 1: each send
     /// waits for its receipt)
     #[argh(option, short = 'W', default = "1")]
     window: usize,
 
-    /// with --confirm: durable receipts (each one once the message is synced to disk)
+    /// durable receipts, for --confirm (each one once the message is synced to disk)
     #[argh(switch)]
     durable: bool,
 }
