@@ -8,6 +8,7 @@
 //! reply, as v1 always did (rule 2).
 
 use crate::codec::{CodecError, Dialect, MessageType};
+use crate::hello::NoCommonVersion;
 use crate::outgoing::Outgoing;
 use crate::request::RequestError;
 use std::fmt;
@@ -176,12 +177,24 @@ impl Refusal {
         }
     }
 
+    /// For a HELLO that is not the connection's first frame, or a second HELLO (rule 1).
+    pub fn late_hello() -> Refusal {
+        Refusal::hello("HELLO is valid only as a connection's first frame")
+    }
+
     /// The ERROR frame to send, if any.
     pub fn frame(&self) -> Option<Outgoing> {
         self.reply.then(|| Outgoing::Error {
             code: self.code,
             text: self.text.clone(),
         })
+    }
+}
+
+impl From<NoCommonVersion> for Refusal {
+    /// A HELLO for a version below 1.0 (rule 1): ERROR 400, then close.
+    fn from(error: NoCommonVersion) -> Refusal {
+        Refusal::hello(error.to_string())
     }
 }
 
@@ -349,15 +362,26 @@ mod tests {
             (bad_hello.code, bad_hello.reply, bad_hello.keep_open),
             (ErrorCode::BadRequest, true, false)
         );
-        let late = Refusal::hello("HELLO is only valid as the first frame");
+        let late = Refusal::late_hello();
         assert_eq!(
             late.frame(),
             Some(Outgoing::Error {
                 code: ErrorCode::BadRequest,
-                text: "HELLO is only valid as the first frame".into()
+                text: "HELLO is valid only as a connection's first frame".into()
             })
         );
         assert!(!late.keep_open);
+        let old = Refusal::from(crate::hello::NoCommonVersion {
+            client: crate::hello::Version { major: 0, minor: 9 },
+        });
+        assert_eq!(
+            (old.code, old.reply, old.keep_open),
+            (ErrorCode::BadRequest, true, false)
+        );
+        assert_eq!(
+            old.text,
+            "no common protocol version: the client speaks up to 0.9, the server 1.0 to 1.2"
+        );
     }
 
     #[test]

@@ -205,8 +205,10 @@ pub fn decode_frame_in(
 
     let mut packets: [(PacketType, &[u8]); MAX_PACKETS] = [(PacketType::Queue, b""); MAX_PACKETS];
     let mut pos = HEADER_LEN;
-    // The header check bounds `count` by the type's shape, which is at most MAX_PACKETS.
-    for i in 0..count.min(MAX_PACKETS) {
+    // The header check bounds `count` by the type's shape, which is at most MAX_PACKETS (a
+    // test checks every shape); the `min` only keeps a broken table from indexing out.
+    let count = count.min(MAX_PACKETS);
+    for i in 0..count {
         let header_end = pos + PACKET_HEADER_LEN;
         if buf.len() < header_end {
             return Ok(Decoded::Incomplete { needed: header_end });
