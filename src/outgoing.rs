@@ -118,6 +118,7 @@ mod tests {
             id: MessageId::from_u128(1),
             content: Arc::from(&b"body"[..]),
             ttl_remaining: Some(5),
+            deliveries: 1,
         };
         let mut direct = Vec::new();
         encode_dispatch(&mut direct, &delivery.queue, b"body", delivery.id, Some(5));

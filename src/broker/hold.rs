@@ -24,6 +24,8 @@ pub(super) struct Held {
     pub(super) accepted_at: Millis,
     pub(super) expires_at: Millis,
     pub(super) holder: ConnId,
+    /// Dispatches so far, this one included.
+    pub(super) deliveries: u32,
 }
 
 impl Held {
@@ -37,6 +39,7 @@ impl Held {
             Some(self.content),
             self.accepted_at,
             self.expires_at,
+            self.deliveries,
         )
     }
 }
@@ -195,7 +198,7 @@ impl Broker {
             seq,
             expires_at: stored_expiry(expires_at),
             due_at: None,
-            deliveries: 0,
+            deliveries: held.deliveries,
             queue: None,
         });
         self.table.totals.requeued += 1;
@@ -207,6 +210,7 @@ impl Broker {
             Some(held.content),
             held.accepted_at,
             expires_at,
+            held.deliveries,
         );
         self.append_ready(queue, ready);
         self.pump(queue, now, out);
@@ -237,6 +241,11 @@ impl Broker {
             };
             if let Some(held) = self.table.unhold(queue, &mut self.connections, &name, id) {
                 self.table.index_expiry(&name, held.seq, held.expires_at);
+                self.table.store.apply(StoreOp::Returned {
+                    id,
+                    seq: held.seq,
+                    deliveries: held.deliveries,
+                });
                 returned.entry(name).or_default().push(held.into_ready(id));
             }
         }

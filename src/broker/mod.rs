@@ -21,7 +21,11 @@
 //! - a queue exists while it has ready or held messages or consumers; `names` holds exactly
 //!   the names of the queues that exist, in order, so the console can walk them a chunk at a
 //!   time (a hash map has no place to resume from);
-//! - the table's `resident` is the sum of the queues' resident amounts.
+//! - the table's `resident` is the sum of the queues' resident amounts;
+//! - a message's delivery count is what the store has for it, plus one while it is held: the
+//!   store learns the count whenever a dispatch ends without an ack (`StoreOp::Returned`,
+//!   `StoreOp::Requeue`), never at the dispatch itself (the hot path), so a dispatch under way
+//!   when the server is killed is not counted.
 
 mod hold;
 mod inspect;
@@ -58,6 +62,8 @@ pub struct Delivery {
     /// Remaining TTL in whole seconds (rounded up); `None` if the message never expires.
     /// Whether the client sees it is the wire's choice: the v1.0 dialect has no TTL packet.
     pub ttl_remaining: Option<u64>,
+    /// How many times the message has been dispatched, this time included (v1.2 rule 6).
+    pub deliveries: u32,
 }
 
 /// Counters since the broker started.
@@ -261,6 +267,7 @@ impl Broker {
             keep.then(|| Arc::from(message.content)),
             message.accepted_at,
             recovered_expiry(message.expires_at),
+            message.deliveries,
         );
         self.append_ready(message.queue, ready);
     }
@@ -320,7 +327,7 @@ impl Broker {
             deliveries: 0,
         }));
         self.table.totals.accepted += 1;
-        let ready = Ready::new(seq, id, content.len(), Some(content), now, expires_at);
+        let ready = Ready::new(seq, id, content.len(), Some(content), now, expires_at, 0);
         self.append_ready(&queue, ready);
         self.pump(&queue, now, out);
         id
@@ -443,6 +450,9 @@ impl Broker {
             };
             queue.consumers.advance_past(conn);
             table.totals.delivered += 1;
+            // Counted in memory only: the store learns the count when the dispatch ends
+            // without an ack (the hot path writes nothing more).
+            let deliveries = entry.deliveries.saturating_add(1);
             out.push(Delivery {
                 conn,
                 queue: name.clone(),
@@ -450,6 +460,7 @@ impl Broker {
                 content: content.clone(),
                 ttl_remaining: (entry.expires_at != NEVER)
                     .then(|| remaining_seconds(entry.expires_at, now)),
+                deliveries,
             });
             let held = Held {
                 queue: name.clone(),
@@ -458,6 +469,7 @@ impl Broker {
                 accepted_at: entry.accepted_at,
                 expires_at: entry.expires_at,
                 holder: conn,
+                deliveries,
             };
             table.hold(queue, entry.id, held);
         }

@@ -368,9 +368,63 @@ fn requeue_goes_to_the_tail_with_a_new_ttl() {
         seq: 3,
         expires_at: Some(61_000),
         due_at: None,
-        deliveries: 0,
+        deliveries: 1,
         queue: None,
     }));
+}
+
+#[test]
+fn every_dispatch_counts_and_the_store_learns_the_count_when_it_ends_without_an_ack() {
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    let id = send(&mut b, "jobs", "a", &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, 0, &mut out);
+    assert_eq!(out[0].deliveries, 1);
+    out.clear();
+    b.disconnect(1, 0, &mut out);
+    assert_eq!(
+        store.ops.lock().unwrap().last(),
+        Some(&StoreOp::Returned {
+            id,
+            seq: 1,
+            deliveries: 1
+        })
+    );
+    b.connect(2);
+    b.consume(2, q("jobs"), 1, 0, &mut out);
+    assert_eq!(out[0].deliveries, 2, "the count survives a disconnect");
+    out.clear();
+    assert!(b.requeue(2, &q("jobs"), Some(id), 0, 0, &mut out));
+    assert_eq!(out[0].deliveries, 3, "a re-queue keeps the count");
+    out.clear();
+    let ops_before = store.ops.lock().unwrap().len();
+    b.ack(2, &q("jobs"), Some(id), 0, &mut out);
+    assert_eq!(
+        store.ops.lock().unwrap().len(),
+        ops_before + 1,
+        "the ack alone"
+    );
+}
+
+#[test]
+fn a_restored_message_keeps_its_count() {
+    let (mut b, _) = broker();
+    let name = q("jobs");
+    b.restore(StoredRow {
+        id: MessageId::from_u128(5),
+        queue: &name,
+        content: b"a",
+        accepted_at: 0,
+        expires_at: None,
+        seq: 1,
+        due_at: None,
+        deliveries: 4,
+    });
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, name, 1, 0, &mut out);
+    assert_eq!(out[0].deliveries, 5);
 }
 
 #[test]
@@ -689,6 +743,16 @@ fn flush_drops_ready_and_in_flight_and_later_acks_are_ignored() {
 }
 
 impl Broker {
+    /// Every message's delivery count, wherever it is.
+    fn delivery_counts(&self) -> Vec<(MessageId, u32)> {
+        let ready = self
+            .queues
+            .values()
+            .flat_map(|q| q.ready.iter().map(|e| (e.id, e.deliveries)));
+        let held = self.table.held.iter().map(|(id, h)| (*id, h.deliveries));
+        ready.chain(held).collect()
+    }
+
     /// Checks every invariant of the module docs, and that the broker holds exactly the
     /// messages the store was told about.
     fn check_invariants(&self, store: &Recorder, replay_store: bool) {
@@ -782,10 +846,12 @@ impl Broker {
             return;
         }
         let mut stored = std::collections::HashMap::new();
+        let mut counts = std::collections::HashMap::new();
         for op in store.ops.lock().unwrap().iter() {
             match op {
                 StoreOp::Insert(m) => {
                     stored.insert(m.id, m.seq);
+                    counts.insert(m.id, m.deliveries);
                 }
                 StoreOp::Delete { id, seq } => {
                     assert_eq!(
@@ -795,14 +861,29 @@ impl Broker {
                     );
                 }
                 StoreOp::Requeue {
-                    id, old_seq, seq, ..
+                    id,
+                    old_seq,
+                    seq,
+                    deliveries,
+                    ..
                 } => {
                     assert_eq!(stored.insert(*id, *seq), Some(*old_seq), "requeue of {id}");
+                    counts.insert(*id, *deliveries);
                 }
-                StoreOp::Returned { id, seq, .. } => {
+                StoreOp::Returned {
+                    id,
+                    seq,
+                    deliveries,
+                } => {
                     assert_eq!(stored.get(id), Some(seq), "return of {id} at its seq");
+                    counts.insert(*id, *deliveries);
                 }
             }
+        }
+        // The store knows every count but that of a dispatch under way.
+        for (id, count) in self.delivery_counts() {
+            let in_flight = u32::from(self.table.held.contains_key(&id));
+            assert_eq!(counts.get(&id), Some(&(count - in_flight)), "count of {id}");
         }
         let stored: std::collections::HashSet<MessageId> = stored.into_keys().collect();
         assert_eq!(

@@ -47,6 +47,7 @@ fn dispatch_seen_by(peer: Peer, client: &mut UnixStream) -> Vec<u8> {
         id: crate::id::MessageId::from_u128(7),
         content: Arc::from(&b"x"[..]),
         ttl_remaining: Some(60),
+        deliveries: 1,
     };
     fan_out(vec![(Arc::new(peer), vec![delivery.into()])]);
     let mut got = Vec::new();
