@@ -67,6 +67,8 @@ struct Queue<'a> {
     consumers: usize,
     bytes: u64,
     oldest_ready_ms: Option<u64>,
+    /// Last, since v1.2: what scripts matched before stays byte for byte the same.
+    delayed: usize,
 }
 
 impl<'a> Document<'a> {
@@ -121,6 +123,7 @@ impl<'a> Document<'a> {
                     consumers: q.consumers,
                     bytes: q.bytes,
                     oldest_ready_ms: q.oldest_ready_ms,
+                    delayed: q.delayed,
                 })
                 .collect(),
         }
@@ -182,6 +185,7 @@ mod tests {
             queues: vec![QueueStatus {
                 name: QueueName::new("zürich \"q\"".as_bytes()).unwrap(),
                 ready: 10,
+                delayed: 2,
                 in_flight: 0,
                 consumers: 0,
                 bytes: 20,
@@ -201,7 +205,7 @@ mod tests {
                 r#""db":null,"last_mirror":null,"mirror":null,"totals":{"accepted":16,"#,
                 r#""delivered":4,"acknowledged":4,"requeued":0,"expired":0,"dead_lettered":1,"#,
                 r#""flushed":0}},"queues":[{"name":"zürich \"q\"","ready":10,"in_flight":0,"#,
-                r#""consumers":0,"bytes":20,"oldest_ready_ms":null}]}"#
+                r#""consumers":0,"bytes":20,"oldest_ready_ms":null,"delayed":2}]}"#
             )
         );
     }

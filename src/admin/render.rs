@@ -106,19 +106,21 @@ pub fn status_text(status: &Status) -> String {
         .clamp(5, 40);
     let _ = writeln!(
         out,
-        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}",
-        "queue", "ready", "in flight", "consumers", "bytes", "oldest"
+        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}  {:>9}",
+        "queue", "ready", "in flight", "consumers", "bytes", "oldest", "delayed"
     );
+    // `delayed` (v1.2) comes last: the columns before it stay where scripts found them.
     for q in &status.queues {
         let _ = writeln!(
             out,
-            "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}",
+            "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}  {:>9}",
             names::display(q.name.as_str()),
             q.ready,
             q.in_flight,
             q.consumers,
             bytes(q.bytes),
-            q.oldest_ready_ms.map(age).unwrap_or_else(|| "-".into())
+            q.oldest_ready_ms.map(age).unwrap_or_else(|| "-".into()),
+            q.delayed
         );
     }
     let _ = writeln!(
@@ -155,6 +157,7 @@ pub fn listing_text(queue: &str, listing: &Listing) -> String {
             age(row.age_ms),
             match row.state {
                 MessageState::Ready => "ready",
+                MessageState::Delayed => "delayed",
                 MessageState::InFlight => "in flight",
             }
         );

@@ -28,6 +28,7 @@ impl Backend for Fake {
                 .map(|name| QueueStatus {
                     name: QueueName::new(name.as_bytes()).unwrap(),
                     ready: 3,
+                    delayed: 0,
                     in_flight: 1,
                     consumers: 1,
                     bytes: 2048,
@@ -118,12 +119,13 @@ fn status_as_text_and_json() {
     );
     assert!(t.contains("orders-eu"));
     assert!(t.contains("(3 queues)"));
+    assert!(t.contains("delayed"), "a column for v1.2 delays");
     let j = text("STATUS json", &b);
     assert!(
         j.starts_with(r#"{"server":{"version":"9.9.9","uptime_s":3725,"connections":2"#),
         "{j}"
     );
-    assert!(j.contains(r#"{"name":"mail","ready":3,"in_flight":1,"consumers":1,"bytes":2048,"oldest_ready_ms":1500}"#));
+    assert!(j.contains(r#"{"name":"mail","ready":3,"in_flight":1,"consumers":1,"bytes":2048,"oldest_ready_ms":1500,"delayed":0}"#));
     assert_eq!(j.lines().count(), 1);
 }
 

@@ -3,10 +3,12 @@
 //! client requests on held messages (ack, re-queue, dead letter) and a disconnect's return of
 //! everything held live here.
 
+use super::delay::{due_time, Delayed};
 use super::ready::Ready;
 use super::retire::{Place, Retirement};
 use super::{
-    expiry, stored_expiry, Broker, ConnId, Connection, Delivery, MessageTable, Queue, NEVER,
+    expiry, queue_or_new, stored_expiry, Broker, ConnId, Connection, Delivery, MessageTable, Queue,
+    NEVER,
 };
 use crate::id::{IdMap, MessageId};
 use crate::request::QueueName;
@@ -168,13 +170,16 @@ impl Broker {
         true
     }
 
-    /// Moves a held message to the tail of its queue with a new TTL (0: never expires).
+    /// Moves a held message to the tail of its queue with a new TTL (0: never expires); with a
+    /// `delay` (ms, 0 = none) it joins the tail once that has passed (v1.2 rule 5).
+    #[allow(clippy::too_many_arguments)] // the request's fields, and the broker's usual two
     pub fn requeue(
         &mut self,
         conn: ConnId,
         queue: &QueueName,
         id: Option<MessageId>,
         ttl: u64,
+        delay: Option<u64>,
         now: Millis,
         out: &mut Vec<Delivery>,
     ) -> bool {
@@ -192,17 +197,34 @@ impl Broker {
         }
         let seq = self.take_seq();
         let expires_at = expiry(now, Some(ttl));
+        let due_at = due_time(now, delay);
         self.table.store.apply(StoreOp::Requeue {
             id,
             old_seq: held.seq,
             seq,
             expires_at: stored_expiry(expires_at),
-            due_at: None,
+            due_at,
             deliveries: held.deliveries,
             queue: None,
         });
         self.table.totals.requeued += 1;
         let size = held.content.len();
+        if let Some(due_at) = due_at {
+            let delayed = Delayed {
+                id,
+                content: self.table.delayed_content(held.content),
+                size,
+                accepted_at: held.accepted_at,
+                expires_at,
+                due_at,
+                deliveries: held.deliveries,
+            };
+            let q = queue_or_new(&mut self.queues, &mut self.names, queue);
+            self.table.delay(q, queue, seq, delayed);
+            // The holder has room again.
+            self.pump(queue, now, out);
+            return true;
+        }
         let ready = Ready::new(
             seq,
             id,

@@ -10,15 +10,18 @@
 //!
 //! Invariants:
 //! - a message is either ready (a live entry in its queue's `ReadyList`, which owns the
-//!   list's counts) or held by exactly one connection (an entry in `held`, keyed by id, and in
-//!   its queue's `in_flight` and its subscription's `held`); only held messages are indexed
-//!   by id, since only they can be named by a client (ack, re-queue, dead letter);
+//!   list's counts), delayed (an entry in its queue's `DelayedList`, keyed by seq, and in the
+//!   table's `due` index under (due time, seq), and nowhere else) or held by exactly one
+//!   connection (an entry in `held`, keyed by id, and in its queue's `in_flight` and its
+//!   subscription's `held`); only held messages are indexed by id, since only they can be
+//!   named by a client (ack, re-queue, dead letter);
+//! - a delayed message keeps its content in memory only when the store cannot read it back;
 //! - a message leaves for good only through `MessageTable::retire` (module `retire`), which
 //!   keeps the store, the expiry index, the totals and the counts in step;
 //! - a connection is in a queue's ring iff its subscription to that queue has a limit above 0;
 //! - a queue's `subscribers` has an entry for a connection iff its limit or its holds in that
 //!   queue are above 0, and the connection's `queues` names exactly those queues;
-//! - a queue exists while it has ready or held messages or consumers; `names` holds exactly
+//! - a queue exists while it has ready, delayed or held messages or consumers; `names` holds exactly
 //!   the names of the queues that exist, in order, so the console can walk them a chunk at a
 //!   time (a hash map has no place to resume from);
 //! - the table's `resident` is the sum of the queues' resident amounts;
@@ -27,6 +30,7 @@
 //!   `StoreOp::Requeue`), never at the dispatch itself (the hot path), so a dispatch under way
 //!   when the server is killed is not counted.
 
+mod delay;
 mod hold;
 mod inspect;
 mod ready;
@@ -39,6 +43,7 @@ pub use inspect::{Listing, MessageRow, MessageState, QueueStatus, FLUSH_CHUNK, S
 use crate::id::{IdGenerator, IdMap, MessageId};
 use crate::request::{QueueName, Request};
 use crate::store::{Millis, Store, StoreOp, StoredMessage, StoredRow};
+use delay::{due_time, Delayed, DelayedList};
 use hold::Held;
 use ready::{Ready, ReadyList};
 use retire::{is_expired, Place, Retirement};
@@ -86,6 +91,8 @@ pub struct Totals {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
     pub ready: usize,
+    /// Not due yet (v1.2 rule 5).
+    pub delayed: usize,
     pub in_flight: usize,
     pub consumers: usize,
 }
@@ -103,6 +110,8 @@ pub const EXPIRE_BATCH: usize = 10_000;
 struct Queue {
     /// Waiting messages in FIFO order, with their counts.
     ready: ReadyList,
+    /// Messages not due yet (v1.2 delays), with their counts.
+    delayed: DelayedList,
     /// The token of the fetch under way.
     fetching: Option<u64>,
     /// Messages connections hold, and their content bytes.
@@ -142,6 +151,9 @@ struct MessageTable {
     /// (expires at, seq) of messages with a TTL, and their queue. Entries of messages that are
     /// held, re-queued or gone are skipped when they come up.
     expiry: BTreeMap<(Millis, u64), QueueName>,
+    /// (due at, seq) of every delayed message, and its queue: exact (an entry leaves with its
+    /// message), so the earliest is the next due time.
+    due: BTreeMap<(Millis, u64), QueueName>,
     store: Box<dyn Store>,
     /// Set when the store can read content back: queues keep only this much in memory.
     window: Option<Window>,
@@ -170,13 +182,16 @@ impl MessageTable {
 }
 
 impl Queue {
-    /// Content bytes of its messages, ready and in flight.
+    /// Content bytes of its messages, ready, delayed and in flight.
     fn bytes(&self) -> u64 {
-        self.ready.bytes() + self.in_flight.bytes
+        self.ready.bytes() + self.delayed.bytes() + self.in_flight.bytes
     }
 
     fn is_unused(&self) -> bool {
-        self.ready.is_empty() && self.in_flight.messages == 0 && self.subscribers.is_empty()
+        self.ready.is_empty()
+            && self.delayed.is_empty()
+            && self.in_flight.messages == 0
+            && self.subscribers.is_empty()
     }
 }
 
@@ -234,6 +249,7 @@ impl Broker {
             table: MessageTable {
                 held: IdMap::default(),
                 expiry: BTreeMap::new(),
+                due: BTreeMap::new(),
                 window: store.can_fetch().then_some(Window {
                     per_queue: RESIDENT_PER_QUEUE,
                     total: RESIDENT_TOTAL,
@@ -251,10 +267,27 @@ impl Broker {
 
     /// Puts back a message recovered from storage, ready again. Call in FIFO (`seq`) order,
     /// before any client connects; the store already has it, so nothing is reported. Its
-    /// content is copied only if the queue keeps it in memory.
+    /// content is copied only if the queue keeps it in memory. A message with a due time is
+    /// delayed again, whether that time has passed or not: the first [`Broker::fire_timers`]
+    /// moves the due ones to the tail in (due time, seq) order.
     pub fn restore(&mut self, message: StoredRow<'_>) {
         self.next_seq = self.next_seq.max(message.seq + 1);
         let size = message.content.len();
+        if let Some(due_at) = message.due_at {
+            let content = self.table.delayed_content(Arc::from(message.content));
+            let delayed = Delayed {
+                id: message.id,
+                content,
+                size,
+                accepted_at: message.accepted_at,
+                expires_at: recovered_expiry(message.expires_at),
+                due_at,
+                deliveries: message.deliveries,
+            };
+            let q = queue_or_new(&mut self.queues, &mut self.names, message.queue);
+            self.table.delay(q, message.queue, message.seq, delayed);
+            return;
+        }
         let (window, resident) = (self.table.window, self.table.resident);
         let keep = self
             .queues
@@ -289,14 +322,14 @@ impl Broker {
                 content,
                 ttl,
             } => {
-                self.send(queue, content, ttl, now, out);
+                self.send(queue, content, ttl, None, now, out);
             }
             Request::Consume { queue, count } => self.consume(conn, queue, count, now, out),
             Request::Ack { queue, id } => {
                 self.ack(conn, &queue, id, now, out);
             }
             Request::Requeue { queue, id, ttl } => {
-                self.requeue(conn, &queue, id, ttl, now, out);
+                self.requeue(conn, &queue, id, ttl, None, now, out);
             }
             Request::DeadLetter { queue, id } => {
                 self.dead_letter(conn, &queue, id, now, out);
@@ -304,18 +337,21 @@ impl Broker {
         }
     }
 
-    /// Accepts a message at the tail of `queue` and returns its id.
+    /// Accepts a message at the tail of `queue` and returns its id. With a `delay` (ms, 0 =
+    /// none) it joins the tail once due (v1.2 rule 5); its TTL runs from now all the same.
     pub fn send(
         &mut self,
         queue: QueueName,
         content: Arc<[u8]>,
         ttl: Option<u64>,
+        delay: Option<u64>,
         now: Millis,
         out: &mut Vec<Delivery>,
     ) -> MessageId {
         let id = self.ids.next_id();
         let seq = self.take_seq();
         let expires_at = expiry(now, ttl);
+        let due_at = due_time(now, delay);
         self.table.store.apply(StoreOp::Insert(StoredMessage {
             id,
             queue: queue.clone(),
@@ -323,10 +359,24 @@ impl Broker {
             accepted_at: now,
             expires_at: stored_expiry(expires_at),
             seq,
-            due_at: None,
+            due_at,
             deliveries: 0,
         }));
         self.table.totals.accepted += 1;
+        if let Some(due_at) = due_at {
+            let delayed = Delayed {
+                id,
+                size: content.len(),
+                content: self.table.delayed_content(content),
+                accepted_at: now,
+                expires_at,
+                due_at,
+                deliveries: 0,
+            };
+            let q = queue_or_new(&mut self.queues, &mut self.names, &queue);
+            self.table.delay(q, &queue, seq, delayed);
+            return id;
+        }
         let ready = Ready::new(seq, id, content.len(), Some(content), now, expires_at, 0);
         self.append_ready(&queue, ready);
         self.pump(&queue, now, out);
@@ -384,14 +434,33 @@ impl Broker {
     pub fn queue_stats(&self, name: &str) -> Option<QueueStats> {
         self.queues.get(name).map(|queue| QueueStats {
             ready: queue.ready.len(),
+            delayed: queue.delayed.len(),
             in_flight: queue.in_flight.messages,
             consumers: queue.consumers.len(),
         })
     }
 
-    /// How many messages are stored (ready and held).
+    /// How many messages are stored (ready, delayed and held).
     pub fn message_count(&self) -> usize {
-        self.table.held.len() + self.queues.values().map(|q| q.ready.len()).sum::<usize>()
+        self.table.held.len()
+            + self
+                .queues
+                .values()
+                .map(|q| q.ready.len() + q.delayed.len())
+                .sum::<usize>()
+    }
+
+    /// Runs what is due at `now`: delayed messages that are due join their queues (v1.2 rule
+    /// 5). Dispatches what it can; returns how many messages it moved. Each call does a
+    /// bounded amount of work; the sweeper calls it again at [`Broker::next_deadline`].
+    pub fn fire_timers(&mut self, now: Millis, out: &mut Vec<Delivery>) -> usize {
+        self.release_due(now, out)
+    }
+
+    /// The earliest time [`Broker::fire_timers`] has something to do, if any: a timer thread
+    /// sleeps until then (or its usual period, whichever comes first).
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.table.due.first_key_value().map(|(&(at, _), _)| at)
     }
 
     fn take_seq(&mut self) -> u64 {

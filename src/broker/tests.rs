@@ -147,7 +147,7 @@ fn messages(messages: usize) -> Amount {
 }
 
 fn send(b: &mut Broker, queue: &str, body: &str, out: &mut Vec<Delivery>) -> MessageId {
-    b.send(q(queue), Arc::from(body.as_bytes()), None, 0, out)
+    b.send(q(queue), Arc::from(body.as_bytes()), None, None, 0, out)
 }
 
 fn bodies(out: &[Delivery]) -> Vec<String> {
@@ -189,6 +189,7 @@ fn prefetch_limits_holds_and_each_ack_frees_one() {
         b.queue_stats("jobs"),
         Some(QueueStats {
             ready: 6,
+            delayed: 0,
             in_flight: 3,
             consumers: 1
         })
@@ -243,6 +244,7 @@ fn new_consume_request_changes_the_count_and_keeps_holds() {
         held,
         QueueStats {
             ready: 2,
+            delayed: 0,
             in_flight: 3,
             consumers: 0
         }
@@ -334,6 +336,7 @@ fn disconnect_redelivers_to_remaining_consumers_at_once() {
         stats,
         QueueStats {
             ready: 2,
+            delayed: 0,
             in_flight: 2,
             consumers: 1
         }
@@ -350,7 +353,7 @@ fn requeue_goes_to_the_tail_with_a_new_ttl() {
     b.consume(1, q("jobs"), 1, 0, &mut out);
     let a = out[0].id;
     out.clear();
-    assert!(b.requeue(1, &q("jobs"), Some(a), 60, 1_000, &mut out));
+    assert!(b.requeue(1, &q("jobs"), Some(a), 60, None, 1_000, &mut out));
     assert_eq!(bodies(&out), ["b"]);
     let b_id = out[0].id;
     out.clear();
@@ -395,7 +398,7 @@ fn every_dispatch_counts_and_the_store_learns_the_count_when_it_ends_without_an_
     b.consume(2, q("jobs"), 1, 0, &mut out);
     assert_eq!(out[0].deliveries, 2, "the count survives a disconnect");
     out.clear();
-    assert!(b.requeue(2, &q("jobs"), Some(id), 0, 0, &mut out));
+    assert!(b.requeue(2, &q("jobs"), Some(id), 0, None, 0, &mut out));
     assert_eq!(out[0].deliveries, 3, "a re-queue keeps the count");
     out.clear();
     let ops_before = store.ops.lock().unwrap().len();
@@ -441,7 +444,14 @@ fn dead_letter_removes_regardless_of_ttl() {
         0,
         &mut out,
     );
-    let id = b.send(q("jobs"), Arc::from(&b"x"[..]), Some(3600), 0, &mut out);
+    let id = b.send(
+        q("jobs"),
+        Arc::from(&b"x"[..]),
+        Some(3600),
+        None,
+        0,
+        &mut out,
+    );
     assert_eq!(
         out[0].ttl_remaining,
         Some(3600),
@@ -481,13 +491,27 @@ fn ttl_packet_only_for_v11_connections_rounded_up() {
         &mut out,
     );
     b.consume(1, q("v11"), 5, 0, &mut out);
-    b.send(q("v11"), Arc::from(&b"y"[..]), None, 0, &mut out);
+    b.send(q("v11"), Arc::from(&b"y"[..]), None, None, 0, &mut out);
     assert_eq!(out[0].ttl_remaining, Some(10));
     assert_eq!(out[1].ttl_remaining, None, "no TTL, no packet");
     out.clear();
-    b.send(q("v11"), Arc::from(&b"z"[..]), Some(10), 0, &mut Vec::new());
+    b.send(
+        q("v11"),
+        Arc::from(&b"z"[..]),
+        Some(10),
+        None,
+        0,
+        &mut Vec::new(),
+    );
     let mut late = Vec::new();
-    b.send(q("v11"), Arc::from(&b"w"[..]), Some(2), 100, &mut late);
+    b.send(
+        q("v11"),
+        Arc::from(&b"w"[..]),
+        Some(2),
+        None,
+        100,
+        &mut late,
+    );
     assert_eq!(late[0].ttl_remaining, Some(2));
     let (mut b, _) = broker();
     b.connect(1);
@@ -514,9 +538,30 @@ fn ttl_packet_only_for_v11_connections_rounded_up() {
 fn expired_messages_are_never_dispatched() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
-    b.send(q("jobs"), Arc::from(&b"short"[..]), Some(1), 0, &mut out);
-    b.send(q("jobs"), Arc::from(&b"forever"[..]), Some(0), 0, &mut out);
-    b.send(q("jobs"), Arc::from(&b"long"[..]), Some(100), 0, &mut out);
+    b.send(
+        q("jobs"),
+        Arc::from(&b"short"[..]),
+        Some(1),
+        None,
+        0,
+        &mut out,
+    );
+    b.send(
+        q("jobs"),
+        Arc::from(&b"forever"[..]),
+        Some(0),
+        None,
+        0,
+        &mut out,
+    );
+    b.send(
+        q("jobs"),
+        Arc::from(&b"long"[..]),
+        Some(100),
+        None,
+        0,
+        &mut out,
+    );
     b.connect(1);
     b.consume(1, q("jobs"), 10, 1_000, &mut out);
     assert_eq!(bodies(&out), ["forever", "long"]);
@@ -527,7 +572,14 @@ fn expired_messages_are_never_dispatched() {
 fn sweep_expires_waiting_messages_and_drops_empty_queues() {
     let (mut b, store) = broker();
     let mut out = Vec::new();
-    let short = b.send(q("jobs"), Arc::from(&b"short"[..]), Some(1), 0, &mut out);
+    let short = b.send(
+        q("jobs"),
+        Arc::from(&b"short"[..]),
+        Some(1),
+        None,
+        0,
+        &mut out,
+    );
     assert_eq!(b.expire(999), 0);
     assert_eq!(b.expire(1_000), 1);
     assert_eq!(b.message_count(), 0);
@@ -544,7 +596,7 @@ fn sweep_leaves_held_messages_to_their_holder() {
     let mut out = Vec::new();
     b.connect(1);
     b.consume(1, q("jobs"), 1, 0, &mut out);
-    b.send(q("jobs"), Arc::from(&b"x"[..]), Some(1), 0, &mut out);
+    b.send(q("jobs"), Arc::from(&b"x"[..]), Some(1), None, 0, &mut out);
     assert_eq!(b.expire(5_000), 0);
     assert_eq!(b.message_count(), 1);
     // Back from the holder after its expiry: dropped, not dispatched.
@@ -566,6 +618,7 @@ fn many_expired_entries_are_compacted() {
             q("jobs"),
             Arc::from(i.to_string().as_bytes()),
             ttl,
+            None,
             0,
             &mut out,
         );
@@ -645,9 +698,16 @@ fn restored_messages_are_ready_in_order_and_new_ones_follow() {
 fn status_counts_bytes_and_the_age_of_the_oldest_ready_message() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
-    b.send(q("a"), Arc::from(&b"12345"[..]), None, 1_000, &mut out);
-    b.send(q("a"), Arc::from(&b"123"[..]), None, 2_000, &mut out);
-    b.send(q("b"), Arc::from(&b"1"[..]), None, 3_000, &mut out);
+    b.send(
+        q("a"),
+        Arc::from(&b"12345"[..]),
+        None,
+        None,
+        1_000,
+        &mut out,
+    );
+    b.send(q("a"), Arc::from(&b"123"[..]), None, None, 2_000, &mut out);
+    b.send(q("b"), Arc::from(&b"1"[..]), None, None, 3_000, &mut out);
     b.connect(1);
     b.consume(1, q("a"), 1, 4_000, &mut out);
     let statuses = b.queue_statuses(5_000);
@@ -749,8 +809,12 @@ impl Broker {
             .queues
             .values()
             .flat_map(|q| q.ready.iter().map(|e| (e.id, e.deliveries)));
+        let delayed = self
+            .queues
+            .values()
+            .flat_map(|q| q.delayed.iter().map(|(_, d)| (d.id, d.deliveries)));
         let held = self.table.held.iter().map(|(id, h)| (*id, h.deliveries));
-        ready.chain(held).collect()
+        ready.chain(delayed).chain(held).collect()
     }
 
     /// Checks every invariant of the module docs, and that the broker holds exactly the
@@ -822,7 +886,25 @@ impl Broker {
             assert_eq!(q.in_flight.messages, held.len(), "{name}: in_flight");
             let held_bytes: u64 = held.iter().map(|h| h.content.len() as u64).sum();
             assert_eq!(q.in_flight.bytes, held_bytes, "{name}: in-flight bytes");
-            let bytes = live.iter().map(|e| e.size as u64).sum::<u64>() + held_bytes;
+            let delayed: Vec<(u64, &Delayed)> = q.delayed.iter().collect();
+            assert_eq!(q.delayed.len(), delayed.len(), "{name}: delayed count");
+            let delayed_bytes: u64 = delayed.iter().map(|(_, d)| d.size as u64).sum();
+            assert_eq!(q.delayed.bytes(), delayed_bytes, "{name}: delayed bytes");
+            for (seq, d) in &delayed {
+                assert_eq!(
+                    self.table.due.get(&(d.due_at, *seq)),
+                    Some(name),
+                    "{name}: {seq} in the due index"
+                );
+                assert!(
+                    d.content.as_ref().is_none_or(|c| c.len() == d.size),
+                    "{name}: delayed size"
+                );
+                assert_eq!(d.content.is_none(), self.table.window.is_some());
+                live_ids.insert(d.id);
+            }
+            let bytes =
+                live.iter().map(|e| e.size as u64).sum::<u64>() + held_bytes + delayed_bytes;
             assert_eq!(q.bytes(), bytes, "{name}: bytes");
             for (conn, sub) in &q.subscribers {
                 let holds = held.iter().filter(|h| h.holder == *conn).count() as u64;
@@ -838,6 +920,8 @@ impl Broker {
             live_ids.extend(live.iter().map(|e| e.id));
         }
         assert_eq!(self.table.resident, all_resident, "total resident");
+        let delayed: usize = self.queues.values().map(|q| q.delayed.len()).sum();
+        assert_eq!(self.table.due.len(), delayed, "the due index is exact");
         for (id, h) in &self.table.held {
             assert!(self.queues.contains_key(&h.queue));
             assert!(live_ids.insert(*id), "{id} both ready and held");
@@ -938,6 +1022,7 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     let mut now = 0;
     let mut fetches = 0;
     let mut lost = 0;
+    let mut delays_seen = false;
     for conn in 1..=3 {
         b.connect(conn);
     }
@@ -948,15 +1033,19 @@ fn random_operations(mut b: Broker, store: &Recorder) {
         match next(100) {
             0..=34 => {
                 let ttl = [None, Some(0), Some(1), Some(3)][next(4) as usize];
+                let delay = [None, None, Some(0), Some(50), Some(2_000)][next(5) as usize];
                 let body = "x".repeat(next(20) as usize);
-                b.send(queue, Arc::from(body.as_bytes()), ttl, now, &mut out);
+                b.send(queue, Arc::from(body.as_bytes()), ttl, delay, now, &mut out);
             }
             35..=44 => b.consume(conn, queue, next(4), now, &mut out),
             45..=84 if !delivered.is_empty() => {
                 let d = delivered.swap_remove(next(delivered.len() as u64) as usize);
                 let q = d.queue.clone();
                 match next(10) {
-                    0 => b.requeue(d.conn, &q, Some(d.id), next(3), now, &mut out),
+                    0 => {
+                        let delay = [None, Some(30), Some(1_500)][next(3) as usize];
+                        b.requeue(d.conn, &q, Some(d.id), next(3), delay, now, &mut out)
+                    }
                     1 => b.dead_letter(d.conn, &q, Some(d.id), now, &mut out),
                     // Sometimes from the wrong connection: must be ignored.
                     2 => b.ack(1 + next(3), &q, Some(d.id), now, &mut out),
@@ -968,8 +1057,11 @@ fn random_operations(mut b: Broker, store: &Recorder) {
                 b.connect(conn);
                 delivered.retain(|d| d.conn != conn);
             }
-            90..=94 => {
+            90..=92 => {
                 b.expire(now);
+            }
+            93..=94 => {
+                b.fire_timers(now, &mut out);
             }
             95 => {
                 b.flush(queue.as_str(), now, &mut out);
@@ -986,6 +1078,7 @@ fn random_operations(mut b: Broker, store: &Recorder) {
             }
         }
         delivered.append(&mut out);
+        delays_seen |= !b.table.due.is_empty();
         b.check_invariants(store, step % 100 == 0);
         let t = b.totals();
         assert_eq!(
@@ -1000,6 +1093,9 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     for name in queues {
         b.consume(9, q(name), u64::MAX, now, &mut out);
     }
+    now += 10_000;
+    while b.fire_timers(now, &mut out) > 0 {}
+    assert_eq!(b.next_deadline(), None, "every delay has passed");
     while store.serve(&mut b, now, &mut out) > 0 {}
     for name in queues {
         let ready = b.queue_stats(name).map_or(0, |s| s.ready);
@@ -1017,6 +1113,7 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     b.check_invariants(store, true);
     let t = b.totals();
     assert!(t.delivered > 500 && t.requeued > 0, "{t:?}");
+    assert!(delays_seen, "no delayed message was ever seen");
     assert!(
         t.acknowledged > 0 && t.dead_lettered > 0 && t.expired > 0 && t.flushed > 0,
         "every retire reason is exercised: {t:?}"
@@ -1236,11 +1333,19 @@ fn a_sweep_is_bounded_and_the_rest_never_dispatched() {
             q("mass"),
             Arc::from(i.to_string().as_bytes()),
             Some(1),
+            None,
             0,
             &mut out,
         );
     }
-    b.send(q("mass"), Arc::from(&b"survivor"[..]), None, 0, &mut out);
+    b.send(
+        q("mass"),
+        Arc::from(&b"survivor"[..]),
+        None,
+        None,
+        0,
+        &mut out,
+    );
     assert_eq!(
         b.expire(1_000),
         EXPIRE_BATCH,
@@ -1371,4 +1476,161 @@ fn status_and_flush_walk_the_queues_in_chunks_in_name_order() {
 #[cfg(target_pointer_width = "64")]
 fn a_waiting_message_takes_80_bytes() {
     assert_eq!(std::mem::size_of::<Ready>(), 80);
+}
+
+fn send_at(b: &mut Broker, queue: &str, body: &str, ttl: Option<u64>, delay: u64, now: Millis) {
+    b.send(
+        q(queue),
+        Arc::from(body.as_bytes()),
+        ttl,
+        Some(delay),
+        now,
+        &mut Vec::new(),
+    );
+}
+
+#[test]
+fn a_delayed_message_waits_then_joins_the_tail_in_due_then_send_order() {
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 10, 0, &mut out);
+    send_at(&mut b, "jobs", "late", None, 500, 0);
+    send_at(&mut b, "jobs", "first", None, 300, 0);
+    send_at(&mut b, "jobs", "second", None, 200, 100);
+    assert!(out.is_empty(), "nothing is due");
+    let stats = b.queue_stats("jobs").unwrap();
+    assert_eq!((stats.ready, stats.delayed), (0, 3));
+    assert_eq!(b.message_count(), 3);
+    assert_eq!(b.next_deadline(), Some(300));
+    assert_eq!(b.fire_timers(299, &mut out), 0);
+    send(&mut b, "jobs", "now", &mut out);
+    assert_eq!(bodies(&out), ["now"]);
+    out.clear();
+    assert_eq!(b.fire_timers(300, &mut out), 2);
+    assert_eq!(
+        bodies(&out),
+        ["first", "second"],
+        "same due time: send order"
+    );
+    out.clear();
+    assert_eq!(b.next_deadline(), Some(500));
+    assert_eq!(b.fire_timers(10_000, &mut out), 1);
+    assert_eq!(bodies(&out), ["late"]);
+    assert_eq!(b.next_deadline(), None);
+    let ops = store.ops.lock().unwrap();
+    assert!(matches!(
+        ops[0],
+        StoreOp::Insert(StoredMessage {
+            due_at: Some(500),
+            ..
+        })
+    ));
+    assert!(ops.contains(&StoreOp::Requeue {
+        id: out[0].id,
+        old_seq: 1,
+        seq: 7,
+        expires_at: None,
+        due_at: None,
+        deliveries: 0,
+        queue: None,
+    }));
+}
+
+#[test]
+fn a_ttl_shorter_than_the_delay_expires_the_message_undelivered() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 10, 0, &mut out);
+    send_at(&mut b, "jobs", "swept", Some(1), 5_000, 0);
+    send_at(&mut b, "jobs", "at due", Some(2), 5_000, 0);
+    assert_eq!(b.expire(1_000), 1, "the sweep finds a delayed message too");
+    assert_eq!(b.fire_timers(5_000, &mut out), 0);
+    assert!(out.is_empty());
+    assert_eq!(b.totals().expired, 2);
+    assert_eq!(b.message_count(), 0);
+    assert!(b.queue_stats("jobs").is_some_and(|s| s.delayed == 0));
+}
+
+#[test]
+fn a_requeue_with_a_delay_keeps_the_message_back_and_frees_the_holder() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    send(&mut b, "jobs", "a", &mut out);
+    send(&mut b, "jobs", "b", &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, 0, &mut out);
+    let a = out[0].id;
+    out.clear();
+    assert!(b.requeue(1, &q("jobs"), Some(a), 0, Some(1_000), 0, &mut out));
+    assert_eq!(bodies(&out), ["b"]);
+    let b_id = out[0].id;
+    out.clear();
+    b.ack(1, &q("jobs"), Some(b_id), 10, &mut out);
+    assert!(out.is_empty(), "a is delayed");
+    b.fire_timers(1_000, &mut out);
+    assert_eq!((out[0].id, out[0].deliveries), (a, 2));
+}
+
+#[test]
+fn restored_delayed_messages_wait_again_and_due_ones_join_in_due_order() {
+    let (mut b, _) = broker();
+    let name = q("jobs");
+    let row = |seq: u64, due_at: Option<Millis>, content: &'static [u8]| StoredRow {
+        id: MessageId::from_u128(seq.into()),
+        queue: &name,
+        content,
+        accepted_at: 0,
+        expires_at: None,
+        seq,
+        due_at,
+        deliveries: 0,
+    };
+    b.restore(row(1, Some(900), b"due later"));
+    b.restore(row(2, Some(50), b"due second"));
+    b.restore(row(3, None, b"ready"));
+    b.restore(row(4, Some(20), b"due first"));
+    b.restore(row(5, Some(5_000), b"future"));
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, name, 10, 1_000, &mut out);
+    assert_eq!(bodies(&out), ["ready"]);
+    out.clear();
+    b.fire_timers(1_000, &mut out);
+    assert_eq!(bodies(&out), ["due first", "due second", "due later"]);
+    assert_eq!(b.queue_stats("jobs").map(|s| s.delayed), Some(1));
+    assert_eq!(b.next_deadline(), Some(5_000));
+}
+
+#[test]
+fn delayed_content_is_read_back_from_the_store_once_due() {
+    let (mut b, store) = windowed_broker(100, 1 << 20);
+    let mut out = Vec::new();
+    send_at(&mut b, "jobs", "later", None, 100, 0);
+    assert!(b.queues["jobs"]
+        .delayed
+        .iter()
+        .all(|(_, d)| d.content.is_none()));
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.fire_timers(100, &mut out);
+    assert!(out.is_empty(), "its content is still to come");
+    store.serve(&mut b, 100, &mut out);
+    assert_eq!(bodies(&out), ["later"]);
+}
+
+#[test]
+fn flush_counts_delayed_messages_and_listings_show_them() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    send(&mut b, "jobs", "a", &mut out);
+    send_at(&mut b, "jobs", "b", None, 100, 0);
+    let listing = b.list_messages("jobs", 10, 0).unwrap();
+    assert_eq!(listing.total, 2);
+    assert_eq!(listing.rows[1].state, MessageState::Delayed);
+    assert_eq!(b.queue_statuses(0)[0].delayed, 1);
+    assert_eq!(b.flush("jobs", 0, &mut out), Some(2));
+    assert_eq!(b.next_deadline(), None);
+    assert_eq!(b.message_count(), 0);
 }

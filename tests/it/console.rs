@@ -244,7 +244,7 @@ fn flush_drops_messages_for_good_and_ignores_later_acks() {
     assert_eq!(s.run("flushall"), "flushed 3 messages from 3 queues\n");
     let json = s.run("status json");
     assert!(json.contains(r#""flushed":33"#), "{json}");
-    assert!(json.ends_with("\"queues\":[{\"name\":\"orders\",\"ready\":0,\"in_flight\":0,\"consumers\":1,\"bytes\":0,\"oldest_ready_ms\":null}]}\n"), "{json}");
+    assert!(json.ends_with("\"queues\":[{\"name\":\"orders\",\"ready\":0,\"in_flight\":0,\"consumers\":1,\"bytes\":0,\"oldest_ready_ms\":null,\"delayed\":0}]}\n"), "{json}");
 }
 
 #[test]
@@ -673,6 +673,7 @@ fn status_json_parses_with_the_documented_fields_and_types() {
                 ("consumers", is_count),
                 ("bytes", is_count),
                 ("oldest_ready_ms", count_or_null),
+                ("delayed", is_count),
             ],
         );
     }
