@@ -203,6 +203,13 @@ impl Broker {
         Some(flushed)
     }
 
+    /// A FLUSH request (v1.2 rule 3): [`Broker::flush`], 0 for a queue that does not exist
+    /// (which is not created). The count is exact: a queue is flushed in one call, whatever
+    /// its size; only `flushall` walks the queues in chunks.
+    pub fn flush_queue(&mut self, queue: &str, now: Millis, out: &mut Vec<Delivery>) -> usize {
+        self.flush(queue, now, out).unwrap_or(0)
+    }
+
     /// Flushes every queue; returns how many messages were dropped.
     pub fn flush_all(&mut self, now: Millis, out: &mut Vec<Delivery>) -> usize {
         self.flush_after(None, usize::MAX, now, out).0

@@ -87,7 +87,10 @@ pub struct Totals {
     pub lost: u64,
 }
 
-/// A queue's counts, for status and tests.
+/// What a STATS request answers (v1.2 rule 3): ready, delayed, in flight, consumers.
+pub type QueueCounts = QueueStats;
+
+/// A queue's counts, for status, STATS and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
     pub ready: usize,
@@ -438,6 +441,12 @@ impl Broker {
             in_flight: queue.in_flight.messages,
             consumers: queue.consumers.len(),
         })
+    }
+
+    /// A queue's counts for a STATS request (v1.2 rule 3): all 0 for a queue that does not
+    /// exist, which is not created.
+    pub fn counts(&self, queue: &str) -> QueueCounts {
+        self.queue_stats(queue).unwrap_or_default()
     }
 
     /// How many messages are stored (ready, delayed and held).

@@ -1634,3 +1634,42 @@ fn flush_counts_delayed_messages_and_listings_show_them() {
     assert_eq!(b.next_deadline(), None);
     assert_eq!(b.message_count(), 0);
 }
+
+#[test]
+fn counts_and_flush_of_a_queue_nobody_used_create_nothing() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    assert_eq!(b.counts("nobody"), QueueCounts::default());
+    assert_eq!(b.flush_queue("nobody", 0, &mut out), 0);
+    assert!(b.queue_names().is_empty());
+}
+
+#[test]
+fn counts_and_flush_see_ready_delayed_and_in_flight_and_a_later_ack_is_ignored() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for body in ["a", "b", "c"] {
+        send(&mut b, "jobs", body, &mut out);
+    }
+    send_at(&mut b, "jobs", "d", None, 1_000, 0);
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, 0, &mut out);
+    let held = out[0].id;
+    out.clear();
+    let counts = b.counts("jobs");
+    assert_eq!(
+        counts,
+        QueueCounts {
+            ready: 2,
+            delayed: 1,
+            in_flight: 1,
+            consumers: 1
+        }
+    );
+    assert_eq!(b.flush_queue("jobs", 0, &mut out), 4);
+    assert!(out.is_empty());
+    assert!(!b.ack(1, &q("jobs"), Some(held), 0, &mut out));
+    assert_eq!(b.message_count(), 0);
+    assert_eq!(b.totals().flushed, 4);
+    assert_eq!(b.counts("jobs").consumers, 1, "the consumer stays");
+}
