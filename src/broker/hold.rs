@@ -28,6 +28,10 @@ pub(super) struct Held {
     pub(super) holder: ConnId,
     /// Dispatches so far, this one included.
     pub(super) deliveries: u32,
+    /// The lease it was dispatched under (ms, 0 = none): a TOUCH restarts it.
+    pub(super) lease: u64,
+    /// When it is taken back (`NEVER`: held until acked or its holder leaves).
+    pub(super) lease_until: Millis,
 }
 
 impl Held {
@@ -57,6 +61,9 @@ impl MessageTable {
         id: MessageId,
     ) -> Option<Held> {
         let held = self.held.remove(&id)?;
+        if held.lease_until != NEVER {
+            self.leases.remove(&(held.lease_until, id));
+        }
         queue.end_hold(held.holder, held.content.len(), connections, name);
         Some(held)
     }
@@ -64,6 +71,7 @@ impl MessageTable {
     /// Starts a hold: the message is in `held`, in its queue's and its holder's counts.
     pub(super) fn hold(&mut self, queue: &mut Queue, id: MessageId, held: Held) {
         queue.start_hold(held.holder, held.content.len());
+        self.index_lease(id, held.lease_until);
         self.held.insert(id, held);
     }
 }
@@ -262,13 +270,9 @@ impl Broker {
                 continue;
             };
             if let Some(held) = self.table.unhold(queue, &mut self.connections, &name, id) {
-                self.table.index_expiry(&name, held.seq, held.expires_at);
-                self.table.store.apply(StoreOp::Returned {
-                    id,
-                    seq: held.seq,
-                    deliveries: held.deliveries,
-                });
-                returned.entry(name).or_default().push(held.into_ready(id));
+                if let Some(ready) = self.give_back(&name, id, held, now) {
+                    returned.entry(name).or_default().push(ready);
+                }
             }
         }
         for (name, entries) in returned {
@@ -285,8 +289,27 @@ impl Broker {
         }
     }
 
+    /// A held message whose dispatch ended without an ack (its holder left, its lease ran
+    /// out), out of `held` already: the store learns its count, and the caller puts the
+    /// returned entry back at its place.
+    pub(super) fn give_back(
+        &mut self,
+        name: &QueueName,
+        id: MessageId,
+        held: Held,
+        _now: Millis,
+    ) -> Option<Ready> {
+        self.table.index_expiry(name, held.seq, held.expires_at);
+        self.table.store.apply(StoreOp::Returned {
+            id,
+            seq: held.seq,
+            deliveries: held.deliveries,
+        });
+        Some(held.into_ready(id))
+    }
+
     /// The id `conn` names, if it holds that message in `queue`; logs why not otherwise.
-    fn held_by(
+    pub(super) fn held_by(
         &self,
         conn: ConnId,
         queue: &QueueName,

@@ -16,6 +16,8 @@
 //!   subscription's `held`); only held messages are indexed by id, since only they can be
 //!   named by a client (ack, re-queue, dead letter);
 //! - a delayed message keeps its content in memory only when the store cannot read it back;
+//! - a held message has a lease deadline iff it was dispatched under a lease, and then it is in
+//!   the table's `leases` index under (deadline, id), which has no other entries;
 //! - a message leaves for good only through `MessageTable::retire` (module `retire`), which
 //!   keeps the store, the expiry index, the totals and the counts in step;
 //! - a connection is in a queue's ring iff its subscription to that queue has a limit above 0;
@@ -33,6 +35,7 @@
 mod delay;
 mod hold;
 mod inspect;
+mod lease;
 mod ready;
 mod retire;
 mod ring;
@@ -128,6 +131,8 @@ struct Queue {
 struct Subscription {
     limit: u64,
     held: u64,
+    /// The lease (ms, 0 = none) of the latest consume request: for later dispatches.
+    lease: u64,
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +162,8 @@ struct MessageTable {
     /// (due at, seq) of every delayed message, and its queue: exact (an entry leaves with its
     /// message), so the earliest is the next due time.
     due: BTreeMap<(Millis, u64), QueueName>,
+    /// (lease deadline, id) of every held message with a lease: exact, like `due`.
+    leases: BTreeSet<(Millis, MessageId)>,
     store: Box<dyn Store>,
     /// Set when the store can read content back: queues keep only this much in memory.
     window: Option<Window>,
@@ -253,6 +260,7 @@ impl Broker {
                 held: IdMap::default(),
                 expiry: BTreeMap::new(),
                 due: BTreeMap::new(),
+                leases: BTreeSet::new(),
                 window: store.can_fetch().then_some(Window {
                     per_queue: RESIDENT_PER_QUEUE,
                     total: RESIDENT_TOTAL,
@@ -327,7 +335,9 @@ impl Broker {
             } => {
                 self.send(queue, content, ttl, None, now, out);
             }
-            Request::Consume { queue, count } => self.consume(conn, queue, count, now, out),
+            Request::Consume { queue, count } => {
+                self.consume(conn, queue, count, None, now, out);
+            }
             Request::Ack { queue, id } => {
                 self.ack(conn, &queue, id, now, out);
             }
@@ -386,12 +396,15 @@ impl Broker {
         id
     }
 
-    /// Sets how many unacknowledged messages of `queue` the connection may hold.
+    /// Sets how many unacknowledged messages of `queue` the connection may hold, and the
+    /// lease (ms; `None` or 0: none) of the messages dispatched to it from now on (v1.2 rule
+    /// 7): what it holds already keeps its deadline.
     pub fn consume(
         &mut self,
         conn: ConnId,
         queue: QueueName,
         count: u64,
+        lease: Option<u64>,
         now: Millis,
         out: &mut Vec<Delivery>,
     ) {
@@ -401,9 +414,14 @@ impl Broker {
         let q = queue_or_new(&mut self.queues, &mut self.names, &queue);
         let subscription = q.subscribers.entry(conn).or_insert_with(|| {
             connection.queues.push(queue.clone());
-            Subscription { limit: 0, held: 0 }
+            Subscription {
+                limit: 0,
+                held: 0,
+                lease: 0,
+            }
         });
         subscription.limit = count;
+        subscription.lease = lease.unwrap_or(0);
         if count > 0 {
             q.consumers.insert(conn);
         } else {
@@ -459,17 +477,19 @@ impl Broker {
                 .sum::<usize>()
     }
 
-    /// Runs what is due at `now`: delayed messages that are due join their queues (v1.2 rule
-    /// 5). Dispatches what it can; returns how many messages it moved. Each call does a
+    /// Runs what is due at `now`: held messages whose lease ran out are taken back (v1.2 rule
+    /// 7), delayed messages that are due join their queues (rule 5). Dispatches what it can; returns how many messages it moved. Each call does a
     /// bounded amount of work; the sweeper calls it again at [`Broker::next_deadline`].
     pub fn fire_timers(&mut self, now: Millis, out: &mut Vec<Delivery>) -> usize {
-        self.release_due(now, out)
+        self.reclaim_leases(now, out) + self.release_due(now, out)
     }
 
     /// The earliest time [`Broker::fire_timers`] has something to do, if any: a timer thread
     /// sleeps until then (or its usual period, whichever comes first).
     pub fn next_deadline(&self) -> Option<Millis> {
-        self.table.due.first_key_value().map(|(&(at, _), _)| at)
+        let due = self.table.due.first_key_value().map(|(&(at, _), _)| at);
+        let lease = self.table.leases.first().map(|&(at, _)| at);
+        due.into_iter().chain(lease).min()
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -528,6 +548,7 @@ impl Broker {
             };
             queue.consumers.advance_past(conn);
             table.totals.delivered += 1;
+            let lease = queue.subscribers.get(&conn).map_or(0, |s| s.lease);
             // Counted in memory only: the store learns the count when the dispatch ends
             // without an ack (the hot path writes nothing more).
             let deliveries = entry.deliveries.saturating_add(1);
@@ -548,6 +569,8 @@ impl Broker {
                 expires_at: entry.expires_at,
                 holder: conn,
                 deliveries,
+                lease,
+                lease_until: lease::lease_deadline(now, lease),
             };
             table.hold(queue, entry.id, held);
         }

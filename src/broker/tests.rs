@@ -165,7 +165,7 @@ fn fifo_to_a_single_consumer() {
     }
     assert!(out.is_empty(), "no consumer yet");
     b.connect(1);
-    b.consume(1, q("jobs"), 1000, 0, &mut out);
+    b.consume(1, q("jobs"), 1000, None, 0, &mut out);
     let expected: Vec<String> = (0..100).map(|i| i.to_string()).collect();
     assert_eq!(bodies(&out), expected);
     assert!(out.iter().all(|d| d.conn == 1 && d.ttl_remaining.is_none()));
@@ -179,7 +179,7 @@ fn prefetch_limits_holds_and_each_ack_frees_one() {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
     b.connect(1);
-    b.consume(1, q("jobs"), 3, 0, &mut out);
+    b.consume(1, q("jobs"), 3, None, 0, &mut out);
     assert_eq!(bodies(&out), ["0", "1", "2"]);
     let first = out[0].id;
     out.clear();
@@ -202,7 +202,7 @@ fn round_robin_over_consumers() {
     let mut out = Vec::new();
     for conn in 1..=3 {
         b.connect(conn);
-        b.consume(conn, q("jobs"), 100, 0, &mut out);
+        b.consume(conn, q("jobs"), 100, None, 0, &mut out);
     }
     for i in 0..9 {
         send(&mut b, "jobs", &i.to_string(), &mut out);
@@ -217,8 +217,8 @@ fn full_consumers_are_skipped() {
     let mut out = Vec::new();
     b.connect(1);
     b.connect(2);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
-    b.consume(2, q("jobs"), 5, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    b.consume(2, q("jobs"), 5, None, 0, &mut out);
     for i in 0..4 {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
@@ -234,11 +234,11 @@ fn new_consume_request_changes_the_count_and_keeps_holds() {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
     b.connect(1);
-    b.consume(1, q("jobs"), 2, 0, &mut out);
-    b.consume(1, q("jobs"), 3, 0, &mut out);
+    b.consume(1, q("jobs"), 2, None, 0, &mut out);
+    b.consume(1, q("jobs"), 3, None, 0, &mut out);
     assert_eq!(bodies(&out), ["0", "1", "2"]);
     out.clear();
-    b.consume(1, q("jobs"), 0, 0, &mut out);
+    b.consume(1, q("jobs"), 0, None, 0, &mut out);
     let held = b.queue_stats("jobs").unwrap();
     assert_eq!(
         held,
@@ -259,8 +259,8 @@ fn several_queues_on_one_connection() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, q("a"), 1, 0, &mut out);
-    b.consume(1, q("b"), 2, 0, &mut out);
+    b.consume(1, q("a"), 1, None, 0, &mut out);
+    b.consume(1, q("b"), 2, None, 0, &mut out);
     for name in ["a", "b", "a", "b", "b"] {
         send(&mut b, name, name, &mut out);
     }
@@ -273,7 +273,7 @@ fn ack_rules() {
     let mut out = Vec::new();
     b.connect(1);
     b.connect(2);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     let id = send(&mut b, "jobs", "x", &mut out);
     assert!(
         !b.ack(2, &q("jobs"), Some(id), 0, &mut out),
@@ -302,7 +302,7 @@ fn disconnect_returns_holds_in_original_order_ahead_of_newer() {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
     b.connect(1);
-    b.consume(1, q("jobs"), 3, 0, &mut out);
+    b.consume(1, q("jobs"), 3, None, 0, &mut out);
     assert_eq!(bodies(&out), ["0", "1", "2"]);
     let one = out[1].id;
     out.clear();
@@ -313,7 +313,7 @@ fn disconnect_returns_holds_in_original_order_ahead_of_newer() {
     b.disconnect(1, 0, &mut out);
     assert!(out.is_empty());
     b.connect(2);
-    b.consume(2, q("jobs"), 100, 0, &mut out);
+    b.consume(2, q("jobs"), 100, None, 0, &mut out);
     assert_eq!(bodies(&out), ["0", "2", "3", "4", "5", "6"]);
 }
 
@@ -323,8 +323,8 @@ fn disconnect_redelivers_to_remaining_consumers_at_once() {
     let mut out = Vec::new();
     b.connect(1);
     b.connect(2);
-    b.consume(1, q("jobs"), 2, 0, &mut out);
-    b.consume(2, q("jobs"), 2, 0, &mut out);
+    b.consume(1, q("jobs"), 2, None, 0, &mut out);
+    b.consume(2, q("jobs"), 2, None, 0, &mut out);
     for i in 0..4 {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
@@ -350,7 +350,7 @@ fn requeue_goes_to_the_tail_with_a_new_ttl() {
     send(&mut b, "jobs", "a", &mut out);
     send(&mut b, "jobs", "b", &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     let a = out[0].id;
     out.clear();
     assert!(b.requeue(1, &q("jobs"), Some(a), 60, None, 1_000, &mut out));
@@ -382,7 +382,7 @@ fn every_dispatch_counts_and_the_store_learns_the_count_when_it_ends_without_an_
     let mut out = Vec::new();
     let id = send(&mut b, "jobs", "a", &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     assert_eq!(out[0].deliveries, 1);
     out.clear();
     b.disconnect(1, 0, &mut out);
@@ -395,7 +395,7 @@ fn every_dispatch_counts_and_the_store_learns_the_count_when_it_ends_without_an_
         })
     );
     b.connect(2);
-    b.consume(2, q("jobs"), 1, 0, &mut out);
+    b.consume(2, q("jobs"), 1, None, 0, &mut out);
     assert_eq!(out[0].deliveries, 2, "the count survives a disconnect");
     out.clear();
     assert!(b.requeue(2, &q("jobs"), Some(id), 0, None, 0, &mut out));
@@ -426,7 +426,7 @@ fn a_restored_message_keeps_its_count() {
     });
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, name, 1, 0, &mut out);
+    b.consume(1, name, 1, None, 0, &mut out);
     assert_eq!(out[0].deliveries, 5);
 }
 
@@ -490,7 +490,7 @@ fn ttl_packet_only_for_v11_connections_rounded_up() {
         0,
         &mut out,
     );
-    b.consume(1, q("v11"), 5, 0, &mut out);
+    b.consume(1, q("v11"), 5, None, 0, &mut out);
     b.send(q("v11"), Arc::from(&b"y"[..]), None, None, 0, &mut out);
     assert_eq!(out[0].ttl_remaining, Some(10));
     assert_eq!(out[1].ttl_remaining, None, "no TTL, no packet");
@@ -526,7 +526,7 @@ fn ttl_packet_only_for_v11_connections_rounded_up() {
         &mut out,
     );
     out.clear();
-    b.consume(1, q("t"), 1, 1_001, &mut out);
+    b.consume(1, q("t"), 1, None, 1_001, &mut out);
     assert_eq!(
         out[0].ttl_remaining,
         Some(1),
@@ -563,7 +563,7 @@ fn expired_messages_are_never_dispatched() {
         &mut out,
     );
     b.connect(1);
-    b.consume(1, q("jobs"), 10, 1_000, &mut out);
+    b.consume(1, q("jobs"), 10, None, 1_000, &mut out);
     assert_eq!(bodies(&out), ["forever", "long"]);
     assert_eq!(b.totals().expired, 1);
 }
@@ -595,7 +595,7 @@ fn sweep_leaves_held_messages_to_their_holder() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     b.send(q("jobs"), Arc::from(&b"x"[..]), Some(1), None, 0, &mut out);
     assert_eq!(b.expire(5_000), 0);
     assert_eq!(b.message_count(), 1);
@@ -603,7 +603,7 @@ fn sweep_leaves_held_messages_to_their_holder() {
     b.disconnect(1, 5_000, &mut out);
     b.connect(2);
     out.clear();
-    b.consume(2, q("jobs"), 1, 5_000, &mut out);
+    b.consume(2, q("jobs"), 1, None, 5_000, &mut out);
     assert!(out.is_empty());
     assert_eq!(b.message_count(), 0);
 }
@@ -626,7 +626,7 @@ fn many_expired_entries_are_compacted() {
     assert_eq!(b.expire(1_000), 180);
     assert!(b.queues["jobs"].ready.entries().len() < 64);
     b.connect(1);
-    b.consume(1, q("jobs"), 100, 1_000, &mut out);
+    b.consume(1, q("jobs"), 100, None, 1_000, &mut out);
     let expected: Vec<String> = (0..200).step_by(10).map(|i: i32| i.to_string()).collect();
     assert_eq!(bodies(&out), expected);
 }
@@ -636,7 +636,7 @@ fn store_sees_every_change() {
     let (mut b, store) = broker();
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     let id = send(&mut b, "jobs", "x", &mut out);
     b.ack(1, &q("jobs"), Some(id), 0, &mut out);
     let ops = store.ops.lock().unwrap();
@@ -652,13 +652,13 @@ fn queues_exist_while_in_use() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     assert!(
         b.queue_stats("jobs").is_some(),
         "created by a consume request"
     );
     let id = send(&mut b, "jobs", "x", &mut out);
-    b.consume(1, q("jobs"), 0, 0, &mut out);
+    b.consume(1, q("jobs"), 0, None, 0, &mut out);
     assert!(b.queue_stats("jobs").is_some(), "still a message in flight");
     b.ack(1, &q("jobs"), Some(id), 0, &mut out);
     assert_eq!(b.queue_stats("jobs"), None);
@@ -688,7 +688,7 @@ fn restored_messages_are_ready_in_order_and_new_ones_follow() {
     let mut out = Vec::new();
     send(&mut b, "jobs", "c", &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 10, 0, &mut out);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
     assert_eq!(bodies(&out), ["a", "b", "c"]);
     assert_eq!(out[0].id, MessageId::from_u128(10));
     assert!(matches!(&store.ops.lock().unwrap()[0], StoreOp::Insert(m) if m.seq == 12));
@@ -709,7 +709,7 @@ fn status_counts_bytes_and_the_age_of_the_oldest_ready_message() {
     b.send(q("a"), Arc::from(&b"123"[..]), None, None, 2_000, &mut out);
     b.send(q("b"), Arc::from(&b"1"[..]), None, None, 3_000, &mut out);
     b.connect(1);
-    b.consume(1, q("a"), 1, 4_000, &mut out);
+    b.consume(1, q("a"), 1, None, 4_000, &mut out);
     let statuses = b.queue_statuses(5_000);
     assert_eq!(statuses.len(), 2);
     assert_eq!(statuses[0].name.as_str(), "a");
@@ -741,7 +741,7 @@ fn listing_shows_ready_in_order_then_in_flight() {
         send(&mut b, "jobs", &"x".repeat(i + 1), &mut out);
     }
     b.connect(1);
-    b.consume(1, q("jobs"), 2, 0, &mut out);
+    b.consume(1, q("jobs"), 2, None, 0, &mut out);
     let listing = b.list_messages("jobs", 10, 0).unwrap();
     assert_eq!(listing.total, 5);
     let sizes: Vec<(Option<usize>, usize, MessageState)> = listing
@@ -772,7 +772,7 @@ fn flush_drops_ready_and_in_flight_and_later_acks_are_ignored() {
     }
     send(&mut b, "other", "keep", &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 2, 0, &mut out);
+    b.consume(1, q("jobs"), 2, None, 0, &mut out);
     let held = out[0].id;
     out.clear();
     assert_eq!(b.flush("jobs", 0, &mut out), Some(4));
@@ -787,7 +787,7 @@ fn flush_drops_ready_and_in_flight_and_later_acks_are_ignored() {
     out.clear();
     b.disconnect(1, 0, &mut out);
     b.connect(2);
-    b.consume(2, q("jobs"), 10, 0, &mut out);
+    b.consume(2, q("jobs"), 10, None, 0, &mut out);
     assert_eq!(bodies(&out), ["new"], "flushed messages never come back");
     let deletes = store
         .ops
@@ -922,6 +922,19 @@ impl Broker {
         assert_eq!(self.table.resident, all_resident, "total resident");
         let delayed: usize = self.queues.values().map(|q| q.delayed.len()).sum();
         assert_eq!(self.table.due.len(), delayed, "the due index is exact");
+        let leased: std::collections::BTreeSet<(Millis, MessageId)> = self
+            .table
+            .held
+            .iter()
+            .filter(|(_, h)| h.lease_until != NEVER)
+            .map(|(id, h)| (h.lease_until, *id))
+            .collect();
+        assert_eq!(self.table.leases, leased, "the lease index is exact");
+        assert!(self
+            .table
+            .held
+            .values()
+            .all(|h| (h.lease == 0) == (h.lease_until == NEVER)));
         for (id, h) in &self.table.held {
             assert!(self.queues.contains_key(&h.queue));
             assert!(live_ids.insert(*id), "{id} both ready and held");
@@ -1023,6 +1036,7 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     let mut fetches = 0;
     let mut lost = 0;
     let mut delays_seen = false;
+    let mut leases_seen = false;
     for conn in 1..=3 {
         b.connect(conn);
     }
@@ -1037,7 +1051,15 @@ fn random_operations(mut b: Broker, store: &Recorder) {
                 let body = "x".repeat(next(20) as usize);
                 b.send(queue, Arc::from(body.as_bytes()), ttl, delay, now, &mut out);
             }
-            35..=44 => b.consume(conn, queue, next(4), now, &mut out),
+            35..=42 => {
+                let lease = [None, Some(0), Some(60), Some(500)][next(4) as usize];
+                b.consume(conn, queue, next(4), lease, now, &mut out);
+            }
+            43..=44 if !delivered.is_empty() => {
+                let d = &delivered[next(delivered.len() as u64) as usize];
+                let holds = b.table.held.get(&d.id).is_some_and(|h| h.holder == d.conn);
+                assert_eq!(b.touch(d.conn, &d.queue, Some(d.id), now), holds);
+            }
             45..=84 if !delivered.is_empty() => {
                 let d = delivered.swap_remove(next(delivered.len() as u64) as usize);
                 let q = d.queue.clone();
@@ -1079,6 +1101,7 @@ fn random_operations(mut b: Broker, store: &Recorder) {
         }
         delivered.append(&mut out);
         delays_seen |= !b.table.due.is_empty();
+        leases_seen |= !b.table.leases.is_empty();
         b.check_invariants(store, step % 100 == 0);
         let t = b.totals();
         assert_eq!(
@@ -1091,11 +1114,11 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     // Nothing waits for good: a consumer with room gets every ready message, fetched or not.
     b.connect(9);
     for name in queues {
-        b.consume(9, q(name), u64::MAX, now, &mut out);
+        b.consume(9, q(name), u64::MAX, None, now, &mut out);
     }
     now += 10_000;
     while b.fire_timers(now, &mut out) > 0 {}
-    assert_eq!(b.next_deadline(), None, "every delay has passed");
+    assert!(b.table.due.is_empty(), "every delay has passed");
     while store.serve(&mut b, now, &mut out) > 0 {}
     for name in queues {
         let ready = b.queue_stats(name).map_or(0, |s| s.ready);
@@ -1103,8 +1126,8 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     }
     b.check_invariants(store, true);
     out.clear();
-    b.disconnect(9, now, &mut out);
     b.flush_all(now, &mut out);
+    b.disconnect(9, now, &mut out);
     assert!(out.is_empty());
     for conn in 1..=3 {
         b.disconnect(conn, now, &mut out);
@@ -1114,6 +1137,7 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     let t = b.totals();
     assert!(t.delivered > 500 && t.requeued > 0, "{t:?}");
     assert!(delays_seen, "no delayed message was ever seen");
+    assert!(leases_seen, "no lease was ever seen");
     assert!(
         t.acknowledged > 0 && t.dead_lettered > 0 && t.expired > 0 && t.flushed > 0,
         "every retire reason is exercised: {t:?}"
@@ -1159,7 +1183,7 @@ fn a_backlog_beyond_the_window_is_read_back_in_order() {
     );
 
     b.connect(1);
-    b.consume(1, q("jobs"), 100, 0, &mut out);
+    b.consume(1, q("jobs"), 100, None, 0, &mut out);
     assert_eq!(bodies(&out), numbered(0..4), "the resident ones go at once");
     assert_eq!(store.pending_fetches(), 1, "the next ones are asked for");
     assert_eq!(store.fetches.lock().unwrap()[0].seqs, [5, 6, 7, 8]);
@@ -1193,7 +1217,7 @@ fn queues_share_a_total_beyond_their_floors() {
     b.check_invariants(&store, true);
     // b's consumer gets all of b, in order, a little at a time.
     b.connect(1);
-    b.consume(1, q("b"), 100, 0, &mut out);
+    b.consume(1, q("b"), 100, None, 0, &mut out);
     while store.serve(&mut b, 0, &mut out) > 0 {
         b.check_invariants(&store, true);
         assert!(
@@ -1205,11 +1229,11 @@ fn queues_share_a_total_beyond_their_floors() {
     // Once a is consumed, its room goes to c.
     out.clear();
     b.connect(2);
-    b.consume(2, q("a"), 100, 0, &mut out);
+    b.consume(2, q("a"), 100, None, 0, &mut out);
     while store.serve(&mut b, 0, &mut out) > 0 {}
     assert_eq!(bodies(&out), numbered(0..10));
     b.connect(3);
-    b.consume(3, q("c"), 1, 0, &mut out);
+    b.consume(3, q("c"), 1, None, 0, &mut out);
     store.serve(&mut b, 0, &mut out);
     assert_eq!(resident(&b, "c"), 4, "the whole per-queue window now");
     b.check_invariants(&store, true);
@@ -1278,7 +1302,7 @@ fn restored_content_beyond_the_window_stays_in_the_store() {
     );
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, jobs, 10, 0, &mut out);
+    b.consume(1, jobs, 10, None, 0, &mut out);
     while store.serve(&mut b, 0, &mut out) > 0 {}
     assert_eq!(bodies(&out), ["1", "2", "3", "4", "5"]);
     b.check_invariants(&store, true);
@@ -1290,7 +1314,7 @@ fn an_answer_to_a_fetch_overtaken_by_a_flush_is_ignored() {
     let mut out = Vec::new();
     send_numbered(&mut b, "jobs", 6, &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     assert_eq!(store.pending_fetches(), 1);
     b.flush("jobs", 0, &mut out);
     out.clear();
@@ -1307,7 +1331,7 @@ fn a_message_missing_from_the_store_is_dropped_not_waited_for() {
     let mut out = Vec::new();
     send_numbered(&mut b, "jobs", 4, &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 10, 0, &mut out);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
     // The store lost message 2 (seq 2): answer without it.
     let request = store.fetches.lock().unwrap().remove(0);
     assert_eq!(request.seqs, [2]);
@@ -1352,7 +1376,7 @@ fn a_sweep_is_bounded_and_the_rest_never_dispatched() {
         "one sweep drops at most a batch"
     );
     b.connect(1);
-    b.consume(1, q("mass"), 10, 1_000, &mut out);
+    b.consume(1, q("mass"), 10, None, 1_000, &mut out);
     assert_eq!(
         bodies(&out),
         ["survivor"],
@@ -1368,14 +1392,14 @@ fn a_paused_connection_gets_nothing_new_until_resumed() {
     let mut out = Vec::new();
     b.connect(1);
     b.connect(2);
-    b.consume(1, q("jobs"), 10, 0, &mut out);
-    b.consume(2, q("jobs"), 10, 0, &mut out);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
+    b.consume(2, q("jobs"), 10, None, 0, &mut out);
     b.set_paused(1, true, 0, &mut out);
     for i in 0..4 {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
     assert!(out.iter().all(|d| d.conn == 2), "the paused one is skipped");
-    b.consume(2, q("jobs"), 0, 0, &mut out);
+    b.consume(2, q("jobs"), 0, None, 0, &mut out);
     out.clear();
     send(&mut b, "jobs", "waiting", &mut out);
     assert!(out.is_empty(), "nobody with room that is not paused");
@@ -1401,7 +1425,7 @@ fn huge_ttls_are_clamped_to_the_latest_expiry_and_read_back_the_same() {
         now,
         &mut out,
     );
-    b.consume(1, q("t"), 5, now, &mut out);
+    b.consume(1, q("t"), 5, None, now, &mut out);
     assert_eq!(out[0].ttl_remaining, Some(expected));
     assert!(matches!(
         &store.ops.lock().unwrap()[0],
@@ -1434,7 +1458,7 @@ fn huge_ttls_are_clamped_to_the_latest_expiry_and_read_back_the_same() {
         &mut out,
     );
     out.clear();
-    b.consume(1, q("t"), 5, now, &mut out);
+    b.consume(1, q("t"), 5, None, now, &mut out);
     let ttls: Vec<_> = out.iter().map(|d| d.ttl_remaining).collect();
     assert_eq!(ttls, [Some(expected), Some(expected)], "the third expired");
 }
@@ -1494,7 +1518,7 @@ fn a_delayed_message_waits_then_joins_the_tail_in_due_then_send_order() {
     let (mut b, store) = broker();
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, q("jobs"), 10, 0, &mut out);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
     send_at(&mut b, "jobs", "late", None, 500, 0);
     send_at(&mut b, "jobs", "first", None, 300, 0);
     send_at(&mut b, "jobs", "second", None, 200, 100);
@@ -1542,7 +1566,7 @@ fn a_ttl_shorter_than_the_delay_expires_the_message_undelivered() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, q("jobs"), 10, 0, &mut out);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
     send_at(&mut b, "jobs", "swept", Some(1), 5_000, 0);
     send_at(&mut b, "jobs", "at due", Some(2), 5_000, 0);
     assert_eq!(b.expire(1_000), 1, "the sweep finds a delayed message too");
@@ -1560,7 +1584,7 @@ fn a_requeue_with_a_delay_keeps_the_message_back_and_frees_the_holder() {
     send(&mut b, "jobs", "a", &mut out);
     send(&mut b, "jobs", "b", &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     let a = out[0].id;
     out.clear();
     assert!(b.requeue(1, &q("jobs"), Some(a), 0, Some(1_000), 0, &mut out));
@@ -1594,7 +1618,7 @@ fn restored_delayed_messages_wait_again_and_due_ones_join_in_due_order() {
     b.restore(row(5, Some(5_000), b"future"));
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, name, 10, 1_000, &mut out);
+    b.consume(1, name, 10, None, 1_000, &mut out);
     assert_eq!(bodies(&out), ["ready"]);
     out.clear();
     b.fire_timers(1_000, &mut out);
@@ -1613,7 +1637,7 @@ fn delayed_content_is_read_back_from_the_store_once_due() {
         .iter()
         .all(|(_, d)| d.content.is_none()));
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     b.fire_timers(100, &mut out);
     assert!(out.is_empty(), "its content is still to come");
     store.serve(&mut b, 100, &mut out);
@@ -1653,7 +1677,7 @@ fn counts_and_flush_see_ready_delayed_and_in_flight_and_a_later_ack_is_ignored()
     }
     send_at(&mut b, "jobs", "d", None, 1_000, 0);
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     let held = out[0].id;
     out.clear();
     let counts = b.counts("jobs");
@@ -1672,4 +1696,112 @@ fn counts_and_flush_see_ready_delayed_and_in_flight_and_a_later_ack_is_ignored()
     assert_eq!(b.message_count(), 0);
     assert_eq!(b.totals().flushed, 4);
     assert_eq!(b.counts("jobs").consumers, 1, "the consumer stays");
+}
+
+#[test]
+fn an_expired_lease_takes_the_message_back_to_the_head_and_frees_the_holder() {
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, Some(1_000), 0, &mut out);
+    let a = send(&mut b, "jobs", "a", &mut out);
+    send(&mut b, "jobs", "b", &mut out);
+    assert_eq!(bodies(&out), ["a"]);
+    out.clear();
+    assert_eq!(b.next_deadline(), Some(1_000));
+    assert_eq!(b.fire_timers(999, &mut out), 0);
+    // Another consumer, full, so the room of the old holder is what serves.
+    assert_eq!(b.fire_timers(1_000, &mut out), 1);
+    assert_eq!(
+        (bodies(&out), out[0].deliveries),
+        (vec!["a".to_string()], 2),
+        "back at the head, to the holder whose room was freed"
+    );
+    assert!(store.ops.lock().unwrap().contains(&StoreOp::Returned {
+        id: a,
+        seq: 1,
+        deliveries: 1
+    }));
+    out.clear();
+    // Taken back again; this time another consumer waits.
+    b.connect(2);
+    b.consume(2, q("jobs"), 1, None, 1_000, &mut out);
+    assert_eq!(bodies(&out), ["b"]);
+    let b_id = out[0].id;
+    out.clear();
+    b.ack(2, &q("jobs"), Some(b_id), 1_000, &mut out);
+    assert!(out.is_empty());
+    b.fire_timers(2_000, &mut out);
+    assert_eq!((out[0].id, out[0].deliveries), (a, 3));
+    let holder = out[0].conn;
+    out.clear();
+    if holder == 2 {
+        assert!(
+            !b.ack(1, &q("jobs"), Some(a), 2_000, &mut out),
+            "the old holder's ack is ignored"
+        );
+        assert!(b.ack(2, &q("jobs"), Some(a), 2_000, &mut out));
+    }
+    assert_eq!(
+        b.next_deadline(),
+        if holder == 2 { None } else { Some(3_000) }
+    );
+}
+
+#[test]
+fn a_late_ack_from_the_old_holder_is_ignored() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, Some(100), 0, &mut out);
+    let a = send(&mut b, "jobs", "a", &mut out);
+    b.consume(1, q("jobs"), 0, None, 0, &mut out);
+    out.clear();
+    b.fire_timers(100, &mut out);
+    assert!(out.is_empty(), "no consumer with room");
+    assert!(!b.ack(1, &q("jobs"), Some(a), 150, &mut out));
+    assert_eq!(b.counts("jobs").ready, 1);
+    assert_eq!(b.totals().acknowledged, 0);
+}
+
+#[test]
+fn touch_restarts_the_lease_and_a_new_consume_sets_it_for_later_dispatches() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 2, Some(1_000), 0, &mut out);
+    let a = send(&mut b, "jobs", "a", &mut out);
+    b.consume(1, q("jobs"), 2, Some(5_000), 0, &mut out);
+    let c = send(&mut b, "jobs", "c", &mut out);
+    out.clear();
+    assert!(b.touch(1, &q("jobs"), Some(a), 900));
+    assert!(!b.touch(2, &q("jobs"), Some(a), 900), "not the holder");
+    assert_eq!(
+        b.fire_timers(1_899, &mut out),
+        0,
+        "touched at 900: due at 1900"
+    );
+    assert_eq!(b.fire_timers(1_900, &mut out), 1);
+    assert_eq!(out[0].id, a, "redispatched under the new lease");
+    out.clear();
+    assert_eq!(b.fire_timers(5_000, &mut out), 1, "c kept its 5 s deadline");
+    assert_eq!(out[0].id, c);
+    assert_eq!(
+        b.next_deadline(),
+        Some(6_900),
+        "a's second lease, 5 s from 1900"
+    );
+}
+
+#[test]
+fn messages_without_a_lease_are_held_until_acked() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, Some(0), 0, &mut out);
+    let a = send(&mut b, "jobs", "a", &mut out);
+    assert_eq!(b.next_deadline(), None);
+    assert!(b.touch(1, &q("jobs"), Some(a), 10));
+    assert_eq!(b.fire_timers(u64::MAX / 2, &mut out), 0);
+    assert!(b.ack(1, &q("jobs"), Some(a), 10, &mut out));
 }

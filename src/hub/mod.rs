@@ -218,6 +218,19 @@ impl Hub {
         self.read_mut(|broker, now| broker.expire(now))
     }
 
+    /// The sweeper's tick: drops what expired, takes back messages whose lease ran out and
+    /// releases delayed ones that are due (writing out what that dispatches). Returns how
+    /// long until the broker's next deadline, if it has one.
+    pub fn sweep(&self) -> Result<Option<Duration>, BrokerDown> {
+        self.modify(|broker, now, out| {
+            broker.expire(now);
+            broker.fire_timers(now, out);
+            broker
+                .next_deadline()
+                .map(|at| Duration::from_millis(at.saturating_sub(now)))
+        })
+    }
+
     /// Looks at the broker under the lock.
     pub fn read<R>(&self, f: impl FnOnce(&Broker, Millis) -> R) -> Result<R, BrokerDown> {
         let now = now_millis();
