@@ -79,6 +79,14 @@ impl Backend for Fake {
         Ok((8, self.queues.len()))
     }
 
+    fn redrive(&self, queue: &QueueName) -> Result<usize, BrokerDown> {
+        Ok(if self.queues.contains(&queue.as_str()) {
+            3
+        } else {
+            0
+        })
+    }
+
     fn stopping(&self) -> bool {
         false
     }
@@ -176,4 +184,19 @@ fn quit_monitor_and_unknown_commands() {
     assert_eq!(text("", &b), "");
     assert!(text("frobnicate", &b).starts_with("error: unknown command \"frobnicate\""));
     assert!(text("flushall now", &b).starts_with("error: flushall takes no argument"));
+}
+
+#[test]
+fn redrive_answers_with_the_count_and_is_in_the_help() {
+    let b = fake();
+    assert_eq!(
+        text("redrive mail", &b),
+        "redrove 3 messages from mail.dead to mail\n"
+    );
+    assert_eq!(
+        text("redrive nope", &b),
+        "redrove 0 messages from nope.dead to nope\n"
+    );
+    assert!(text("redrive", &b).starts_with("error: usage"));
+    assert!(text("help redrive", &b).starts_with("redrive QUEUE\n"));
 }

@@ -200,6 +200,14 @@ impl Broker {
         let Some(held) = self.table.unhold(q, &mut self.connections, queue, id) else {
             return false;
         };
+        if let Some(dead) = self.dead_letter_target(queue.as_str(), held.deliveries) {
+            // Its TTL stays the one it had: the re-queue (and its new TTL) did not happen.
+            self.move_to_dead(id, held, &dead, now, out);
+            // The holder has room again.
+            self.pump(queue, now, out);
+            self.drop_queue_if_unused(queue);
+            return true;
+        }
         if held.expires_at != NEVER {
             self.table.expiry.remove(&(held.expires_at, held.seq));
         }
@@ -260,7 +268,9 @@ impl Broker {
                 queue.subscribers.remove(&conn);
             }
         }
-        let ids = self.table.held_ids(|h| h.holder == conn);
+        let mut ids = self.table.held_ids(|h| h.holder == conn);
+        // In FIFO order: those moved to a dead-letter queue arrive there in that order.
+        ids.sort_unstable_by_key(|id| self.table.held.get(id).map(|h| h.seq));
         let mut returned: HashMap<QueueName, Vec<Ready>> = HashMap::new();
         for id in ids {
             let Some(name) = self.table.held.get(&id).map(|h| h.queue.clone()) else {
@@ -270,7 +280,7 @@ impl Broker {
                 continue;
             };
             if let Some(held) = self.table.unhold(queue, &mut self.connections, &name, id) {
-                if let Some(ready) = self.give_back(&name, id, held, now) {
+                if let Some(ready) = self.give_back(&name, id, held, now, out) {
                     returned.entry(name).or_default().push(ready);
                 }
             }
@@ -292,13 +302,20 @@ impl Broker {
     /// A held message whose dispatch ended without an ack (its holder left, its lease ran
     /// out), out of `held` already: the store learns its count, and the caller puts the
     /// returned entry back at its place.
+    /// At its last allowed dispatch it moves to its dead-letter queue instead (and `None` is
+    /// returned).
     pub(super) fn give_back(
         &mut self,
         name: &QueueName,
         id: MessageId,
         held: Held,
-        _now: Millis,
+        now: Millis,
+        out: &mut Vec<Delivery>,
     ) -> Option<Ready> {
+        if let Some(dead) = self.dead_letter_target(name.as_str(), held.deliveries) {
+            self.move_to_dead(id, held, &dead, now, out);
+            return None;
+        }
         self.table.index_expiry(name, held.seq, held.expires_at);
         self.table.store.apply(StoreOp::Returned {
             id,

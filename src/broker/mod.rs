@@ -27,11 +27,15 @@
 //!   the names of the queues that exist, in order, so the console can walk them a chunk at a
 //!   time (a hash map has no place to resume from);
 //! - the table's `resident` is the sum of the queues' resident amounts;
+//! - with a maximum delivery count N, no message outside a `….dead` queue has ended N
+//!   dispatches without an ack: at its N-th it moved to `<queue>.dead` (module `dead`), from
+//!   where nothing is moved again; a move is not a way out (the message stays stored);
 //! - a message's delivery count is what the store has for it, plus one while it is held: the
 //!   store learns the count whenever a dispatch ends without an ack (`StoreOp::Returned`,
 //!   `StoreOp::Requeue`), never at the dispatch itself (the hot path), so a dispatch under way
 //!   when the server is killed is not counted.
 
+mod dead;
 mod delay;
 mod hold;
 mod inspect;
@@ -41,6 +45,7 @@ mod retire;
 mod ring;
 mod window;
 
+pub use dead::{dead_queue_name, REDRIVE_CHUNK};
 pub use inspect::{Listing, MessageRow, MessageState, QueueStatus, FLUSH_CHUNK, STATUS_CHUNK};
 
 use crate::id::{IdGenerator, IdMap, MessageId};
@@ -85,6 +90,11 @@ pub struct Totals {
     pub expired: u64,
     /// Dropped by a flush.
     pub flushed: u64,
+    /// Moved to their dead-letter queue after their last allowed dispatch (v1.2 rule 8);
+    /// still stored, so not a way out.
+    pub moved_to_dead: u64,
+    /// Moved back from a dead-letter queue by a redrive.
+    pub redriven: u64,
     /// Dropped because the store could not read their content back (never expected; not
     /// shown by status, kept so every way out is counted).
     pub lost: u64,
@@ -213,6 +223,9 @@ pub struct Broker {
     table: MessageTable,
     ids: IdGenerator,
     next_seq: u64,
+    /// The most dispatches a message may end without an ack before it moves to its
+    /// dead-letter queue (v1.2 rule 8); `None`: never moved.
+    max_deliveries: Option<u32>,
 }
 
 /// When a message with `ttl` seconds accepted at `now` expires, at most [`MAX_EXPIRES_AT`];
@@ -273,6 +286,7 @@ impl Broker {
             },
             ids,
             next_seq: 1,
+            max_deliveries: None,
         }
     }
 

@@ -917,6 +917,18 @@ impl Broker {
                 assert_eq!(q.consumers.contains(*conn), sub.limit > 0);
             }
             assert!(!q.is_unused(), "{name}: unused queue kept");
+            assert!(
+                !name.as_str().ends_with(".dead.dead"),
+                "a dead letter moved again"
+            );
+            if let (Some(max), false) = (self.max_deliveries, name.as_str().ends_with(".dead")) {
+                let waiting = q.ready.iter().map(|e| e.deliveries);
+                let delayed = q.delayed.iter().map(|(_, d)| d.deliveries);
+                assert!(
+                    waiting.chain(delayed).all(|n| n < max),
+                    "{name}: a message at its last dispatch is back"
+                );
+            }
             live_ids.extend(live.iter().map(|e| e.id));
         }
         assert_eq!(self.table.resident, all_resident, "total resident");
@@ -1037,6 +1049,8 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     let mut lost = 0;
     let mut delays_seen = false;
     let mut leases_seen = false;
+    let mut redriven = 0;
+    b.set_max_deliveries(Some(3));
     for conn in 1..=3 {
         b.connect(conn);
     }
@@ -1053,6 +1067,8 @@ fn random_operations(mut b: Broker, store: &Recorder) {
             }
             35..=42 => {
                 let lease = [None, Some(0), Some(60), Some(500)][next(4) as usize];
+                // Now and then from a dead-letter queue, whose messages are never moved.
+                let queue = if next(6) == 0 { q("a.dead") } else { queue };
                 b.consume(conn, queue, next(4), lease, now, &mut out);
             }
             43..=44 if !delivered.is_empty() => {
@@ -1089,7 +1105,11 @@ fn random_operations(mut b: Broker, store: &Recorder) {
                 b.flush(queue.as_str(), now, &mut out);
                 delivered.retain(|d| d.queue != queue);
             }
-            96..=97 => b.set_paused(conn, next(2) == 0, now, &mut out),
+            96 => b.set_paused(conn, next(2) == 0, now, &mut out),
+            97 => {
+                let limit = [1, 3, usize::MAX][next(3) as usize];
+                redriven += b.redrive_some(&queue, limit, now, &mut out);
+            }
             _ => {
                 // Now and then the store lost a message it is asked for.
                 if next(8) == 0 {
@@ -1138,6 +1158,11 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     assert!(t.delivered > 500 && t.requeued > 0, "{t:?}");
     assert!(delays_seen, "no delayed message was ever seen");
     assert!(leases_seen, "no lease was ever seen");
+    assert!(
+        t.moved_to_dead > 0 && redriven > 0,
+        "{t:?}, {redriven} redriven"
+    );
+    assert_eq!(t.redriven as usize, redriven);
     assert!(
         t.acknowledged > 0 && t.dead_lettered > 0 && t.expired > 0 && t.flushed > 0,
         "every retire reason is exercised: {t:?}"
@@ -1804,4 +1829,140 @@ fn messages_without_a_lease_are_held_until_acked() {
     assert!(b.touch(1, &q("jobs"), Some(a), 10));
     assert_eq!(b.fire_timers(u64::MAX / 2, &mut out), 0);
     assert!(b.ack(1, &q("jobs"), Some(a), 10, &mut out));
+}
+
+#[test]
+fn the_nth_dispatch_without_an_ack_moves_the_message_to_its_dead_letter_queue() {
+    let (mut b, store) = broker();
+    b.set_max_deliveries(Some(3));
+    let mut out = Vec::new();
+    let a = send(&mut b, "jobs", "a", &mut out);
+    // 1: its holder leaves.
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    b.disconnect(1, 0, &mut out);
+    // 2: a re-queue.
+    b.connect(2);
+    b.consume(2, q("jobs"), 1, Some(100), 0, &mut out);
+    assert!(b.requeue(2, &q("jobs"), Some(a), 60, None, 0, &mut out));
+    // 3: its lease runs out.
+    assert_eq!(out.last().map(|d| d.deliveries), Some(3));
+    out.clear();
+    b.fire_timers(100, &mut out);
+    assert!(out.is_empty(), "not back in jobs");
+    assert_eq!(b.counts("jobs").ready, 0);
+    assert_eq!(b.counts("jobs.dead").ready, 1);
+    let ops = store.ops.lock().unwrap();
+    let Some(StoreOp::Requeue {
+        id,
+        expires_at,
+        deliveries,
+        queue,
+        ..
+    }) = ops.last()
+    else {
+        panic!("{:?}", ops.last());
+    };
+    assert_eq!(
+        (*id, *expires_at, *deliveries, queue.clone()),
+        (a, Some(60_000), 3, Some(q("jobs.dead"))),
+        "moved with its id, TTL and count"
+    );
+    drop(ops);
+    assert_eq!(b.totals().moved_to_dead, 1);
+    // From the dead queue it shows N+1, and it is never moved again.
+    b.connect(3);
+    b.consume(3, q("jobs.dead"), 1, None, 200, &mut out);
+    assert_eq!((out[0].id, out[0].deliveries), (a, 4));
+    out.clear();
+    b.disconnect(3, 200, &mut out);
+    assert_eq!(b.counts("jobs.dead").ready, 1);
+    assert!(b
+        .queue_names()
+        .iter()
+        .all(|n| n.as_str() != "jobs.dead.dead"));
+}
+
+#[test]
+fn without_a_maximum_nothing_is_moved() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    let a = send(&mut b, "jobs", "a", &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    for _ in 0..5 {
+        b.requeue(1, &q("jobs"), Some(a), 0, None, 0, &mut out);
+    }
+    assert_eq!(out.last().map(|d| d.deliveries), Some(6));
+    assert_eq!(b.queue_names(), [q("jobs")]);
+}
+
+#[test]
+fn a_long_queue_name_is_cut_to_make_room_for_dead() {
+    let long = "é".repeat(127) + "x"; // 255 bytes
+    let dead = dead_queue_name(&long).unwrap();
+    assert!(dead.as_str().len() <= 255);
+    assert_eq!(dead.as_str(), "é".repeat(125) + ".dead");
+    assert_eq!(dead_queue_name("jobs").unwrap().as_str(), "jobs.dead");
+    assert!(dead_queue_name("jobs.dead").is_none());
+}
+
+#[test]
+fn redrive_moves_dead_messages_back_with_ids_kept_and_counts_reset() {
+    let (mut b, _) = broker();
+    b.set_max_deliveries(Some(1));
+    let mut out = Vec::new();
+    send(&mut b, "jobs", "a", &mut out);
+    send(&mut b, "jobs", "b", &mut out);
+    send(&mut b, "jobs", "c", &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 3, None, 0, &mut out);
+    let ids: Vec<MessageId> = out.iter().map(|d| d.id).collect();
+    out.clear();
+    b.disconnect(1, 0, &mut out);
+    assert_eq!(b.counts("jobs.dead").ready, 3);
+    // One of them delayed in the dead queue, one held there.
+    b.connect(2);
+    b.consume(2, q("jobs.dead"), 2, None, 0, &mut out);
+    assert!(b.requeue(
+        2,
+        &q("jobs.dead"),
+        Some(ids[0]),
+        0,
+        Some(10_000),
+        0,
+        &mut out
+    ));
+    assert_eq!(b.counts("jobs.dead").delayed, 1);
+    assert_eq!(b.counts("jobs.dead").in_flight, 2);
+    b.ack(2, &q("jobs.dead"), Some(ids[1]), 0, &mut out);
+    out.clear();
+    assert_eq!(b.redrive(&q("nobody"), 0, &mut out), 0);
+    assert!(!b.queue_names().contains(&q("nobody.dead")));
+    // ids[2] is held in the dead queue: it stays. ids[0] is delayed: it comes back at once.
+    assert_eq!(b.redrive(&q("jobs"), 0, &mut out), 1);
+    assert_eq!(b.counts("jobs").ready, 1);
+    assert_eq!(b.counts("jobs.dead").delayed, 0);
+    b.connect(3);
+    b.consume(3, q("jobs"), 5, None, 0, &mut out);
+    assert_eq!((out[0].id, out[0].deliveries), (ids[0], 1), "count reset");
+}
+
+#[test]
+fn redrive_works_in_chunks_in_order() {
+    let (mut b, _) = broker();
+    b.set_max_deliveries(Some(1));
+    let mut out = Vec::new();
+    send_numbered(&mut b, "jobs", 10, &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
+    out.clear();
+    b.disconnect(1, 0, &mut out);
+    assert_eq!(b.redrive_some(&q("jobs"), 4, 0, &mut out), 4);
+    assert_eq!(b.redrive_some(&q("jobs"), 4, 0, &mut out), 4);
+    assert_eq!(b.redrive_some(&q("jobs"), 4, 0, &mut out), 2);
+    assert!(!b.queue_names().contains(&q("jobs.dead")), "empty: gone");
+    b.connect(2);
+    b.consume(2, q("jobs"), 10, None, 0, &mut out);
+    assert_eq!(bodies(&out), numbered(0..10));
 }

@@ -110,6 +110,7 @@ impl Server {
             None => Box::new(NullStore),
         };
         let mut broker = Broker::new(store);
+        broker.set_max_deliveries(Some(config.max_deliveries));
         let mut recovered = 0;
         if let Some(storage) = &mut storage {
             recovered = storage.recover(&mut |message| broker.restore(message))?;
