@@ -59,6 +59,14 @@ pub fn status_text(status: &Status) -> String {
         "messages: {} accepted, {} delivered, {} acknowledged, {} requeued, {} expired, {} dead-lettered, {} flushed",
         t.accepted, t.delivered, t.acknowledged, t.requeued, t.expired, t.dead_lettered, t.flushed
     );
+    // Only once it happened: a server without a maximum delivery count never shows it.
+    if t.moved_to_dead > 0 || t.redriven > 0 {
+        let _ = writeln!(
+            out,
+            "dead letters: {} moved to a .dead queue at their last allowed delivery, {} redriven",
+            t.moved_to_dead, t.redriven
+        );
+    }
     let storage = status.storage.as_ref();
     match (storage, storage.and_then(|s| s.last_sync.as_ref())) {
         (None, _) => out.push_str("persistence: none (memory only)\n"),

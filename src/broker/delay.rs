@@ -6,7 +6,7 @@
 
 use super::retire::{is_expired, Place, Retirement};
 use super::window::Amount;
-use super::{Broker, Delivery, MessageTable, Queue, EXPIRE_BATCH, NEVER};
+use super::{Broker, Delivery, MessageTable, Queue, EXPIRE_BATCH, MAX_EXPIRES_AT, NEVER};
 use crate::id::MessageId;
 use crate::request::QueueName;
 use crate::store::{Millis, StoreOp};
@@ -84,9 +84,12 @@ impl MessageTable {
     }
 }
 
-/// When a message delayed by `delay` ms at `now` is due; `None` for no delay.
+/// When a message delayed by `delay` ms at `now` is due; `None` for no delay. Clamped like an
+/// expiry time, so the stored time reads back the same.
 pub(super) fn due_time(now: Millis, delay: Option<u64>) -> Option<Millis> {
-    delay.filter(|&d| d > 0).map(|d| now.saturating_add(d))
+    delay
+        .filter(|&d| d > 0)
+        .map(|d| now.saturating_add(d).min(MAX_EXPIRES_AT))
 }
 
 impl Broker {

@@ -651,7 +651,7 @@ fn status_json_parses_with_the_documented_fields_and_types() {
     );
     assert!(srv["mirror"]["completed"].as_u64() >= Some(1), "{doc}");
     assert_eq!(srv["mirror"]["failures"], 0, "{doc}");
-    let totals: [Field; 7] = [
+    let totals: [Field; 9] = [
         ("accepted", is_count),
         ("delivered", is_count),
         ("acknowledged", is_count),
@@ -659,6 +659,8 @@ fn status_json_parses_with_the_documented_fields_and_types() {
         ("expired", is_count),
         ("dead_lettered", is_count),
         ("flushed", is_count),
+        ("moved_to_dead", is_count),
+        ("redriven", is_count),
     ];
     check(&srv["totals"], &totals);
     assert!(srv["totals"]["accepted"].as_u64() >= Some(32), "{doc}");
