@@ -81,6 +81,9 @@ pub struct Config {
     pub db: Option<PathBuf>,
     /// How often a changed store is mirrored to `db`.
     pub mirror_interval: Duration,
+    /// A message whose this-many-th dispatch ends without an ack moves to `<queue>.dead`
+    /// (v1.2 `dead-letter`); 0: never.
+    pub max_deliveries: u32,
 }
 
 impl Default for Config {
@@ -95,6 +98,7 @@ impl Default for Config {
             console_idle_timeout: DEFAULT_CONSOLE_IDLE_TIMEOUT,
             db: Some(PathBuf::from(DEFAULT_DB)),
             mirror_interval: DEFAULT_MIRROR_INTERVAL,
+            max_deliveries: 0,
         }
     }
 }

@@ -57,6 +57,9 @@ struct Totals {
     expired: u64,
     dead_lettered: u64,
     flushed: u64,
+    /// Since v1.2, last: moved to `<queue>.dead` by the delivery count, and back by redrive.
+    moved_to_dead: u64,
+    redriven: u64,
 }
 
 #[derive(Serialize)]
@@ -67,6 +70,8 @@ struct Queue<'a> {
     consumers: usize,
     bytes: u64,
     oldest_ready_ms: Option<u64>,
+    /// Last, since v1.2: what scripts matched before stays byte for byte the same.
+    delayed: usize,
 }
 
 impl<'a> Document<'a> {
@@ -109,6 +114,8 @@ impl<'a> Document<'a> {
                     expired: t.expired,
                     dead_lettered: t.dead_lettered,
                     flushed: t.flushed,
+                    moved_to_dead: t.moved_to_dead,
+                    redriven: t.redriven,
                 },
             },
             queues: status
@@ -121,6 +128,7 @@ impl<'a> Document<'a> {
                     consumers: q.consumers,
                     bytes: q.bytes,
                     oldest_ready_ms: q.oldest_ready_ms,
+                    delayed: q.delayed,
                 })
                 .collect(),
         }
@@ -182,6 +190,7 @@ mod tests {
             queues: vec![QueueStatus {
                 name: QueueName::new("zürich \"q\"".as_bytes()).unwrap(),
                 ready: 10,
+                delayed: 2,
                 in_flight: 0,
                 consumers: 0,
                 bytes: 20,
@@ -200,8 +209,8 @@ mod tests {
                 r#"{"server":{"version":"1.2.3","uptime_s":42,"connections":3,"rss_bytes":null,"#,
                 r#""db":null,"last_mirror":null,"mirror":null,"totals":{"accepted":16,"#,
                 r#""delivered":4,"acknowledged":4,"requeued":0,"expired":0,"dead_lettered":1,"#,
-                r#""flushed":0}},"queues":[{"name":"zürich \"q\"","ready":10,"in_flight":0,"#,
-                r#""consumers":0,"bytes":20,"oldest_ready_ms":null}]}"#
+                r#""flushed":0,"moved_to_dead":0,"redriven":0}},"queues":[{"name":"zürich \"q\"","ready":10,"in_flight":0,"#,
+                r#""consumers":0,"bytes":20,"oldest_ready_ms":null,"delayed":2}]}"#
             )
         );
     }

@@ -59,6 +59,8 @@ pub trait Backend: Send + Sync {
     fn flush(&self, queue: &str) -> Result<Option<usize>, BrokerDown>;
     /// Flushes every queue: (messages, queues).
     fn flush_all(&self) -> Result<(usize, usize), BrokerDown>;
+    /// Moves the waiting messages of `<queue>.dead` back to `queue`: how many.
+    fn redrive(&self, queue: &QueueName) -> Result<usize, BrokerDown>;
     fn stopping(&self) -> bool;
 }
 
@@ -113,6 +115,12 @@ const COMMANDS: &[CommandHelp] = &[
         name: "flushall",
         usage: "flushall",
         summary: "flush every queue",
+    },
+    CommandHelp {
+        name: "redrive",
+        usage: "redrive QUEUE",
+        summary: "move the waiting messages of QUEUE.dead back to the tail of QUEUE, ids kept \
+                  and delivery counts reset (messages in flight there stay)",
     },
     CommandHelp {
         name: "clear",
@@ -248,6 +256,23 @@ pub fn execute(line: &str, backend: &dyn Backend) -> Reply {
                 ))
             }
             Err(e) => down(e),
+        },
+        ("redrive", "") => Reply::Text("error: usage: redrive QUEUE\n".into()),
+        ("redrive", arg) => match names::parse(arg).map(|q| QueueName::new(q.as_bytes())) {
+            Err(e) => syntax(e),
+            Ok(Err(e)) => Reply::Text(format!("error: {e}\n")),
+            Ok(Ok(queue)) => match backend.redrive(&queue) {
+                Ok(n) => {
+                    let shown = names::display(queue.as_str());
+                    let dead = crate::broker::dead_queue_name(queue.as_str()).map_or_else(
+                        || "(none)".into(),
+                        |d| names::display(d.as_str()).into_owned(),
+                    );
+                    info!("console: redrove {n} messages from {dead} to {shown}");
+                    Reply::Text(format!("redrove {n} messages from {dead} to {shown}\n"))
+                }
+                Err(e) => down(e),
+            },
         },
         ("clear", "") => Reply::Text("\x1b[2J\x1b[H".into()),
         ("quit" | "exit", "") => Reply::Quit,

@@ -59,6 +59,14 @@ pub fn status_text(status: &Status) -> String {
         "messages: {} accepted, {} delivered, {} acknowledged, {} requeued, {} expired, {} dead-lettered, {} flushed",
         t.accepted, t.delivered, t.acknowledged, t.requeued, t.expired, t.dead_lettered, t.flushed
     );
+    // Only once it happened: a server without a maximum delivery count never shows it.
+    if t.moved_to_dead > 0 || t.redriven > 0 {
+        let _ = writeln!(
+            out,
+            "dead letters: {} moved to a .dead queue at their last allowed delivery, {} redriven",
+            t.moved_to_dead, t.redriven
+        );
+    }
     let storage = status.storage.as_ref();
     match (storage, storage.and_then(|s| s.last_sync.as_ref())) {
         (None, _) => out.push_str("persistence: none (memory only)\n"),
@@ -106,19 +114,21 @@ pub fn status_text(status: &Status) -> String {
         .clamp(5, 40);
     let _ = writeln!(
         out,
-        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}",
-        "queue", "ready", "in flight", "consumers", "bytes", "oldest"
+        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}  {:>9}",
+        "queue", "ready", "in flight", "consumers", "bytes", "oldest", "delayed"
     );
+    // `delayed` (v1.2) comes last: the columns before it stay where scripts found them.
     for q in &status.queues {
         let _ = writeln!(
             out,
-            "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}",
+            "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}  {:>9}",
             names::display(q.name.as_str()),
             q.ready,
             q.in_flight,
             q.consumers,
             bytes(q.bytes),
-            q.oldest_ready_ms.map(age).unwrap_or_else(|| "-".into())
+            q.oldest_ready_ms.map(age).unwrap_or_else(|| "-".into()),
+            q.delayed
         );
     }
     let _ = writeln!(
@@ -155,6 +165,7 @@ pub fn listing_text(queue: &str, listing: &Listing) -> String {
             age(row.age_ms),
             match row.state {
                 MessageState::Ready => "ready",
+                MessageState::Delayed => "delayed",
                 MessageState::InFlight => "in flight",
             }
         );

@@ -28,6 +28,7 @@ impl Backend for Fake {
                 .map(|name| QueueStatus {
                     name: QueueName::new(name.as_bytes()).unwrap(),
                     ready: 3,
+                    delayed: 0,
                     in_flight: 1,
                     consumers: 1,
                     bytes: 2048,
@@ -78,6 +79,14 @@ impl Backend for Fake {
         Ok((8, self.queues.len()))
     }
 
+    fn redrive(&self, queue: &QueueName) -> Result<usize, BrokerDown> {
+        Ok(if self.queues.contains(&queue.as_str()) {
+            3
+        } else {
+            0
+        })
+    }
+
     fn stopping(&self) -> bool {
         false
     }
@@ -118,12 +127,13 @@ fn status_as_text_and_json() {
     );
     assert!(t.contains("orders-eu"));
     assert!(t.contains("(3 queues)"));
+    assert!(t.contains("delayed"), "a column for v1.2 delays");
     let j = text("STATUS json", &b);
     assert!(
         j.starts_with(r#"{"server":{"version":"9.9.9","uptime_s":3725,"connections":2"#),
         "{j}"
     );
-    assert!(j.contains(r#"{"name":"mail","ready":3,"in_flight":1,"consumers":1,"bytes":2048,"oldest_ready_ms":1500}"#));
+    assert!(j.contains(r#"{"name":"mail","ready":3,"in_flight":1,"consumers":1,"bytes":2048,"oldest_ready_ms":1500,"delayed":0}"#));
     assert_eq!(j.lines().count(), 1);
 }
 
@@ -174,4 +184,19 @@ fn quit_monitor_and_unknown_commands() {
     assert_eq!(text("", &b), "");
     assert!(text("frobnicate", &b).starts_with("error: unknown command \"frobnicate\""));
     assert!(text("flushall now", &b).starts_with("error: flushall takes no argument"));
+}
+
+#[test]
+fn redrive_answers_with_the_count_and_is_in_the_help() {
+    let b = fake();
+    assert_eq!(
+        text("redrive mail", &b),
+        "redrove 3 messages from mail.dead to mail\n"
+    );
+    assert_eq!(
+        text("redrive nope", &b),
+        "redrove 0 messages from nope.dead to nope\n"
+    );
+    assert!(text("redrive", &b).starts_with("error: usage"));
+    assert!(text("help redrive", &b).starts_with("redrive QUEUE\n"));
 }

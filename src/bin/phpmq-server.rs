@@ -62,6 +62,11 @@ struct Args {
     #[argh(option, default = "config::DEFAULT_MIRROR_INTERVAL.as_millis() as u64")]
     mirror_interval: u64,
 
+    /// move a message to the queue <queue>.dead once its N-th dispatch ends without an
+    /// acknowledgement (PHPMQ v1.2 dead-letter); 0 turns it off (default 0)
+    #[argh(option, default = "0")]
+    max_deliveries: u32,
+
     /// write the log to this file instead of stderr; SIGHUP reopens it (for logrotate)
     #[argh(option)]
     log_file: Option<PathBuf>,
@@ -127,6 +132,7 @@ fn main() -> ExitCode {
         },
         db: (args.db != "none").then(|| PathBuf::from(&args.db)),
         mirror_interval: Duration::from_millis(args.mirror_interval),
+        max_deliveries: args.max_deliveries,
         ..Config::default()
     };
     if !args.listen.is_empty() {

@@ -3,10 +3,12 @@
 //! client requests on held messages (ack, re-queue, dead letter) and a disconnect's return of
 //! everything held live here.
 
+use super::delay::{due_time, Delayed};
 use super::ready::Ready;
 use super::retire::{Place, Retirement};
 use super::{
-    expiry, stored_expiry, Broker, ConnId, Connection, Delivery, MessageTable, Queue, NEVER,
+    expiry, queue_or_new, stored_expiry, Broker, ConnId, Connection, Delivery, MessageTable, Queue,
+    NEVER,
 };
 use crate::id::{IdMap, MessageId};
 use crate::request::QueueName;
@@ -24,6 +26,12 @@ pub(super) struct Held {
     pub(super) accepted_at: Millis,
     pub(super) expires_at: Millis,
     pub(super) holder: ConnId,
+    /// Dispatches so far, this one included.
+    pub(super) deliveries: u32,
+    /// The lease it was dispatched under (ms, 0 = none): a TOUCH restarts it.
+    pub(super) lease: u64,
+    /// When it is taken back (`NEVER`: held until acked or its holder leaves).
+    pub(super) lease_until: Millis,
 }
 
 impl Held {
@@ -37,6 +45,7 @@ impl Held {
             Some(self.content),
             self.accepted_at,
             self.expires_at,
+            self.deliveries,
         )
     }
 }
@@ -52,6 +61,9 @@ impl MessageTable {
         id: MessageId,
     ) -> Option<Held> {
         let held = self.held.remove(&id)?;
+        if held.lease_until != NEVER {
+            self.leases.remove(&(held.lease_until, id));
+        }
         queue.end_hold(held.holder, held.content.len(), connections, name);
         Some(held)
     }
@@ -59,6 +71,7 @@ impl MessageTable {
     /// Starts a hold: the message is in `held`, in its queue's and its holder's counts.
     pub(super) fn hold(&mut self, queue: &mut Queue, id: MessageId, held: Held) {
         queue.start_hold(held.holder, held.content.len());
+        self.index_lease(id, held.lease_until);
         self.held.insert(id, held);
     }
 }
@@ -165,13 +178,16 @@ impl Broker {
         true
     }
 
-    /// Moves a held message to the tail of its queue with a new TTL (0: never expires).
+    /// Moves a held message to the tail of its queue with a new TTL (0: never expires); with a
+    /// `delay` (ms, 0 = none) it joins the tail once that has passed (v1.2 rule 5).
+    #[allow(clippy::too_many_arguments)] // the request's fields, and the broker's usual two
     pub fn requeue(
         &mut self,
         conn: ConnId,
         queue: &QueueName,
         id: Option<MessageId>,
         ttl: u64,
+        delay: Option<u64>,
         now: Millis,
         out: &mut Vec<Delivery>,
     ) -> bool {
@@ -184,22 +200,47 @@ impl Broker {
         let Some(held) = self.table.unhold(q, &mut self.connections, queue, id) else {
             return false;
         };
+        if let Some(dead) = self.dead_letter_target(queue.as_str(), held.deliveries) {
+            // Its TTL stays the one it had: the re-queue (and its new TTL) did not happen.
+            self.move_to_dead(id, held, &dead, now, out);
+            // The holder has room again.
+            self.pump(queue, now, out);
+            self.drop_queue_if_unused(queue);
+            return true;
+        }
         if held.expires_at != NEVER {
             self.table.expiry.remove(&(held.expires_at, held.seq));
         }
         let seq = self.take_seq();
         let expires_at = expiry(now, Some(ttl));
+        let due_at = due_time(now, delay);
         self.table.store.apply(StoreOp::Requeue {
             id,
             old_seq: held.seq,
             seq,
             expires_at: stored_expiry(expires_at),
-            due_at: None,
-            deliveries: 0,
+            due_at,
+            deliveries: held.deliveries,
             queue: None,
         });
         self.table.totals.requeued += 1;
         let size = held.content.len();
+        if let Some(due_at) = due_at {
+            let delayed = Delayed {
+                id,
+                content: self.table.delayed_content(held.content),
+                size,
+                accepted_at: held.accepted_at,
+                expires_at,
+                due_at,
+                deliveries: held.deliveries,
+            };
+            let q = queue_or_new(&mut self.queues, &mut self.names, queue);
+            self.table.delay(q, queue, seq, delayed);
+            // The holder has room again.
+            self.pump(queue, now, out);
+            return true;
+        }
         let ready = Ready::new(
             seq,
             id,
@@ -207,6 +248,7 @@ impl Broker {
             Some(held.content),
             held.accepted_at,
             expires_at,
+            held.deliveries,
         );
         self.append_ready(queue, ready);
         self.pump(queue, now, out);
@@ -226,7 +268,9 @@ impl Broker {
                 queue.subscribers.remove(&conn);
             }
         }
-        let ids = self.table.held_ids(|h| h.holder == conn);
+        let mut ids = self.table.held_ids(|h| h.holder == conn);
+        // In FIFO order: those moved to a dead-letter queue arrive there in that order.
+        ids.sort_unstable_by_key(|id| self.table.held.get(id).map(|h| h.seq));
         let mut returned: HashMap<QueueName, Vec<Ready>> = HashMap::new();
         for id in ids {
             let Some(name) = self.table.held.get(&id).map(|h| h.queue.clone()) else {
@@ -236,8 +280,9 @@ impl Broker {
                 continue;
             };
             if let Some(held) = self.table.unhold(queue, &mut self.connections, &name, id) {
-                self.table.index_expiry(&name, held.seq, held.expires_at);
-                returned.entry(name).or_default().push(held.into_ready(id));
+                if let Some(ready) = self.give_back(&name, id, held, now, out) {
+                    returned.entry(name).or_default().push(ready);
+                }
             }
         }
         for (name, entries) in returned {
@@ -254,8 +299,34 @@ impl Broker {
         }
     }
 
+    /// A held message whose dispatch ended without an ack (its holder left, its lease ran
+    /// out), out of `held` already: the store learns its count, and the caller puts the
+    /// returned entry back at its place.
+    /// At its last allowed dispatch it moves to its dead-letter queue instead (and `None` is
+    /// returned).
+    pub(super) fn give_back(
+        &mut self,
+        name: &QueueName,
+        id: MessageId,
+        held: Held,
+        now: Millis,
+        out: &mut Vec<Delivery>,
+    ) -> Option<Ready> {
+        if let Some(dead) = self.dead_letter_target(name.as_str(), held.deliveries) {
+            self.move_to_dead(id, held, &dead, now, out);
+            return None;
+        }
+        self.table.index_expiry(name, held.seq, held.expires_at);
+        self.table.store.apply(StoreOp::Returned {
+            id,
+            seq: held.seq,
+            deliveries: held.deliveries,
+        });
+        Some(held.into_ready(id))
+    }
+
     /// The id `conn` names, if it holds that message in `queue`; logs why not otherwise.
-    fn held_by(
+    pub(super) fn held_by(
         &self,
         conn: ConnId,
         queue: &QueueName,

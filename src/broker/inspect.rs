@@ -13,9 +13,11 @@ use std::ops::Bound;
 pub struct QueueStatus {
     pub name: QueueName,
     pub ready: usize,
+    /// Not due yet (v1.2 rule 5).
+    pub delayed: usize,
     pub in_flight: usize,
     pub consumers: usize,
-    /// Content bytes of its messages, ready and in flight.
+    /// Content bytes of its messages, ready, delayed and in flight.
     pub bytes: u64,
     /// How long the oldest ready message has waited since it was accepted.
     pub oldest_ready_ms: Option<Millis>,
@@ -24,6 +26,8 @@ pub struct QueueStatus {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MessageState {
     Ready,
+    /// Not due yet (v1.2 rule 5).
+    Delayed,
     InFlight,
 }
 
@@ -95,8 +99,9 @@ impl Broker {
             .range::<QueueName, _>((from, Bound::<&QueueName>::Unbounded))
     }
 
-    /// Up to `limit` messages of `queue`: the ready ones in the order they will go, then the
-    /// ones in flight. `None` if there is no such queue.
+    /// Up to `limit` messages of `queue`: the ready ones in the order they will go, the
+    /// delayed ones in the order they will join, then the ones in flight. `None` if there is
+    /// no such queue.
     pub fn list_messages(&self, queue: &str, limit: usize, now: Millis) -> Option<Listing> {
         let q = self.queues.get(queue)?;
         let ready = q.ready.iter().enumerate().map(|(i, e)| MessageRow {
@@ -106,6 +111,21 @@ impl Broker {
             age_ms: now.saturating_sub(e.accepted_at),
             state: MessageState::Ready,
         });
+        let mut delayed: Vec<(Millis, u64, MessageRow)> = q
+            .delayed
+            .iter()
+            .map(|(seq, d)| {
+                let row = MessageRow {
+                    position: None,
+                    id: d.id,
+                    size: d.size,
+                    age_ms: now.saturating_sub(d.accepted_at),
+                    state: MessageState::Delayed,
+                };
+                (d.due_at, seq, row)
+            })
+            .collect();
+        delayed.sort_unstable_by_key(|(at, seq, _)| (*at, *seq));
         let mut in_flight: Vec<(u64, MessageRow)> = self
             .table
             .held
@@ -125,15 +145,17 @@ impl Broker {
         in_flight.sort_unstable_by_key(|(seq, _)| *seq);
         Some(Listing {
             rows: ready
+                .chain(delayed.into_iter().map(|(_, _, row)| row))
                 .chain(in_flight.into_iter().map(|(_, row)| row))
                 .take(limit)
                 .collect(),
-            total: q.ready.len() + q.in_flight.messages,
+            total: q.ready.len() + q.delayed.len() + q.in_flight.messages,
         })
     }
 
-    /// Drops every message of `queue`, ready and in flight (acknowledgements that come later
-    /// for those are ignored). Returns how many, or `None` if there is no such queue.
+    /// Drops every message of `queue`, ready, delayed and in flight (acknowledgements that
+    /// come later for those are ignored). Returns how many, or `None` if there is no such
+    /// queue.
     pub fn flush(&mut self, queue: &str, now: Millis, out: &mut Vec<Delivery>) -> Option<usize> {
         let name = self.queues.get_key_value(queue)?.0.clone();
         let q = self.queues.get_mut(queue)?;
@@ -148,6 +170,16 @@ impl Broker {
             Retirement::Flushed,
         ) {
             flushed += 1;
+        }
+        let delayed: Vec<u64> = q.delayed.iter().map(|(seq, _)| seq).collect();
+        for seq in delayed {
+            let place = Place::Delayed(seq);
+            if self
+                .table
+                .retire(q, &mut self.connections, &name, place, Retirement::Flushed)
+            {
+                flushed += 1;
+            }
         }
         // The scan of every held message is skipped for a queue with none in flight: a
         // flushall of many queues would otherwise cost queues x held messages.
@@ -169,6 +201,13 @@ impl Broker {
         self.pump(&name, now, out);
         self.drop_queue_if_unused(&name);
         Some(flushed)
+    }
+
+    /// A FLUSH request (v1.2 rule 3): [`Broker::flush`], 0 for a queue that does not exist
+    /// (which is not created). The count is exact: a queue is flushed in one call, whatever
+    /// its size; only `flushall` walks the queues in chunks.
+    pub fn flush_queue(&mut self, queue: &str, now: Millis, out: &mut Vec<Delivery>) -> usize {
+        self.flush(queue, now, out).unwrap_or(0)
     }
 
     /// Flushes every queue; returns how many messages were dropped.
@@ -199,6 +238,7 @@ fn status_of(name: &QueueName, queue: &Queue, now: Millis) -> QueueStatus {
     QueueStatus {
         name: name.clone(),
         ready: queue.ready.len(),
+        delayed: queue.delayed.len(),
         in_flight: queue.in_flight.messages,
         consumers: queue.consumers.len(),
         bytes: queue.bytes(),

@@ -10,31 +10,48 @@
 //!
 //! Invariants:
 //! - a message is either ready (a live entry in its queue's `ReadyList`, which owns the
-//!   list's counts) or held by exactly one connection (an entry in `held`, keyed by id, and in
-//!   its queue's `in_flight` and its subscription's `held`); only held messages are indexed
-//!   by id, since only they can be named by a client (ack, re-queue, dead letter);
+//!   list's counts), delayed (an entry in its queue's `DelayedList`, keyed by seq, and in the
+//!   table's `due` index under (due time, seq), and nowhere else) or held by exactly one
+//!   connection (an entry in `held`, keyed by id, and in its queue's `in_flight` and its
+//!   subscription's `held`); only held messages are indexed by id, since only they can be
+//!   named by a client (ack, re-queue, dead letter);
+//! - a delayed message keeps its content in memory only when the store cannot read it back;
+//! - a held message has a lease deadline iff it was dispatched under a lease, and then it is in
+//!   the table's `leases` index under (deadline, id), which has no other entries;
 //! - a message leaves for good only through `MessageTable::retire` (module `retire`), which
 //!   keeps the store, the expiry index, the totals and the counts in step;
 //! - a connection is in a queue's ring iff its subscription to that queue has a limit above 0;
 //! - a queue's `subscribers` has an entry for a connection iff its limit or its holds in that
 //!   queue are above 0, and the connection's `queues` names exactly those queues;
-//! - a queue exists while it has ready or held messages or consumers; `names` holds exactly
+//! - a queue exists while it has ready, delayed or held messages or consumers; `names` holds exactly
 //!   the names of the queues that exist, in order, so the console can walk them a chunk at a
 //!   time (a hash map has no place to resume from);
-//! - the table's `resident` is the sum of the queues' resident amounts.
+//! - the table's `resident` is the sum of the queues' resident amounts;
+//! - with a maximum delivery count N, no message outside a `….dead` queue has ended N
+//!   dispatches without an ack: at its N-th it moved to `<queue>.dead` (module `dead`), from
+//!   where nothing is moved again; a move is not a way out (the message stays stored);
+//! - a message's delivery count is what the store has for it, plus one while it is held: the
+//!   store learns the count whenever a dispatch ends without an ack (`StoreOp::Returned`,
+//!   `StoreOp::Requeue`), never at the dispatch itself (the hot path), so a dispatch under way
+//!   when the server is killed is not counted.
 
+mod dead;
+mod delay;
 mod hold;
 mod inspect;
+mod lease;
 mod ready;
 mod retire;
 mod ring;
 mod window;
 
+pub use dead::{dead_queue_name, REDRIVE_CHUNK};
 pub use inspect::{Listing, MessageRow, MessageState, QueueStatus, FLUSH_CHUNK, STATUS_CHUNK};
 
 use crate::id::{IdGenerator, IdMap, MessageId};
 use crate::request::{QueueName, Request};
 use crate::store::{Millis, Store, StoreOp, StoredMessage, StoredRow};
+use delay::{due_time, Delayed, DelayedList};
 use hold::Held;
 use ready::{Ready, ReadyList};
 use retire::{is_expired, Place, Retirement};
@@ -58,8 +75,8 @@ pub struct Delivery {
     /// Remaining TTL in whole seconds (rounded up); `None` if the message never expires.
     /// Whether the client sees it is the wire's choice: the v1.0 dialect has no TTL packet.
     pub ttl_remaining: Option<u64>,
-    /// How many times the message has been dispatched, this one included (≥ 1); only v1.2
-    /// connections see it.
+    /// How many times the message has been dispatched, this time included (v1.2 rule 6);
+    /// only v1.2 connections see it.
     pub deliveries: u32,
 }
 
@@ -74,15 +91,25 @@ pub struct Totals {
     pub expired: u64,
     /// Dropped by a flush.
     pub flushed: u64,
+    /// Moved to their dead-letter queue after their last allowed dispatch (v1.2 rule 8);
+    /// still stored, so not a way out.
+    pub moved_to_dead: u64,
+    /// Moved back from a dead-letter queue by a redrive.
+    pub redriven: u64,
     /// Dropped because the store could not read their content back (never expected; not
     /// shown by status, kept so every way out is counted).
     pub lost: u64,
 }
 
-/// A queue's counts, for status and tests.
+/// What a STATS request answers (v1.2 rule 3): ready, delayed, in flight, consumers.
+pub type QueueCounts = QueueStats;
+
+/// A queue's counts, for status, STATS and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
     pub ready: usize,
+    /// Not due yet (v1.2 rule 5).
+    pub delayed: usize,
     pub in_flight: usize,
     pub consumers: usize,
 }
@@ -100,6 +127,8 @@ pub const EXPIRE_BATCH: usize = 10_000;
 struct Queue {
     /// Waiting messages in FIFO order, with their counts.
     ready: ReadyList,
+    /// Messages not due yet (v1.2 delays), with their counts.
+    delayed: DelayedList,
     /// The token of the fetch under way.
     fetching: Option<u64>,
     /// Messages connections hold, and their content bytes.
@@ -113,6 +142,8 @@ struct Queue {
 struct Subscription {
     limit: u64,
     held: u64,
+    /// The lease (ms, 0 = none) of the latest consume request: for later dispatches.
+    lease: u64,
 }
 
 #[derive(Debug, Default)]
@@ -139,6 +170,11 @@ struct MessageTable {
     /// (expires at, seq) of messages with a TTL, and their queue. Entries of messages that are
     /// held, re-queued or gone are skipped when they come up.
     expiry: BTreeMap<(Millis, u64), QueueName>,
+    /// (due at, seq) of every delayed message, and its queue: exact (an entry leaves with its
+    /// message), so the earliest is the next due time.
+    due: BTreeMap<(Millis, u64), QueueName>,
+    /// (lease deadline, id) of every held message with a lease: exact, like `due`.
+    leases: BTreeSet<(Millis, MessageId)>,
     store: Box<dyn Store>,
     /// Set when the store can read content back: queues keep only this much in memory.
     window: Option<Window>,
@@ -167,13 +203,16 @@ impl MessageTable {
 }
 
 impl Queue {
-    /// Content bytes of its messages, ready and in flight.
+    /// Content bytes of its messages, ready, delayed and in flight.
     fn bytes(&self) -> u64 {
-        self.ready.bytes() + self.in_flight.bytes
+        self.ready.bytes() + self.delayed.bytes() + self.in_flight.bytes
     }
 
     fn is_unused(&self) -> bool {
-        self.ready.is_empty() && self.in_flight.messages == 0 && self.subscribers.is_empty()
+        self.ready.is_empty()
+            && self.delayed.is_empty()
+            && self.in_flight.messages == 0
+            && self.subscribers.is_empty()
     }
 }
 
@@ -185,6 +224,9 @@ pub struct Broker {
     table: MessageTable,
     ids: IdGenerator,
     next_seq: u64,
+    /// The most dispatches a message may end without an ack before it moves to its
+    /// dead-letter queue (v1.2 rule 8); `None`: never moved.
+    max_deliveries: Option<u32>,
 }
 
 /// When a message with `ttl` seconds accepted at `now` expires, at most [`MAX_EXPIRES_AT`];
@@ -231,6 +273,8 @@ impl Broker {
             table: MessageTable {
                 held: IdMap::default(),
                 expiry: BTreeMap::new(),
+                due: BTreeMap::new(),
+                leases: BTreeSet::new(),
                 window: store.can_fetch().then_some(Window {
                     per_queue: RESIDENT_PER_QUEUE,
                     total: RESIDENT_TOTAL,
@@ -243,15 +287,33 @@ impl Broker {
             },
             ids,
             next_seq: 1,
+            max_deliveries: None,
         }
     }
 
     /// Puts back a message recovered from storage, ready again. Call in FIFO (`seq`) order,
     /// before any client connects; the store already has it, so nothing is reported. Its
-    /// content is copied only if the queue keeps it in memory.
+    /// content is copied only if the queue keeps it in memory. A message with a due time is
+    /// delayed again, whether that time has passed or not: the first [`Broker::fire_timers`]
+    /// moves the due ones to the tail in (due time, seq) order.
     pub fn restore(&mut self, message: StoredRow<'_>) {
         self.next_seq = self.next_seq.max(message.seq + 1);
         let size = message.content.len();
+        if let Some(due_at) = message.due_at {
+            let content = self.table.delayed_content(Arc::from(message.content));
+            let delayed = Delayed {
+                id: message.id,
+                content,
+                size,
+                accepted_at: message.accepted_at,
+                expires_at: recovered_expiry(message.expires_at),
+                due_at,
+                deliveries: message.deliveries,
+            };
+            let q = queue_or_new(&mut self.queues, &mut self.names, message.queue);
+            self.table.delay(q, message.queue, message.seq, delayed);
+            return;
+        }
         let (window, resident) = (self.table.window, self.table.resident);
         let keep = self
             .queues
@@ -264,6 +326,7 @@ impl Broker {
             keep.then(|| Arc::from(message.content)),
             message.accepted_at,
             recovered_expiry(message.expires_at),
+            message.deliveries,
         );
         self.append_ready(message.queue, ready);
     }
@@ -280,20 +343,19 @@ impl Broker {
     /// Applies one client request.
     pub fn handle(&mut self, conn: ConnId, request: Request, now: Millis, out: &mut Vec<Delivery>) {
         match request {
-            // v1.2's delay and lease are not served yet: taken as absent.
             Request::Send {
                 queue,
                 content,
                 ttl,
-                delay: _,
+                delay,
             } => {
-                self.send(queue, content, ttl, now, out);
+                self.send(queue, content, ttl, delay, now, out);
             }
             Request::Consume {
                 queue,
                 count,
-                lease: _,
-            } => self.consume(conn, queue, count, now, out),
+                lease,
+            } => self.consume(conn, queue, count, lease, now, out),
             Request::Ack { queue, id } => {
                 self.ack(conn, &queue, id, now, out);
             }
@@ -301,34 +363,37 @@ impl Broker {
                 queue,
                 id,
                 ttl,
-                delay: _,
+                delay,
             } => {
-                self.requeue(conn, &queue, id, ttl, now, out);
+                self.requeue(conn, &queue, id, ttl, delay, now, out);
             }
             Request::DeadLetter { queue, id } => {
                 self.dead_letter(conn, &queue, id, now, out);
             }
-            // v1.2 requests: no connection speaks v1.2 yet (HELLO is not answered), and the
-            // broker's side of them is still to come.
-            Request::Hello { .. }
-            | Request::Touch { .. }
-            | Request::Stats { .. }
-            | Request::Flush { .. } => {}
+            Request::Touch { queue, id } => {
+                self.touch(conn, &queue, id, now);
+            }
+            // Answered by the hub, which replies to them (STATS, FLUSH) or by the connection
+            // (HELLO); nothing for the broker to change here.
+            Request::Hello { .. } | Request::Stats { .. } | Request::Flush { .. } => {}
         }
     }
 
-    /// Accepts a message at the tail of `queue` and returns its id.
+    /// Accepts a message at the tail of `queue` and returns its id. With a `delay` (ms, 0 =
+    /// none) it joins the tail once due (v1.2 rule 5); its TTL runs from now all the same.
     pub fn send(
         &mut self,
         queue: QueueName,
         content: Arc<[u8]>,
         ttl: Option<u64>,
+        delay: Option<u64>,
         now: Millis,
         out: &mut Vec<Delivery>,
     ) -> MessageId {
         let id = self.ids.next_id();
         let seq = self.take_seq();
         let expires_at = expiry(now, ttl);
+        let due_at = due_time(now, delay);
         self.table.store.apply(StoreOp::Insert(StoredMessage {
             id,
             queue: queue.clone(),
@@ -336,22 +401,39 @@ impl Broker {
             accepted_at: now,
             expires_at: stored_expiry(expires_at),
             seq,
-            due_at: None,
+            due_at,
             deliveries: 0,
         }));
         self.table.totals.accepted += 1;
-        let ready = Ready::new(seq, id, content.len(), Some(content), now, expires_at);
+        if let Some(due_at) = due_at {
+            let delayed = Delayed {
+                id,
+                size: content.len(),
+                content: self.table.delayed_content(content),
+                accepted_at: now,
+                expires_at,
+                due_at,
+                deliveries: 0,
+            };
+            let q = queue_or_new(&mut self.queues, &mut self.names, &queue);
+            self.table.delay(q, &queue, seq, delayed);
+            return id;
+        }
+        let ready = Ready::new(seq, id, content.len(), Some(content), now, expires_at, 0);
         self.append_ready(&queue, ready);
         self.pump(&queue, now, out);
         id
     }
 
-    /// Sets how many unacknowledged messages of `queue` the connection may hold.
+    /// Sets how many unacknowledged messages of `queue` the connection may hold, and the
+    /// lease (ms; `None` or 0: none) of the messages dispatched to it from now on (v1.2 rule
+    /// 7): what it holds already keeps its deadline.
     pub fn consume(
         &mut self,
         conn: ConnId,
         queue: QueueName,
         count: u64,
+        lease: Option<u64>,
         now: Millis,
         out: &mut Vec<Delivery>,
     ) {
@@ -361,9 +443,14 @@ impl Broker {
         let q = queue_or_new(&mut self.queues, &mut self.names, &queue);
         let subscription = q.subscribers.entry(conn).or_insert_with(|| {
             connection.queues.push(queue.clone());
-            Subscription { limit: 0, held: 0 }
+            Subscription {
+                limit: 0,
+                held: 0,
+                lease: 0,
+            }
         });
         subscription.limit = count;
+        subscription.lease = lease.unwrap_or(0);
         if count > 0 {
             q.consumers.insert(conn);
         } else {
@@ -397,6 +484,7 @@ impl Broker {
     pub fn queue_stats(&self, name: &str) -> Option<QueueStats> {
         self.queues.get(name).map(|queue| QueueStats {
             ready: queue.ready.len(),
+            delayed: queue.delayed.len(),
             in_flight: queue.in_flight.messages,
             consumers: queue.consumers.len(),
         })
@@ -408,9 +496,35 @@ impl Broker {
         self.table.store.submitted()
     }
 
-    /// How many messages are stored (ready and held).
+    /// A queue's counts for a STATS request (v1.2 rule 3): all 0 for a queue that does not
+    /// exist, which is not created.
+    pub fn counts(&self, queue: &str) -> QueueCounts {
+        self.queue_stats(queue).unwrap_or_default()
+    }
+
+    /// How many messages are stored (ready, delayed and held).
     pub fn message_count(&self) -> usize {
-        self.table.held.len() + self.queues.values().map(|q| q.ready.len()).sum::<usize>()
+        self.table.held.len()
+            + self
+                .queues
+                .values()
+                .map(|q| q.ready.len() + q.delayed.len())
+                .sum::<usize>()
+    }
+
+    /// Runs what is due at `now`: held messages whose lease ran out are taken back (v1.2 rule
+    /// 7), delayed messages that are due join their queues (rule 5). Dispatches what it can; returns how many messages it moved. Each call does a
+    /// bounded amount of work; the sweeper calls it again at [`Broker::next_deadline`].
+    pub fn fire_timers(&mut self, now: Millis, out: &mut Vec<Delivery>) -> usize {
+        self.reclaim_leases(now, out) + self.release_due(now, out)
+    }
+
+    /// The earliest time [`Broker::fire_timers`] has something to do, if any: a timer thread
+    /// sleeps until then (or its usual period, whichever comes first).
+    pub fn next_deadline(&self) -> Option<Millis> {
+        let due = self.table.due.first_key_value().map(|(&(at, _), _)| at);
+        let lease = self.table.leases.first().map(|&(at, _)| at);
+        due.into_iter().chain(lease).min()
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -469,6 +583,10 @@ impl Broker {
             };
             queue.consumers.advance_past(conn);
             table.totals.delivered += 1;
+            let lease = queue.subscribers.get(&conn).map_or(0, |s| s.lease);
+            // Counted in memory only: the store learns the count when the dispatch ends
+            // without an ack (the hot path writes nothing more).
+            let deliveries = entry.deliveries.saturating_add(1);
             out.push(Delivery {
                 conn,
                 queue: name.clone(),
@@ -476,8 +594,7 @@ impl Broker {
                 content: content.clone(),
                 ttl_remaining: (entry.expires_at != NEVER)
                     .then(|| remaining_seconds(entry.expires_at, now)),
-                // Not counted yet: the broker's delivery counts (v1.2 rule 6) will set it.
-                deliveries: 1,
+                deliveries,
             });
             let held = Held {
                 queue: name.clone(),
@@ -486,6 +603,9 @@ impl Broker {
                 accepted_at: entry.accepted_at,
                 expires_at: entry.expires_at,
                 holder: conn,
+                deliveries,
+                lease,
+                lease_until: lease::lease_deadline(now, lease),
             };
             table.hold(queue, entry.id, held);
         }

@@ -34,6 +34,8 @@ pub(super) struct Ready {
     pub(super) accepted_at: Millis,
     /// `NEVER` or when it expires.
     pub(super) expires_at: Millis,
+    /// Dispatches so far (v1.2 rule 6); fits in the padding the id's alignment leaves.
+    pub(super) deliveries: u32,
     /// Left the queue from its middle: skipped when reached (see `ReadyList::remove`).
     dead: bool,
 }
@@ -48,6 +50,7 @@ impl Ready {
         content: Option<Arc<[u8]>>,
         accepted_at: Millis,
         expires_at: Millis,
+        deliveries: u32,
     ) -> Ready {
         Ready {
             seq,
@@ -56,6 +59,7 @@ impl Ready {
             size,
             accepted_at,
             expires_at,
+            deliveries,
             dead: false,
         }
     }
@@ -177,6 +181,7 @@ impl ReadyList {
             entry.content.take(),
             entry.accepted_at,
             entry.expires_at,
+            entry.deliveries,
         );
         entry.dead = true;
         self.count_out(&gone, total);

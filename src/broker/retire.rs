@@ -32,6 +32,8 @@ pub(super) enum Place {
     Ready(u64),
     /// A message a connection holds.
     Held(MessageId),
+    /// A delayed message, by seq.
+    Delayed(u64),
 }
 
 impl Totals {
@@ -72,6 +74,13 @@ impl MessageTable {
                 Some(held) => (id, held.seq, held.expires_at),
                 None => return false,
             },
+            Place::Delayed(seq) => match queue.delayed.remove(seq) {
+                Some(delayed) => {
+                    self.due.remove(&(delayed.due_at, seq));
+                    (delayed.id, seq, delayed.expires_at)
+                }
+                None => return false,
+            },
         };
         if expires_at != NEVER {
             self.expiry.remove(&(expires_at, seq));
@@ -85,7 +94,7 @@ impl MessageTable {
 }
 
 impl Broker {
-    /// Drops ready messages whose TTL has run out, at most [`EXPIRE_BATCH`] per call so the
+    /// Drops ready and delayed messages whose TTL has run out, at most [`EXPIRE_BATCH`] per call so the
     /// broker lock is never held long (the rest go on the next call, and an expired message is
     /// never dispatched meanwhile); returns how many. Held messages are left to their holder
     /// and dropped only if they come back.
@@ -102,10 +111,14 @@ impl Broker {
                 continue;
             };
             // Held, re-queued (a new seq) or gone: not this entry's to expire.
-            if queue.ready.get(seq).is_none_or(|e| e.expires_at != at) {
+            let place = if queue.ready.get(seq).is_some_and(|e| e.expires_at == at) {
+                Place::Ready(seq)
+            } else if queue.delayed.get(seq).is_some_and(|d| d.expires_at == at) {
+                // Its TTL ran out before its due time (v1.2 rule 5): it expires undelivered.
+                Place::Delayed(seq)
+            } else {
                 continue;
-            }
-            let place = Place::Ready(seq);
+            };
             if self.table.retire(
                 queue,
                 &mut self.connections,

@@ -147,7 +147,7 @@ fn messages(messages: usize) -> Amount {
 }
 
 fn send(b: &mut Broker, queue: &str, body: &str, out: &mut Vec<Delivery>) -> MessageId {
-    b.send(q(queue), Arc::from(body.as_bytes()), None, 0, out)
+    b.send(q(queue), Arc::from(body.as_bytes()), None, None, 0, out)
 }
 
 fn bodies(out: &[Delivery]) -> Vec<String> {
@@ -165,7 +165,7 @@ fn fifo_to_a_single_consumer() {
     }
     assert!(out.is_empty(), "no consumer yet");
     b.connect(1);
-    b.consume(1, q("jobs"), 1000, 0, &mut out);
+    b.consume(1, q("jobs"), 1000, None, 0, &mut out);
     let expected: Vec<String> = (0..100).map(|i| i.to_string()).collect();
     assert_eq!(bodies(&out), expected);
     assert!(out.iter().all(|d| d.conn == 1 && d.ttl_remaining.is_none()));
@@ -179,7 +179,7 @@ fn prefetch_limits_holds_and_each_ack_frees_one() {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
     b.connect(1);
-    b.consume(1, q("jobs"), 3, 0, &mut out);
+    b.consume(1, q("jobs"), 3, None, 0, &mut out);
     assert_eq!(bodies(&out), ["0", "1", "2"]);
     let first = out[0].id;
     out.clear();
@@ -189,6 +189,7 @@ fn prefetch_limits_holds_and_each_ack_frees_one() {
         b.queue_stats("jobs"),
         Some(QueueStats {
             ready: 6,
+            delayed: 0,
             in_flight: 3,
             consumers: 1
         })
@@ -201,7 +202,7 @@ fn round_robin_over_consumers() {
     let mut out = Vec::new();
     for conn in 1..=3 {
         b.connect(conn);
-        b.consume(conn, q("jobs"), 100, 0, &mut out);
+        b.consume(conn, q("jobs"), 100, None, 0, &mut out);
     }
     for i in 0..9 {
         send(&mut b, "jobs", &i.to_string(), &mut out);
@@ -216,8 +217,8 @@ fn full_consumers_are_skipped() {
     let mut out = Vec::new();
     b.connect(1);
     b.connect(2);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
-    b.consume(2, q("jobs"), 5, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    b.consume(2, q("jobs"), 5, None, 0, &mut out);
     for i in 0..4 {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
@@ -233,16 +234,17 @@ fn new_consume_request_changes_the_count_and_keeps_holds() {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
     b.connect(1);
-    b.consume(1, q("jobs"), 2, 0, &mut out);
-    b.consume(1, q("jobs"), 3, 0, &mut out);
+    b.consume(1, q("jobs"), 2, None, 0, &mut out);
+    b.consume(1, q("jobs"), 3, None, 0, &mut out);
     assert_eq!(bodies(&out), ["0", "1", "2"]);
     out.clear();
-    b.consume(1, q("jobs"), 0, 0, &mut out);
+    b.consume(1, q("jobs"), 0, None, 0, &mut out);
     let held = b.queue_stats("jobs").unwrap();
     assert_eq!(
         held,
         QueueStats {
             ready: 2,
+            delayed: 0,
             in_flight: 3,
             consumers: 0
         }
@@ -257,8 +259,8 @@ fn several_queues_on_one_connection() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, q("a"), 1, 0, &mut out);
-    b.consume(1, q("b"), 2, 0, &mut out);
+    b.consume(1, q("a"), 1, None, 0, &mut out);
+    b.consume(1, q("b"), 2, None, 0, &mut out);
     for name in ["a", "b", "a", "b", "b"] {
         send(&mut b, name, name, &mut out);
     }
@@ -271,7 +273,7 @@ fn ack_rules() {
     let mut out = Vec::new();
     b.connect(1);
     b.connect(2);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     let id = send(&mut b, "jobs", "x", &mut out);
     assert!(
         !b.ack(2, &q("jobs"), Some(id), 0, &mut out),
@@ -300,7 +302,7 @@ fn disconnect_returns_holds_in_original_order_ahead_of_newer() {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
     b.connect(1);
-    b.consume(1, q("jobs"), 3, 0, &mut out);
+    b.consume(1, q("jobs"), 3, None, 0, &mut out);
     assert_eq!(bodies(&out), ["0", "1", "2"]);
     let one = out[1].id;
     out.clear();
@@ -311,7 +313,7 @@ fn disconnect_returns_holds_in_original_order_ahead_of_newer() {
     b.disconnect(1, 0, &mut out);
     assert!(out.is_empty());
     b.connect(2);
-    b.consume(2, q("jobs"), 100, 0, &mut out);
+    b.consume(2, q("jobs"), 100, None, 0, &mut out);
     assert_eq!(bodies(&out), ["0", "2", "3", "4", "5", "6"]);
 }
 
@@ -321,8 +323,8 @@ fn disconnect_redelivers_to_remaining_consumers_at_once() {
     let mut out = Vec::new();
     b.connect(1);
     b.connect(2);
-    b.consume(1, q("jobs"), 2, 0, &mut out);
-    b.consume(2, q("jobs"), 2, 0, &mut out);
+    b.consume(1, q("jobs"), 2, None, 0, &mut out);
+    b.consume(2, q("jobs"), 2, None, 0, &mut out);
     for i in 0..4 {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
@@ -334,6 +336,7 @@ fn disconnect_redelivers_to_remaining_consumers_at_once() {
         stats,
         QueueStats {
             ready: 2,
+            delayed: 0,
             in_flight: 2,
             consumers: 1
         }
@@ -347,10 +350,10 @@ fn requeue_goes_to_the_tail_with_a_new_ttl() {
     send(&mut b, "jobs", "a", &mut out);
     send(&mut b, "jobs", "b", &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     let a = out[0].id;
     out.clear();
-    assert!(b.requeue(1, &q("jobs"), Some(a), 60, 1_000, &mut out));
+    assert!(b.requeue(1, &q("jobs"), Some(a), 60, None, 1_000, &mut out));
     assert_eq!(bodies(&out), ["b"]);
     let b_id = out[0].id;
     out.clear();
@@ -368,9 +371,63 @@ fn requeue_goes_to_the_tail_with_a_new_ttl() {
         seq: 3,
         expires_at: Some(61_000),
         due_at: None,
-        deliveries: 0,
+        deliveries: 1,
         queue: None,
     }));
+}
+
+#[test]
+fn every_dispatch_counts_and_the_store_learns_the_count_when_it_ends_without_an_ack() {
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    let id = send(&mut b, "jobs", "a", &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    assert_eq!(out[0].deliveries, 1);
+    out.clear();
+    b.disconnect(1, 0, &mut out);
+    assert_eq!(
+        store.ops.lock().unwrap().last(),
+        Some(&StoreOp::Returned {
+            id,
+            seq: 1,
+            deliveries: 1
+        })
+    );
+    b.connect(2);
+    b.consume(2, q("jobs"), 1, None, 0, &mut out);
+    assert_eq!(out[0].deliveries, 2, "the count survives a disconnect");
+    out.clear();
+    assert!(b.requeue(2, &q("jobs"), Some(id), 0, None, 0, &mut out));
+    assert_eq!(out[0].deliveries, 3, "a re-queue keeps the count");
+    out.clear();
+    let ops_before = store.ops.lock().unwrap().len();
+    b.ack(2, &q("jobs"), Some(id), 0, &mut out);
+    assert_eq!(
+        store.ops.lock().unwrap().len(),
+        ops_before + 1,
+        "the ack alone"
+    );
+}
+
+#[test]
+fn a_restored_message_keeps_its_count() {
+    let (mut b, _) = broker();
+    let name = q("jobs");
+    b.restore(StoredRow {
+        id: MessageId::from_u128(5),
+        queue: &name,
+        content: b"a",
+        accepted_at: 0,
+        expires_at: None,
+        seq: 1,
+        due_at: None,
+        deliveries: 4,
+    });
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, name, 1, None, 0, &mut out);
+    assert_eq!(out[0].deliveries, 5);
 }
 
 #[test]
@@ -388,7 +445,14 @@ fn dead_letter_removes_regardless_of_ttl() {
         0,
         &mut out,
     );
-    let id = b.send(q("jobs"), Arc::from(&b"x"[..]), Some(3600), 0, &mut out);
+    let id = b.send(
+        q("jobs"),
+        Arc::from(&b"x"[..]),
+        Some(3600),
+        None,
+        0,
+        &mut out,
+    );
     assert_eq!(
         out[0].ttl_remaining,
         Some(3600),
@@ -428,14 +492,28 @@ fn ttl_packet_only_for_v11_connections_rounded_up() {
         0,
         &mut out,
     );
-    b.consume(1, q("v11"), 5, 0, &mut out);
-    b.send(q("v11"), Arc::from(&b"y"[..]), None, 0, &mut out);
+    b.consume(1, q("v11"), 5, None, 0, &mut out);
+    b.send(q("v11"), Arc::from(&b"y"[..]), None, None, 0, &mut out);
     assert_eq!(out[0].ttl_remaining, Some(10));
     assert_eq!(out[1].ttl_remaining, None, "no TTL, no packet");
     out.clear();
-    b.send(q("v11"), Arc::from(&b"z"[..]), Some(10), 0, &mut Vec::new());
+    b.send(
+        q("v11"),
+        Arc::from(&b"z"[..]),
+        Some(10),
+        None,
+        0,
+        &mut Vec::new(),
+    );
     let mut late = Vec::new();
-    b.send(q("v11"), Arc::from(&b"w"[..]), Some(2), 100, &mut late);
+    b.send(
+        q("v11"),
+        Arc::from(&b"w"[..]),
+        Some(2),
+        None,
+        100,
+        &mut late,
+    );
     assert_eq!(late[0].ttl_remaining, Some(2));
     let (mut b, _) = broker();
     b.connect(1);
@@ -451,7 +529,7 @@ fn ttl_packet_only_for_v11_connections_rounded_up() {
         &mut out,
     );
     out.clear();
-    b.consume(1, q("t"), 1, 1_001, &mut out);
+    b.consume(1, q("t"), 1, None, 1_001, &mut out);
     assert_eq!(
         out[0].ttl_remaining,
         Some(1),
@@ -463,11 +541,32 @@ fn ttl_packet_only_for_v11_connections_rounded_up() {
 fn expired_messages_are_never_dispatched() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
-    b.send(q("jobs"), Arc::from(&b"short"[..]), Some(1), 0, &mut out);
-    b.send(q("jobs"), Arc::from(&b"forever"[..]), Some(0), 0, &mut out);
-    b.send(q("jobs"), Arc::from(&b"long"[..]), Some(100), 0, &mut out);
+    b.send(
+        q("jobs"),
+        Arc::from(&b"short"[..]),
+        Some(1),
+        None,
+        0,
+        &mut out,
+    );
+    b.send(
+        q("jobs"),
+        Arc::from(&b"forever"[..]),
+        Some(0),
+        None,
+        0,
+        &mut out,
+    );
+    b.send(
+        q("jobs"),
+        Arc::from(&b"long"[..]),
+        Some(100),
+        None,
+        0,
+        &mut out,
+    );
     b.connect(1);
-    b.consume(1, q("jobs"), 10, 1_000, &mut out);
+    b.consume(1, q("jobs"), 10, None, 1_000, &mut out);
     assert_eq!(bodies(&out), ["forever", "long"]);
     assert_eq!(b.totals().expired, 1);
 }
@@ -476,7 +575,14 @@ fn expired_messages_are_never_dispatched() {
 fn sweep_expires_waiting_messages_and_drops_empty_queues() {
     let (mut b, store) = broker();
     let mut out = Vec::new();
-    let short = b.send(q("jobs"), Arc::from(&b"short"[..]), Some(1), 0, &mut out);
+    let short = b.send(
+        q("jobs"),
+        Arc::from(&b"short"[..]),
+        Some(1),
+        None,
+        0,
+        &mut out,
+    );
     assert_eq!(b.expire(999), 0);
     assert_eq!(b.expire(1_000), 1);
     assert_eq!(b.message_count(), 0);
@@ -492,15 +598,15 @@ fn sweep_leaves_held_messages_to_their_holder() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
-    b.send(q("jobs"), Arc::from(&b"x"[..]), Some(1), 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    b.send(q("jobs"), Arc::from(&b"x"[..]), Some(1), None, 0, &mut out);
     assert_eq!(b.expire(5_000), 0);
     assert_eq!(b.message_count(), 1);
     // Back from the holder after its expiry: dropped, not dispatched.
     b.disconnect(1, 5_000, &mut out);
     b.connect(2);
     out.clear();
-    b.consume(2, q("jobs"), 1, 5_000, &mut out);
+    b.consume(2, q("jobs"), 1, None, 5_000, &mut out);
     assert!(out.is_empty());
     assert_eq!(b.message_count(), 0);
 }
@@ -515,6 +621,7 @@ fn many_expired_entries_are_compacted() {
             q("jobs"),
             Arc::from(i.to_string().as_bytes()),
             ttl,
+            None,
             0,
             &mut out,
         );
@@ -522,7 +629,7 @@ fn many_expired_entries_are_compacted() {
     assert_eq!(b.expire(1_000), 180);
     assert!(b.queues["jobs"].ready.entries().len() < 64);
     b.connect(1);
-    b.consume(1, q("jobs"), 100, 1_000, &mut out);
+    b.consume(1, q("jobs"), 100, None, 1_000, &mut out);
     let expected: Vec<String> = (0..200).step_by(10).map(|i: i32| i.to_string()).collect();
     assert_eq!(bodies(&out), expected);
 }
@@ -532,7 +639,7 @@ fn store_sees_every_change() {
     let (mut b, store) = broker();
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     let id = send(&mut b, "jobs", "x", &mut out);
     b.ack(1, &q("jobs"), Some(id), 0, &mut out);
     let ops = store.ops.lock().unwrap();
@@ -548,13 +655,13 @@ fn queues_exist_while_in_use() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     assert!(
         b.queue_stats("jobs").is_some(),
         "created by a consume request"
     );
     let id = send(&mut b, "jobs", "x", &mut out);
-    b.consume(1, q("jobs"), 0, 0, &mut out);
+    b.consume(1, q("jobs"), 0, None, 0, &mut out);
     assert!(b.queue_stats("jobs").is_some(), "still a message in flight");
     b.ack(1, &q("jobs"), Some(id), 0, &mut out);
     assert_eq!(b.queue_stats("jobs"), None);
@@ -584,7 +691,7 @@ fn restored_messages_are_ready_in_order_and_new_ones_follow() {
     let mut out = Vec::new();
     send(&mut b, "jobs", "c", &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 10, 0, &mut out);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
     assert_eq!(bodies(&out), ["a", "b", "c"]);
     assert_eq!(out[0].id, MessageId::from_u128(10));
     assert!(matches!(&store.ops.lock().unwrap()[0], StoreOp::Insert(m) if m.seq == 12));
@@ -594,11 +701,18 @@ fn restored_messages_are_ready_in_order_and_new_ones_follow() {
 fn status_counts_bytes_and_the_age_of_the_oldest_ready_message() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
-    b.send(q("a"), Arc::from(&b"12345"[..]), None, 1_000, &mut out);
-    b.send(q("a"), Arc::from(&b"123"[..]), None, 2_000, &mut out);
-    b.send(q("b"), Arc::from(&b"1"[..]), None, 3_000, &mut out);
+    b.send(
+        q("a"),
+        Arc::from(&b"12345"[..]),
+        None,
+        None,
+        1_000,
+        &mut out,
+    );
+    b.send(q("a"), Arc::from(&b"123"[..]), None, None, 2_000, &mut out);
+    b.send(q("b"), Arc::from(&b"1"[..]), None, None, 3_000, &mut out);
     b.connect(1);
-    b.consume(1, q("a"), 1, 4_000, &mut out);
+    b.consume(1, q("a"), 1, None, 4_000, &mut out);
     let statuses = b.queue_statuses(5_000);
     assert_eq!(statuses.len(), 2);
     assert_eq!(statuses[0].name.as_str(), "a");
@@ -630,7 +744,7 @@ fn listing_shows_ready_in_order_then_in_flight() {
         send(&mut b, "jobs", &"x".repeat(i + 1), &mut out);
     }
     b.connect(1);
-    b.consume(1, q("jobs"), 2, 0, &mut out);
+    b.consume(1, q("jobs"), 2, None, 0, &mut out);
     let listing = b.list_messages("jobs", 10, 0).unwrap();
     assert_eq!(listing.total, 5);
     let sizes: Vec<(Option<usize>, usize, MessageState)> = listing
@@ -661,7 +775,7 @@ fn flush_drops_ready_and_in_flight_and_later_acks_are_ignored() {
     }
     send(&mut b, "other", "keep", &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 2, 0, &mut out);
+    b.consume(1, q("jobs"), 2, None, 0, &mut out);
     let held = out[0].id;
     out.clear();
     assert_eq!(b.flush("jobs", 0, &mut out), Some(4));
@@ -676,7 +790,7 @@ fn flush_drops_ready_and_in_flight_and_later_acks_are_ignored() {
     out.clear();
     b.disconnect(1, 0, &mut out);
     b.connect(2);
-    b.consume(2, q("jobs"), 10, 0, &mut out);
+    b.consume(2, q("jobs"), 10, None, 0, &mut out);
     assert_eq!(bodies(&out), ["new"], "flushed messages never come back");
     let deletes = store
         .ops
@@ -692,6 +806,20 @@ fn flush_drops_ready_and_in_flight_and_later_acks_are_ignored() {
 }
 
 impl Broker {
+    /// Every message's delivery count, wherever it is.
+    fn delivery_counts(&self) -> Vec<(MessageId, u32)> {
+        let ready = self
+            .queues
+            .values()
+            .flat_map(|q| q.ready.iter().map(|e| (e.id, e.deliveries)));
+        let delayed = self
+            .queues
+            .values()
+            .flat_map(|q| q.delayed.iter().map(|(_, d)| (d.id, d.deliveries)));
+        let held = self.table.held.iter().map(|(id, h)| (*id, h.deliveries));
+        ready.chain(delayed).chain(held).collect()
+    }
+
     /// Checks every invariant of the module docs, and that the broker holds exactly the
     /// messages the store was told about.
     fn check_invariants(&self, store: &Recorder, replay_store: bool) {
@@ -761,7 +889,25 @@ impl Broker {
             assert_eq!(q.in_flight.messages, held.len(), "{name}: in_flight");
             let held_bytes: u64 = held.iter().map(|h| h.content.len() as u64).sum();
             assert_eq!(q.in_flight.bytes, held_bytes, "{name}: in-flight bytes");
-            let bytes = live.iter().map(|e| e.size as u64).sum::<u64>() + held_bytes;
+            let delayed: Vec<(u64, &Delayed)> = q.delayed.iter().collect();
+            assert_eq!(q.delayed.len(), delayed.len(), "{name}: delayed count");
+            let delayed_bytes: u64 = delayed.iter().map(|(_, d)| d.size as u64).sum();
+            assert_eq!(q.delayed.bytes(), delayed_bytes, "{name}: delayed bytes");
+            for (seq, d) in &delayed {
+                assert_eq!(
+                    self.table.due.get(&(d.due_at, *seq)),
+                    Some(name),
+                    "{name}: {seq} in the due index"
+                );
+                assert!(
+                    d.content.as_ref().is_none_or(|c| c.len() == d.size),
+                    "{name}: delayed size"
+                );
+                assert_eq!(d.content.is_none(), self.table.window.is_some());
+                live_ids.insert(d.id);
+            }
+            let bytes =
+                live.iter().map(|e| e.size as u64).sum::<u64>() + held_bytes + delayed_bytes;
             assert_eq!(q.bytes(), bytes, "{name}: bytes");
             for (conn, sub) in &q.subscribers {
                 let holds = held.iter().filter(|h| h.holder == *conn).count() as u64;
@@ -774,9 +920,36 @@ impl Broker {
                 assert_eq!(q.consumers.contains(*conn), sub.limit > 0);
             }
             assert!(!q.is_unused(), "{name}: unused queue kept");
+            assert!(
+                !name.as_str().ends_with(".dead.dead"),
+                "a dead letter moved again"
+            );
+            if let (Some(max), false) = (self.max_deliveries, name.as_str().ends_with(".dead")) {
+                let waiting = q.ready.iter().map(|e| e.deliveries);
+                let delayed = q.delayed.iter().map(|(_, d)| d.deliveries);
+                assert!(
+                    waiting.chain(delayed).all(|n| n < max),
+                    "{name}: a message at its last dispatch is back"
+                );
+            }
             live_ids.extend(live.iter().map(|e| e.id));
         }
         assert_eq!(self.table.resident, all_resident, "total resident");
+        let delayed: usize = self.queues.values().map(|q| q.delayed.len()).sum();
+        assert_eq!(self.table.due.len(), delayed, "the due index is exact");
+        let leased: std::collections::BTreeSet<(Millis, MessageId)> = self
+            .table
+            .held
+            .iter()
+            .filter(|(_, h)| h.lease_until != NEVER)
+            .map(|(id, h)| (h.lease_until, *id))
+            .collect();
+        assert_eq!(self.table.leases, leased, "the lease index is exact");
+        assert!(self
+            .table
+            .held
+            .values()
+            .all(|h| (h.lease == 0) == (h.lease_until == NEVER)));
         for (id, h) in &self.table.held {
             assert!(self.queues.contains_key(&h.queue));
             assert!(live_ids.insert(*id), "{id} both ready and held");
@@ -785,10 +958,12 @@ impl Broker {
             return;
         }
         let mut stored = std::collections::HashMap::new();
+        let mut counts = std::collections::HashMap::new();
         for op in store.ops.lock().unwrap().iter() {
             match op {
                 StoreOp::Insert(m) => {
                     stored.insert(m.id, m.seq);
+                    counts.insert(m.id, m.deliveries);
                 }
                 StoreOp::Delete { id, seq } => {
                     assert_eq!(
@@ -798,14 +973,29 @@ impl Broker {
                     );
                 }
                 StoreOp::Requeue {
-                    id, old_seq, seq, ..
+                    id,
+                    old_seq,
+                    seq,
+                    deliveries,
+                    ..
                 } => {
                     assert_eq!(stored.insert(*id, *seq), Some(*old_seq), "requeue of {id}");
+                    counts.insert(*id, *deliveries);
                 }
-                StoreOp::Returned { id, seq, .. } => {
+                StoreOp::Returned {
+                    id,
+                    seq,
+                    deliveries,
+                } => {
                     assert_eq!(stored.get(id), Some(seq), "return of {id} at its seq");
+                    counts.insert(*id, *deliveries);
                 }
             }
+        }
+        // The store knows every count but that of a dispatch under way.
+        for (id, count) in self.delivery_counts() {
+            let in_flight = u32::from(self.table.held.contains_key(&id));
+            assert_eq!(counts.get(&id), Some(&(count - in_flight)), "count of {id}");
         }
         let stored: std::collections::HashSet<MessageId> = stored.into_keys().collect();
         assert_eq!(
@@ -860,6 +1050,10 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     let mut now = 0;
     let mut fetches = 0;
     let mut lost = 0;
+    let mut delays_seen = false;
+    let mut leases_seen = false;
+    let mut redriven = 0;
+    b.set_max_deliveries(Some(3));
     for conn in 1..=3 {
         b.connect(conn);
     }
@@ -870,15 +1064,29 @@ fn random_operations(mut b: Broker, store: &Recorder) {
         match next(100) {
             0..=34 => {
                 let ttl = [None, Some(0), Some(1), Some(3)][next(4) as usize];
+                let delay = [None, None, Some(0), Some(50), Some(2_000)][next(5) as usize];
                 let body = "x".repeat(next(20) as usize);
-                b.send(queue, Arc::from(body.as_bytes()), ttl, now, &mut out);
+                b.send(queue, Arc::from(body.as_bytes()), ttl, delay, now, &mut out);
             }
-            35..=44 => b.consume(conn, queue, next(4), now, &mut out),
+            35..=42 => {
+                let lease = [None, Some(0), Some(60), Some(500)][next(4) as usize];
+                // Now and then from a dead-letter queue, whose messages are never moved.
+                let queue = if next(6) == 0 { q("a.dead") } else { queue };
+                b.consume(conn, queue, next(4), lease, now, &mut out);
+            }
+            43..=44 if !delivered.is_empty() => {
+                let d = &delivered[next(delivered.len() as u64) as usize];
+                let holds = b.table.held.get(&d.id).is_some_and(|h| h.holder == d.conn);
+                assert_eq!(b.touch(d.conn, &d.queue, Some(d.id), now), holds);
+            }
             45..=84 if !delivered.is_empty() => {
                 let d = delivered.swap_remove(next(delivered.len() as u64) as usize);
                 let q = d.queue.clone();
                 match next(10) {
-                    0 => b.requeue(d.conn, &q, Some(d.id), next(3), now, &mut out),
+                    0 => {
+                        let delay = [None, Some(30), Some(1_500)][next(3) as usize];
+                        b.requeue(d.conn, &q, Some(d.id), next(3), delay, now, &mut out)
+                    }
                     1 => b.dead_letter(d.conn, &q, Some(d.id), now, &mut out),
                     // Sometimes from the wrong connection: must be ignored.
                     2 => b.ack(1 + next(3), &q, Some(d.id), now, &mut out),
@@ -890,14 +1098,21 @@ fn random_operations(mut b: Broker, store: &Recorder) {
                 b.connect(conn);
                 delivered.retain(|d| d.conn != conn);
             }
-            90..=94 => {
+            90..=92 => {
                 b.expire(now);
+            }
+            93..=94 => {
+                b.fire_timers(now, &mut out);
             }
             95 => {
                 b.flush(queue.as_str(), now, &mut out);
                 delivered.retain(|d| d.queue != queue);
             }
-            96..=97 => b.set_paused(conn, next(2) == 0, now, &mut out),
+            96 => b.set_paused(conn, next(2) == 0, now, &mut out),
+            97 => {
+                let limit = [1, 3, usize::MAX][next(3) as usize];
+                redriven += b.redrive_some(&queue, limit, now, &mut out);
+            }
             _ => {
                 // Now and then the store lost a message it is asked for.
                 if next(8) == 0 {
@@ -908,6 +1123,8 @@ fn random_operations(mut b: Broker, store: &Recorder) {
             }
         }
         delivered.append(&mut out);
+        delays_seen |= !b.table.due.is_empty();
+        leases_seen |= !b.table.leases.is_empty();
         b.check_invariants(store, step % 100 == 0);
         let t = b.totals();
         assert_eq!(
@@ -920,8 +1137,11 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     // Nothing waits for good: a consumer with room gets every ready message, fetched or not.
     b.connect(9);
     for name in queues {
-        b.consume(9, q(name), u64::MAX, now, &mut out);
+        b.consume(9, q(name), u64::MAX, None, now, &mut out);
     }
+    now += 10_000;
+    while b.fire_timers(now, &mut out) > 0 {}
+    assert!(b.table.due.is_empty(), "every delay has passed");
     while store.serve(&mut b, now, &mut out) > 0 {}
     for name in queues {
         let ready = b.queue_stats(name).map_or(0, |s| s.ready);
@@ -929,8 +1149,8 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     }
     b.check_invariants(store, true);
     out.clear();
-    b.disconnect(9, now, &mut out);
     b.flush_all(now, &mut out);
+    b.disconnect(9, now, &mut out);
     assert!(out.is_empty());
     for conn in 1..=3 {
         b.disconnect(conn, now, &mut out);
@@ -939,6 +1159,13 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     b.check_invariants(store, true);
     let t = b.totals();
     assert!(t.delivered > 500 && t.requeued > 0, "{t:?}");
+    assert!(delays_seen, "no delayed message was ever seen");
+    assert!(leases_seen, "no lease was ever seen");
+    assert!(
+        t.moved_to_dead > 0 && redriven > 0,
+        "{t:?}, {redriven} redriven"
+    );
+    assert_eq!(t.redriven as usize, redriven);
     assert!(
         t.acknowledged > 0 && t.dead_lettered > 0 && t.expired > 0 && t.flushed > 0,
         "every retire reason is exercised: {t:?}"
@@ -984,7 +1211,7 @@ fn a_backlog_beyond_the_window_is_read_back_in_order() {
     );
 
     b.connect(1);
-    b.consume(1, q("jobs"), 100, 0, &mut out);
+    b.consume(1, q("jobs"), 100, None, 0, &mut out);
     assert_eq!(bodies(&out), numbered(0..4), "the resident ones go at once");
     assert_eq!(store.pending_fetches(), 1, "the next ones are asked for");
     assert_eq!(store.fetches.lock().unwrap()[0].seqs, [5, 6, 7, 8]);
@@ -1018,7 +1245,7 @@ fn queues_share_a_total_beyond_their_floors() {
     b.check_invariants(&store, true);
     // b's consumer gets all of b, in order, a little at a time.
     b.connect(1);
-    b.consume(1, q("b"), 100, 0, &mut out);
+    b.consume(1, q("b"), 100, None, 0, &mut out);
     while store.serve(&mut b, 0, &mut out) > 0 {
         b.check_invariants(&store, true);
         assert!(
@@ -1030,11 +1257,11 @@ fn queues_share_a_total_beyond_their_floors() {
     // Once a is consumed, its room goes to c.
     out.clear();
     b.connect(2);
-    b.consume(2, q("a"), 100, 0, &mut out);
+    b.consume(2, q("a"), 100, None, 0, &mut out);
     while store.serve(&mut b, 0, &mut out) > 0 {}
     assert_eq!(bodies(&out), numbered(0..10));
     b.connect(3);
-    b.consume(3, q("c"), 1, 0, &mut out);
+    b.consume(3, q("c"), 1, None, 0, &mut out);
     store.serve(&mut b, 0, &mut out);
     assert_eq!(resident(&b, "c"), 4, "the whole per-queue window now");
     b.check_invariants(&store, true);
@@ -1103,7 +1330,7 @@ fn restored_content_beyond_the_window_stays_in_the_store() {
     );
     let mut out = Vec::new();
     b.connect(1);
-    b.consume(1, jobs, 10, 0, &mut out);
+    b.consume(1, jobs, 10, None, 0, &mut out);
     while store.serve(&mut b, 0, &mut out) > 0 {}
     assert_eq!(bodies(&out), ["1", "2", "3", "4", "5"]);
     b.check_invariants(&store, true);
@@ -1115,7 +1342,7 @@ fn an_answer_to_a_fetch_overtaken_by_a_flush_is_ignored() {
     let mut out = Vec::new();
     send_numbered(&mut b, "jobs", 6, &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 1, 0, &mut out);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
     assert_eq!(store.pending_fetches(), 1);
     b.flush("jobs", 0, &mut out);
     out.clear();
@@ -1132,7 +1359,7 @@ fn a_message_missing_from_the_store_is_dropped_not_waited_for() {
     let mut out = Vec::new();
     send_numbered(&mut b, "jobs", 4, &mut out);
     b.connect(1);
-    b.consume(1, q("jobs"), 10, 0, &mut out);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
     // The store lost message 2 (seq 2): answer without it.
     let request = store.fetches.lock().unwrap().remove(0);
     assert_eq!(request.seqs, [2]);
@@ -1158,18 +1385,26 @@ fn a_sweep_is_bounded_and_the_rest_never_dispatched() {
             q("mass"),
             Arc::from(i.to_string().as_bytes()),
             Some(1),
+            None,
             0,
             &mut out,
         );
     }
-    b.send(q("mass"), Arc::from(&b"survivor"[..]), None, 0, &mut out);
+    b.send(
+        q("mass"),
+        Arc::from(&b"survivor"[..]),
+        None,
+        None,
+        0,
+        &mut out,
+    );
     assert_eq!(
         b.expire(1_000),
         EXPIRE_BATCH,
         "one sweep drops at most a batch"
     );
     b.connect(1);
-    b.consume(1, q("mass"), 10, 1_000, &mut out);
+    b.consume(1, q("mass"), 10, None, 1_000, &mut out);
     assert_eq!(
         bodies(&out),
         ["survivor"],
@@ -1185,14 +1420,14 @@ fn a_paused_connection_gets_nothing_new_until_resumed() {
     let mut out = Vec::new();
     b.connect(1);
     b.connect(2);
-    b.consume(1, q("jobs"), 10, 0, &mut out);
-    b.consume(2, q("jobs"), 10, 0, &mut out);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
+    b.consume(2, q("jobs"), 10, None, 0, &mut out);
     b.set_paused(1, true, 0, &mut out);
     for i in 0..4 {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
     assert!(out.iter().all(|d| d.conn == 2), "the paused one is skipped");
-    b.consume(2, q("jobs"), 0, 0, &mut out);
+    b.consume(2, q("jobs"), 0, None, 0, &mut out);
     out.clear();
     send(&mut b, "jobs", "waiting", &mut out);
     assert!(out.is_empty(), "nobody with room that is not paused");
@@ -1219,7 +1454,7 @@ fn huge_ttls_are_clamped_to_the_latest_expiry_and_read_back_the_same() {
         now,
         &mut out,
     );
-    b.consume(1, q("t"), 5, now, &mut out);
+    b.consume(1, q("t"), 5, None, now, &mut out);
     assert_eq!(out[0].ttl_remaining, Some(expected));
     assert!(matches!(
         &store.ops.lock().unwrap()[0],
@@ -1252,7 +1487,7 @@ fn huge_ttls_are_clamped_to_the_latest_expiry_and_read_back_the_same() {
         &mut out,
     );
     out.clear();
-    b.consume(1, q("t"), 5, now, &mut out);
+    b.consume(1, q("t"), 5, None, now, &mut out);
     let ttls: Vec<_> = out.iter().map(|d| d.ttl_remaining).collect();
     assert_eq!(ttls, [Some(expected), Some(expected)], "the third expired");
 }
@@ -1294,4 +1529,444 @@ fn status_and_flush_walk_the_queues_in_chunks_in_name_order() {
 #[cfg(target_pointer_width = "64")]
 fn a_waiting_message_takes_80_bytes() {
     assert_eq!(std::mem::size_of::<Ready>(), 80);
+}
+
+fn send_at(b: &mut Broker, queue: &str, body: &str, ttl: Option<u64>, delay: u64, now: Millis) {
+    b.send(
+        q(queue),
+        Arc::from(body.as_bytes()),
+        ttl,
+        Some(delay),
+        now,
+        &mut Vec::new(),
+    );
+}
+
+#[test]
+fn a_delayed_message_waits_then_joins_the_tail_in_due_then_send_order() {
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
+    send_at(&mut b, "jobs", "late", None, 500, 0);
+    send_at(&mut b, "jobs", "first", None, 300, 0);
+    send_at(&mut b, "jobs", "second", None, 200, 100);
+    assert!(out.is_empty(), "nothing is due");
+    let stats = b.queue_stats("jobs").unwrap();
+    assert_eq!((stats.ready, stats.delayed), (0, 3));
+    assert_eq!(b.message_count(), 3);
+    assert_eq!(b.next_deadline(), Some(300));
+    assert_eq!(b.fire_timers(299, &mut out), 0);
+    send(&mut b, "jobs", "now", &mut out);
+    assert_eq!(bodies(&out), ["now"]);
+    out.clear();
+    assert_eq!(b.fire_timers(300, &mut out), 2);
+    assert_eq!(
+        bodies(&out),
+        ["first", "second"],
+        "same due time: send order"
+    );
+    out.clear();
+    assert_eq!(b.next_deadline(), Some(500));
+    assert_eq!(b.fire_timers(10_000, &mut out), 1);
+    assert_eq!(bodies(&out), ["late"]);
+    assert_eq!(b.next_deadline(), None);
+    let ops = store.ops.lock().unwrap();
+    assert!(matches!(
+        ops[0],
+        StoreOp::Insert(StoredMessage {
+            due_at: Some(500),
+            ..
+        })
+    ));
+    assert!(ops.contains(&StoreOp::Requeue {
+        id: out[0].id,
+        old_seq: 1,
+        seq: 7,
+        expires_at: None,
+        due_at: None,
+        deliveries: 0,
+        queue: None,
+    }));
+}
+
+#[test]
+fn a_ttl_shorter_than_the_delay_expires_the_message_undelivered() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
+    send_at(&mut b, "jobs", "swept", Some(1), 5_000, 0);
+    send_at(&mut b, "jobs", "at due", Some(2), 5_000, 0);
+    assert_eq!(b.expire(1_000), 1, "the sweep finds a delayed message too");
+    assert_eq!(b.fire_timers(5_000, &mut out), 0);
+    assert!(out.is_empty());
+    assert_eq!(b.totals().expired, 2);
+    assert_eq!(b.message_count(), 0);
+    assert!(b.queue_stats("jobs").is_some_and(|s| s.delayed == 0));
+}
+
+#[test]
+fn a_requeue_with_a_delay_keeps_the_message_back_and_frees_the_holder() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    send(&mut b, "jobs", "a", &mut out);
+    send(&mut b, "jobs", "b", &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    let a = out[0].id;
+    out.clear();
+    assert!(b.requeue(1, &q("jobs"), Some(a), 0, Some(1_000), 0, &mut out));
+    assert_eq!(bodies(&out), ["b"]);
+    let b_id = out[0].id;
+    out.clear();
+    b.ack(1, &q("jobs"), Some(b_id), 10, &mut out);
+    assert!(out.is_empty(), "a is delayed");
+    b.fire_timers(1_000, &mut out);
+    assert_eq!((out[0].id, out[0].deliveries), (a, 2));
+}
+
+#[test]
+fn restored_delayed_messages_wait_again_and_due_ones_join_in_due_order() {
+    let (mut b, _) = broker();
+    let name = q("jobs");
+    let row = |seq: u64, due_at: Option<Millis>, content: &'static [u8]| StoredRow {
+        id: MessageId::from_u128(seq.into()),
+        queue: &name,
+        content,
+        accepted_at: 0,
+        expires_at: None,
+        seq,
+        due_at,
+        deliveries: 0,
+    };
+    b.restore(row(1, Some(900), b"due later"));
+    b.restore(row(2, Some(50), b"due second"));
+    b.restore(row(3, None, b"ready"));
+    b.restore(row(4, Some(20), b"due first"));
+    b.restore(row(5, Some(5_000), b"future"));
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, name, 10, None, 1_000, &mut out);
+    assert_eq!(bodies(&out), ["ready"]);
+    out.clear();
+    b.fire_timers(1_000, &mut out);
+    assert_eq!(bodies(&out), ["due first", "due second", "due later"]);
+    assert_eq!(b.queue_stats("jobs").map(|s| s.delayed), Some(1));
+    assert_eq!(b.next_deadline(), Some(5_000));
+}
+
+#[test]
+fn delayed_content_is_read_back_from_the_store_once_due() {
+    let (mut b, store) = windowed_broker(100, 1 << 20);
+    let mut out = Vec::new();
+    send_at(&mut b, "jobs", "later", None, 100, 0);
+    assert!(b.queues["jobs"]
+        .delayed
+        .iter()
+        .all(|(_, d)| d.content.is_none()));
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    b.fire_timers(100, &mut out);
+    assert!(out.is_empty(), "its content is still to come");
+    store.serve(&mut b, 100, &mut out);
+    assert_eq!(bodies(&out), ["later"]);
+}
+
+#[test]
+fn flush_counts_delayed_messages_and_listings_show_them() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    send(&mut b, "jobs", "a", &mut out);
+    send_at(&mut b, "jobs", "b", None, 100, 0);
+    let listing = b.list_messages("jobs", 10, 0).unwrap();
+    assert_eq!(listing.total, 2);
+    assert_eq!(listing.rows[1].state, MessageState::Delayed);
+    assert_eq!(b.queue_statuses(0)[0].delayed, 1);
+    assert_eq!(b.flush("jobs", 0, &mut out), Some(2));
+    assert_eq!(b.next_deadline(), None);
+    assert_eq!(b.message_count(), 0);
+}
+
+#[test]
+fn counts_and_flush_of_a_queue_nobody_used_create_nothing() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    assert_eq!(b.counts("nobody"), QueueCounts::default());
+    assert_eq!(b.flush_queue("nobody", 0, &mut out), 0);
+    assert!(b.queue_names().is_empty());
+}
+
+#[test]
+fn counts_and_flush_see_ready_delayed_and_in_flight_and_a_later_ack_is_ignored() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for body in ["a", "b", "c"] {
+        send(&mut b, "jobs", body, &mut out);
+    }
+    send_at(&mut b, "jobs", "d", None, 1_000, 0);
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    let held = out[0].id;
+    out.clear();
+    let counts = b.counts("jobs");
+    assert_eq!(
+        counts,
+        QueueCounts {
+            ready: 2,
+            delayed: 1,
+            in_flight: 1,
+            consumers: 1
+        }
+    );
+    assert_eq!(b.flush_queue("jobs", 0, &mut out), 4);
+    assert!(out.is_empty());
+    assert!(!b.ack(1, &q("jobs"), Some(held), 0, &mut out));
+    assert_eq!(b.message_count(), 0);
+    assert_eq!(b.totals().flushed, 4);
+    assert_eq!(b.counts("jobs").consumers, 1, "the consumer stays");
+}
+
+#[test]
+fn an_expired_lease_takes_the_message_back_to_the_head_and_frees_the_holder() {
+    let (mut b, store) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, Some(1_000), 0, &mut out);
+    let a = send(&mut b, "jobs", "a", &mut out);
+    send(&mut b, "jobs", "b", &mut out);
+    assert_eq!(bodies(&out), ["a"]);
+    out.clear();
+    assert_eq!(b.next_deadline(), Some(1_000));
+    assert_eq!(b.fire_timers(999, &mut out), 0);
+    // Another consumer, full, so the room of the old holder is what serves.
+    assert_eq!(b.fire_timers(1_000, &mut out), 1);
+    assert_eq!(
+        (bodies(&out), out[0].deliveries),
+        (vec!["a".to_string()], 2),
+        "back at the head, to the holder whose room was freed"
+    );
+    assert!(store.ops.lock().unwrap().contains(&StoreOp::Returned {
+        id: a,
+        seq: 1,
+        deliveries: 1
+    }));
+    out.clear();
+    // Taken back again; this time another consumer waits.
+    b.connect(2);
+    b.consume(2, q("jobs"), 1, None, 1_000, &mut out);
+    assert_eq!(bodies(&out), ["b"]);
+    let b_id = out[0].id;
+    out.clear();
+    b.ack(2, &q("jobs"), Some(b_id), 1_000, &mut out);
+    assert!(out.is_empty());
+    b.fire_timers(2_000, &mut out);
+    assert_eq!((out[0].id, out[0].deliveries), (a, 3));
+    let holder = out[0].conn;
+    out.clear();
+    if holder == 2 {
+        assert!(
+            !b.ack(1, &q("jobs"), Some(a), 2_000, &mut out),
+            "the old holder's ack is ignored"
+        );
+        assert!(b.ack(2, &q("jobs"), Some(a), 2_000, &mut out));
+    }
+    assert_eq!(
+        b.next_deadline(),
+        if holder == 2 { None } else { Some(3_000) }
+    );
+}
+
+#[test]
+fn a_late_ack_from_the_old_holder_is_ignored() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, Some(100), 0, &mut out);
+    let a = send(&mut b, "jobs", "a", &mut out);
+    b.consume(1, q("jobs"), 0, None, 0, &mut out);
+    out.clear();
+    b.fire_timers(100, &mut out);
+    assert!(out.is_empty(), "no consumer with room");
+    assert!(!b.ack(1, &q("jobs"), Some(a), 150, &mut out));
+    assert_eq!(b.counts("jobs").ready, 1);
+    assert_eq!(b.totals().acknowledged, 0);
+}
+
+#[test]
+fn touch_restarts_the_lease_and_a_new_consume_sets_it_for_later_dispatches() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 2, Some(1_000), 0, &mut out);
+    let a = send(&mut b, "jobs", "a", &mut out);
+    b.consume(1, q("jobs"), 2, Some(5_000), 0, &mut out);
+    let c = send(&mut b, "jobs", "c", &mut out);
+    out.clear();
+    assert!(b.touch(1, &q("jobs"), Some(a), 900));
+    assert!(!b.touch(2, &q("jobs"), Some(a), 900), "not the holder");
+    assert_eq!(
+        b.fire_timers(1_899, &mut out),
+        0,
+        "touched at 900: due at 1900"
+    );
+    assert_eq!(b.fire_timers(1_900, &mut out), 1);
+    assert_eq!(out[0].id, a, "redispatched under the new lease");
+    out.clear();
+    assert_eq!(b.fire_timers(5_000, &mut out), 1, "c kept its 5 s deadline");
+    assert_eq!(out[0].id, c);
+    assert_eq!(
+        b.next_deadline(),
+        Some(6_900),
+        "a's second lease, 5 s from 1900"
+    );
+}
+
+#[test]
+fn messages_without_a_lease_are_held_until_acked() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, Some(0), 0, &mut out);
+    let a = send(&mut b, "jobs", "a", &mut out);
+    assert_eq!(b.next_deadline(), None);
+    assert!(b.touch(1, &q("jobs"), Some(a), 10));
+    assert_eq!(b.fire_timers(u64::MAX / 2, &mut out), 0);
+    assert!(b.ack(1, &q("jobs"), Some(a), 10, &mut out));
+}
+
+#[test]
+fn the_nth_dispatch_without_an_ack_moves_the_message_to_its_dead_letter_queue() {
+    let (mut b, store) = broker();
+    b.set_max_deliveries(Some(3));
+    let mut out = Vec::new();
+    let a = send(&mut b, "jobs", "a", &mut out);
+    // 1: its holder leaves.
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    b.disconnect(1, 0, &mut out);
+    // 2: a re-queue.
+    b.connect(2);
+    b.consume(2, q("jobs"), 1, Some(100), 0, &mut out);
+    assert!(b.requeue(2, &q("jobs"), Some(a), 60, None, 0, &mut out));
+    // 3: its lease runs out.
+    assert_eq!(out.last().map(|d| d.deliveries), Some(3));
+    out.clear();
+    b.fire_timers(100, &mut out);
+    assert!(out.is_empty(), "not back in jobs");
+    assert_eq!(b.counts("jobs").ready, 0);
+    assert_eq!(b.counts("jobs.dead").ready, 1);
+    let ops = store.ops.lock().unwrap();
+    let Some(StoreOp::Requeue {
+        id,
+        expires_at,
+        deliveries,
+        queue,
+        ..
+    }) = ops.last()
+    else {
+        panic!("{:?}", ops.last());
+    };
+    assert_eq!(
+        (*id, *expires_at, *deliveries, queue.clone()),
+        (a, Some(60_000), 3, Some(q("jobs.dead"))),
+        "moved with its id, TTL and count"
+    );
+    drop(ops);
+    assert_eq!(b.totals().moved_to_dead, 1);
+    // From the dead queue it shows N+1, and it is never moved again.
+    b.connect(3);
+    b.consume(3, q("jobs.dead"), 1, None, 200, &mut out);
+    assert_eq!((out[0].id, out[0].deliveries), (a, 4));
+    out.clear();
+    b.disconnect(3, 200, &mut out);
+    assert_eq!(b.counts("jobs.dead").ready, 1);
+    assert!(b
+        .queue_names()
+        .iter()
+        .all(|n| n.as_str() != "jobs.dead.dead"));
+}
+
+#[test]
+fn without_a_maximum_nothing_is_moved() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    let a = send(&mut b, "jobs", "a", &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    for _ in 0..5 {
+        b.requeue(1, &q("jobs"), Some(a), 0, None, 0, &mut out);
+    }
+    assert_eq!(out.last().map(|d| d.deliveries), Some(6));
+    assert_eq!(b.queue_names(), [q("jobs")]);
+}
+
+#[test]
+fn a_long_queue_name_is_cut_to_make_room_for_dead() {
+    let long = "é".repeat(127) + "x"; // 255 bytes
+    let dead = dead_queue_name(&long).unwrap();
+    assert!(dead.as_str().len() <= 255);
+    assert_eq!(dead.as_str(), "é".repeat(125) + ".dead");
+    assert_eq!(dead_queue_name("jobs").unwrap().as_str(), "jobs.dead");
+    assert!(dead_queue_name("jobs.dead").is_none());
+}
+
+#[test]
+fn redrive_moves_dead_messages_back_with_ids_kept_and_counts_reset() {
+    let (mut b, _) = broker();
+    b.set_max_deliveries(Some(1));
+    let mut out = Vec::new();
+    send(&mut b, "jobs", "a", &mut out);
+    send(&mut b, "jobs", "b", &mut out);
+    send(&mut b, "jobs", "c", &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 3, None, 0, &mut out);
+    let ids: Vec<MessageId> = out.iter().map(|d| d.id).collect();
+    out.clear();
+    b.disconnect(1, 0, &mut out);
+    assert_eq!(b.counts("jobs.dead").ready, 3);
+    // One of them delayed in the dead queue, one held there.
+    b.connect(2);
+    b.consume(2, q("jobs.dead"), 2, None, 0, &mut out);
+    assert!(b.requeue(
+        2,
+        &q("jobs.dead"),
+        Some(ids[0]),
+        0,
+        Some(10_000),
+        0,
+        &mut out
+    ));
+    assert_eq!(b.counts("jobs.dead").delayed, 1);
+    assert_eq!(b.counts("jobs.dead").in_flight, 2);
+    b.ack(2, &q("jobs.dead"), Some(ids[1]), 0, &mut out);
+    out.clear();
+    assert_eq!(b.redrive(&q("nobody"), 0, &mut out), 0);
+    assert!(!b.queue_names().contains(&q("nobody.dead")));
+    // ids[2] is held in the dead queue: it stays. ids[0] is delayed: it comes back at once.
+    assert_eq!(b.redrive(&q("jobs"), 0, &mut out), 1);
+    assert_eq!(b.counts("jobs").ready, 1);
+    assert_eq!(b.counts("jobs.dead").delayed, 0);
+    b.connect(3);
+    b.consume(3, q("jobs"), 5, None, 0, &mut out);
+    assert_eq!((out[0].id, out[0].deliveries), (ids[0], 1), "count reset");
+}
+
+#[test]
+fn redrive_works_in_chunks_in_order() {
+    let (mut b, _) = broker();
+    b.set_max_deliveries(Some(1));
+    let mut out = Vec::new();
+    send_numbered(&mut b, "jobs", 10, &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 10, None, 0, &mut out);
+    out.clear();
+    b.disconnect(1, 0, &mut out);
+    assert_eq!(b.redrive_some(&q("jobs"), 4, 0, &mut out), 4);
+    assert_eq!(b.redrive_some(&q("jobs"), 4, 0, &mut out), 4);
+    assert_eq!(b.redrive_some(&q("jobs"), 4, 0, &mut out), 2);
+    assert!(!b.queue_names().contains(&q("jobs.dead")), "empty: gone");
+    b.connect(2);
+    b.consume(2, q("jobs"), 10, None, 0, &mut out);
+    assert_eq!(bodies(&out), numbered(0..10));
 }

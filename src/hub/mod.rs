@@ -303,20 +303,19 @@ impl Hub {
                         ttl,
                         delay,
                     }) => {
-                        // Delays are the broker's next step (PHPMQ v1.2 rule 5).
-                        let _ = delay;
-                        let id = broker.send(queue.clone(), content, ttl, now, &mut deliveries);
+                        let id =
+                            broker.send(queue.clone(), content, ttl, delay, now, &mut deliveries);
                         let ticket = if durable { broker.store_submitted() } else { 0 };
                         answers.push((at, Outgoing::Receipt { queue, id }, ticket));
                     }
                     Incoming::Request(Request::Stats { queue }) => {
-                        let counts = broker.queue_stats(queue.as_str()).unwrap_or_default();
+                        let counts = broker.counts(queue.as_str());
                         answers.push((
                             at,
                             Outgoing::Counts {
                                 queue,
                                 ready: counts.ready as u64,
-                                delayed: 0,
+                                delayed: counts.delayed as u64,
                                 in_flight: counts.in_flight as u64,
                                 consumers: counts.consumers as u64,
                             },
@@ -324,9 +323,7 @@ impl Hub {
                         ));
                     }
                     Incoming::Request(Request::Flush { queue }) => {
-                        let count = broker
-                            .flush(queue.as_str(), now, &mut deliveries)
-                            .unwrap_or(0);
+                        let count = broker.flush_queue(queue.as_str(), now, &mut deliveries);
                         answers.push((
                             at,
                             Outgoing::Flushed {
@@ -445,6 +442,19 @@ impl Hub {
     /// Drops ready messages whose TTL ran out.
     pub fn expire(&self) -> Result<usize, BrokerDown> {
         self.read_mut(|broker, now| broker.expire(now))
+    }
+
+    /// The sweeper's tick: drops what expired, takes back messages whose lease ran out and
+    /// releases delayed ones that are due (writing out what that dispatches). Returns how
+    /// long until the broker's next deadline, if it has one.
+    pub fn sweep(&self) -> Result<Option<Duration>, BrokerDown> {
+        self.modify(|broker, now, out| {
+            broker.expire(now);
+            broker.fire_timers(now, out);
+            broker
+                .next_deadline()
+                .map(|at| Duration::from_millis(at.saturating_sub(now)))
+        })
     }
 
     /// Looks at the broker under the lock.

@@ -4,7 +4,7 @@
 
 use super::Shared;
 use crate::admin::{Backend, Status};
-use crate::broker::{Listing, QueueStatus, FLUSH_CHUNK, STATUS_CHUNK};
+use crate::broker::{Listing, QueueStatus, FLUSH_CHUNK, REDRIVE_CHUNK, STATUS_CHUNK};
 use crate::hub::BrokerDown;
 use crate::request::QueueName;
 use crate::system;
@@ -79,6 +79,20 @@ impl Backend for Shared {
                 return Ok((messages, queues));
             }
             after = last;
+        }
+    }
+
+    /// In chunks of [`REDRIVE_CHUNK`] messages per lock acquisition, like `flush_all`.
+    fn redrive(&self, queue: &QueueName) -> Result<usize, BrokerDown> {
+        let mut moved = 0;
+        loop {
+            let n = self
+                .hub
+                .modify(|broker, now, out| broker.redrive_some(queue, REDRIVE_CHUNK, now, out))?;
+            moved += n;
+            if n < REDRIVE_CHUNK {
+                return Ok(moved);
+            }
         }
     }
 

@@ -1,7 +1,8 @@
 //! The server's composition root: opens storage and recovers from it, builds the broker and
 //! the hub, binds every listener, and starts the threads: one accept thread per listener and
-//! one per client (`accept`), the sweeper that expires messages, and storage's own. It owns
-//! the one shutdown path (`shutdown`); the console sees the server through `console`.
+//! one per client (`accept`), the sweeper that expires messages and runs the broker's timers
+//! (leases, delays), and storage's own. It owns the one shutdown path (`shutdown`); the
+//! console sees the server through `console`.
 //!
 //! Storage is reached only through [`crate::storage::Storage`].
 
@@ -19,7 +20,7 @@ use crate::ratelog;
 use crate::storage::{self, StatusSource, Storage, StorageError};
 use crate::store::{NullStore, Store};
 use accept::{ConnectionCount, Endpoint};
-use crossbeam_channel::{select, tick, unbounded, Receiver, Sender};
+use crossbeam_channel::{after, select, unbounded, Receiver, Sender};
 use log::{error, info};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +30,8 @@ use std::time::{Duration, Instant};
 
 /// How often ready messages are checked for expiry (and suppressed log lines reported).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// The shortest sleep between two sweeps.
+const SWEEP_MIN_WAIT: Duration = Duration::from_millis(1);
 
 /// Why the server could not start, or stopped on its own. Each shows as the one line
 /// `phpmq-server` prints.
@@ -107,6 +110,7 @@ impl Server {
             None => Box::new(NullStore),
         };
         let mut broker = Broker::new(store);
+        broker.set_max_deliveries(Some(config.max_deliveries));
         let mut recovered = 0;
         if let Some(storage) = &mut storage {
             recovered = storage.recover(&mut |message| broker.restore(message))?;
@@ -133,8 +137,8 @@ impl Server {
         let hub = match &storage {
             Some(storage) => hub
                 .with_store_backlogs(storage.backlogs())
-                .with_v12(false, storage.durability()),
-            None => hub.with_v12(false, None),
+                .with_v12(config.max_deliveries > 0, storage.durability()),
+            None => hub.with_v12(config.max_deliveries > 0, None),
         };
         let shared = Arc::new(Shared {
             hub,
@@ -256,7 +260,10 @@ impl Server {
     }
 }
 
-/// Expires ready messages and reports suppressed log lines, every [`SWEEP_INTERVAL`].
+/// Expires messages, takes back expired leases and releases due delays: at the broker's next
+/// deadline, and at least every [`SWEEP_INTERVAL`] (so a lease is taken back at most that late,
+/// v1.2 rule 7, even when it began after the sweeper went to sleep). Suppressed log lines are
+/// reported every [`SWEEP_INTERVAL`].
 fn spawn_sweeper(shared: Arc<Shared>, stop: Receiver<()>) -> io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("phpmq-sweeper".into())
@@ -265,14 +272,23 @@ fn spawn_sweeper(shared: Arc<Shared>, stop: Receiver<()>) -> io::Result<JoinHand
                 shared: shared.clone(),
                 name: "phpmq-sweeper".into(),
             };
-            let ticker = tick(SWEEP_INTERVAL);
+            let mut wait = SWEEP_INTERVAL;
+            let mut reported = Instant::now();
             loop {
                 select! {
-                    recv(ticker) -> _ => {
-                        if shared.hub.expire().is_err() {
+                    recv(after(wait)) -> _ => {
+                        let Ok(next) = shared.hub.sweep() else {
                             return;
+                        };
+                        // A deadline already passed (a tick does a bounded amount of work)
+                        // still waits a millisecond: other threads get the lock meanwhile.
+                        wait = next
+                            .map_or(SWEEP_INTERVAL, |d| d.min(SWEEP_INTERVAL))
+                            .max(SWEEP_MIN_WAIT);
+                        if reported.elapsed() >= SWEEP_INTERVAL {
+                            reported = Instant::now();
+                            ratelog::report_suppressed();
                         }
-                        ratelog::report_suppressed();
                     }
                     recv(stop) -> _ => return,
                 }

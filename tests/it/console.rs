@@ -244,7 +244,7 @@ fn flush_drops_messages_for_good_and_ignores_later_acks() {
     assert_eq!(s.run("flushall"), "flushed 3 messages from 3 queues\n");
     let json = s.run("status json");
     assert!(json.contains(r#""flushed":33"#), "{json}");
-    assert!(json.ends_with("\"queues\":[{\"name\":\"orders\",\"ready\":0,\"in_flight\":0,\"consumers\":1,\"bytes\":0,\"oldest_ready_ms\":null}]}\n"), "{json}");
+    assert!(json.ends_with("\"queues\":[{\"name\":\"orders\",\"ready\":0,\"in_flight\":0,\"consumers\":1,\"bytes\":0,\"oldest_ready_ms\":null,\"delayed\":0}]}\n"), "{json}");
 }
 
 #[test]
@@ -651,7 +651,7 @@ fn status_json_parses_with_the_documented_fields_and_types() {
     );
     assert!(srv["mirror"]["completed"].as_u64() >= Some(1), "{doc}");
     assert_eq!(srv["mirror"]["failures"], 0, "{doc}");
-    let totals: [Field; 7] = [
+    let totals: [Field; 9] = [
         ("accepted", is_count),
         ("delivered", is_count),
         ("acknowledged", is_count),
@@ -659,6 +659,8 @@ fn status_json_parses_with_the_documented_fields_and_types() {
         ("expired", is_count),
         ("dead_lettered", is_count),
         ("flushed", is_count),
+        ("moved_to_dead", is_count),
+        ("redriven", is_count),
     ];
     check(&srv["totals"], &totals);
     assert!(srv["totals"]["accepted"].as_u64() >= Some(32), "{doc}");
@@ -673,6 +675,7 @@ fn status_json_parses_with_the_documented_fields_and_types() {
                 ("consumers", is_count),
                 ("bytes", is_count),
                 ("oldest_ready_ms", count_or_null),
+                ("delayed", is_count),
             ],
         );
     }

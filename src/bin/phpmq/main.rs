@@ -46,6 +46,7 @@ enum Command {
     Consume(ConsumeArgs),
     Status(StatusArgs),
     Flush(FlushArgs),
+    Redrive(RedriveArgs),
     Ping(PingArgs),
     Bench(bench::BenchArgs),
 }
@@ -70,6 +71,16 @@ struct FlushArgs {
     /// flush every queue
     #[argh(switch)]
     all: bool,
+}
+
+/// Move the waiting messages of QUEUE.dead back to the tail of QUEUE, ids kept and delivery
+/// counts reset (through the maintenance console).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "redrive")]
+struct RedriveArgs {
+    /// the queue whose dead letters go back
+    #[argh(positional)]
+    queue: String,
 }
 
 /// Send messages: one per TEXT, or one per line of standard input when there is none. Waits
@@ -165,6 +176,7 @@ fn main() -> ExitCode {
         Command::Consume(cmd) => consume(&args.server, cmd),
         Command::Status(cmd) => status(&args.admin, cmd),
         Command::Flush(cmd) => flush(&args.admin, cmd),
+        Command::Redrive(cmd) => redrive(&args.admin, cmd),
         Command::Ping(cmd) => ping(&args.server, cmd),
         Command::Bench(cmd) => bench::run(&args.server, cmd),
     };
@@ -402,6 +414,14 @@ fn flush(admin: &ListenAddr, cmd: FlushArgs) -> Result<(), CliError> {
         _ => return Err(CliError::Usage("phpmq flush QUEUE | phpmq flush --all")),
     };
     let mut console = Console::connect(admin)?;
+    print!("{}", console.command(&line)?);
+    Ok(())
+}
+
+fn redrive(admin: &ListenAddr, cmd: RedriveArgs) -> Result<(), CliError> {
+    let mut console = Console::connect(admin)?;
+    // Quoted when needed, as for flush.
+    let line = format!("redrive {}", names::display(&cmd.queue));
     print!("{}", console.command(&line)?);
     Ok(())
 }
