@@ -349,3 +349,321 @@ fn no_durably_receipted_message_is_lost_to_sigkill() {
         "the rounds sent little"
     );
 }
+
+const REQUEUE: u16 = 5;
+const TOUCH: u16 = 11;
+
+fn consume_leased(client: &mut Client, queue: &str, count: u64, lease: u64) {
+    let (count, lease) = (count.to_string(), lease.to_string());
+    client.frame_of(
+        CONSUME,
+        &[
+            (1, queue.as_bytes()),
+            (4, count.as_bytes()),
+            (12, lease.as_bytes()),
+        ],
+    );
+}
+
+fn send_delayed(client: &mut Client, queue: &str, content: &str, delay_ms: u64) {
+    let delay = delay_ms.to_string();
+    client.frame_of(
+        SEND,
+        &[
+            (1, queue.as_bytes()),
+            (2, content.as_bytes()),
+            (11, delay.as_bytes()),
+        ],
+    );
+}
+
+/// A v1.2 dispatch: (content, id, delivery count).
+fn dispatch(client: &mut Client) -> (String, String, u32) {
+    let frame = client.expect_frame(DISPATCH);
+    (
+        frame.text(2),
+        frame.text(3),
+        frame.text(9).parse().expect("a decimal count"),
+    )
+}
+
+#[test]
+fn delayed_messages_become_ready_in_due_order_then_fifo() {
+    let server = TestServer::start(&[]);
+    let (mut producer, _) = v12(&server, "");
+    let sent = Instant::now();
+    send_delayed(&mut producer, "later", "in 600 ms", 600);
+    send_delayed(&mut producer, "later", "in 300 ms (a)", 300);
+    send_delayed(&mut producer, "later", "in 300 ms (b)", 300);
+    send(&mut producer, "later", b"now 1");
+    send(&mut producer, "later", b"now 2");
+    for _ in 0..5 {
+        receipt(&mut producer, "later");
+    }
+    let counts_now = counts(&mut producer, "later");
+    assert!(
+        counts_now == "2 3 0 0" || sent.elapsed() >= Duration::from_millis(300),
+        "{counts_now}"
+    );
+    let (mut consumer, _) = v12(&server, "");
+    consumer.frame_of(CONSUME, &[(1, b"later"), (4, b"10")]);
+    let mut order = Vec::new();
+    for _ in 0..5 {
+        let (content, _, count) = dispatch(&mut consumer);
+        assert_eq!(count, 1);
+        let due = match content.as_str() {
+            "in 600 ms" => 600,
+            "in 300 ms (a)" | "in 300 ms (b)" => 300,
+            _ => 0,
+        };
+        assert!(
+            sent.elapsed() >= Duration::from_millis(due),
+            "{content} arrived after {:?}",
+            sent.elapsed()
+        );
+        order.push(content);
+    }
+    assert_eq!(
+        order,
+        [
+            "now 1",
+            "now 2",
+            "in 300 ms (a)",
+            "in 300 ms (b)",
+            "in 600 ms"
+        ]
+    );
+}
+
+/// The due time is stored: a delayed message is still delayed after a SIGTERM restart and
+/// after a SIGKILL one, and is dispatched no earlier than it was due.
+#[test]
+fn a_delayed_message_keeps_its_due_time_over_restarts() {
+    let mut server = TestServer::start(&[]);
+    let sent = Instant::now();
+    let (mut producer, _) = v12(&server, "durable");
+    send_delayed(&mut producer, "patient", "first", 2500);
+    receipt(&mut producer, "patient");
+    drop(producer);
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    server = server.restart();
+    let (mut producer, _) = v12(&server, "durable");
+    assert_eq!(counts(&mut producer, "patient"), "0 1 0 0");
+    send_delayed(&mut producer, "patient", "second", 2500);
+    receipt(&mut producer, "patient");
+    drop(producer);
+    server.signal("KILL");
+    server.wait_exit();
+    server = server.restart();
+
+    let (mut consumer, _) = v12(&server, "");
+    assert_eq!(counts(&mut consumer, "patient"), "0 2 0 0");
+    consumer.frame_of(CONSUME, &[(1, b"patient"), (4, b"2")]);
+    let (first, _, _) = dispatch(&mut consumer);
+    assert_eq!(first, "first");
+    assert!(sent.elapsed() >= Duration::from_millis(2500));
+    let (second, _, _) = dispatch(&mut consumer);
+    assert_eq!(second, "second");
+}
+
+/// Every dispatch counts, to any dialect: after a lease expiry, a re-queue and a disconnect,
+/// and it is stored (a restart keeps it).
+#[test]
+fn the_delivery_count_grows_over_lease_expiry_requeue_and_disconnect() {
+    let mut server = TestServer::start(&[]);
+    let (mut holder, _) = v12(&server, "");
+    consume_leased(&mut holder, "counted", 1, 300);
+    let (mut producer, _) = v12(&server, "");
+    send(&mut producer, "counted", b"job");
+    receipt(&mut producer, "counted");
+    let (_, id, count) = dispatch(&mut holder);
+    assert_eq!(count, 1);
+    // Not acknowledged within the lease: taken back, and the holder's room is free again.
+    let (_, again, count) = dispatch(&mut holder);
+    assert_eq!((again.as_str(), count), (id.as_str(), 2));
+    let (ttl, requeue_id) = (b"0".as_slice(), id.clone());
+    holder.frame_of(
+        REQUEUE,
+        &[(1, b"counted"), (3, requeue_id.as_bytes()), (5, ttl)],
+    );
+    let (_, _, count) = dispatch(&mut holder);
+    assert_eq!(count, 3, "a re-queue keeps the count");
+    drop(holder);
+    // A v1.0 consumer's dispatch counts too, though it is not shown to it.
+    let mut old = server.tcp_client();
+    old.consume("counted", 1);
+    let d = old.recv();
+    assert_eq!((d.id.as_str(), d.packet_count), (id.as_str(), 3));
+    drop(old);
+    wait_until("the v1.0 consumer's hold to come back", || {
+        counts(&mut producer, "counted") == "1 0 0 0"
+    });
+
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    server = server.restart();
+    let (mut next, _) = v12(&server, "");
+    next.frame_of(CONSUME, &[(1, b"counted"), (4, b"1")]);
+    let (_, _, count) = dispatch(&mut next);
+    assert_eq!(count, 5, "four earlier dispatches, stored over the restart");
+}
+
+/// An expired lease puts the message back at the head of its queue while its holder stays
+/// connected; the holder's late ack is ignored. TOUCH keeps a lease alive.
+#[test]
+fn an_expired_lease_returns_the_message_to_the_head_and_touch_keeps_it() {
+    let server = TestServer::start(&[]);
+    let (mut producer, _) = v12(&server, "");
+    for text in ["m1", "m2"] {
+        send(&mut producer, "leased", text.as_bytes());
+        receipt(&mut producer, "leased");
+    }
+    let (mut slow, _) = v12(&server, "");
+    consume_leased(&mut slow, "leased", 1, 300);
+    let (m1, m1_id, _) = dispatch(&mut slow);
+    assert_eq!(m1, "m1");
+    // It wants nothing more, but keeps its connection and its hold until the lease ends.
+    slow.frame_of(CONSUME, &[(1, b"leased"), (4, b"0")]);
+    wait_until("the lease to expire", || {
+        counts(&mut producer, "leased") == "2 0 0 0"
+    });
+    let mut other = server.tcp_client();
+    other.consume("leased", 1);
+    let d = other.recv();
+    assert_eq!(
+        (d.text(), d.id.clone()),
+        ("m1".into(), m1_id.clone()),
+        "back at the head"
+    );
+    slow.ack("leased", &m1_id);
+    assert_eq!(
+        counts(&mut producer, "leased"),
+        "1 0 1 1",
+        "the old holder's ack is ignored: the new holder still has it"
+    );
+    other.ack("leased", &d.id);
+    drop(other);
+    wait_until("the other consumer to be gone", || {
+        counts(&mut producer, "leased") == "1 0 0 0"
+    });
+
+    // Touched every 100 ms, a 300 ms lease holds for a second and more.
+    let (mut toucher, _) = v12(&server, "");
+    consume_leased(&mut toucher, "leased", 1, 300);
+    let (m2, m2_id, _) = dispatch(&mut toucher);
+    assert_eq!(m2, "m2");
+    toucher.frame_of(CONSUME, &[(1, b"leased"), (4, b"0")]);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1200) {
+        toucher.frame_of(TOUCH, &[(1, b"leased"), (3, m2_id.as_bytes())]);
+        // Held, by a connection that asks for nothing more (so no consumer is counted).
+        assert_eq!(counts(&mut toucher, "leased"), "0 0 1 0", "still held");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    toucher.ack("leased", &m2_id);
+    assert_eq!(counts(&mut toucher, "leased"), "0 0 0 0");
+}
+
+#[test]
+fn dead_letters_after_the_maximum_and_redrive() {
+    let server = TestServer::start(&["--max-deliveries", "2"]);
+    let (mut worker, welcome) = v12(&server, "");
+    assert_eq!(
+        welcome.text(8),
+        "confirm stats delay attempts lease dead-letter durable"
+    );
+    send(&mut worker, "jobs", b"poison");
+    receipt(&mut worker, "jobs");
+    worker.frame_of(CONSUME, &[(1, b"jobs"), (4, b"1")]);
+    for expected in 1..=2 {
+        let (_, id, count) = dispatch(&mut worker);
+        assert_eq!(count, expected);
+        worker.frame_of(REQUEUE, &[(1, b"jobs"), (3, id.as_bytes()), (5, b"0")]);
+    }
+    // Its second dispatch ended without an ack: it is in jobs.dead, with its count.
+    wait_until("the move to jobs.dead", || {
+        counts(&mut worker, "jobs.dead") == "1 0 0 0"
+    });
+    assert_eq!(counts(&mut worker, "jobs"), "0 0 0 1");
+    let (mut inspector, _) = v12(&server, "");
+    inspector.frame_of(CONSUME, &[(1, b"jobs.dead"), (4, b"1")]);
+    let (content, id, count) = dispatch(&mut inspector);
+    assert_eq!((content.as_str(), count), ("poison", 3));
+    // Never moved again from a dead queue.
+    inspector.frame_of(REQUEUE, &[(1, b"jobs.dead"), (3, id.as_bytes()), (5, b"0")]);
+    let (_, again, count) = dispatch(&mut inspector);
+    assert_eq!((again.as_str(), count), (id.as_str(), 4));
+    drop(inspector);
+    wait_until("the dead letter to be waiting", || {
+        counts(&mut worker, "jobs.dead") == "1 0 0 0"
+    });
+
+    let reply = server.console_command("redrive jobs");
+    assert_eq!(reply, "redrove 1 messages from jobs.dead to jobs\n");
+    let (content, redriven, count) = dispatch(&mut worker);
+    assert_eq!(
+        (content.as_str(), redriven.as_str(), count),
+        ("poison", id.as_str(), 1)
+    );
+}
+
+/// A v1.2 consumer with a lease and a v1.0 consumer share a queue round-robin, and the v1.0
+/// one sees exactly the three-packet dispatch it always did, whatever the sender said.
+#[test]
+fn a_leased_v12_consumer_and_a_v10_consumer_share_a_queue() {
+    let server = TestServer::start(&[]);
+    let (mut modern, _) = v12(&server, "");
+    consume_leased(&mut modern, "shared", 5, 60_000);
+    let mut classic = server.tcp_client();
+    classic.consume("shared", 5);
+    let mut v11 = server.tcp_client();
+    v11.send_ttl("unrelated", b"shows v1.1", 60);
+    let (mut producer, _) = v12(&server, "");
+    wait_until("both consumers to be in the ring", || {
+        counts(&mut producer, "shared") == "0 0 0 2"
+    });
+    for i in 0..10 {
+        producer.frame_of(
+            SEND,
+            &[(1, b"shared"), (2, format!("{i}").as_bytes()), (5, b"3600")],
+        );
+        receipt(&mut producer, "shared");
+    }
+    let mut to_modern = Vec::new();
+    for _ in 0..5 {
+        let frame = modern.expect_frame(DISPATCH);
+        assert_eq!(frame.types(), [1, 2, 3, 5, 9]);
+        to_modern.push(frame.text(2));
+    }
+    let mut to_classic = Vec::new();
+    for _ in 0..5 {
+        let frame = classic.expect_frame(DISPATCH);
+        assert_eq!(
+            frame_bytes(
+                DISPATCH,
+                &[(1, b"shared"), (2, frame.get(2)), (3, frame.get(3))]
+            ),
+            frame_bytes(
+                DISPATCH,
+                &frame
+                    .packets
+                    .iter()
+                    .map(|(t, c)| (*t, c.as_slice()))
+                    .collect::<Vec<_>>()
+            ),
+            "a v1.0 dispatch is queue, content, id: no TTL, no count"
+        );
+        to_classic.push(frame.text(2));
+    }
+    let evens: Vec<String> = (0..10).step_by(2).map(|i| i.to_string()).collect();
+    let odds: Vec<String> = (1..10).step_by(2).map(|i| i.to_string()).collect();
+    assert!(
+        (to_modern == evens && to_classic == odds) || (to_modern == odds && to_classic == evens),
+        "round-robin: {to_modern:?} / {to_classic:?}"
+    );
+    // The v1.1 connection beside them still gets the TTL, and nothing of v1.2.
+    v11.consume("unrelated", 1);
+    let d = v11.recv();
+    assert_eq!((d.packet_count, d.ttl.is_some()), (4, true));
+}
