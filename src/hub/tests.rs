@@ -179,3 +179,26 @@ fn a_frame_the_socket_does_not_take_waits_in_order_for_the_writer() {
         writer.join().unwrap().unwrap();
     });
 }
+
+#[test]
+fn a_sweep_takes_back_an_expired_lease_and_says_when_the_next_one_is_due() {
+    let hub = hub();
+    let (_, mut client) = registered(&hub, 1);
+    let queue = crate::request::QueueName::new(b"jobs").unwrap();
+    assert_eq!(hub.sweep(), Ok(None), "nothing to wait for");
+    let id = hub
+        .modify(|broker, now, out| {
+            broker.consume(1, queue.clone(), 1, Some(40), now, out);
+            broker.send(queue.clone(), Arc::from(&b"x"[..]), None, None, now, out)
+        })
+        .unwrap();
+    let mut dispatch = Vec::new();
+    encode_dispatch(&mut dispatch, &queue, b"x", id, None);
+    assert_eq!(read_exactly(&mut client, dispatch.len()), dispatch);
+    let next = hub.sweep().unwrap().expect("a lease deadline");
+    assert!(next <= Duration::from_millis(40), "{next:?}");
+    thread::sleep(next + Duration::from_millis(5));
+    // Taken back and, the holder's room freed, dispatched to it again.
+    assert!(hub.sweep().unwrap().is_some(), "leased again");
+    assert_eq!(read_exactly(&mut client, dispatch.len()), dispatch);
+}
