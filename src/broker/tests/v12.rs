@@ -496,3 +496,66 @@ fn redrive_works_in_chunks_in_order() {
     b.consume(2, q("jobs"), 10, None, 0, &mut out);
     assert_eq!(bodies(&out), numbered(0..10));
 }
+
+#[test]
+fn a_requeue_at_the_last_allowed_dispatch_keeps_the_ttl_it_had() {
+    let (mut b, store) = broker();
+    b.set_max_deliveries(Some(1));
+    let mut out = Vec::new();
+    let a = b.send(q("jobs"), Arc::from(&b"a"[..]), Some(60), None, 0, &mut out);
+    b.connect(1);
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    assert!(b.requeue(1, &q("jobs"), Some(a), 5, Some(1_000), 0, &mut out));
+    assert_eq!(b.counts("jobs.dead").ready, 1, "not delayed: moved");
+    assert_eq!(b.totals().requeued, 0, "the re-queue did not happen");
+    let ops = store.ops.lock().unwrap();
+    assert!(matches!(
+        ops.last(),
+        Some(StoreOp::Requeue {
+            expires_at: Some(60_000),
+            due_at: None,
+            deliveries: 1,
+            queue: Some(_),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_restored_delayed_message_is_read_back_from_the_store_once_due() {
+    let (mut b, store) = windowed_broker(100, 1 << 20);
+    let name = q("jobs");
+    store
+        .ops
+        .lock()
+        .unwrap()
+        .push(StoreOp::Insert(StoredMessage {
+            id: MessageId::from_u128(1),
+            queue: name.clone(),
+            content: Arc::from(&b"later"[..]),
+            accepted_at: 0,
+            expires_at: None,
+            seq: 1,
+            due_at: Some(500),
+            deliveries: 2,
+        }));
+    b.restore(StoredRow {
+        id: MessageId::from_u128(1),
+        queue: &name,
+        content: b"later",
+        accepted_at: 0,
+        expires_at: None,
+        seq: 1,
+        due_at: Some(500),
+        deliveries: 2,
+    });
+    assert_eq!(b.counts("jobs").delayed, 1);
+    let mut out = Vec::new();
+    b.connect(1);
+    b.consume(1, name, 1, None, 0, &mut out);
+    b.fire_timers(500, &mut out);
+    store.serve(&mut b, 500, &mut out);
+    assert_eq!(bodies(&out), ["later"]);
+    assert_eq!(out[0].deliveries, 3);
+    b.check_invariants(&store, true);
+}
