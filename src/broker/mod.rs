@@ -23,9 +23,9 @@
 //! - a connection is in a queue's ring iff its subscription to that queue has a limit above 0;
 //! - a queue's `subscribers` has an entry for a connection iff its limit or its holds in that
 //!   queue are above 0, and the connection's `queues` names exactly those queues;
-//! - a queue exists while it has ready, delayed or held messages or consumers; `names` holds exactly
-//!   the names of the queues that exist, in order, so the console can walk them a chunk at a
-//!   time (a hash map has no place to resume from);
+//! - a queue exists while it has ready, delayed or held messages or consumers; `names` holds
+//!   exactly the names of the queues that exist, in order, so the console can walk them a
+//!   chunk at a time (a hash map has no place to resume from);
 //! - the table's `resident` is the sum of the queues' resident amounts;
 //! - with a maximum delivery count N, no message outside a `….dead` queue has ended N
 //!   dispatches without an ack: at its N-th it moved to `<queue>.dead` (module `dead`), from
@@ -300,7 +300,12 @@ impl Broker {
         self.next_seq = self.next_seq.max(message.seq + 1);
         let size = message.content.len();
         if let Some(due_at) = message.due_at {
-            let content = self.table.delayed_content(Arc::from(message.content));
+            // Copied only if kept (see `MessageTable::delayed_content`).
+            let content = self
+                .table
+                .window
+                .is_none()
+                .then(|| Arc::from(message.content));
             let delayed = Delayed {
                 id: message.id,
                 content,
@@ -513,8 +518,9 @@ impl Broker {
     }
 
     /// Runs what is due at `now`: held messages whose lease ran out are taken back (v1.2 rule
-    /// 7), delayed messages that are due join their queues (rule 5). Dispatches what it can; returns how many messages it moved. Each call does a
-    /// bounded amount of work; the sweeper calls it again at [`Broker::next_deadline`].
+    /// 7), delayed messages that are due join their queues (rule 5). Dispatches what it can;
+    /// returns how many messages it moved. Each call does a bounded amount of work (at most
+    /// [`EXPIRE_BATCH`] of each); the sweeper calls it again at [`Broker::next_deadline`].
     pub fn fire_timers(&mut self, now: Millis, out: &mut Vec<Delivery>) -> usize {
         self.reclaim_leases(now, out) + self.release_due(now, out)
     }

@@ -94,9 +94,9 @@ impl MessageTable {
 }
 
 impl Broker {
-    /// Drops ready and delayed messages whose TTL has run out, at most [`EXPIRE_BATCH`] per call so the
-    /// broker lock is never held long (the rest go on the next call, and an expired message is
-    /// never dispatched meanwhile); returns how many. Held messages are left to their holder
+    /// Drops ready and delayed messages whose TTL has run out, at most [`EXPIRE_BATCH`] per
+    /// call so the broker lock is never held long (the rest go on the next call, and an expired
+    /// message is never dispatched meanwhile); returns how many. Held messages are left to their holder
     /// and dropped only if they come back.
     pub fn expire(&mut self, now: Millis) -> usize {
         let mut expired = 0;

@@ -207,3 +207,26 @@ fn a_peer_moves_up_from_v10_on_a_v11_request_and_never_down() {
     );
     assert_eq!(dispatch_seen_by(peer, &mut client), expected);
 }
+
+#[test]
+fn a_sweep_takes_back_an_expired_lease_and_says_when_the_next_one_is_due() {
+    let hub = hub();
+    let (_, mut client) = registered(&hub, 1);
+    let queue = crate::request::QueueName::new(b"jobs").unwrap();
+    assert_eq!(hub.sweep(), Ok(None), "nothing to wait for");
+    let id = hub
+        .modify(|broker, now, out| {
+            broker.consume(1, queue.clone(), 1, Some(40), now, out);
+            broker.send(queue.clone(), Arc::from(&b"x"[..]), None, None, now, out)
+        })
+        .unwrap();
+    let mut dispatch = Vec::new();
+    encode_dispatch(&mut dispatch, &queue, b"x", id, None);
+    assert_eq!(read_exactly(&mut client, dispatch.len()), dispatch);
+    let next = hub.sweep().unwrap().expect("a lease deadline");
+    assert!(next <= Duration::from_millis(40), "{next:?}");
+    thread::sleep(next + Duration::from_millis(5));
+    // Taken back and, the holder's room freed, dispatched to it again.
+    assert!(hub.sweep().unwrap().is_some(), "leased again");
+    assert_eq!(read_exactly(&mut client, dispatch.len()), dispatch);
+}

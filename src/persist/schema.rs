@@ -13,7 +13,7 @@ use std::path::Path;
 
 /// The schema version this build writes and the newest it reads (`PRAGMA user_version`).
 /// Version 2 added `due_at` and `deliveries` (PHPMQ v1.2); a version-1 file is upgraded in
-/// memory when it is loaded ([`upgrade`]) and written in full by the first mirror.
+/// memory when it is loaded (`schema::upgrade`) and written in full by the first mirror.
 pub const SCHEMA_VERSION: i64 = 2;
 /// The `phpmq_meta` row that marks a database as ours.
 const FORMAT: &str = "phpmq";
