@@ -80,6 +80,8 @@ struct Run {
     seen: Vec<AtomicU64>,
     done: AtomicBool,
     latencies_ns: Mutex<Vec<u64>>,
+    /// With --confirm: from each send to its receipt.
+    receipt_ns: Mutex<Vec<u64>>,
 }
 
 impl Run {
@@ -118,6 +120,7 @@ pub fn run(server: &ListenAddr, args: BenchArgs) -> Result<(), super::CliError> 
             .collect(),
         done: AtomicBool::new(false),
         latencies_ns: Mutex::new(Vec::with_capacity(args.messages)),
+        receipt_ns: Mutex::new(Vec::new()),
     });
     // Consumers first, subscribed before anything is sent.
     let mut consumers = Vec::new();
@@ -213,9 +216,19 @@ fn produce(
     rate: u64,
     sending: Sending,
 ) -> Result<(), ClientError> {
-    let mut unanswered = 0;
-    let take_receipt =
-        |client: &mut Client| -> Result<(), ClientError> { client.recv_receipt()?.map(|_| ()) };
+    // Send times of the sends not answered yet, oldest first: receipts come in order.
+    let mut unanswered = std::collections::VecDeque::new();
+    let mut receipt_ns = Vec::new();
+    let mut take_receipt = |client: &mut Client,
+                            unanswered: &mut std::collections::VecDeque<u64>|
+     -> Result<(), ClientError> {
+        client.recv_receipt()??;
+        if let Some(sent) = unanswered.pop_front() {
+            let now = run.start.elapsed().as_nanos() as u64;
+            receipt_ns.push(now.saturating_sub(sent));
+        }
+        Ok(())
+    };
     let mut payload = vec![b'.'; size];
     let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
     let begin = run.start.elapsed();
@@ -243,18 +256,22 @@ fn produce(
             }
             Sending::Confirmed(window) => {
                 client.send_v12(&run.queue, &payload, None, None)?;
-                unanswered += 1;
-                if unanswered >= window {
-                    take_receipt(&mut client)?;
-                    unanswered -= 1;
+                // When it was queued for writing: the receipt's latency runs from here.
+                unanswered.push_back(run.start.elapsed().as_nanos() as u64);
+                if unanswered.len() >= window {
+                    take_receipt(&mut client, &mut unanswered)?;
                 } else if interval.is_some() {
                     client.flush()?;
                 }
             }
         }
     }
-    for _ in 0..unanswered {
-        take_receipt(&mut client)?;
+    while !unanswered.is_empty() {
+        take_receipt(&mut client, &mut unanswered)?;
+    }
+    drop(take_receipt);
+    if let Ok(mut all) = run.receipt_ns.lock() {
+        all.extend(receipt_ns);
     }
     client.flush()
 }
@@ -302,23 +319,28 @@ fn field(content: &[u8], at: usize) -> Option<u64> {
         .map(u64::from_le_bytes)
 }
 
+/// Percentile `q` of sorted nanoseconds, in microseconds (0 if there are none).
+fn percentile_us(sorted_ns: &[u64], q: f64) -> f64 {
+    sorted_ns
+        .get(((sorted_ns.len() as f64 - 1.0) * q).round() as usize)
+        .map(|ns| *ns as f64 / 1000.0)
+        .unwrap_or(0.0)
+}
+
 fn report(args: &BenchArgs, server: &ListenAddr, run: &Run, elapsed: Duration) {
-    let mut latencies = run
-        .latencies_ns
-        .lock()
-        .map(|l| l.clone())
-        .unwrap_or_default();
-    latencies.sort_unstable();
-    let at = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
-            .map(|ns| *ns as f64 / 1000.0)
-            .unwrap_or(0.0)
+    let sorted = |times: &Mutex<Vec<u64>>| {
+        let mut times = times.lock().map(|l| l.clone()).unwrap_or_default();
+        times.sort_unstable();
+        times
     };
+    let latencies = sorted(&run.latencies_ns);
+    let receipts = sorted(&run.receipt_ns);
+    let at = |q: f64| percentile_us(&latencies, q);
+    let receipt_at = |q: f64| percentile_us(&receipts, q);
     let delivered = run.delivered.load(Ordering::Relaxed);
     let secs = elapsed.as_secs_f64().max(1e-9);
     println!(
-        "bench transport={} P={} C={} N={} S={} K={} rate={} confirm={} durable={} delivered={} lost={} dups={} foreign={} elapsed_s={:.3} msgs_per_s={:.0} MB_per_s={:.1} p50_us={:.0} p90_us={:.0} p99_us={:.0} p999_us={:.0} max_us={:.0}",
+        "bench transport={} P={} C={} N={} S={} K={} rate={} confirm={} durable={} delivered={} lost={} dups={} foreign={} elapsed_s={:.3} msgs_per_s={:.0} MB_per_s={:.1} p50_us={:.0} p90_us={:.0} p99_us={:.0} p999_us={:.0} max_us={:.0} receipt_p50_us={:.0} receipt_p99_us={:.0}",
         match server {
             ListenAddr::Tcp(_) => "tcp",
             ListenAddr::Unix(_) => "unix",
@@ -342,6 +364,8 @@ fn report(args: &BenchArgs, server: &ListenAddr, run: &Run, elapsed: Duration) {
         at(0.9),
         at(0.99),
         at(0.999),
-        at(1.0)
+        at(1.0),
+        receipt_at(0.5),
+        receipt_at(0.99)
     );
 }
