@@ -269,7 +269,6 @@ fn produce(
     while !unanswered.is_empty() {
         take_receipt(&mut client, &mut unanswered)?;
     }
-    drop(take_receipt);
     if let Ok(mut all) = run.receipt_ns.lock() {
         all.extend(receipt_ns);
     }
