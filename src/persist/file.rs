@@ -155,7 +155,14 @@ impl FileDb {
     /// large. With `upkeep` (a mirror on its timer, not one run early for a durable receipt)
     /// and nothing to apply, it also gives back a step of free space and folds the log in.
     pub fn apply(&self, ops: &[StoreOp], upkeep: bool) -> rusqlite::Result<Applied> {
-        let before = crate::system::written_by_this_thread();
+        // Reading /proc costs a few system calls: a run for a durable receipt counts what it
+        // added to the log instead.
+        let wal_before = self.wal_bytes();
+        let before = if upkeep {
+            crate::system::written_by_this_thread()
+        } else {
+            None
+        };
         let idle = ops.is_empty() && upkeep;
         // Space is given back on a mirror with nothing else to do: during a drain, moving
         // pages would only add to what the drain writes.
@@ -175,9 +182,13 @@ impl FileDb {
         } else {
             false
         };
-        let written = match (before, crate::system::written_by_this_thread()) {
-            (Some(before), Some(after)) => Some(after.saturating_sub(before)),
-            _ => None,
+        let written = match before {
+            Some(before) => {
+                crate::system::written_by_this_thread().map(|after| after.saturating_sub(before))
+            }
+            // Not folded (only upkeep folds small logs): what the log grew by.
+            None if !folded => Some(wal.saturating_sub(wal_before).max(0) as u64),
+            None => None,
         };
         Ok(Applied {
             wrote: !ops.is_empty() || shrunk || folded,

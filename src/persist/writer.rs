@@ -86,8 +86,7 @@ impl Store for ChannelStore {
 }
 
 /// Applies a coalesced batch, which brings the store up to ticket `through`, to the in-memory
-/// database, then hands it to the journal for the next mirror (at once if a durable receipt
-/// waits for it).
+/// database, then hands it to the journal for the next mirror.
 fn commit(
     shared: &Shared,
     conn: &Connection,
@@ -98,9 +97,6 @@ fn commit(
     shared.rows.fetch_add(delta, Ordering::Relaxed);
     shared.generation.store(through, Ordering::Release);
     shared.journal.record(ops, through);
-    if shared.durable.is_wanted() {
-        shared.journal.wake_mirror();
-    }
     Ok(())
 }
 
@@ -242,7 +238,9 @@ impl Writer<'_> {
             }
             self.work()?;
             if self.shared.durable.is_wanted() {
-                // Committed by now: the mirror syncs it at once.
+                // Committed by now (this round or before the receipt asked): the mirror syncs
+                // it at once. One wake a round: a wake per commit left the mirror an empty run
+                // after each real one.
                 self.shared.journal.wake_mirror();
             }
             if let Some((temp, reply)) = self.mirror.take() {
