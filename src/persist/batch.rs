@@ -109,13 +109,16 @@ pub fn coalesce(ops: Vec<StoreOp>) -> Vec<StoreOp> {
 
 /// Inserts per multi-row INSERT statement: one statement costs about as much as a row.
 const INSERT_CHUNK: usize = 64;
-/// Bound parameters per inserted row.
-const INSERT_COLUMNS: usize = 8;
+/// The columns an insert sets: v1's, and v1.2's due time and delivery count, which most rows
+/// leave at their defaults (no delay, no dispatch yet) and which are then not bound at all.
+const V1_COLUMNS: &str = "seq, id, queue, content, accepted_at, expires_at";
+const V12_COLUMNS: &str = "seq, id, queue, content, accepted_at, expires_at, due_at, deliveries";
 
-fn insert_sql(rows: usize) -> String {
-    let row = format!("({})", ["?"; INSERT_COLUMNS].join(","));
+fn insert_sql(rows: usize, columns: &str) -> String {
+    let count = columns.split(',').count();
+    let row = format!("({})", vec!["?"; count].join(","));
     format!(
-        "INSERT INTO messages (seq, id, queue, content, accepted_at, expires_at, due_at, deliveries) VALUES {}",
+        "INSERT INTO messages ({columns}) VALUES {}",
         vec![row; rows].join(",")
     )
 }
@@ -165,13 +168,22 @@ pub fn apply(conn: &Connection, ops: &[StoreOp]) -> rusqlite::Result<i64> {
     // Unchecked: a mirror's backup may borrow the connection too (shared), between batches.
     let tx = conn.unchecked_transaction()?;
     let mut row_delta = 0i64;
-    static FULL_CHUNK_SQL: OnceLock<String> = OnceLock::new();
-    let full_chunk_sql = FULL_CHUNK_SQL.get_or_init(|| insert_sql(INSERT_CHUNK));
+    static FULL_CHUNK_SQL: OnceLock<(String, String)> = OnceLock::new();
+    let full_chunk_sql = FULL_CHUNK_SQL.get_or_init(|| {
+        (
+            insert_sql(INSERT_CHUNK, V1_COLUMNS),
+            insert_sql(INSERT_CHUNK, V12_COLUMNS),
+        )
+    });
     for chunk in inserts.chunks(INSERT_CHUNK) {
-        let sql = if chunk.len() == INSERT_CHUNK {
-            Cow::Borrowed(full_chunk_sql.as_str())
-        } else {
-            Cow::Owned(insert_sql(chunk.len()))
+        let defaults = chunk
+            .iter()
+            .all(|m| m.due_at.is_none() && m.deliveries == 0);
+        let sql = match (chunk.len() == INSERT_CHUNK, defaults) {
+            (true, true) => Cow::Borrowed(full_chunk_sql.0.as_str()),
+            (true, false) => Cow::Borrowed(full_chunk_sql.1.as_str()),
+            (false, true) => Cow::Owned(insert_sql(chunk.len(), V1_COLUMNS)),
+            (false, false) => Cow::Owned(insert_sql(chunk.len(), V12_COLUMNS)),
         };
         let mut insert = tx.prepare_cached(&sql)?;
         // Parameters are numbered from 1, a row's worth at a time, in the statement's column order.
@@ -187,8 +199,10 @@ pub fn apply(conn: &Connection, ops: &[StoreOp]) -> rusqlite::Result<i64> {
             bind(&&m.content[..])?;
             bind(&stored_time(m.accepted_at))?;
             bind(&m.expires_at.map(stored_time))?;
-            bind(&m.due_at.map(stored_time))?;
-            bind(&m.deliveries)?;
+            if !defaults {
+                bind(&m.due_at.map(stored_time))?;
+                bind(&m.deliveries)?;
+            }
         }
         row_delta += insert.raw_execute()? as i64;
     }
