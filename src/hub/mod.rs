@@ -163,6 +163,10 @@ pub struct Hub {
     durability: Option<Arc<dyn Durability>>,
     /// Connections with durable replies waiting.
     durable_waiting: Mutex<IdMap<ConnId, Arc<Peer>>>,
+    /// Rung when a request may have set a deadline earlier than the sweeper's next wake (a
+    /// delay, a lease): a 50 ms delay is not left waiting for a 250 ms tick.
+    timer_wake: Sender<()>,
+    timer_woken: crossbeam_channel::Receiver<()>,
 }
 
 /// What a connection is told about its own requests.
@@ -186,6 +190,7 @@ pub enum Incoming {
 
 impl Hub {
     pub fn new(broker: Broker, fatal: Sender<Fatal>, bell: Bell) -> Hub {
+        let (timer_wake, timer_woken) = crossbeam_channel::bounded(1);
         Hub {
             state: Mutex::new(State {
                 broker,
@@ -198,7 +203,15 @@ impl Hub {
             served: Features::served(false, false),
             durability: None,
             durable_waiting: Mutex::default(),
+            timer_wake,
+            timer_woken,
         }
+    }
+
+    /// Receives a message when a request set a timer: the sweeper then sweeps at once and
+    /// learns the new next deadline.
+    pub fn timer_wake_ups(&self) -> &crossbeam_channel::Receiver<()> {
+        &self.timer_woken
     }
 
     /// Serves v1.2 with these features; `durability` (if storage has one) backs durable
@@ -267,6 +280,27 @@ impl Hub {
     /// Applies a connection's requests in order, under one lock, then writes out the
     /// deliveries and, per `replies`, the connection's replies (see the module doc).
     pub fn apply(
+        &self,
+        conn: ConnId,
+        batch: Vec<Incoming>,
+        replies: Replies,
+    ) -> Result<(), BrokerDown> {
+        let sets_timer = batch.iter().any(|item| match item {
+            Incoming::Request(Request::Send { delay, .. } | Request::Requeue { delay, .. }) => {
+                delay.is_some_and(|d| d > 0)
+            }
+            Incoming::Request(Request::Consume { lease, .. }) => lease.is_some_and(|l| l > 0),
+            _ => false,
+        });
+        let result = self.apply_batch(conn, batch, replies);
+        if sets_timer {
+            // Full means a wake-up is already waiting.
+            let _ = self.timer_wake.try_send(());
+        }
+        result
+    }
+
+    fn apply_batch(
         &self,
         conn: ConnId,
         batch: Vec<Incoming>,

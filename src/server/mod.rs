@@ -274,8 +274,14 @@ fn spawn_sweeper(shared: Arc<Shared>, stop: Receiver<()>) -> io::Result<JoinHand
             };
             let mut wait = SWEEP_INTERVAL;
             let mut reported = Instant::now();
+            let timer_set = shared.hub.timer_wake_ups().clone();
             loop {
                 select! {
+                    recv(timer_set) -> _ => {
+                        // A request set a deadline, maybe before the planned wake: sweep now
+                        // (cheap) to learn it.
+                        wait = Duration::ZERO;
+                    }
                     recv(after(wait)) -> _ => {
                         let Ok(next) = shared.hub.sweep() else {
                             return;
