@@ -38,6 +38,8 @@ const MAX_BATCH: usize = 512;
 pub const THREAD_STACK: usize = 256 << 10;
 /// At shutdown, a connection ends once its client has sent nothing for this long.
 const QUIET: Duration = Duration::from_millis(100);
+/// At shutdown, how long a connection waits for the sync its durable receipts need.
+const DURABLE_SETTLE: Duration = Duration::from_secs(2);
 
 /// Limits a connection enforces.
 #[derive(Clone, Copy, Debug)]
@@ -189,6 +191,11 @@ pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
             scope,
         };
         let end = session.read_loop(limits);
+        if matches!(end, End::ServerShutdown | End::HungUp { .. }) {
+            // Its last messages are taken: at a graceful stop, their durable receipts are
+            // worth the wait for one more sync, or the client would send them again.
+            hub.settle_durable(&peer, DURABLE_SETTLE);
+        }
         // A v1.2 client (or one that sent a HELLO) learns why, before the close.
         if let Some(frame) = end.refusal().and_then(Refusal::frame) {
             if hub.send(vec![(conn, frame)]).is_ok() {

@@ -69,6 +69,8 @@ pub struct Peer {
     /// Replies of a connection with durable receipts, in order, each with the store ticket
     /// it waits for (0: none, it only waits for those before it).
     durable_replies: Mutex<VecDeque<(u64, Outgoing)>>,
+    /// Signalled whenever durable replies are written out.
+    durable_released: std::sync::Condvar,
 }
 
 impl Peer {
@@ -83,6 +85,7 @@ impl Peer {
             closing: AtomicBool::new(false),
             hung_up: AtomicBool::new(false),
             durable_replies: Mutex::default(),
+            durable_released: std::sync::Condvar::new(),
         }
     }
 
@@ -434,8 +437,25 @@ impl Hub {
                     frame.encode(buffer, dialect);
                 }
             });
+            peer.durable_released.notify_all();
         }
         !queue.is_empty()
+    }
+
+    /// Waits, at most `timeout`, until the connection's durable replies are all written out
+    /// (storage syncs for them at once). For a connection that is closing at a graceful stop.
+    pub fn settle_durable(&self, peer: &Peer, timeout: Duration) {
+        let Some(durability) = &self.durability else {
+            return;
+        };
+        let queue = peer.durable_replies();
+        let Some(&(wanted, _)) = queue.iter().max_by_key(|(ticket, _)| *ticket) else {
+            return;
+        };
+        durability.want(wanted);
+        let _ = peer
+            .durable_released
+            .wait_timeout_while(queue, timeout, |queue| !queue.is_empty());
     }
 
     /// Storage synced more changes: durable replies waiting for them go out. Called from

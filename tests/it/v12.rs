@@ -667,3 +667,25 @@ fn a_leased_v12_consumer_and_a_v10_consumer_share_a_queue() {
     let d = v11.recv();
     assert_eq!((d.packet_count, d.ttl.is_some()), (4, true));
 }
+
+/// At a graceful stop the server takes every whole frame that arrived, and a connection with
+/// durable receipts gets them before it is closed: nothing is left for the client to resend.
+#[test]
+fn a_graceful_stop_answers_every_durable_send_before_closing() {
+    let mut server = TestServer::start(&[]);
+    let (mut producer, _) = v12(&server, "durable");
+    let frames: Vec<u8> = (0..300)
+        .flat_map(|i| frame_bytes(SEND, &[(1, b"last"), (2, format!("{i}").as_bytes())]))
+        .collect();
+    producer.raw(&frames);
+    server.signal("TERM");
+    let mut receipts = 0;
+    while let Some(frame) = producer.recv_frame() {
+        assert_eq!(frame.message_type, RECEIPT, "{frame:?}");
+        receipts += 1;
+    }
+    assert!(server.wait_exit().success());
+    assert_eq!(receipts, 300, "a receipt for every send before the close");
+    let server = server.restart();
+    assert_eq!(server.recovered(), 300);
+}
