@@ -13,6 +13,7 @@
 use std::io::{self, Write};
 use std::mem;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// Past this size the writer's spare buffer is not kept for reuse.
 const KEEP_BUFFER_BYTES: usize = 1 << 20;
@@ -96,6 +97,21 @@ impl Outbox {
         self.wake.notify_all();
     }
 
+    /// Waits, at most `timeout`, until at most `limit` bytes wait to be written (or the outbox
+    /// is closed). Returns whether that is so.
+    pub fn wait_until_at_most(&self, limit: usize, timeout: Duration) -> bool {
+        let Some(state) = self.lock() else {
+            return true;
+        };
+        match self
+            .wake
+            .wait_timeout_while(state, timeout, |s| s.pending.len() > limit && !s.closed)
+        {
+            Ok((state, _)) => state.pending.len() <= limit || state.closed,
+            Err(_) => true,
+        }
+    }
+
     /// Writes what the direct sends left over, until the outbox is closed or the socket fails.
     /// `after_batch` runs after each completed write, with no lock held.
     pub fn write_loop(
@@ -121,6 +137,8 @@ impl Outbox {
                 mem::swap(&mut state.pending, &mut batch);
                 state.writing = true;
             }
+            // Room again: a reader held back by this connection's backlog may go on.
+            self.wake.notify_all();
             let written = sink.write_all(&batch);
             if let Some(mut state) = self.lock() {
                 state.writing = false;

@@ -17,7 +17,10 @@ mod reader;
 use crate::broker::ConnId;
 use crate::codec::CodecError;
 use crate::hello::{self, Feature};
-use crate::hub::{BrokerDown, Hub, Incoming, Peer, Replies};
+use crate::hub::{
+    BrokerDown, Hub, Incoming, Peer, Replies, OUTBOX_HIGH_WATER, OUTBOX_LOW_WATER,
+    STORE_WAIT_RECHECK,
+};
 use crate::net::Stream;
 use crate::ratelog;
 use crate::refusal::Refusal;
@@ -324,6 +327,14 @@ impl Session<'_, '_> {
             }
             if reader.has_whole_frames_pending() {
                 continue;
+            }
+            // Its own output backed up (replies it does not read, or dispatches): read nothing
+            // more from it until that drains, so what it makes the server hold stays bounded;
+            // the kernel's flow control then holds the client back.
+            while self.peer.outbox.pending_len() > OUTBOX_HIGH_WATER && !self.peer.is_closing() {
+                self.peer
+                    .outbox
+                    .wait_until_at_most(OUTBOX_LOW_WATER, STORE_WAIT_RECHECK);
             }
             // Only a connection that never asked to consume can be idle: a consumer may hold
             // messages, or be waiting for the next one.

@@ -691,3 +691,45 @@ fn a_graceful_stop_answers_every_durable_send_before_closing() {
     let server = server.restart();
     assert_eq!(server.recovered(), 300);
 }
+
+/// A v1.2 producer that never reads its receipts cannot make the server hold them without
+/// bound: past 16 MiB of unread output the server stops reading from it, the kernel's flow
+/// control blocks its writes, and every other client goes on.
+#[test]
+fn a_producer_that_never_reads_its_receipts_is_held_back() {
+    use std::io::Write;
+    let server = TestServer::start(&["--db", "none"]);
+    let mut stream = std::net::TcpStream::connect(server.tcp_addr()).unwrap();
+    stream.write_all(&frame_bytes(7, &[(6, b"1.2")])).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let send = frame_bytes(SEND, &[(1, b"unread"), (2, b"x")]);
+    let batch: Vec<u8> = send
+        .iter()
+        .copied()
+        .cycle()
+        .take(send.len() * 1000)
+        .collect();
+    let mut sent = 0usize;
+    let blocked = loop {
+        match stream.write_all(&batch) {
+            Ok(()) => sent += 1000,
+            Err(_) => break true,
+        }
+        // Each receipt is ~140 bytes: 16 MiB of them and the kernels' buffers are far below
+        // two million sends.
+        if sent >= 2_000_000 {
+            break false;
+        }
+    };
+    assert!(blocked, "{sent} sends taken without a receipt read");
+    // Everyone else is served.
+    let (mut other, _) = v12(&server, "");
+    send_one_and_check(&mut other);
+}
+
+fn send_one_and_check(client: &mut Client) {
+    send(client, "elsewhere", b"fine");
+    receipt(client, "elsewhere");
+}
