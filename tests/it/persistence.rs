@@ -1037,3 +1037,74 @@ fn sigterm_takes_every_frame_a_unix_producer_wrote_even_past_the_drain_timeout()
     assert_eq!(out_of_place, None, "not the messages sent, in order");
     assert!(got.len() <= written + 1, "{} recovered", got.len());
 }
+
+/// A file from before PHPMQ v1.2 (schema version 1: no due time, no delivery count) is loaded,
+/// its messages have no delay and no dispatch counted, and the server writes it in the current
+/// form, which a restart reads back.
+#[test]
+fn a_file_from_before_v1_2_is_loaded_and_rewritten() {
+    let dir = TempDir::new("v1file");
+    let db = dir.path().join("phpmq.sqlite");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "PRAGMA page_size = 16384; PRAGMA auto_vacuum = INCREMENTAL;
+         CREATE TABLE phpmq_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+         INSERT INTO phpmq_meta (key, value) VALUES ('format', 'phpmq');
+         CREATE TABLE messages (seq INTEGER PRIMARY KEY, id BLOB NOT NULL, queue TEXT NOT NULL,
+             content BLOB NOT NULL, accepted_at INTEGER NOT NULL, expires_at INTEGER);
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    for seq in 1..=3i64 {
+        conn.execute(
+            "INSERT INTO messages VALUES (?1, ?2, 'old', ?3, 0, NULL)",
+            rusqlite::params![
+                seq,
+                &(seq as u128 + 0xabc0).to_be_bytes()[..],
+                format!("v1 message {seq}").as_bytes()
+            ],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let sock = dir.path().join("phpmq.sock");
+    let args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        &format!("unix:{}", sock.display()),
+        "--db",
+        db.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut server = TestServer::start_with(dir, args);
+    assert_eq!(server.recovered(), 3);
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2, "written in the current form");
+    let columns: (Option<i64>, i64) = conn
+        .query_row(
+            "SELECT due_at, deliveries FROM messages WHERE seq = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(columns, (None, 0));
+    drop(conn);
+
+    let server = server.restart();
+    assert_eq!(server.recovered(), 3);
+    let mut consumer = server.tcp_client();
+    consumer.consume("old", 3);
+    for seq in 1..=3 {
+        let d = consumer.recv();
+        assert_eq!(d.text(), format!("v1 message {seq}"));
+        assert_eq!(d.id, format!("{:032x}", seq as u128 + 0xabc0));
+    }
+}
