@@ -1,3 +1,5 @@
+//! The client against the frames a server sends, decoded from bytes.
+
 use super::*;
 
 fn decoded(bytes: &[u8]) -> Result<ServerFrame, ClientError> {

@@ -1,3 +1,5 @@
+//! Request validation: names, numbers, dialect gating, and the bytes `Request::encode` writes.
+
 use super::*;
 use crate::codec::{self, decode_frame, Decoded};
 
