@@ -41,8 +41,10 @@ const MAX_BATCH: usize = 512;
 pub const THREAD_STACK: usize = 256 << 10;
 /// At shutdown, a connection ends once its client has sent nothing for this long.
 const QUIET: Duration = Duration::from_millis(100);
-/// At shutdown, how long a connection waits for the sync its durable receipts need.
+/// When a connection ends, how long it waits for the sync its durable receipts need.
 const DURABLE_SETTLE: Duration = Duration::from_secs(2);
+/// How long the replies queued for a closing connection (and its ERROR) may take to leave.
+const DRAIN_BEFORE_CLOSE: Duration = Duration::from_secs(1);
 
 /// Limits a connection enforces.
 #[derive(Clone, Copy, Debug)]
@@ -194,17 +196,23 @@ pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
             scope,
         };
         let end = session.read_loop(limits);
-        if matches!(end, End::ServerShutdown | End::HungUp { .. }) {
-            // Its last messages are taken: at a graceful stop, their durable receipts are
-            // worth the wait for one more sync, or the client would send them again.
+        // Whatever ended it, what it sent was taken: the durable receipts owed for it are
+        // worth the wait for one more sync (and come before an ERROR), or the client would
+        // send those messages again. A client that half-closed still reads them.
+        if session.replies == Replies::Durable {
             hub.settle_durable(&peer, DURABLE_SETTLE);
         }
         // A v1.2 client (or one that sent a HELLO) learns why, before the close.
-        if let Some(frame) = end.refusal().and_then(Refusal::frame) {
-            if hub.send(vec![(conn, frame)]).is_ok() {
-                // The reply must not be cut off by a reset for what the client sent after it.
-                let _ = peer.stream.shutdown(std::net::Shutdown::Write);
-            }
+        let refused = end.refusal().and_then(Refusal::frame);
+        let told = refused.is_some_and(|frame| hub.send(vec![(conn, frame)]).is_ok());
+        // Replies (and the ERROR) still queued are written out before the close, which would
+        // drop them: bounded, for a client that does not read.
+        if (told || session.replies != Replies::None) && session.start_writer_if_pending().is_ok() {
+            peer.outbox.wait_until_at_most(0, DRAIN_BEFORE_CLOSE);
+        }
+        if told {
+            // The reply must not be cut off by a reset for what the client sent after it.
+            let _ = peer.stream.shutdown(std::net::Shutdown::Write);
         }
         // Unregister first: the held messages go to other consumers before this socket closes.
         // Hanging up also ends the writer.
@@ -331,10 +339,22 @@ impl Session<'_, '_> {
             // Its own output backed up (replies it does not read, or dispatches): read nothing
             // more from it until that drains, so what it makes the server hold stays bounded;
             // the kernel's flow control then holds the client back.
-            while self.peer.outbox.pending_len() > OUTBOX_HIGH_WATER && !self.peer.is_closing() {
+            // Only for a v1.2 connection that does not consume: its backlog is replies. A
+            // consumer's is dispatches, which already stop at the mark, and it must still be
+            // read to drain them (its acks).
+            while self.replies != Replies::None
+                && !self.consumer
+                && self.peer.outbox.pending_len() > OUTBOX_HIGH_WATER
+                && !self.peer.is_closing()
+            {
                 self.peer
                     .outbox
                     .wait_until_at_most(OUTBOX_LOW_WATER, STORE_WAIT_RECHECK);
+            }
+            // Durable receipts that wait for syncs which do not come (a failing disk): read no
+            // more sends until they go out.
+            if self.replies == Replies::Durable {
+                self.hub.wait_for_durable_room(&self.peer);
             }
             // Only a connection that never asked to consume can be idle: a consumer may hold
             // messages, or be waiting for the next one.

@@ -44,6 +44,11 @@ pub const OUTBOX_LOW_WATER: usize = 4 << 20;
 /// closing for a reason that does not wake it (a failed write; a shutdown does wake it).
 pub const STORE_WAIT_RECHECK: Duration = Duration::from_millis(50);
 
+/// Durable replies queued for one connection beyond which it is not read from...
+pub const DURABLE_HIGH_WATER: usize = 65_536;
+/// ...until they are down to this.
+pub const DURABLE_LOW_WATER: usize = 16_384;
+
 /// A connected client as the rest of the server sees it.
 #[derive(Debug)]
 pub struct Peer {
@@ -389,7 +394,19 @@ impl Hub {
                     frames.push((delivery.conn, Outgoing::from(delivery)));
                 }
                 frames.extend(answers.map(|(_, frame, _)| (conn, frame)));
-                (route(&state.peers, frames), None)
+                let mut routed = route(&state.peers, frames);
+                // This connection's own frames go into its outbox before the lock is released:
+                // a dispatch of one of its messages that another thread decides later (a
+                // resumed consumer, a delay coming due) is then written after its RECEIPT.
+                // Pushing never blocks.
+                if let Some(at) = routed.iter().position(|(peer, _)| peer.conn == conn) {
+                    let own = routed.swap_remove(at);
+                    let mut none = Vec::new();
+                    for peer in fan_out(vec![own]) {
+                        state.broker.set_paused(peer.conn, true, now, &mut none);
+                    }
+                }
+                (routed, None)
             }
         };
         self.deliver(routed);
@@ -440,6 +457,25 @@ impl Hub {
             peer.durable_released.notify_all();
         }
         !queue.is_empty()
+    }
+
+    /// Waits while the connection has more durable replies queued than [`DURABLE_HIGH_WATER`]
+    /// (storage is not syncing: a failing disk), until they are down to the low mark or the
+    /// connection is closing. What a client makes the server hold stays bounded.
+    pub fn wait_for_durable_room(&self, peer: &Peer) {
+        let mut queue = peer.durable_replies();
+        if queue.len() <= DURABLE_HIGH_WATER {
+            return;
+        }
+        while queue.len() > DURABLE_LOW_WATER && !peer.is_closing() {
+            queue = match peer
+                .durable_released
+                .wait_timeout(queue, STORE_WAIT_RECHECK)
+            {
+                Ok((queue, _)) => queue,
+                Err(p) => p.into_inner().0,
+            };
+        }
     }
 
     /// Waits, at most `timeout`, until the connection's durable replies are all written out

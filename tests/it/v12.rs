@@ -733,3 +733,31 @@ fn send_one_and_check(client: &mut Client) {
     send(client, "elsewhere", b"fine");
     receipt(client, "elsewhere");
 }
+
+/// A durable client that ends its connection, with a bad frame or by half-closing, still gets
+/// the receipts for everything that was taken, in order, before the ERROR and the close.
+#[test]
+fn durable_receipts_come_before_the_error_and_after_a_half_close() {
+    let server = TestServer::start(&[]);
+    let sends: Vec<u8> = (0..100)
+        .flat_map(|i| frame_bytes(SEND, &[(1, b"owed"), (2, format!("{i}").as_bytes())]))
+        .collect();
+
+    let (mut broken, _) = v12(&server, "durable");
+    broken.raw(&sends).raw(b"garbage!");
+    for _ in 0..100 {
+        receipt(&mut broken, "owed");
+    }
+    assert_eq!(broken.expect_frame(ERROR).text(10), "400");
+    broken.expect_closed();
+
+    let (mut done, _) = v12(&server, "durable");
+    done.raw(&sends);
+    done.shutdown_write();
+    for _ in 0..100 {
+        receipt(&mut done, "owed");
+    }
+    assert_eq!(done.recv_frame(), None, "then the server closes");
+    let (mut check, _) = v12(&server, "");
+    assert_eq!(counts(&mut check, "owed"), "200 0 0 0");
+}
