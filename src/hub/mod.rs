@@ -44,11 +44,6 @@ pub const OUTBOX_LOW_WATER: usize = 4 << 20;
 /// closing for a reason that does not wake it (a failed write; a shutdown does wake it).
 pub const STORE_WAIT_RECHECK: Duration = Duration::from_millis(50);
 
-/// Durable replies queued for one connection beyond which it is not read from...
-pub const DURABLE_HIGH_WATER: usize = 65_536;
-/// ...until they are down to this.
-pub const DURABLE_LOW_WATER: usize = 16_384;
-
 /// A connected client as the rest of the server sees it.
 #[derive(Debug)]
 pub struct Peer {
@@ -92,13 +87,6 @@ impl Peer {
             durable_replies: Mutex::default(),
             durable_released: std::sync::Condvar::new(),
         }
-    }
-
-    fn durable_replies(&self) -> MutexGuard<'_, VecDeque<(u64, Outgoing)>> {
-        // A plain queue: a panic elsewhere cannot leave it half-changed.
-        self.durable_replies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Notes the dialect a request shows, before it reaches the broker: dispatches it causes
@@ -410,99 +398,13 @@ impl Hub {
             }
         };
         self.deliver(routed);
-        if let (Some(peer), Some(durability)) = (peer, &self.durability) {
-            if answers.is_empty() {
-                return Ok(());
-            }
-            let wanted = answers.iter().map(|(_, _, ticket)| *ticket).max();
-            peer.durable_replies().extend(
-                answers
-                    .into_iter()
-                    .map(|(_, frame, ticket)| (ticket, frame)),
-            );
-            self.durable_waiting().insert(conn, peer.clone());
-            if let Some(ticket) = wanted.filter(|&t| t > 0) {
-                durability.want(ticket);
-            }
-            self.release_replies(&peer, durability.synced());
+        if let Some(peer) = peer {
+            let replies = answers
+                .into_iter()
+                .map(|(_, frame, ticket)| (ticket, frame));
+            self.queue_durable(&peer, replies.collect());
         }
         Ok(())
-    }
-
-    fn durable_waiting(&self) -> MutexGuard<'_, IdMap<ConnId, Arc<Peer>>> {
-        // A plain map: a panic elsewhere cannot leave it half-changed.
-        self.durable_waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Writes out a durable connection's replies whose tickets are synced, in order. Returns
-    /// whether some still wait. The queue stays locked while the frames go into the outbox,
-    /// so two threads releasing at once cannot swap them.
-    fn release_replies(&self, peer: &Peer, synced: u64) -> bool {
-        let mut queue = peer.durable_replies();
-        let mut ready = Vec::new();
-        while queue.front().is_some_and(|(ticket, _)| *ticket <= synced) {
-            if let Some((_, frame)) = queue.pop_front() {
-                ready.push(frame);
-            }
-        }
-        if !ready.is_empty() {
-            let dialect = peer.dialect();
-            peer.outbox.push(&*peer.stream, |buffer| {
-                for frame in &ready {
-                    frame.encode(buffer, dialect);
-                }
-            });
-            peer.durable_released.notify_all();
-        }
-        !queue.is_empty()
-    }
-
-    /// Waits while the connection has more durable replies queued than [`DURABLE_HIGH_WATER`]
-    /// (storage is not syncing: a failing disk), until they are down to the low mark or the
-    /// connection is closing. What a client makes the server hold stays bounded.
-    pub fn wait_for_durable_room(&self, peer: &Peer) {
-        let mut queue = peer.durable_replies();
-        if queue.len() <= DURABLE_HIGH_WATER {
-            return;
-        }
-        while queue.len() > DURABLE_LOW_WATER && !peer.is_closing() {
-            queue = match peer
-                .durable_released
-                .wait_timeout(queue, STORE_WAIT_RECHECK)
-            {
-                Ok((queue, _)) => queue,
-                Err(p) => p.into_inner().0,
-            };
-        }
-    }
-
-    /// Waits, at most `timeout`, until the connection's durable replies are all written out
-    /// (storage syncs for them at once). For a connection that is closing at a graceful stop.
-    pub fn settle_durable(&self, peer: &Peer, timeout: Duration) {
-        let Some(durability) = &self.durability else {
-            return;
-        };
-        let queue = peer.durable_replies();
-        let Some(&(wanted, _)) = queue.iter().max_by_key(|(ticket, _)| *ticket) else {
-            return;
-        };
-        durability.want(wanted);
-        let _ = peer
-            .durable_released
-            .wait_timeout_while(queue, timeout, |queue| !queue.is_empty());
-    }
-
-    /// Storage synced more changes: durable replies waiting for them go out. Called from
-    /// storage's thread.
-    pub fn release_durable(&self) {
-        let Some(durability) = &self.durability else {
-            return;
-        };
-        let synced = durability.synced();
-        self.durable_waiting()
-            .retain(|_, peer| self.release_replies(peer, synced));
     }
 
     /// Removes a connection; what it held is redelivered to the others.
@@ -727,6 +629,10 @@ fn fan_out(routed: Routed) -> Vec<Arc<Peer>> {
     }
     backed_up
 }
+
+mod durable;
+
+pub use durable::{DURABLE_HIGH_WATER, DURABLE_LOW_WATER};
 
 #[cfg(test)]
 mod tests;
