@@ -109,6 +109,10 @@ pub fn coalesce(ops: Vec<StoreOp>) -> Vec<StoreOp> {
 
 /// Inserts per multi-row INSERT statement: one statement costs about as much as a row.
 const INSERT_CHUNK: usize = 64;
+/// Prepared statements a connection that takes batches keeps: a batch's last chunk has any
+/// length up to [`INSERT_CHUNK`], in two column sets, and small batches (a durable receipt's)
+/// are all last chunks; with SQLite's default of 16 most of them were parsed again each time.
+pub const STATEMENT_CACHE: usize = 2 * INSERT_CHUNK + 16;
 /// The columns an insert sets: v1's, and v1.2's due time and delivery count, which most rows
 /// leave at their defaults (no delay, no dispatch yet) and which are then not bound at all.
 const V1_COLUMNS: &str = "seq, id, queue, content, accepted_at, expires_at";

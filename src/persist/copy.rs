@@ -165,6 +165,7 @@ fn tune_memory(memory: &Connection) -> rusqlite::Result<()> {
     // Incremental vacuum: freed pages can be given back a step at a time (memory and file
     // follow the live messages); it must be chosen before the first table exists, and the
     // files copied from this database inherit it.
+    memory.set_prepared_statement_cache_capacity(super::batch::STATEMENT_CACHE);
     memory.execute_batch(&format!(
         "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = OFF;"
     ))

@@ -118,6 +118,7 @@ impl FileDb {
     /// Opens the phpmq database at `path` (already checked) for incremental mirrors.
     pub fn open(path: &Path) -> rusqlite::Result<FileDb> {
         let conn = Connection::open(path)?;
+        conn.set_prepared_statement_cache_capacity(batch::STATEMENT_CACHE);
         // FULL: a commit is on disk when it returns; that is what makes a mirror complete.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL;
