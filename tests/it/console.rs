@@ -480,8 +480,9 @@ fn worst_round_trip_during(server: &TestServer, command: &'static str) -> (Durat
     pinger.consume("ping", 1);
     let started = Instant::now();
     let mut trips = Vec::new();
-    // At least 5 runs of the command and 2 s of round trips, within the deadline.
-    while runs.load(Ordering::Relaxed) < 5 || started.elapsed() < Duration::from_secs(2) {
+    // At least 2 runs of the command and 2 s of round trips, within the deadline (a run of
+    // `status` over 100,000 queues takes seconds in a debug build on a busy machine).
+    while runs.load(Ordering::Relaxed) < 2 || started.elapsed() < Duration::from_secs(2) {
         assert!(started.elapsed() < DEADLINE, "{command} ran too slowly");
         let sent = Instant::now();
         pinger.send("ping", b"p");
