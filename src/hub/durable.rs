@@ -74,7 +74,7 @@ impl Hub {
         !queue.is_empty()
     }
 
-    /// Waits while the connection has more durable replies queued than [`DURABLE_HIGH_WATER`]
+    /// Waits while the connection has more durable replies queued than `DURABLE_HIGH_WATER`
     /// (storage is not syncing: a failing disk), until they are down to the low mark or the
     /// connection is closing. What a client makes the server hold stays bounded.
     pub fn wait_for_durable_room(&self, peer: &Peer) {

@@ -632,7 +632,5 @@ fn fan_out(routed: Routed) -> Vec<Arc<Peer>> {
 
 mod durable;
 
-pub use durable::{DURABLE_HIGH_WATER, DURABLE_LOW_WATER};
-
 #[cfg(test)]
 mod tests;
