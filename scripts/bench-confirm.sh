@@ -15,15 +15,8 @@ MQBENCH_SRC=${MQBENCH_SRC:-../shared/bench}
 N16=${N16:-100000}
 N1=${N1:-20000}
 
-need=()
-command -v beanstalkd >/dev/null || need+=(beanstalkd)
-command -v redis-server >/dev/null || need+=(redis-server)
-if [ ${#need[@]} -gt 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-cargo build --release --quiet
-CARGO_TARGET_DIR=/tmp/mqbench-target cargo build --release --quiet --manifest-path "$MQBENCH_SRC/Cargo.toml"
-mqbench=/tmp/mqbench-target/release/mqbench
+# shellcheck source=scripts/bench-setup.sh
+. scripts/bench-setup.sh
 bin=$PWD/target/release
 
 work=$(mktemp -d /tmp/phpmq-confirm.XXXXXX)

@@ -16,15 +16,8 @@ ONLY=${ONLY:-.}
 MQBENCH_SRC=${MQBENCH_SRC:-../shared/bench}
 PHPMQ_ARGS=${PHPMQ_ARGS:-}
 
-need=()
-command -v beanstalkd >/dev/null || need+=(beanstalkd)
-command -v redis-server >/dev/null || need+=(redis-server)
-if [ ${#need[@]} -gt 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-cargo build --release --quiet
-CARGO_TARGET_DIR=/tmp/mqbench-target cargo build --release --quiet --manifest-path "$MQBENCH_SRC/Cargo.toml"
-mqbench=/tmp/mqbench-target/release/mqbench
+# shellcheck source=scripts/bench-setup.sh
+. scripts/bench-setup.sh
 server=${PHPMQ_SERVER:-$PWD/target/release/phpmq-server}
 
 work=$(mktemp -d /tmp/phpmq-matrix.XXXXXX)
