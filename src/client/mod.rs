@@ -337,16 +337,18 @@ impl Client {
         Ok(())
     }
 
-    /// Flushes, then waits for the next dispatch; any other frame is
-    /// [`ClientError::Unexpected`].
+    /// The next dispatch (flushing before it waits, as [`Client::recv_frame`]); any other frame
+    /// is [`ClientError::Unexpected`].
     pub fn recv(&mut self) -> Result<Dispatch, ClientError> {
         self.recv_frame()?.into_dispatch()
     }
 
-    /// Flushes, then waits for the next frame from the server, whatever its kind. A frame that
-    /// only clients send is [`ClientError::Protocol`].
+    /// The next frame from the server, whatever its kind. A frame that only clients send is
+    /// [`ClientError::Protocol`]. What is queued for the server is flushed before waiting for
+    /// the socket, not before a frame already read is returned: a client that answers each
+    /// frame it reads (a receipt with the next send, a dispatch with its ack) then writes its
+    /// answers to a burst of frames in one go, as a pipelining client should.
     pub fn recv_frame(&mut self) -> Result<ServerFrame, ClientError> {
-        self.flush()?;
         loop {
             // v1.2 reads every frame a server sends, to a connection of any dialect.
             match codec::decode_frame_in(&self.buf[self.start..], usize::MAX >> 1, Dialect::V12) {
@@ -362,6 +364,7 @@ impl Client {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
+            self.flush()?;
             let mut chunk = [0u8; 64 << 10];
             let n = (&self.stream).read(&mut chunk)?;
             if n == 0 {
