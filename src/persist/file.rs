@@ -33,6 +33,11 @@ const SHRINK_STEP_BYTES: i64 = 64 << 20;
 
 /// What a stored row costs beyond its content (id, queue, times, cell and page overhead).
 const ROW_OVERHEAD: u64 = 64;
+/// What replaying a delete or re-queue costs at most: it rewrites the part of a page that
+/// holds the row, however large the row (freed overflow pages are listed, not rewritten).
+/// Without this bound, a file holding next to no rows (a queue drained as fast as it fills)
+/// would cost each delete the whole file, and a handful of them a full copy.
+const MAX_ROW_REPLAY_BYTES: u64 = 4 << 10;
 /// Below this size a store is never worth copying instead of replaying what changed: a small
 /// change to a small store stays small.
 const MIN_COPY_BYTES: u64 = 1 << 20;
@@ -55,7 +60,7 @@ impl FileWeight {
     /// replayed change is written twice (to the log, then into the file); a deleted or
     /// re-queued row is costed at the file's average row.
     pub fn replay_outweighs_copy(&self, insert_bytes: u64, inserts: u64, others: u64) -> bool {
-        let average_row = self.bytes / self.rows.max(1) as u64;
+        let average_row = (self.bytes / self.rows.max(1) as u64).min(MAX_ROW_REPLAY_BYTES);
         let replayed = insert_bytes + inserts * ROW_OVERHEAD + others * average_row;
         2 * replayed > self.bytes.max(MIN_COPY_BYTES)
     }

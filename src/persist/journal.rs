@@ -280,18 +280,37 @@ mod tests {
         let taken = journal.take();
         assert!(taken.copy_wanted && taken.ops.is_empty());
 
-        // Deletes are costed at the file's average row (10 KiB here).
-        journal.reset(file);
-        let deletes = (0..600)
+        // Deletes are costed at the file's average row (1 KiB here)...
+        let small_rows = FileWeight {
+            bytes: 10 << 20,
+            rows: 10_000,
+        };
+        journal.reset(small_rows);
+        journal.record(deletes(6000), 4);
+        assert!(
+            journal.take().copy_wanted,
+            "6,000 × 1 KiB × 2 outweighs 10 MiB"
+        );
+
+        // ...but never above a few KiB, whatever the rows: a file that holds next to no rows
+        // (a queue drained as fast as it fills) takes a handful of deletes as changes.
+        let next_to_empty = FileWeight {
+            bytes: 200 << 10,
+            rows: 0,
+        };
+        journal.reset(next_to_empty);
+        journal.record(deletes(32), 5);
+        let taken = journal.take();
+        assert!(!taken.copy_wanted);
+        assert_eq!(taken.ops.len(), 32);
+    }
+
+    fn deletes(count: u64) -> Vec<StoreOp> {
+        (0..count)
             .map(|seq| StoreOp::Delete {
                 id: MessageId::from_u128(seq.into()),
                 seq,
             })
-            .collect();
-        journal.record(deletes, 4);
-        assert!(
-            journal.take().copy_wanted,
-            "600 × 10 KiB × 2 outweighs 10 MiB"
-        );
+            .collect()
     }
 }
