@@ -156,8 +156,10 @@ impl From<io::Error> for ClientError {
 pub struct Client {
     stream: Stream,
     out: Vec<u8>,
+    /// Bytes read and not yet decoded are `buf[start..end]`; the rest is room to read into.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
 }
 
 impl Client {
@@ -169,8 +171,9 @@ impl Client {
         Ok(Client {
             stream,
             out: Vec::with_capacity(64 << 10),
-            buf: Vec::with_capacity(64 << 10),
+            buf: vec![0; READ_CHUNK],
             start: 0,
+            end: 0,
         })
     }
 
@@ -351,29 +354,44 @@ impl Client {
     pub fn recv_frame(&mut self) -> Result<ServerFrame, ClientError> {
         loop {
             // v1.2 reads every frame a server sends, to a connection of any dialect.
-            match codec::decode_frame_in(&self.buf[self.start..], usize::MAX >> 1, Dialect::V12) {
+            let buffered = &self.buf[self.start..self.end];
+            match codec::decode_frame_in(buffered, usize::MAX >> 1, Dialect::V12) {
                 Ok(Decoded::Frame(frame, used)) => {
                     let got = server_frame(&frame)?;
                     self.start += used;
+                    if self.start == self.end {
+                        (self.start, self.end) = (0, 0);
+                        if self.buf.len() > 4 * READ_CHUNK {
+                            // Grown for a large frame: not kept.
+                            self.buf = vec![0; READ_CHUNK];
+                        }
+                    }
                     return Ok(got);
                 }
                 Ok(Decoded::Incomplete { .. }) => {}
                 Err(e) => return Err(ClientError::Protocol(e.to_string())),
             }
-            if self.start > 0 {
-                self.buf.drain(..self.start);
-                self.start = 0;
+            // Read straight into the buffer's free end: a partial frame moves to the front
+            // when room runs short, and the buffer grows only for a frame larger than it.
+            if self.buf.len() - self.end < READ_CHUNK / 4 {
+                self.buf.copy_within(self.start..self.end, 0);
+                (self.start, self.end) = (0, self.end - self.start);
+                if self.buf.len() - self.end < READ_CHUNK / 4 {
+                    self.buf.resize(self.buf.len() * 2, 0);
+                }
             }
             self.flush()?;
-            let mut chunk = [0u8; 64 << 10];
-            let n = (&self.stream).read(&mut chunk)?;
+            let n = (&self.stream).read(&mut self.buf[self.end..])?;
             if n == 0 {
                 return Err(ClientError::Closed);
             }
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.end += n;
         }
     }
 }
+
+/// The message client's read buffer: what one read takes at most, usually.
+const READ_CHUNK: usize = 64 << 10;
 
 /// Types a decoded frame from the server.
 fn server_frame(frame: &Frame<'_>) -> Result<ServerFrame, ClientError> {
