@@ -78,6 +78,46 @@ impl Outbox {
         true
     }
 
+    /// Appends the frames `encode` writes without sending them: the caller sends them with
+    /// [`Outbox::send_queued`] as soon as it can (once it has released a lock, say).
+    /// Meanwhile, frames others push queue behind them and go out with them. False if the
+    /// outbox is closed.
+    pub fn queue(&self, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let Some(mut state) = self.lock() else {
+            return false;
+        };
+        if state.closed {
+            return false;
+        }
+        encode(&mut state.pending);
+        true
+    }
+
+    /// Sends what is queued at once, as [`Outbox::push`] does, unless the writer thread is
+    /// writing already (it takes the rest when it is done); what the socket does not take
+    /// now is left to the writer.
+    pub fn send_queued(&self, socket: &impl SendNow) {
+        let Some(mut state) = self.lock() else {
+            return;
+        };
+        if state.closed || state.writing || state.pending.is_empty() {
+            return;
+        }
+        match socket.send_now(&state.pending) {
+            Ok(n) if n == state.pending.len() => {
+                state.pending.clear();
+                return;
+            }
+            Ok(n) => {
+                state.pending.drain(..n);
+            }
+            // As in `push`.
+            Err(_) => {}
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
     /// Bytes waiting for the writer thread (0 for a closed outbox).
     pub fn pending_len(&self) -> usize {
         self.lock().map_or(0, |state| state.pending.len())
@@ -240,6 +280,27 @@ mod tests {
             !outbox.push(&socket, |b| b.push(0)),
             "closed outboxes refuse frames"
         );
+    }
+
+    #[test]
+    fn frames_pushed_behind_queued_ones_go_out_with_them_in_order() {
+        let socket = Socket::default();
+        *socket.room.lock().unwrap() = 1000;
+        let outbox = Outbox::new();
+        assert!(outbox.queue(|b| b.extend_from_slice(b"receipt")));
+        // Another thread's dispatch, between queueing and sending: it waits its turn.
+        assert!(outbox.push(&socket, |b| b.extend_from_slice(b"dispatch")));
+        assert!(all_written(&socket).is_empty());
+        outbox.send_queued(&socket);
+        assert_eq!(
+            *socket.written.lock().unwrap(),
+            vec![b"receiptdispatch".to_vec()],
+            "one send, in order"
+        );
+        outbox.send_queued(&socket);
+        assert_eq!(socket.written.lock().unwrap().len(), 1, "nothing left");
+        outbox.close();
+        assert!(!outbox.queue(|b| b.push(0)), "closed outboxes refuse frames");
     }
 
     #[test]

@@ -316,7 +316,7 @@ impl Hub {
         let mut deliveries = Vec::new();
         // Each reply with the number of deliveries made before it, and its store ticket.
         let mut answers: Vec<(usize, Outgoing, u64)> = Vec::new();
-        let (routed, peer) = {
+        let (routed, peer, own) = {
             let mut state = self.lock()?;
             let broker = &mut state.broker;
             for item in batch {
@@ -370,7 +370,7 @@ impl Hub {
             }
             let peer = state.peers.get(&conn).cloned();
             if durable {
-                (route(&state.peers, deliveries), peer)
+                (route(&state.peers, deliveries), peer, None)
             } else {
                 // Each reply goes before the deliveries its request caused.
                 let mut frames = Vec::with_capacity(deliveries.len() + answers.len());
@@ -386,18 +386,32 @@ impl Hub {
                 // This connection's own frames go into its outbox before the lock is released:
                 // a dispatch of one of its messages that another thread decides later (a
                 // resumed consumer, a delay coming due) is then written after its RECEIPT.
-                // Pushing never blocks.
-                if let Some(at) = routed.iter().position(|(peer, _)| peer.conn == conn) {
-                    let own = routed.swap_remove(at);
-                    let mut none = Vec::new();
-                    for peer in fan_out(vec![own]) {
-                        state.broker.set_paused(peer.conn, true, now, &mut none);
-                    }
-                }
-                (routed, None)
+                // They are sent after the lock, and after the other connections' dispatches:
+                // a system call under the lock would hold up every other connection, and a
+                // consumer's dispatch need not wait for the producer's receipt.
+                let own = routed
+                    .iter()
+                    .position(|(peer, _)| peer.conn == conn)
+                    .map(|at| routed.swap_remove(at))
+                    .filter(|(peer, frames)| {
+                        let dialect = peer.dialect();
+                        peer.outbox.queue(|buffer| {
+                            for frame in frames {
+                                frame.encode(buffer, dialect);
+                            }
+                        })
+                    })
+                    .map(|(peer, _)| peer);
+                (routed, None, own)
             }
         };
         self.deliver(routed);
+        if let Some(own) = own {
+            own.outbox.send_queued(&*own.stream);
+            if is_backed_up(&own) {
+                self.pause(vec![own]);
+            }
+        }
         if let Some(peer) = peer {
             let replies = answers
                 .into_iter()
@@ -479,7 +493,11 @@ impl Hub {
     /// Writes deliveries out, then pauses connections whose output backed up past the
     /// high-water mark (re-checked under the lock, so a pause is never missed by the writer).
     fn deliver(&self, routed: Routed) {
-        let backed_up = fan_out(routed);
+        self.pause(fan_out(routed));
+    }
+
+    /// Pauses deliveries to connections whose output backed up past the high-water mark.
+    fn pause(&self, backed_up: Vec<Arc<Peer>>) {
         if backed_up.is_empty() {
             return;
         }
@@ -623,11 +641,16 @@ fn fan_out(routed: Routed) -> Vec<Arc<Peer>> {
                 frame.encode(buffer, dialect);
             }
         });
-        if !peer.paused.load(Ordering::Acquire) && peer.outbox.pending_len() > OUTBOX_HIGH_WATER {
+        if is_backed_up(&peer) {
             backed_up.push(peer);
         }
     }
     backed_up
+}
+
+/// Whether deliveries to `peer` go on while its output is backed up past the high-water mark.
+fn is_backed_up(peer: &Peer) -> bool {
+    !peer.paused.load(Ordering::Acquire) && peer.outbox.pending_len() > OUTBOX_HIGH_WATER
 }
 
 mod durable;
