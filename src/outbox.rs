@@ -300,7 +300,10 @@ mod tests {
         outbox.send_queued(&socket);
         assert_eq!(socket.written.lock().unwrap().len(), 1, "nothing left");
         outbox.close();
-        assert!(!outbox.queue(|b| b.push(0)), "closed outboxes refuse frames");
+        assert!(
+            !outbox.queue(|b| b.push(0)),
+            "closed outboxes refuse frames"
+        );
     }
 
     #[test]

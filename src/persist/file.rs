@@ -5,7 +5,11 @@
 //! Each commit is synced (`synchronous = FULL`): once [`FileDb::apply`] returns, its changes
 //! survive a crash. The write-ahead log is folded into the file whenever it grows past
 //! [`CHECKPOINT_BYTES`], on a mirror with nothing else to do, and at a graceful stop, after
-//! which the file is one plain SQLite database again. Space freed by acknowledged messages is
+//! which the file is one plain SQLite database again. Until the stop, the log's file is kept
+//! (16 MiB from the start, up to [`WAL_KEEP_BYTES`] under load) and written over from its
+//! start after each fold: syncing blocks written over costs about half as much as syncing
+//! blocks appended (no block allocation, no size change), and a durable receipt waits for one
+//! such sync. Space freed by acknowledged messages is
 //! given back a step at a time (incremental vacuum), so the file follows the live messages.
 //!
 //! The mirror also checks on every run that the path still names the file it writes: a file
@@ -15,17 +19,27 @@ use super::batch;
 use super::schema;
 use crate::store::StoreOp;
 use rusqlite::Connection;
+use std::ffi::c_int;
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 
 /// The write-ahead log is folded into the file (and emptied) past this size: pages changed
 /// again and again (a queue's head and tail) are folded once per checkpoint, not once per
 /// mirror, and a trickle of changes folds rarely.
 const CHECKPOINT_BYTES: i64 = 64 << 20;
-/// A log that SQLite itself truncates is kept at most this large.
-const WAL_KEEP_BYTES: i64 = 16 << 20;
+/// The log's file is kept at most this large after a fold under load, to be written over:
+/// room for a log folded at [`CHECKPOINT_BYTES`] and its last commit.
+const WAL_KEEP_BYTES: i64 = CHECKPOINT_BYTES + (16 << 20);
+/// A new log's file is given this much room (zeros) before its first commit, so that syncs
+/// write over blocks from the start instead of once the log was first folded in.
+const WAL_PRESIZE_BYTES: usize = 16 << 20;
+/// What a frame of the log adds to its page (the frame header), and the log's own header.
+const WAL_FRAME_HEADER: i64 = 24;
+const WAL_HEADER: i64 = 32;
 /// Free space in the file worth giving back...
 const SHRINK_FREE_BYTES: i64 = 4 << 20;
 /// ...at most this much per mirror, so that one mirror stays short.
@@ -107,6 +121,9 @@ pub struct FileDb {
     incremental_vacuum: bool,
     /// Written in the schema this build writes (not an older phpmq's).
     current_schema: bool,
+    /// Frames in the log since it was last folded in, as SQLite reports after each commit:
+    /// the log's file size says nothing once it is written over.
+    wal_frames: Arc<AtomicI64>,
 }
 
 /// What one [`FileDb::apply`] did.
@@ -122,7 +139,7 @@ pub struct Applied {
 impl FileDb {
     /// Opens the phpmq database at `path` (already checked) for incremental mirrors.
     pub fn open(path: &Path) -> rusqlite::Result<FileDb> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.set_prepared_statement_cache_capacity(batch::STATEMENT_CACHE);
         // FULL: a commit is on disk when it returns; that is what makes a mirror complete.
         conn.execute_batch(&format!(
@@ -131,7 +148,16 @@ impl FileDb {
              PRAGMA wal_autocheckpoint = 0;
              PRAGMA journal_size_limit = {WAL_KEEP_BYTES};"
         ))?;
+        let wal_frames = Arc::new(AtomicI64::new(0));
+        let frames = wal_frames.clone();
+        // Set after `wal_autocheckpoint`, which replaces any hook.
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: c_int| {
+            frames.store(pages.into(), Ordering::Relaxed);
+            Ok(())
+        }))?;
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        // A new (empty or missing) log is given room.
+        presize_wal(path).map_err(|e| io_failure(path, e))?;
         let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
         let identity = identity(path).map_err(|e| io_failure(path, e))?;
         let current_schema = schema::version(&conn)? == schema::SCHEMA_VERSION;
@@ -142,6 +168,8 @@ impl FileDb {
             page_size,
             incremental_vacuum: auto_vacuum == 2,
             current_schema,
+            // Unknown until the first commit reports it (a log that a crash left holds frames).
+            wal_frames,
         })
     }
 
@@ -182,7 +210,12 @@ impl FileDb {
         // a checkpoint). Not on a run for a durable receipt: a stream of those would fold
         // (and sync the file twice more) after every one.
         let wal = self.wal_bytes();
-        let folded = if wal > CHECKPOINT_BYTES || (idle && wal > 0) {
+        // Folded under load, the log's file stays large for the load to go on writing over
+        // it; folded when idle, it goes back to the room a new log gets (at the next commit).
+        let folded = if wal > CHECKPOINT_BYTES {
+            self.fold(WAL_KEEP_BYTES)?;
+            true
+        } else if idle && wal > 0 {
             self.checkpoint()?;
             true
         } else {
@@ -225,18 +258,48 @@ impl FileDb {
         Ok(true)
     }
 
-    /// The write-ahead log's size.
+    /// What the write-ahead log holds since it was last folded in (its file may be larger).
     fn wal_bytes(&self) -> i64 {
+        match self.wal_frames.load(Ordering::Relaxed) {
+            0 => 0,
+            frames => WAL_HEADER + frames * (self.page_size + WAL_FRAME_HEADER),
+        }
+    }
+
+    /// Folds the whole log into the file; the next commit writes the log over from its start
+    /// and leaves its file the size a new log gets.
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        self.fold(WAL_PRESIZE_BYTES as i64)
+    }
+
+    /// Folds the whole log into the file; the next commit writes the log over from its start.
+    /// A log's file grown past `keep` bytes (one large transaction can do that) is emptied and
+    /// given the room of a new one instead: disk space follows the load.
+    fn fold(&self, keep: i64) -> rusqlite::Result<()> {
+        self.run_checkpoint("RESTART")?;
+        if self.wal_file_len() > keep {
+            // Nothing left to fold: this only empties the file.
+            self.run_checkpoint("TRUNCATE")?;
+            presize_wal(&self.path).map_err(|e| io_failure(&self.path, e))?;
+        }
+        Ok(())
+    }
+
+    /// The size of the log's file, whatever it holds.
+    fn wal_file_len(&self) -> i64 {
         let mut wal = self.path.clone().into_os_string();
         wal.push("-wal");
         fs::metadata(wal).map_or(0, |m| m.len() as i64)
     }
 
-    /// Folds the whole log into the file and empties it.
-    pub fn checkpoint(&self) -> rusqlite::Result<()> {
-        let mut statement = self.conn.prepare("PRAGMA wal_checkpoint(TRUNCATE)")?;
+    /// Runs SQLite's checkpoint in `mode`: the log's content is in the file after it.
+    fn run_checkpoint(&self, mode: &str) -> rusqlite::Result<()> {
+        let mut statement = self
+            .conn
+            .prepare(&format!("PRAGMA wal_checkpoint({mode})"))?;
         let mut rows = statement.query([])?;
         while rows.next()?.is_some() {}
+        self.wal_frames.store(0, Ordering::Relaxed);
         Ok(())
     }
 
@@ -256,12 +319,33 @@ impl FileDb {
     /// Closes the file for good: the log is folded in first, so what is left is one plain
     /// SQLite file.
     pub fn close(self) -> rusqlite::Result<()> {
-        self.checkpoint()?;
+        self.run_checkpoint("TRUNCATE")?;
         // Back to a rollback journal: the file then opens like any SQLite database, with no
         // -wal or -shm beside it.
         self.conn.execute_batch("PRAGMA journal_mode = DELETE;")?;
         self.conn.close().map_err(|(_, e)| e)
     }
+}
+
+/// Fills an empty write-ahead log's file with zeros, synced. SQLite reads a log only up to its
+/// last valid frame (each frame carries the log header's salts and a running checksum), so
+/// zeros past it are as inert as the stale frames SQLite itself leaves when it writes a log
+/// over after a fold. A log that holds anything (a crash left it) is not touched.
+fn presize_wal(path: &Path) -> io::Result<()> {
+    use std::io::Write;
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    // SQLite creates the file at the first commit if it does not exist yet, and opens it as
+    // it is if it does.
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&wal)?;
+    if file.metadata()?.len() > 0 {
+        return Ok(());
+    }
+    file.write_all(&vec![0; WAL_PRESIZE_BYTES])?;
+    file.sync_all()
 }
 
 fn io_failure(path: &Path, e: io::Error) -> rusqlite::Error {
