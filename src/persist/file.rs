@@ -6,11 +6,11 @@
 //! survive a crash. The write-ahead log is folded into the file whenever it grows past
 //! [`CHECKPOINT_BYTES`], on a mirror with nothing else to do, and at a graceful stop, after
 //! which the file is one plain SQLite database again. Until the stop, the log's file is kept
-//! (16 MiB from the start, up to [`WAL_KEEP_BYTES`] under load) and written over from its
-//! start after each fold: syncing blocks written over costs about half as much as syncing
-//! blocks appended (no block allocation, no size change), and a durable receipt waits for one
-//! such sync. Space freed by acknowledged messages is
-//! given back a step at a time (incremental vacuum), so the file follows the live messages.
+//! (16 MiB once the mirror was idle, up to [`WAL_KEEP_BYTES`] under load) and written over
+//! from its start after each fold: syncing blocks written over costs about half as much as
+//! syncing blocks appended (no block allocation, no size change), and a durable receipt waits
+//! for one such sync. Space freed by acknowledged messages is given back a step at a time
+//! (incremental vacuum), so the file follows the live messages.
 //!
 //! The mirror also checks on every run that the path still names the file it writes: a file
 //! deleted or replaced under it is noticed ([`FileDb::is_in_place`]) and written again in full.
@@ -19,6 +19,7 @@ use super::batch;
 use super::schema;
 use crate::store::StoreOp;
 use rusqlite::Connection;
+use std::cell::Cell;
 use std::ffi::c_int;
 use std::fs;
 use std::io;
@@ -34,8 +35,8 @@ const CHECKPOINT_BYTES: i64 = 64 << 20;
 /// The log's file is kept at most this large after a fold under load, to be written over:
 /// room for a log folded at [`CHECKPOINT_BYTES`] and its last commit.
 const WAL_KEEP_BYTES: i64 = CHECKPOINT_BYTES + (16 << 20);
-/// A new log's file is given this much room (zeros) before its first commit, so that syncs
-/// write over blocks from the start instead of once the log was first folded in.
+/// An empty log's file is given this much room (zeros) when the mirror is idle, so that syncs
+/// write over blocks from then on instead of once the log was first folded in.
 const WAL_PRESIZE_BYTES: usize = 16 << 20;
 /// What a frame of the log adds to its page (the frame header), and the log's own header.
 const WAL_FRAME_HEADER: i64 = 24;
@@ -124,6 +125,9 @@ pub struct FileDb {
     /// Frames in the log since it was last folded in, as SQLite reports after each commit:
     /// the log's file size says nothing once it is written over.
     wal_frames: Arc<AtomicI64>,
+    /// A run for a durable receipt wrote since the last mirror on the timer: the next one is
+    /// not idle even if those runs left it nothing to write.
+    wrote_since_tick: Cell<bool>,
 }
 
 /// What one [`FileDb::apply`] did.
@@ -156,8 +160,6 @@ impl FileDb {
             Ok(())
         }))?;
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        // A new (empty or missing) log is given room.
-        presize_wal(path).map_err(|e| io_failure(path, e))?;
         let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
         let identity = identity(path).map_err(|e| io_failure(path, e))?;
         let current_schema = schema::version(&conn)? == schema::SCHEMA_VERSION;
@@ -170,6 +172,7 @@ impl FileDb {
             current_schema,
             // Unknown until the first commit reports it (a log that a crash left holds frames).
             wal_frames,
+            wrote_since_tick: Cell::new(false),
         })
     }
 
@@ -197,7 +200,17 @@ impl FileDb {
         } else {
             None
         };
-        let idle = ops.is_empty() && upkeep;
+        // Idle: nothing to write on this tick, nor since the last one. Under durable receipts
+        // the early runs take every change and leave the tick nothing, but folding the log
+        // or giving space back then would hold up the receipts that come meanwhile.
+        let idle = if upkeep {
+            !self.wrote_since_tick.replace(false) && ops.is_empty()
+        } else {
+            if !ops.is_empty() {
+                self.wrote_since_tick.set(true);
+            }
+            false
+        };
         // Space is given back on a mirror with nothing else to do: during a drain, moving
         // pages would only add to what the drain writes.
         let (row_delta, shrunk) = if ops.is_empty() {
@@ -221,6 +234,9 @@ impl FileDb {
         } else {
             false
         };
+        // Room for the log is made when there is nothing else to do, never on the way of a
+        // durable receipt (writing it takes tens of milliseconds).
+        let made_room = idle && self.make_wal_room()?;
         let written = match before {
             Some(before) => {
                 crate::system::written_by_this_thread().map(|after| after.saturating_sub(before))
@@ -230,7 +246,7 @@ impl FileDb {
             None => None,
         };
         Ok(Applied {
-            wrote: !ops.is_empty() || shrunk || folded,
+            wrote: !ops.is_empty() || shrunk || folded || made_room,
             row_delta,
             written,
         })
@@ -278,11 +294,27 @@ impl FileDb {
     fn fold(&self, keep: i64) -> rusqlite::Result<()> {
         self.run_checkpoint("RESTART")?;
         if self.wal_file_len() > keep {
-            // Nothing left to fold: this only empties the file.
+            // Nothing left to fold: this only empties the file (room is made again when the
+            // mirror is idle).
             self.run_checkpoint("TRUNCATE")?;
-            presize_wal(&self.path).map_err(|e| io_failure(&self.path, e))?;
         }
         Ok(())
+    }
+
+    /// Gives an empty log's file [`WAL_PRESIZE_BYTES`] of room, zeros synced, if it has less.
+    /// Returns whether it wrote. SQLite reads a log only up to its last valid frame (each
+    /// frame carries the log header's salts and a running checksum), so zeros past it are as
+    /// inert as the stale frames SQLite itself leaves when it writes a log over after a fold.
+    /// A log that holds anything is not touched.
+    fn make_wal_room(&self) -> rusqlite::Result<bool> {
+        if self.wal_bytes() > 0 || self.wal_file_len() >= WAL_PRESIZE_BYTES as i64 {
+            return Ok(false);
+        }
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        extend_with_zeros(Path::new(&wal), WAL_PRESIZE_BYTES as u64)
+            .map_err(|e| io_failure(&self.path, e))?;
+        Ok(true)
     }
 
     /// The size of the log's file, whatever it holds.
@@ -327,24 +359,18 @@ impl FileDb {
     }
 }
 
-/// Fills an empty write-ahead log's file with zeros, synced. SQLite reads a log only up to its
-/// last valid frame (each frame carries the log header's salts and a running checksum), so
-/// zeros past it are as inert as the stale frames SQLite itself leaves when it writes a log
-/// over after a fold. A log that holds anything (a crash left it) is not touched.
-fn presize_wal(path: &Path) -> io::Result<()> {
+/// Extends the file at `path` (created if missing) with zeros to `len` bytes, synced.
+fn extend_with_zeros(path: &Path, len: u64) -> io::Result<()> {
     use std::io::Write;
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    // SQLite creates the file at the first commit if it does not exist yet, and opens it as
-    // it is if it does.
     let mut file = fs::OpenOptions::new()
         .append(true)
         .create(true)
-        .open(&wal)?;
-    if file.metadata()?.len() > 0 {
+        .open(path)?;
+    let missing = len.saturating_sub(file.metadata()?.len());
+    if missing == 0 {
         return Ok(());
     }
-    file.write_all(&vec![0; WAL_PRESIZE_BYTES])?;
+    file.write_all(&vec![0; missing as usize])?;
     file.sync_all()
 }
 
