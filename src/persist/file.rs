@@ -224,7 +224,8 @@ impl FileDb {
         // (and sync the file twice more) after every one.
         let wal = self.wal_bytes();
         // Folded under load, the log's file stays large for the load to go on writing over
-        // it; folded when idle, it goes back to the room a new log gets (at the next commit).
+        // it; folded when idle, a file grown past the room a new log gets is emptied (and
+        // given that room again below).
         let folded = if wal > CHECKPOINT_BYTES {
             self.fold(WAL_KEEP_BYTES)?;
             true
