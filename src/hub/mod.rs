@@ -389,19 +389,20 @@ impl Hub {
                 // They are sent after the lock, and after the other connections' dispatches:
                 // a system call under the lock would hold up every other connection, and a
                 // consumer's dispatch need not wait for the producer's receipt.
+                // None if there are none, or the outbox is closed (the connection is going).
                 let own = routed
                     .iter()
                     .position(|(peer, _)| peer.conn == conn)
                     .map(|at| routed.swap_remove(at))
-                    .filter(|(peer, frames)| {
+                    .and_then(|(peer, frames)| {
                         let dialect = peer.dialect();
-                        peer.outbox.queue(|buffer| {
-                            for frame in frames {
+                        let queued = peer.outbox.queue(|buffer| {
+                            for frame in &frames {
                                 frame.encode(buffer, dialect);
                             }
-                        })
-                    })
-                    .map(|(peer, _)| peer);
+                        });
+                        queued.then_some(peer)
+                    });
                 (routed, None, own)
             }
         };
