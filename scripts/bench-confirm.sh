@@ -7,13 +7,18 @@
 #   scripts/bench-confirm.sh > /tmp/confirm.log
 #
 # Environment: REPEAT (default 1; each line is one run), MQBENCH_SRC (default ../shared/bench),
-# N16 (messages with 16 in flight, default 100000), N1 (with 1 in flight, default 20000).
+# N16 (messages with 16 in flight, default 100000), N1 (with 1 in flight, default 20000),
+# CONFIGS (default all: "phpmq redis-aof redis-always beanstalkd-binlog beanstalkd-f0"),
+# CASES (default all: "e2e-W16 e2e-W1 rate1000-W1"). Repeating a few configurations and cases
+# alternates them, e.g. REPEAT=8 CONFIGS="phpmq redis-aof redis-always" CASES=e2e-W16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT=${REPEAT:-1}
 MQBENCH_SRC=${MQBENCH_SRC:-../shared/bench}
 N16=${N16:-100000}
 N1=${N1:-20000}
+CONFIGS=${CONFIGS:-phpmq redis-aof redis-always beanstalkd-binlog beanstalkd-f0}
+CASES=${CASES:-e2e-W16 e2e-W1 rate1000-W1}
 
 # shellcheck source=scripts/bench-setup.sh
 . scripts/bench-setup.sh
@@ -67,10 +72,11 @@ print("# fsync of a 4 KiB append, 500 times: p50 %.0f us, p99 %.0f us" % (times[
 EOF
 
 for _ in $(seq "$REPEAT"); do
-    for cfg in phpmq redis-aof redis-always beanstalkd-binlog beanstalkd-f0; do
+    for cfg in $CONFIGS; do
         for c in "e2e-W16:-P 2 -C 2 -K 16 -N $N16:16" "e2e-W1:-P 2 -C 2 -K 16 -N $N1:1" \
                  "rate1000-W1:-P 1 -C 1 -K 1 -N 5000 --rate 1000:1"; do
             name=${c%%:*} rest=${c#*:} args=${rest%:*} window=${rest##*:}
+            case " $CASES " in *" $name "*) ;; *) continue ;; esac
             if [ "$cfg" = phpmq ]; then
                 for mode in "" --durable; do
                     start phpmq
