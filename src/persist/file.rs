@@ -229,7 +229,8 @@ impl FileDb {
         let folded = if wal > CHECKPOINT_BYTES {
             self.fold(WAL_KEEP_BYTES)?;
             true
-        } else if idle && wal > 0 {
+        } else if idle && (wal > 0 || self.wal_file_len() > WAL_PRESIZE_BYTES as i64) {
+            // Also a log folded under load and written no more since: its file is cut back.
             self.checkpoint()?;
             true
         } else {

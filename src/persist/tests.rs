@@ -118,8 +118,30 @@ fn a_log_written_over_zeros_and_stale_frames_recovers_what_was_committed() {
     file.apply(&[batch::test_ops::delete(1)], false).unwrap();
     assert_eq!(rows_in(&crash_copy("second.sqlite")), 299);
 
+    // A load that outgrows the fold's threshold leaves a large file behind: folded, written
+    // no more, it is cut back to the room on the next idle tick.
+    let big: Vec<_> = (1000..1070)
+        .map(|seq| match insert(seq) {
+            crate::store::StoreOp::Insert(mut m) => {
+                m.content = Arc::from(vec![7u8; 1 << 20]);
+                crate::store::StoreOp::Insert(m)
+            }
+            op => op,
+        })
+        .collect();
+    file.apply(&big, false).unwrap();
+    let grown = std::fs::metadata(&wal).unwrap().len();
+    assert!(
+        grown > 64 << 20,
+        "the load grew the log's file: {grown} bytes"
+    );
+    file.apply(&[], true).unwrap(); // not idle: a run wrote since the last tick
+    file.apply(&[], true).unwrap();
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), presized, "cut back");
+    assert_eq!(rows_in(&crash_copy("third.sqlite")), 369);
+
     file.close().unwrap();
     assert!(!wal.exists(), "a graceful close leaves one plain file");
-    assert_eq!(rows_in(&path), 299);
+    assert_eq!(rows_in(&path), 369);
     let _ = std::fs::remove_dir_all(&dir);
 }
