@@ -130,6 +130,17 @@ pub struct FileDb {
     wrote_since_tick: Cell<bool>,
 }
 
+/// Which mirror run a [`FileDb::apply`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Run {
+    /// Run before its tick, for a durable receipt or a growing journal.
+    Early,
+    /// On the mirror's timer.
+    Tick,
+    /// The last one, before the file is closed at a graceful stop.
+    Final,
+}
+
 /// What one [`FileDb::apply`] did.
 pub struct Applied {
     /// Whether anything was written: changes, or a step of giving space back.
@@ -189,9 +200,11 @@ impl FileDb {
     }
 
     /// Applies `ops` in one synced transaction, then folds the log into the file if it grew
-    /// large. With `upkeep` (a mirror on its timer, not one run early for a durable receipt)
-    /// and nothing to apply, it also gives back a step of free space and folds the log in.
-    pub fn apply(&self, ops: &[StoreOp], upkeep: bool) -> rusqlite::Result<Applied> {
+    /// large. On a mirror's tick or the final mirror (not a run early for a durable receipt),
+    /// when idle, it also gives back a step of free space and folds the log in; on a tick, it
+    /// gives an empty log its room (not before a close, which empties the log anyway).
+    pub fn apply(&self, ops: &[StoreOp], run: Run) -> rusqlite::Result<Applied> {
+        let upkeep = run != Run::Early;
         // Reading /proc costs a few system calls: a run for a durable receipt counts what it
         // added to the log instead.
         let wal_before = self.wal_bytes();
@@ -238,7 +251,7 @@ impl FileDb {
         };
         // Room for the log is made when there is nothing else to do, never on the way of a
         // durable receipt (writing it takes tens of milliseconds).
-        let made_room = idle && self.make_wal_room()?;
+        let made_room = idle && run == Run::Tick && self.make_wal_room()?;
         let written = match before {
             Some(before) => {
                 crate::system::written_by_this_thread().map(|after| after.saturating_sub(before))

@@ -6,7 +6,7 @@
 
 use super::copy;
 use super::error::PersistError;
-use super::file::FileDb;
+use super::file::{FileDb, Run};
 use super::health::{self, MirrorHealth, MirrorReport};
 use super::shared::{PanicAlarm, Shared};
 use super::writer::Command;
@@ -180,7 +180,8 @@ impl Mirror {
         let started = Instant::now();
         // Nothing changed: the file may still have space to give back.
         state.in_hand.extend(ops);
-        let applied = file.apply(&state.in_hand, upkeep);
+        let run = if upkeep { Run::Tick } else { Run::Early };
+        let applied = file.apply(&state.in_hand, run);
         if applied.is_ok() {
             // Synced (or nothing to write): the file holds every change through `generation`.
             self.shared.durable.mark_synced(generation);

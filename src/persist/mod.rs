@@ -281,7 +281,7 @@ impl Persistence {
         };
         if let Some(file) = file.filter(replay) {
             in_hand.extend(taken.ops);
-            match file.apply(&in_hand, true) {
+            match file.apply(&in_hand, file::Run::Final) {
                 Ok(applied) => {
                     let bytes = file.size();
                     file.close().map_err(|source| PersistError::Sqlite {

@@ -91,21 +91,22 @@ fn a_log_written_over_zeros_and_stale_frames_recovers_what_was_committed() {
     let file = file::FileDb::open(&path).unwrap();
     // An idle mirror (on its tick, nothing written since the last one) gives the empty log
     // room; not while runs for durable receipts write between ticks.
-    file.apply(&[insert(1000)], false).unwrap();
-    file.apply(&[batch::test_ops::delete(1000)], false).unwrap();
+    file.apply(&[insert(1000)], file::Run::Early).unwrap();
+    file.apply(&[batch::test_ops::delete(1000)], file::Run::Early)
+        .unwrap();
     assert!(
-        !file.apply(&[], true).unwrap().wrote,
+        !file.apply(&[], file::Run::Tick).unwrap().wrote,
         "not idle: runs wrote"
     );
-    assert!(file.apply(&[], true).unwrap().wrote);
+    assert!(file.apply(&[], file::Run::Tick).unwrap().wrote);
     let presized = std::fs::metadata(&wal).unwrap().len();
     assert!(
         presized >= 16 << 20,
         "an empty log gets room: {presized} bytes"
     );
-    assert!(!file.apply(&[], true).unwrap().wrote, "once");
+    assert!(!file.apply(&[], file::Run::Tick).unwrap().wrote, "once");
     let ops: Vec<_> = (1..=300).map(insert).collect();
-    file.apply(&ops, false).unwrap();
+    file.apply(&ops, file::Run::Early).unwrap();
     assert_eq!(
         std::fs::metadata(&wal).unwrap().len(),
         presized,
@@ -115,7 +116,8 @@ fn a_log_written_over_zeros_and_stale_frames_recovers_what_was_committed() {
 
     // Folded in, then written over from the start: frames of the first run lie beyond.
     file.checkpoint().unwrap();
-    file.apply(&[batch::test_ops::delete(1)], false).unwrap();
+    file.apply(&[batch::test_ops::delete(1)], file::Run::Early)
+        .unwrap();
     assert_eq!(rows_in(&crash_copy("second.sqlite")), 299);
 
     // A load that outgrows the fold's threshold leaves a large file behind: folded, written
@@ -129,19 +131,40 @@ fn a_log_written_over_zeros_and_stale_frames_recovers_what_was_committed() {
             op => op,
         })
         .collect();
-    file.apply(&big, false).unwrap();
+    file.apply(&big, file::Run::Early).unwrap();
     let grown = std::fs::metadata(&wal).unwrap().len();
     assert!(
         grown > 64 << 20,
         "the load grew the log's file: {grown} bytes"
     );
-    file.apply(&[], true).unwrap(); // not idle: a run wrote since the last tick
-    file.apply(&[], true).unwrap();
+    file.apply(&[], file::Run::Tick).unwrap(); // not idle: a run wrote since the last tick
+    file.apply(&[], file::Run::Tick).unwrap();
     assert_eq!(std::fs::metadata(&wal).unwrap().len(), presized, "cut back");
     assert_eq!(rows_in(&crash_copy("third.sqlite")), 369);
 
     file.close().unwrap();
     assert!(!wal.exists(), "a graceful close leaves one plain file");
     assert_eq!(rows_in(&path), 369);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The final mirror, idle or not, writes no room for a log that its close empties anyway.
+#[test]
+fn the_final_mirror_makes_no_room_for_the_log() {
+    let dir = std::env::temp_dir().join(format!("phpmq-wal-final-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("phpmq.sqlite");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA page_size = 16384; PRAGMA auto_vacuum = INCREMENTAL;")
+            .unwrap();
+        schema::create(&conn).unwrap();
+    }
+    let file = file::FileDb::open(&path).unwrap();
+    file.apply(&[], file::Run::Final).unwrap();
+    let wal = std::fs::metadata(dir.join("phpmq.sqlite-wal")).map_or(0, |m| m.len());
+    assert!(wal < 1 << 20, "no room written before a close: {wal} bytes");
+    file.close().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
