@@ -60,22 +60,28 @@ impl Outbox {
         let was_idle = state.pending.is_empty() && !state.writing;
         encode(&mut state.pending);
         if was_idle {
-            match socket.send_now(&state.pending) {
-                Ok(n) if n == state.pending.len() => {
-                    state.pending.clear();
-                    return true;
-                }
-                Ok(n) => {
-                    state.pending.drain(..n);
-                }
-                // WouldBlock: the writer will wait for room. Any other error: its blocking
-                // write meets the same error and ends the connection.
-                Err(_) => {}
-            }
-            drop(state);
-            self.wake.notify_one();
+            self.send_pending(state, socket);
         }
         true
+    }
+
+    /// Sends what is pending, with the outbox locked and no write under way; what the socket
+    /// does not take is left to the writer thread, woken for it.
+    fn send_pending(&self, mut state: MutexGuard<'_, State>, socket: &impl SendNow) {
+        match socket.send_now(&state.pending) {
+            Ok(n) if n == state.pending.len() => {
+                state.pending.clear();
+                return;
+            }
+            Ok(n) => {
+                state.pending.drain(..n);
+            }
+            // WouldBlock: the writer will wait for room. Any other error: its blocking write
+            // meets the same error and ends the connection.
+            Err(_) => {}
+        }
+        drop(state);
+        self.wake.notify_one();
     }
 
     /// Appends the frames `encode` writes without sending them: the caller sends them with
@@ -97,25 +103,12 @@ impl Outbox {
     /// writing already (it takes the rest when it is done); what the socket does not take
     /// now is left to the writer.
     pub fn send_queued(&self, socket: &impl SendNow) {
-        let Some(mut state) = self.lock() else {
+        let Some(state) = self.lock() else {
             return;
         };
-        if state.closed || state.writing || state.pending.is_empty() {
-            return;
+        if !state.closed && !state.writing && !state.pending.is_empty() {
+            self.send_pending(state, socket);
         }
-        match socket.send_now(&state.pending) {
-            Ok(n) if n == state.pending.len() => {
-                state.pending.clear();
-                return;
-            }
-            Ok(n) => {
-                state.pending.drain(..n);
-            }
-            // As in `push`.
-            Err(_) => {}
-        }
-        drop(state);
-        self.wake.notify_one();
     }
 
     /// Bytes waiting for the writer thread (0 for a closed outbox).

@@ -18,6 +18,7 @@
 use super::batch;
 use super::schema;
 use crate::store::StoreOp;
+use log::debug;
 use rusqlite::Connection;
 use std::cell::Cell;
 use std::ffi::c_int;
@@ -37,7 +38,7 @@ const CHECKPOINT_BYTES: i64 = 64 << 20;
 const WAL_KEEP_BYTES: i64 = CHECKPOINT_BYTES + (16 << 20);
 /// An empty log's file is given this much room (zeros) when the mirror is idle, so that syncs
 /// write over blocks from then on instead of once the log was first folded in.
-const WAL_PRESIZE_BYTES: usize = 16 << 20;
+const WAL_PRESIZE_BYTES: i64 = 16 << 20;
 /// What a frame of the log adds to its page (the frame header), and the log's own header.
 const WAL_FRAME_HEADER: i64 = 24;
 const WAL_HEADER: i64 = 32;
@@ -117,6 +118,8 @@ fn identity(path: &Path) -> io::Result<Identity> {
 pub struct FileDb {
     conn: Connection,
     path: PathBuf,
+    /// The write-ahead log's file beside it.
+    wal_path: PathBuf,
     identity: Identity,
     page_size: i64,
     incremental_vacuum: bool,
@@ -177,6 +180,11 @@ impl FileDb {
         Ok(FileDb {
             conn,
             path: path.to_owned(),
+            wal_path: {
+                let mut wal = path.as_os_str().to_owned();
+                wal.push("-wal");
+                wal.into()
+            },
             identity,
             page_size,
             incremental_vacuum: auto_vacuum == 2,
@@ -242,7 +250,7 @@ impl FileDb {
         let folded = if wal > CHECKPOINT_BYTES {
             self.fold(WAL_KEEP_BYTES)?;
             true
-        } else if idle && (wal > 0 || self.wal_file_len() > WAL_PRESIZE_BYTES as i64) {
+        } else if idle && (wal > 0 || self.wal_file_len() > WAL_PRESIZE_BYTES) {
             // Also a log folded under load and written no more since: its file is cut back.
             self.checkpoint()?;
             true
@@ -251,7 +259,7 @@ impl FileDb {
         };
         // Room for the log is made when there is nothing else to do, never on the way of a
         // durable receipt (writing it takes tens of milliseconds).
-        let made_room = idle && run == Run::Tick && self.make_wal_room()?;
+        let made_room = idle && run == Run::Tick && self.make_wal_room();
         let written = match before {
             Some(before) => {
                 crate::system::written_by_this_thread().map(|after| after.saturating_sub(before))
@@ -297,20 +305,19 @@ impl FileDb {
         }
     }
 
-    /// Folds the whole log into the file; the next commit writes the log over from its start
-    /// and leaves its file the size a new log gets.
+    /// Folds the whole log into the file; the next commit writes the log over from its start.
+    /// A log's file larger than the room a new log gets is emptied.
     pub fn checkpoint(&self) -> rusqlite::Result<()> {
-        self.fold(WAL_PRESIZE_BYTES as i64)
+        self.fold(WAL_PRESIZE_BYTES)
     }
 
     /// Folds the whole log into the file; the next commit writes the log over from its start.
-    /// A log's file grown past `keep` bytes (one large transaction can do that) is emptied and
-    /// given the room of a new one instead: disk space follows the load.
+    /// A log's file grown past `keep` bytes (one large transaction can do that) is emptied, to
+    /// be given its room again when the mirror is idle: disk space follows the load.
     fn fold(&self, keep: i64) -> rusqlite::Result<()> {
         self.run_checkpoint("RESTART")?;
         if self.wal_file_len() > keep {
-            // Nothing left to fold: this only empties the file (room is made again when the
-            // mirror is idle).
+            // Nothing left to fold: this only empties the file.
             self.run_checkpoint("TRUNCATE")?;
         }
         Ok(())
@@ -320,23 +327,24 @@ impl FileDb {
     /// Returns whether it wrote. SQLite reads a log only up to its last valid frame (each
     /// frame carries the log header's salts and a running checksum), so zeros past it are as
     /// inert as the stale frames SQLite itself leaves when it writes a log over after a fold.
-    /// A log that holds anything is not touched.
-    fn make_wal_room(&self) -> rusqlite::Result<bool> {
-        if self.wal_bytes() > 0 || self.wal_file_len() >= WAL_PRESIZE_BYTES as i64 {
-            return Ok(false);
+    /// A log that holds anything is not touched. The room only makes syncs cheaper: failing
+    /// to make it (a full disk) fails no mirror, and it is tried again on the next idle tick.
+    fn make_wal_room(&self) -> bool {
+        if self.wal_bytes() > 0 || self.wal_file_len() >= WAL_PRESIZE_BYTES {
+            return false;
         }
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        extend_with_zeros(Path::new(&wal), WAL_PRESIZE_BYTES as u64)
-            .map_err(|e| io_failure(&self.path, e))?;
-        Ok(true)
+        match extend_with_zeros(&self.wal_path, WAL_PRESIZE_BYTES as u64) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("no room made for {}: {e}", self.wal_path.display());
+                false
+            }
+        }
     }
 
     /// The size of the log's file, whatever it holds.
     fn wal_file_len(&self) -> i64 {
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        fs::metadata(wal).map_or(0, |m| m.len() as i64)
+        fs::metadata(&self.wal_path).map_or(0, |m| m.len() as i64)
     }
 
     /// Runs SQLite's checkpoint in `mode`: the log's content is in the file after it.

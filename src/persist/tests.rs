@@ -70,16 +70,7 @@ fn a_wanted_ticket_is_synced_at_once_not_on_the_tick() {
 /// zeros and stale frames alike.
 #[test]
 fn a_log_written_over_zeros_and_stale_frames_recovers_what_was_committed() {
-    let dir = std::env::temp_dir().join(format!("phpmq-wal-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("phpmq.sqlite");
-    {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("PRAGMA page_size = 16384; PRAGMA auto_vacuum = INCREMENTAL;")
-            .unwrap();
-        schema::create(&conn).unwrap();
-    }
+    let (dir, path) = new_phpmq_file("phpmq-wal");
     let wal = dir.join("phpmq.sqlite-wal");
     let crash_copy = |name: &str| -> PathBuf {
         let copy = dir.join(name);
@@ -151,20 +142,28 @@ fn a_log_written_over_zeros_and_stale_frames_recovers_what_was_committed() {
 /// The final mirror, idle or not, writes no room for a log that its close empties anyway.
 #[test]
 fn the_final_mirror_makes_no_room_for_the_log() {
-    let dir = std::env::temp_dir().join(format!("phpmq-wal-final-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("phpmq.sqlite");
-    {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("PRAGMA page_size = 16384; PRAGMA auto_vacuum = INCREMENTAL;")
-            .unwrap();
-        schema::create(&conn).unwrap();
-    }
+    let (dir, path) = new_phpmq_file("phpmq-wal-final");
     let file = file::FileDb::open(&path).unwrap();
     file.apply(&[], file::Run::Final).unwrap();
     let wal = std::fs::metadata(dir.join("phpmq.sqlite-wal")).map_or(0, |m| m.len());
     assert!(wal < 1 << 20, "no room written before a close: {wal} bytes");
     file.close().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fresh directory named after `name` and this process, holding an empty phpmq database
+/// made as the store makes them (16 KiB pages, incremental vacuum): the directory and the file.
+fn new_phpmq_file(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("phpmq.sqlite");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(&format!(
+        "PRAGMA page_size = {}; PRAGMA auto_vacuum = INCREMENTAL;",
+        copy::PAGE_SIZE
+    ))
+    .unwrap();
+    schema::create(&conn).unwrap();
+    (dir, path)
 }
