@@ -389,13 +389,24 @@ fn extend_with_zeros(path: &Path, len: u64) -> io::Result<()> {
         .append(true)
         .create(true)
         .open(path)?;
-    let missing = len.saturating_sub(file.metadata()?.len());
+    let mut missing = len.saturating_sub(file.metadata()?.len());
     if missing == 0 {
         return Ok(());
     }
-    file.write_all(&vec![0; missing as usize])?;
+    // A page's worth at a time, as SQLite writes its log: one large write leaves the file in
+    // large page-cache folios (up to 4 MiB here), and each small commit over one of them then
+    // dirties, and is charged for, the whole folio.
+    let zeros = [0u8; ZERO_CHUNK];
+    while missing > 0 {
+        let step = missing.min(ZERO_CHUNK as u64) as usize;
+        file.write_all(&zeros[..step])?;
+        missing -= step as u64;
+    }
     file.sync_all()
 }
+
+/// What [`extend_with_zeros`] writes at a time: the page size of the files phpmq makes.
+const ZERO_CHUNK: usize = 16 << 10;
 
 fn io_failure(path: &Path, e: io::Error) -> rusqlite::Error {
     rusqlite::Error::SqliteFailure(
