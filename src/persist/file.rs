@@ -6,7 +6,7 @@
 //! survive a crash. The write-ahead log is folded into the file whenever it grows past
 //! [`CHECKPOINT_BYTES`], on a mirror with nothing else to do, and at a graceful stop, after
 //! which the file is one plain SQLite database again. Until the stop, the log's file is kept
-//! (16 MiB once the mirror was idle, up to [`WAL_KEEP_BYTES`] under load) and written over
+//! (16 MiB from the mirror's start, up to [`WAL_KEEP_BYTES`] under load) and written over
 //! from its start after each fold: syncing blocks written over costs about half as much as
 //! syncing blocks appended (no block allocation, no size change), and a durable receipt waits
 //! for one such sync. Space freed by acknowledged messages is given back a step at a time
@@ -31,14 +31,16 @@ use std::sync::Arc;
 
 /// The write-ahead log is folded into the file (and emptied) past this size: pages changed
 /// again and again (a queue's head and tail) are folded once per checkpoint, not once per
-/// mirror, and a trickle of changes folds rarely.
-const CHECKPOINT_BYTES: i64 = 64 << 20;
+/// mirror, and a trickle of changes folds rarely. A log given its room (below) is then written
+/// over, not appended to, all the way to its fold.
+const CHECKPOINT_BYTES: i64 = 16 << 20;
 /// The log's file is kept at most this large after a fold under load, to be written over:
 /// room for a log folded at [`CHECKPOINT_BYTES`] and its last commit.
 const WAL_KEEP_BYTES: i64 = CHECKPOINT_BYTES + (16 << 20);
-/// An empty log's file is given this much room (zeros) when the mirror is idle, so that syncs
-/// write over blocks from then on instead of once the log was first folded in.
-const WAL_PRESIZE_BYTES: i64 = 16 << 20;
+/// An empty log's file is given this much room (zeros) when the mirror starts and when it is
+/// idle, so that syncs write over blocks (about half the cost of appending here) instead of
+/// only once the log was first folded in.
+const WAL_PRESIZE_BYTES: i64 = CHECKPOINT_BYTES;
 /// What a frame of the log adds to its page (the frame header), and the log's own header.
 const WAL_FRAME_HEADER: i64 = 24;
 const WAL_HEADER: i64 = 32;
@@ -340,6 +342,14 @@ impl FileDb {
                 false
             }
         }
+    }
+
+    /// When the mirror starts: a log's file that is not there yet (a graceful stop removes it,
+    /// a new file has none) gets its room at once, instead of on the first idle tick, which a
+    /// server put under load as it starts would not see for a long time. A log that a crash
+    /// left is not touched here: what it holds is unknown until a commit reports it.
+    pub fn make_room_at_start(&self) -> bool {
+        self.wal_file_len() == 0 && self.make_wal_room()
     }
 
     /// The size of the log's file, whatever it holds.
