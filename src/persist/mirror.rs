@@ -89,7 +89,12 @@ impl Mirror {
         loop {
             // Upkeep (folding the log, giving space back) is for runs on the timer.
             let upkeep = select! {
-                recv(ticker) -> _ => true,
+                recv(ticker) -> _ => {
+                    if !self.commit_gathered(stop) {
+                        return state;
+                    }
+                    true
+                }
                 recv(early) -> _ => {
                     // A failing mirror retries on its tick, not on every batch.
                     if health::lock(&self.health).failing_for > 0 {
@@ -118,6 +123,21 @@ impl Mirror {
                     health::fail(&self.health, &e);
                 }
             }
+        }
+    }
+
+    /// Has the writer commit the changes it is gathering, and waits until it has: a tick then
+    /// mirrors every change made before it. `false` if the mirror is to stop meanwhile.
+    fn commit_gathered(&self, stop: &Receiver<()>) -> bool {
+        let (reply, committed) = bounded(1);
+        if self.writer.send(Command::Flush(reply)).is_err() {
+            // The writer has stopped: there is nothing more to gather.
+            return true;
+        }
+        self.shared.ring_writer();
+        select! {
+            recv(committed) -> _ => true,
+            recv(stop) -> _ => false,
         }
     }
 

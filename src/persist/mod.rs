@@ -143,6 +143,7 @@ impl Persistence {
             commands: self.commands.clone(),
             fetches: self.fetches.clone(),
             backlog: self.shared.backlog.clone(),
+            ring: self.shared.writer_bell(),
             submitted: 0,
         }
     }

@@ -6,6 +6,7 @@ use super::durable::Durable;
 use super::error::PersistError;
 use super::journal::Journal;
 use crate::store::Backlog;
+use crossbeam_channel::{bounded, Receiver, Sender};
 use rusqlite::Connection;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,10 @@ pub struct Shared {
     pub journal: Journal,
     /// How far the file is synced, for durable receipts.
     pub durable: Arc<Durable>,
+    /// Rung by the mirror's tick, so that the tick takes every change made before it (the loss
+    /// window stays the mirror interval), and by the broker's side once the backlog rises:
+    /// the writer stops gathering and commits.
+    commit_now: (Sender<()>, Receiver<()>),
 }
 
 impl Shared {
@@ -38,7 +43,24 @@ impl Shared {
             backlog: Arc::default(),
             journal: Journal::default(),
             durable: Arc::default(),
+            commit_now: bounded(1),
         }
+    }
+
+    /// Ends the writer's gathering window now.
+    pub fn ring_writer(&self) {
+        // Full means a ring is already waiting.
+        let _ = self.commit_now.0.try_send(());
+    }
+
+    /// What rings the writer, for the broker's side of the store.
+    pub fn writer_bell(&self) -> Sender<()> {
+        self.commit_now.0.clone()
+    }
+
+    /// What ends the writer's gathering window early.
+    pub fn writer_rung(&self) -> &Receiver<()> {
+        &self.commit_now.1
     }
 }
 

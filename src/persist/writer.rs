@@ -24,9 +24,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// The most changes applied in one transaction (unless a fetch needs more applied first).
-const MAX_BATCH: usize = 8192;
-/// How long the writer gathers changes after the first one before writing them.
-const BATCH_WINDOW: Duration = Duration::from_millis(5);
+const MAX_BATCH: usize = 32768;
+/// How long the writer gathers changes after the first one before writing them. A message
+/// acknowledged within the window never reaches SQLite: under a flat-out stream the backlog
+/// keeps messages waiting for tens of milliseconds, which a 5 ms window did not cover (each
+/// then cost an insert and a delete). Nothing waits for the window: the mirror's tick, a
+/// fetch and a durable receipt each end it early.
+const BATCH_WINDOW: Duration = Duration::from_millis(50);
 /// What a mirror copies between two batches: a short pause for the batches and fetches that wait.
 const MIRROR_STEP_BYTES: i64 = 16 << 20;
 /// A database up to this size is copied in one step: every batch applied between steps also
@@ -60,6 +64,9 @@ pub struct ChannelStore {
     pub(super) commands: Sender<Command>,
     pub(super) fetches: Sender<FetchRequest>,
     pub(super) backlog: Arc<Backlog>,
+    /// Ends the writer's gathering window once the backlog rises: producers would soon wait
+    /// for it (large messages fill the backlog's bytes long before the window ends).
+    pub(super) ring: Sender<()>,
     /// Changes sent so far; the writer counts them as it takes them, in the same order.
     pub(super) submitted: u64,
 }
@@ -67,6 +74,10 @@ pub struct ChannelStore {
 impl Store for ChannelStore {
     fn apply(&mut self, op: StoreOp) {
         self.backlog.add(op.content_len());
+        if self.backlog.is_rising() {
+            // Full means a ring is already waiting.
+            let _ = self.ring.try_send(());
+        }
         self.submitted += 1;
         // Fails only once the writer has stopped, at the very end of shutdown.
         let _ = self.commands.send(Command::Op(op));
@@ -138,6 +149,17 @@ pub fn run(
     fetches: &Receiver<FetchRequest>,
     callbacks: &Callbacks,
 ) {
+    run_with_window(shared, commands, fetches, callbacks, BATCH_WINDOW);
+}
+
+/// [`run`] with a gathering window of its own (tests use one that never ends by itself).
+fn run_with_window(
+    shared: &Shared,
+    commands: &Receiver<Command>,
+    fetches: &Receiver<FetchRequest>,
+    callbacks: &Callbacks,
+    window: Duration,
+) {
     let Ok(conn) = shared.memory.lock() else {
         (callbacks.error)(PersistError::Poisoned);
         return;
@@ -148,6 +170,7 @@ pub fn run(
         commands,
         fetches,
         callbacks,
+        window,
         batch: Vec::new(),
         batch_bytes: 0,
         received: 0,
@@ -170,6 +193,8 @@ struct Writer<'a> {
     commands: &'a Receiver<Command>,
     fetches: &'a Receiver<FetchRequest>,
     callbacks: &'a Callbacks,
+    /// How long changes are gathered before they are written ([`BATCH_WINDOW`]).
+    window: Duration,
     batch: Vec<StoreOp>,
     /// Content bytes in `batch`.
     batch_bytes: usize,
@@ -217,14 +242,16 @@ impl Writer<'_> {
             // Gather what comes within the window: an accept acknowledged inside it never
             // reaches SQLite, and a busy stream costs one transaction per window, not one per
             // message. Changes sent meanwhile do not wake this thread; a fetch does, since a
-            // consumer may be waiting for it.
+            // consumer may be waiting for it, and so does the mirror's tick.
             // A durable receipt waiting is not worth a window either: it waits for this
-            // batch, then for the file's sync.
+            // batch, then for the file's sync. Nor is a backlog past half its mark: producers
+            // would soon wait for it.
             let only_changes = self.flushes.is_empty()
                 && self.pending_fetches.is_empty()
                 && self.mirror.is_none()
                 && !self.stop
-                && !self.shared.durable.is_wanted();
+                && !self.shared.durable.is_wanted()
+                && !self.shared.backlog.is_rising();
             if only_changes && self.commands.len() < MAX_BATCH {
                 select! {
                     recv(self.fetches) -> request => {
@@ -233,7 +260,8 @@ impl Writer<'_> {
                         }
                     }
                     recv(self.shared.durable.writer_wake_ups()) -> _ => {}
-                    default(BATCH_WINDOW) => {}
+                    recv(self.shared.writer_rung()) -> _ => {}
+                    default(self.window) => {}
                 }
             }
             self.work()?;

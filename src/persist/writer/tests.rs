@@ -55,6 +55,39 @@ fn a_drained_store_gives_its_pages_back_before_it_is_empty() {
     assert_eq!(seqs(&shared), (36_001..=40_000).collect::<Vec<i64>>());
 }
 
+/// The mirror's tick ends the gathering window: it mirrors every change made before it,
+/// however long the window.
+#[test]
+fn a_ring_ends_the_window_and_a_flush_then_has_every_change_committed() {
+    let shared = Arc::new(memory());
+    let (commands, taken) = crossbeam_channel::unbounded();
+    let (_fetches, fetch_requests) = crossbeam_channel::unbounded();
+    let writer = {
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            let callbacks = Callbacks {
+                fetched: Arc::new(|_| {}),
+                error: Arc::new(|e| panic!("writer failed: {e}")),
+            };
+            let forever = Duration::from_secs(3600);
+            run_with_window(&shared, &taken, &fetch_requests, &callbacks, forever);
+        })
+    };
+    commands.send(Command::Op(insert(1))).unwrap();
+    let (reply, committed) = crossbeam_channel::bounded(1);
+    commands.send(Command::Flush(reply)).unwrap();
+    shared.ring_writer();
+    committed
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the ring ended the window");
+    assert_eq!(shared.generation.load(Ordering::Acquire), 1);
+    commands.send(Command::Stop).unwrap();
+    shared.ring_writer();
+    writer.join().unwrap();
+    // The writer holds the database while it runs.
+    assert_eq!(seqs(&shared), vec![1]);
+}
+
 fn apply(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
     let conn = shared.memory.lock().unwrap();
     let through = shared.generation.load(Ordering::Acquire) + ops.len() as u64;
@@ -120,6 +153,7 @@ fn a_stepped_mirror_copy_includes_changes_made_between_its_steps() {
         commands,
         fetches,
         backlog: shared.backlog.clone(),
+        ring: shared.writer_bell(),
         submitted: 0,
     };
     for seq in 1..=2000 {
@@ -148,6 +182,7 @@ fn a_stepped_mirror_copy_includes_changes_made_between_its_steps() {
         commands: &command_rx,
         fetches: &fetch_rx,
         callbacks: &callbacks,
+        window: BATCH_WINDOW,
         batch: Vec::new(),
         received: 0,
         batch_bytes: 0,
