@@ -1,8 +1,57 @@
 //! What the operating system tells about this process, read from `/proc` (Linux): the server's
 //! resident memory for the console, and a thread's disk writes for the mirror's report.
-//! Elsewhere, or where `/proc` says nothing, the answer is `None`.
+//! Elsewhere, or where `/proc` says nothing, the answer is `None`. Also how the server's
+//! threads are scheduled.
 
 use std::fs;
+use std::io;
+
+/// How the server's threads are scheduled (Linux; elsewhere they run as the system decides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheduling {
+    /// `SCHED_BATCH`: a thread that a client's bytes wake does not preempt the program that is
+    /// running; it runs at the scheduler's next turn, often on the other core. A client that
+    /// pipelines then goes on writing, and the server reads more per wake-up.
+    Batch,
+    /// `SCHED_OTHER`, the default of every program.
+    Normal,
+}
+
+impl std::str::FromStr for Scheduling {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Scheduling, String> {
+        match text {
+            "batch" => Ok(Scheduling::Batch),
+            "normal" => Ok(Scheduling::Normal),
+            _ => Err(format!("unknown scheduling {text:?}: use batch or normal")),
+        }
+    }
+}
+
+/// Schedules the calling thread, and every thread it starts from then on (they inherit it),
+/// as `scheduling` says. Neither policy needs privileges.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn set_scheduling(scheduling: Scheduling) -> io::Result<()> {
+    let policy = match scheduling {
+        Scheduling::Batch => libc::SCHED_BATCH,
+        Scheduling::Normal => libc::SCHED_OTHER,
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is this thread.
+    let result = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn set_scheduling(_scheduling: Scheduling) -> io::Result<()> {
+    Ok(())
+}
 
 /// The process's resident memory, in bytes.
 pub fn resident_memory() -> Option<u64> {
@@ -22,6 +71,34 @@ pub fn written_by_this_thread() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_thread_and_those_it_starts_take_the_scheduling() {
+        // In a thread of its own: the policy stays with the thread that set it.
+        let policies = std::thread::spawn(|| {
+            set_scheduling(Scheduling::Batch).expect("SCHED_BATCH needs no privileges");
+            // SAFETY: no arguments; returns the calling thread's policy.
+            #[allow(unsafe_code)]
+            let own = unsafe { libc::sched_getscheduler(0) };
+            #[allow(unsafe_code)]
+            let child = std::thread::spawn(|| unsafe { libc::sched_getscheduler(0) })
+                .join()
+                .unwrap();
+            set_scheduling(Scheduling::Normal).unwrap();
+            #[allow(unsafe_code)]
+            let back = unsafe { libc::sched_getscheduler(0) };
+            (own, child, back)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            policies,
+            (libc::SCHED_BATCH, libc::SCHED_BATCH, libc::SCHED_OTHER)
+        );
+        assert_eq!("batch".parse(), Ok(Scheduling::Batch));
+        assert!("fifo".parse::<Scheduling>().is_err());
+    }
 
     #[test]
     #[cfg(target_os = "linux")]

@@ -6,6 +6,7 @@ use log::{info, warn, LevelFilter};
 use phpmq::config::{self, Config, ListenAddr};
 use phpmq::logfile::LogFile;
 use phpmq::server::Server;
+use phpmq::system::{self, Scheduling};
 use signal_hook::consts::SIGHUP;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -74,6 +75,11 @@ struct Args {
     /// log level: error, warn, info, debug or trace (default info)
     #[argh(option, default = "LevelFilter::Info", from_str_fn(parse_level))]
     log_level: LevelFilter,
+
+    /// how the server's threads are scheduled (Linux): batch (default: a thread that a
+    /// client wakes does not preempt a running program, and reads more per wake-up) or normal
+    #[argh(option, default = "Scheduling::Batch")]
+    scheduling: Scheduling,
 
     /// print the version and exit
     #[argh(switch)]
@@ -145,6 +151,10 @@ fn main() -> ExitCode {
             .into_iter()
             .collect::<Option<Vec<_>>>()
             .unwrap_or_default();
+    }
+    // Before any thread starts: they all inherit it.
+    if let Err(e) = system::set_scheduling(args.scheduling) {
+        warn!("cannot set the scheduling to {:?}: {e}", args.scheduling);
     }
     let server = match Server::bind(&config) {
         Ok(server) => server,

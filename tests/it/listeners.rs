@@ -88,6 +88,9 @@ fn bad_flags_are_refused_with_a_clear_error() {
     let (status, stderr) = run_to_exit(&["--log-level", "loud"], dir.path());
     assert!(!status.success());
     assert!(stderr.contains("unknown log level"), "{stderr}");
+    let (status, stderr) = run_to_exit(&["--scheduling", "fifo"], dir.path());
+    assert!(!status.success());
+    assert!(stderr.contains("use batch or normal"), "{stderr}");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let (status, stderr) = run_to_exit(&["--listen", &addr], dir.path());
@@ -96,6 +99,52 @@ fn bad_flags_are_refused_with_a_clear_error() {
         stderr.contains(&format!("cannot listen on {addr}")),
         "{stderr}"
     );
+}
+
+/// Every thread of the server runs under the scheduling it was given (batch by default):
+/// those started at start-up and those started per connection alike.
+#[test]
+#[cfg(target_os = "linux")]
+fn server_threads_run_under_the_scheduling_asked_for() {
+    // The policy is field 41 of /proc/PID/task/TID/stat, counted after the command's
+    // closing parenthesis (a thread's name may hold spaces).
+    let policies = |server: &TestServer| -> Vec<(String, u32)> {
+        let tasks = format!("/proc/{}/task", server.pid());
+        std::fs::read_dir(tasks)
+            .unwrap()
+            .filter_map(|task| {
+                let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+                let (head, rest) = stat.rsplit_once(')')?;
+                let name = head.split_once('(')?.1.to_string();
+                let policy = rest.split_whitespace().nth(41 - 3)?.parse().ok()?;
+                Some((name, policy))
+            })
+            .collect()
+    };
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    for (args, want) in [
+        (&[][..], SCHED_BATCH),
+        (&["--scheduling", "normal"][..], SCHED_OTHER),
+    ] {
+        let server = TestServer::start(args);
+        // A connection's thread, started after the server was ready.
+        let mut client = server.tcp_client();
+        client.send("q", b"x");
+        client.sync();
+        let threads = policies(&server);
+        assert!(
+            threads
+                .iter()
+                .any(|(name, _)| name.starts_with("phpmq-conn")),
+            "{threads:?}"
+        );
+        let others: Vec<_> = threads
+            .iter()
+            .filter(|(name, policy)| *policy != want && name.starts_with("phpmq-"))
+            .collect();
+        assert!(others.is_empty(), "{args:?}: {others:?} of {threads:?}");
+    }
 }
 
 #[test]
