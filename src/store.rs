@@ -191,10 +191,11 @@ impl Backlog {
         }
     }
 
-    pub fn add(&self, bytes: usize) {
+    /// Counts one more change carrying `bytes`; returns the changes pending now.
+    pub fn add(&self, bytes: usize) -> usize {
         // Only ever raises the backlog: nobody to wake.
-        self.changes.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.changes.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     pub fn remove(&self, changes: usize, bytes: usize) {

@@ -24,12 +24,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// The most changes applied in one transaction (unless a fetch needs more applied first).
-const MAX_BATCH: usize = 32768;
+const MAX_BATCH: usize = 8192;
 /// How long the writer gathers changes after the first one before writing them. A message
 /// acknowledged within the window never reaches SQLite: under a flat-out stream the backlog
 /// keeps messages waiting for tens of milliseconds, which a 5 ms window did not cover (each
 /// then cost an insert and a delete). Nothing waits for the window: the mirror's tick, a
-/// fetch and a durable receipt each end it early.
+/// fetch, a durable receipt and a batch's worth of changes each end it early.
 const BATCH_WINDOW: Duration = Duration::from_millis(50);
 /// What a mirror copies between two batches: a short pause for the batches and fetches that wait.
 const MIRROR_STEP_BYTES: i64 = 16 << 20;
@@ -64,8 +64,9 @@ pub struct ChannelStore {
     pub(super) commands: Sender<Command>,
     pub(super) fetches: Sender<FetchRequest>,
     pub(super) backlog: Arc<Backlog>,
-    /// Ends the writer's gathering window once the backlog rises: producers would soon wait
-    /// for it (large messages fill the backlog's bytes long before the window ends).
+    /// Ends the writer's gathering window once a batch's worth of changes waits, or the
+    /// backlog rises: in a flood, one batch at a time keeps the backlog far below the mark
+    /// where producers wait (large messages fill its bytes long before the window ends).
     pub(super) ring: Sender<()>,
     /// Changes sent so far; the writer counts them as it takes them, in the same order.
     pub(super) submitted: u64,
@@ -73,8 +74,8 @@ pub struct ChannelStore {
 
 impl Store for ChannelStore {
     fn apply(&mut self, op: StoreOp) {
-        self.backlog.add(op.content_len());
-        if self.backlog.is_rising() {
+        let pending = self.backlog.add(op.content_len());
+        if pending >= MAX_BATCH || self.backlog.is_rising() {
             // Full means a ring is already waiting.
             let _ = self.ring.try_send(());
         }

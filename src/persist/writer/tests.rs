@@ -88,6 +88,29 @@ fn a_ring_ends_the_window_and_a_flush_then_has_every_change_committed() {
     assert_eq!(seqs(&shared), vec![1]);
 }
 
+/// A flood ends the window once a batch's worth waits: one batch at a time keeps the backlog
+/// far below the mark where producers wait.
+#[test]
+fn a_batch_worth_of_changes_rings_the_writer() {
+    let shared = memory();
+    let (commands, _taken) = crossbeam_channel::unbounded();
+    let (fetches, _fetch_requests) = crossbeam_channel::unbounded();
+    let mut store = ChannelStore {
+        commands,
+        fetches,
+        backlog: shared.backlog.clone(),
+        ring: shared.writer_bell(),
+        submitted: 0,
+    };
+    for seq in 1..MAX_BATCH as u64 {
+        store.apply(insert(seq));
+    }
+    assert!(shared.writer_rung().try_recv().is_err(), "not yet a batch");
+    store.apply(insert(MAX_BATCH as u64));
+    assert!(shared.writer_rung().try_recv().is_ok());
+    assert!(!shared.backlog.is_high(), "far below the producers' mark");
+}
+
 fn apply(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
     let conn = shared.memory.lock().unwrap();
     let through = shared.generation.load(Ordering::Acquire) + ops.len() as u64;
