@@ -37,9 +37,9 @@ const CHECKPOINT_BYTES: i64 = 16 << 20;
 /// The log's file is kept at most this large after a fold under load, to be written over:
 /// room for a log folded at [`CHECKPOINT_BYTES`] and its last commit.
 const WAL_KEEP_BYTES: i64 = CHECKPOINT_BYTES + (16 << 20);
-/// An empty log's file is given this much room (zeros) when the mirror starts and when it is
-/// idle, so that syncs write over blocks (about half the cost of appending here) instead of
-/// only once the log was first folded in.
+/// An empty log's file is given this much room (zeros) when the server starts and when the
+/// mirror is idle, so that syncs write over blocks (about half the cost of appending here)
+/// instead of only once the log was first folded in.
 const WAL_PRESIZE_BYTES: i64 = CHECKPOINT_BYTES;
 /// What a frame of the log adds to its page (the frame header), and the log's own header.
 const WAL_FRAME_HEADER: i64 = 24;
@@ -344,7 +344,7 @@ impl FileDb {
         }
     }
 
-    /// When the mirror starts: a log's file that is not there yet (a graceful stop removes it,
+    /// As the server starts: a log's file that is not there yet (a graceful stop removes it,
     /// a new file has none) gets its room at once, instead of on the first idle tick, which a
     /// server put under load as it starts would not see for a long time. A log that a crash
     /// left is not touched here: what it holds is unknown until a commit reports it.

@@ -82,10 +82,6 @@ impl Mirror {
         let ticker = tick(interval);
         let early = self.shared.journal.wake_ups().clone();
         self.note_file(&state);
-        // Before any load: the first syncs then write over blocks too.
-        if let Some(file) = &state.file {
-            file.make_room_at_start();
-        }
         loop {
             // Upkeep (folding the log, giving space back) is for runs on the timer.
             let upkeep = select! {

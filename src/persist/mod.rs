@@ -194,6 +194,12 @@ impl Persistence {
                 None
             }
         };
+        // Before the server serves a client (a connection made meanwhile waits to be taken):
+        // the first syncs then write over blocks too, and no request competes with the
+        // room's write for the disk.
+        if let Some(file) = &state.file {
+            file.make_room_at_start();
+        }
         // Before the writer records anything: without a file the journal holds nothing.
         let weight = state.file.as_ref().map(|file| file.weight(state.rows));
         self.shared.journal.note_file(weight);

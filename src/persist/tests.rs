@@ -139,7 +139,7 @@ fn a_log_written_over_zeros_and_stale_frames_recovers_what_was_committed() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A mirror that starts on a file with no log gives it its room at once: a server under load
+/// A server that starts on a file with no log gives it its room at once: a server under load
 /// from its first second would see no idle tick for long. A log a crash left is not touched.
 #[test]
 fn a_log_gets_its_room_when_the_mirror_starts() {
