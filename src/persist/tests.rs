@@ -180,6 +180,37 @@ fn a_log_gets_its_room_when_the_mirror_starts() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A bulk mirror's log is folded only past 64 MiB (folding it at once would copy it all again
+/// while the server works); under durable receipts, past the log's 16 MiB room.
+#[test]
+fn a_bulk_mirror_folds_later_than_a_run_for_durable_receipts() {
+    let (dir, path) = new_phpmq_file("phpmq-wal-fold");
+    let file = file::FileDb::open(&path).unwrap();
+    let file_len = || std::fs::metadata(&path).unwrap().len();
+    let big = |seqs: std::ops::Range<u64>| -> Vec<_> {
+        seqs.map(|seq| match insert(seq) {
+            crate::store::StoreOp::Insert(mut m) => {
+                m.content = Arc::from(vec![7u8; 1 << 20]);
+                crate::store::StoreOp::Insert(m)
+            }
+            op => op,
+        })
+        .collect()
+    };
+    let before = file_len();
+    file.apply(&big(1..21), file::Run::Tick).unwrap();
+    assert_eq!(file_len(), before, "20 MiB stay in the log after a tick");
+    file.apply(&big(21..22), file::Run::Early).unwrap();
+    assert!(
+        file_len() > before + (20 << 20),
+        "a run for a durable receipt folds them in: {} bytes",
+        file_len()
+    );
+    assert_eq!(rows_in(&path), 21);
+    file.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The final mirror, idle or not, writes no room for a log that its close empties anyway.
 #[test]
 fn the_final_mirror_makes_no_room_for_the_log() {
