@@ -21,12 +21,14 @@
 //! - [`persist`]: the SQLite backend: the in-memory store, its mirror to a file, and recovery.
 //! - [`logfile`]: a log file that SIGHUP can reopen.
 //! - [`memory`]: giving freed memory back to the system.
-//! - [`system`]: what `/proc` tells about this process (resident memory, bytes written).
+//! - [`system`]: what `/proc` tells about this process (resident memory, bytes written), and
+//!   how its threads are scheduled.
 //! - [`ratelog`]: rate limits for the log lines clients can cause.
 //! - [`config`]: the server's settings and listen addresses.
 //! - [`client`]: a blocking PHPMQ client for the `phpmq` command line.
 
-// One call needs `unsafe`: malloc_trim in `memory`, allowed there alone.
+// Two calls need `unsafe`, allowed there alone: malloc_trim in `memory`, sched_setscheduler in
+// `system`.
 #![deny(unsafe_code)]
 
 pub mod admin;

@@ -204,6 +204,11 @@ impl Backlog {
         self.signal_if_low();
     }
 
+    /// The changes pending now.
+    pub fn changes(&self) -> usize {
+        self.changes.load(Ordering::SeqCst)
+    }
+
     /// Says what is pending now (for an owner that counts it itself).
     pub fn set(&self, changes: usize, bytes: usize) {
         self.changes.store(changes, Ordering::SeqCst);

@@ -13,7 +13,8 @@ pub enum Scheduling {
     /// running; it runs at the scheduler's next turn, often on the other core. A client that
     /// pipelines then goes on writing, and the server reads more per wake-up.
     Batch,
-    /// `SCHED_OTHER`, the default of every program.
+    /// The policy the server was started with (`SCHED_OTHER` unless `chrt` or the service
+    /// manager chose another), left alone.
     Normal,
 }
 
@@ -30,17 +31,16 @@ impl std::str::FromStr for Scheduling {
 }
 
 /// Schedules the calling thread, and every thread it starts from then on (they inherit it),
-/// as `scheduling` says. Neither policy needs privileges.
-#[cfg(target_os = "linux")]
+/// as `scheduling` says. `SCHED_BATCH` needs no privileges; `Normal` changes nothing.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 pub fn set_scheduling(scheduling: Scheduling) -> io::Result<()> {
-    let policy = match scheduling {
-        Scheduling::Batch => libc::SCHED_BATCH,
-        Scheduling::Normal => libc::SCHED_OTHER,
-    };
+    if scheduling == Scheduling::Normal {
+        return Ok(());
+    }
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is this thread.
-    let result = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
     if result == 0 {
         Ok(())
     } else {
@@ -48,7 +48,9 @@ pub fn set_scheduling(scheduling: Scheduling) -> io::Result<()> {
     }
 }
 
-#[cfg(not(target_os = "linux"))]
+/// Elsewhere (other systems, or musl, whose `sched_setscheduler` only says ENOSYS) the threads
+/// run as the system decides.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn set_scheduling(_scheduling: Scheduling) -> io::Result<()> {
     Ok(())
 }
@@ -73,29 +75,29 @@ mod tests {
     use super::*;
 
     #[test]
-    #[cfg(target_os = "linux")]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn a_thread_and_those_it_starts_take_the_scheduling() {
-        // In a thread of its own: the policy stays with the thread that set it.
-        let policies = std::thread::spawn(|| {
-            set_scheduling(Scheduling::Batch).expect("SCHED_BATCH needs no privileges");
-            // SAFETY: no arguments; returns the calling thread's policy.
-            #[allow(unsafe_code)]
-            let own = unsafe { libc::sched_getscheduler(0) };
-            #[allow(unsafe_code)]
-            let child = std::thread::spawn(|| unsafe { libc::sched_getscheduler(0) })
-                .join()
-                .unwrap();
+        // SAFETY (each call below): no arguments; returns the calling thread's policy.
+        #[allow(unsafe_code)]
+        fn policy() -> i32 {
+            unsafe { libc::sched_getscheduler(0) }
+        }
+        // In threads of their own: the policy stays with the thread that set it.
+        let normal = std::thread::spawn(|| {
             set_scheduling(Scheduling::Normal).unwrap();
-            #[allow(unsafe_code)]
-            let back = unsafe { libc::sched_getscheduler(0) };
-            (own, child, back)
+            policy()
         })
         .join()
         .unwrap();
-        assert_eq!(
-            policies,
-            (libc::SCHED_BATCH, libc::SCHED_BATCH, libc::SCHED_OTHER)
-        );
+        let batch = std::thread::spawn(|| {
+            set_scheduling(Scheduling::Batch).expect("SCHED_BATCH needs no privileges");
+            let child = std::thread::spawn(policy).join().unwrap();
+            (policy(), child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(normal, libc::SCHED_OTHER, "normal leaves the default alone");
+        assert_eq!(batch, (libc::SCHED_BATCH, libc::SCHED_BATCH));
         assert_eq!("batch".parse(), Ok(Scheduling::Batch));
         assert!("fifo".parse::<Scheduling>().is_err());
     }

@@ -37,7 +37,7 @@ use std::sync::Arc;
 /// the server works (a drain right after a flood: 342k vs 290k msg/s folding at 16 MiB).
 const CHECKPOINT_BYTES: i64 = 64 << 20;
 /// ...and past this size after a run for a durable receipt: its many small syncs then write
-/// over the log's room (below), all the way to each fold, instead of appending past it.
+/// over the log's room (below) up to each fold, and append only the commit that crosses it.
 const DURABLE_CHECKPOINT_BYTES: i64 = WAL_PRESIZE_BYTES;
 /// The log's file is kept at most this large after a fold under load, to be written over:
 /// room for a log folded at [`CHECKPOINT_BYTES`] and its last commit.
@@ -143,7 +143,9 @@ pub struct FileDb {
 /// Which mirror run a [`FileDb::apply`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Run {
-    /// Run before its tick, for a durable receipt or a growing journal.
+    /// Run before its tick for a durable receipt that waits.
+    Durable,
+    /// Run before its tick for a growing journal (a flood).
     Early,
     /// On the mirror's timer.
     Tick,
@@ -219,7 +221,7 @@ impl FileDb {
     /// when idle, it also gives back a step of free space and folds the log in; on a tick, it
     /// gives an empty log its room (not before a close, which empties the log anyway).
     pub fn apply(&self, ops: &[StoreOp], run: Run) -> rusqlite::Result<Applied> {
-        let upkeep = run != Run::Early;
+        let upkeep = matches!(run, Run::Tick | Run::Final);
         // Reading /proc costs a few system calls: a run for a durable receipt counts what it
         // added to the log instead.
         let wal_before = self.wal_bytes();
@@ -254,7 +256,7 @@ impl FileDb {
         // Folded under load, the log's file stays large for the load to go on writing over
         // it; folded when idle, a file grown past the room a new log gets is emptied (and
         // given that room again below).
-        let fold_at = if run == Run::Early {
+        let fold_at = if run == Run::Durable {
             DURABLE_CHECKPOINT_BYTES
         } else {
             CHECKPOINT_BYTES

@@ -42,7 +42,7 @@ pub struct MirrorState {
 /// The mirror thread: on every tick, brings the file up to date.
 pub struct Mirror {
     pub shared: Arc<Shared>,
-    /// The store writer, which makes full copies.
+    /// The store writer, which makes full copies and commits what it gathers for a tick.
     pub writer: Sender<Command>,
     pub target: PathBuf,
     pub health: Arc<Mutex<MirrorHealth>>,
@@ -124,7 +124,11 @@ impl Mirror {
 
     /// Has the writer commit the changes it is gathering, and waits until it has: a tick then
     /// mirrors every change made before it. `false` if the mirror is to stop meanwhile.
-    fn commit_gathered(&self, stop: &Receiver<()>) -> bool {
+    pub(super) fn commit_gathered(&self, stop: &Receiver<()>) -> bool {
+        if self.shared.backlog.changes() == 0 {
+            // Nothing sent that the writer has not committed: nothing to wait for.
+            return true;
+        }
         let (reply, committed) = bounded(1);
         if self.writer.send(Command::Flush(reply)).is_err() {
             // The writer has stopped: there is nothing more to gather.
@@ -200,7 +204,13 @@ impl Mirror {
         let started = Instant::now();
         // Nothing changed: the file may still have space to give back.
         state.in_hand.extend(ops);
-        let run = if upkeep { Run::Tick } else { Run::Early };
+        let run = if upkeep {
+            Run::Tick
+        } else if self.shared.durable.is_wanted() {
+            Run::Durable
+        } else {
+            Run::Early
+        };
         let applied = file.apply(&state.in_hand, run);
         if applied.is_ok() {
             // Synced (or nothing to write): the file holds every change through `generation`.
@@ -257,6 +267,7 @@ impl Mirror {
         if self.writer.send(request).is_err() {
             return Ok(None);
         }
+        self.shared.ring_writer();
         // The writer answers, or drops the request as it stops (and then `stop` closes).
         let copy = select! {
             recv(copied) -> copy => match copy {

@@ -231,6 +231,8 @@ impl Persistence {
     pub fn flush(&self) {
         let (reply, done) = bounded(1);
         if self.commands.send(Command::Flush(reply)).is_ok() {
+            // Now, not at the end of the writer's gathering window.
+            self.shared.ring_writer();
             let _ = done.recv();
         }
     }
@@ -241,6 +243,7 @@ impl Persistence {
     pub fn finish(mut self) -> Result<Option<MirrorReport>, PersistError> {
         self.flush();
         let _ = self.commands.send(Command::Stop);
+        self.shared.ring_writer();
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }

@@ -27,9 +27,10 @@ pub struct Shared {
     pub journal: Journal,
     /// How far the file is synced, for durable receipts.
     pub durable: Arc<Durable>,
-    /// Rung by the mirror's tick, so that the tick takes every change made before it (the loss
-    /// window stays the mirror interval), and by the broker's side once the backlog rises:
-    /// the writer stops gathering and commits.
+    /// Ends the writer's gathering window: rung by the mirror's tick, so that the tick takes
+    /// every change made before it (the loss window stays the mirror interval), by the
+    /// broker's side once a batch's worth waits or the backlog rises, and with a flush, a stop
+    /// or a request for a full copy.
     commit_now: (Sender<()>, Receiver<()>),
 }
 

@@ -122,7 +122,7 @@ fn a_log_written_over_zeros_and_stale_frames_recovers_what_was_committed() {
             op => op,
         })
         .collect();
-    file.apply(&big, file::Run::Early).unwrap();
+    file.apply(&big, file::Run::Durable).unwrap();
     let grown = std::fs::metadata(&wal).unwrap().len();
     assert!(
         grown > presized,
@@ -142,7 +142,7 @@ fn a_log_written_over_zeros_and_stale_frames_recovers_what_was_committed() {
 /// A server that starts on a file with no log gives it its room at once: a server under load
 /// from its first second would see no idle tick for long. A log a crash left is not touched.
 #[test]
-fn a_log_gets_its_room_when_the_mirror_starts() {
+fn a_log_gets_its_room_when_the_server_starts() {
     let (dir, path) = new_phpmq_file("phpmq-wal-start");
     let wal = dir.join("phpmq.sqlite-wal");
     let wal_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
@@ -180,8 +180,9 @@ fn a_log_gets_its_room_when_the_mirror_starts() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A bulk mirror's log is folded only past 64 MiB (folding it at once would copy it all again
-/// while the server works); under durable receipts, past the log's 16 MiB room.
+/// A bulk mirror's log (on a tick, or early for a flood) is folded only past 64 MiB: folding
+/// it at once would copy it all again while the server works. Under durable receipts, past
+/// the log's 16 MiB room.
 #[test]
 fn a_bulk_mirror_folds_later_than_a_run_for_durable_receipts() {
     let (dir, path) = new_phpmq_file("phpmq-wal-fold");
@@ -201,12 +202,14 @@ fn a_bulk_mirror_folds_later_than_a_run_for_durable_receipts() {
     file.apply(&big(1..21), file::Run::Tick).unwrap();
     assert_eq!(file_len(), before, "20 MiB stay in the log after a tick");
     file.apply(&big(21..22), file::Run::Early).unwrap();
+    assert_eq!(file_len(), before, "and after a run early for a flood");
+    file.apply(&big(22..23), file::Run::Durable).unwrap();
     assert!(
         file_len() > before + (20 << 20),
         "a run for a durable receipt folds them in: {} bytes",
         file_len()
     );
-    assert_eq!(rows_in(&path), 21);
+    assert_eq!(rows_in(&path), 22);
     file.close().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

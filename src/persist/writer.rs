@@ -29,7 +29,7 @@ const MAX_BATCH: usize = 8192;
 /// acknowledged within the window never reaches SQLite: under a flat-out stream the backlog
 /// keeps messages waiting for tens of milliseconds, which a 5 ms window did not cover (each
 /// then cost an insert and a delete). Nothing waits for the window: the mirror's tick, a
-/// fetch, a durable receipt and a batch's worth of changes each end it early.
+/// fetch, a durable receipt, a flush, a stop and a batch's worth of changes each end it early.
 const BATCH_WINDOW: Duration = Duration::from_millis(50);
 /// What a mirror copies between two batches: a short pause for the batches and fetches that wait.
 const MIRROR_STEP_BYTES: i64 = 16 << 20;
@@ -172,6 +172,7 @@ fn run_with_window(
         fetches,
         callbacks,
         window,
+        at_cap: false,
         batch: Vec::new(),
         batch_bytes: 0,
         received: 0,
@@ -196,6 +197,9 @@ struct Writer<'a> {
     callbacks: &'a Callbacks,
     /// How long changes are gathered before they are written ([`BATCH_WINDOW`]).
     window: Duration,
+    /// The last round stopped at [`MAX_BATCH`] with commands left (a flush among them,
+    /// maybe): the next takes no window.
+    at_cap: bool,
     batch: Vec<StoreOp>,
     /// Content bytes in `batch`.
     batch_bytes: usize,
@@ -242,12 +246,14 @@ impl Writer<'_> {
             }
             // Gather what comes within the window: an accept acknowledged inside it never
             // reaches SQLite, and a busy stream costs one transaction per window, not one per
-            // message. Changes sent meanwhile do not wake this thread; a fetch does, since a
-            // consumer may be waiting for it, and so does the mirror's tick.
+            // message. A change sent meanwhile does not wake this thread, unless a batch's worth
+            // waits or the backlog rises; a fetch does, since a consumer may be waiting for it,
+            // and so do the mirror's tick, a flush and a stop.
             // A durable receipt waiting is not worth a window either: it waits for this
             // batch, then for the file's sync. Nor is a backlog past half its mark: producers
             // would soon wait for it.
             let only_changes = self.flushes.is_empty()
+                && !self.at_cap
                 && self.pending_fetches.is_empty()
                 && self.mirror.is_none()
                 && !self.stop
@@ -325,6 +331,10 @@ impl Writer<'_> {
 
     /// Applies what is waiting, then answers flushes and fetches. Never blocks.
     fn work(&mut self) -> Result<(), PersistError> {
+        // A ring is for changes or commands sent before it, all taken below (or, past the cap,
+        // on the next round, which then takes no window): one left over would only cut the
+        // next window short.
+        while self.shared.writer_rung().try_recv().is_ok() {}
         self.pending_fetches.extend(self.fetches.try_iter());
         // Every change the broker made before asking for a fetch is in the channel by now,
         // and must be applied before the fetch is answered.
@@ -343,6 +353,7 @@ impl Writer<'_> {
                 break;
             }
         }
+        self.at_cap = !self.commands.is_empty();
         if !self.batch.is_empty() {
             let changes = self.batch.len();
             let ops = batch::coalesce(std::mem::take(&mut self.batch));

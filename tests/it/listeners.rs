@@ -104,7 +104,7 @@ fn bad_flags_are_refused_with_a_clear_error() {
 /// Every thread of the server runs under the scheduling it was given (batch by default):
 /// those started at start-up and those started per connection alike.
 #[test]
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn server_threads_run_under_the_scheduling_asked_for() {
     // The policy is field 41 of /proc/PID/task/TID/stat, counted after the command's
     // closing parenthesis (a thread's name may hold spaces).
