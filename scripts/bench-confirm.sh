@@ -10,7 +10,8 @@
 # N16 (messages with 16 in flight, default 100000), N1 (with 1 in flight, default 20000),
 # CONFIGS (default all: "phpmq redis-aof redis-always beanstalkd-binlog beanstalkd-f0"),
 # CASES (default all: "e2e-W16 e2e-W1 rate1000-W1"). Repeating a few configurations and cases
-# alternates them, e.g. REPEAT=8 CONFIGS="phpmq redis-aof redis-always" CASES=e2e-W16.
+# alternates them, e.g. REPEAT=8 CONFIGS="phpmq redis-aof redis-always" CASES=e2e-W16; with
+# REPEAT above 1 it ends with each one's median and phpmq's ratios to its peers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT=${REPEAT:-1}
@@ -82,7 +83,7 @@ for _ in $(seq "$REPEAT"); do
                     start phpmq
                     # shellcheck disable=SC2086
                     out=$("$bin/phpmq" --server "127.0.0.1:$port" bench $args -S 256 --confirm -W "$window" $mode 2>/dev/null || true)
-                    line "phpmq${mode:+-durable}" "$name" "$out"
+                    line "phpmq${mode:+-durable}" "$name" "$out" | tee -a "$work/results"
                     stop
                 done
             else
@@ -91,9 +92,34 @@ for _ in $(seq "$REPEAT"); do
                 # shellcheck disable=SC2086
                 out=$("$mqbench" --driver "$driver" --addr "127.0.0.1:$port" $args -S 256 -W "$window" \
                       --scenario e2e -R 1 --label "$cfg" 2>/dev/null || true)
-                line "$cfg" "$name" "$out"
+                line "$cfg" "$name" "$out" | tee -a "$work/results"
                 stop
             fi
         done
     done
 done
+
+# With repeats: each configuration's median per case, and phpmq's ratios to its peers (the
+# median of the per-round ratios, rounds paired in order), as comment lines.
+if [ "$REPEAT" -gt 1 ]; then
+    python3 - "$work/results" <<'EOF'
+import re, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    fields = line.split()
+    m = re.search(r"msgs_per_s=([0-9.]+)", line)
+    if len(fields) >= 2 and m:
+        runs.setdefault((fields[1], fields[0]), []).append(float(m.group(1)))
+for (case, cfg), values in sorted(runs.items()):
+    print("# median %-18s %-14s %9.0f msg/s over %d rounds" % (cfg, case, statistics.median(values), len(values)))
+for ours, peer in [("phpmq", "redis-aof"), ("phpmq", "beanstalkd-binlog"),
+                   ("phpmq-durable", "redis-always"), ("phpmq-durable", "beanstalkd-f0")]:
+    for case in sorted({c for c, _ in runs}):
+        a, b = runs.get((case, ours)), runs.get((case, peer))
+        if a and b and not case.startswith("rate"):
+            pairs = [x / y for x, y in zip(a, b) if y > 0]
+            print("# ratio  %-13s / %-17s %-12s medians %.2fx, per-round median %.2fx (%.2f-%.2f)" % (
+                ours, peer, case, statistics.median(a) / statistics.median(b),
+                statistics.median(pairs), min(pairs), max(pairs)))
+EOF
+fi
