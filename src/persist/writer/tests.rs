@@ -60,19 +60,7 @@ fn a_drained_store_gives_its_pages_back_before_it_is_empty() {
 #[test]
 fn a_ring_ends_the_window_and_a_flush_then_has_every_change_committed() {
     let shared = Arc::new(memory());
-    let (commands, taken) = crossbeam_channel::unbounded();
-    let (_fetches, fetch_requests) = crossbeam_channel::unbounded();
-    let writer = {
-        let shared = shared.clone();
-        std::thread::spawn(move || {
-            let callbacks = Callbacks {
-                fetched: Arc::new(|_| {}),
-                error: Arc::new(|e| panic!("writer failed: {e}")),
-            };
-            let forever = Duration::from_secs(3600);
-            run_with_window(&shared, &taken, &fetch_requests, &callbacks, forever);
-        })
-    };
+    let (commands, _fetches, writer) = writer_gathering_forever(&shared);
     commands.send(Command::Op(insert(1))).unwrap();
     let (reply, committed) = crossbeam_channel::bounded(1);
     commands.send(Command::Flush(reply)).unwrap();
@@ -93,19 +81,7 @@ fn a_ring_ends_the_window_and_a_flush_then_has_every_change_committed() {
 #[test]
 fn a_tick_takes_every_change_sent_before_it() {
     let shared = Arc::new(memory());
-    let (commands, taken) = crossbeam_channel::unbounded();
-    let (fetches, fetch_requests) = crossbeam_channel::unbounded();
-    let writer = {
-        let shared = shared.clone();
-        std::thread::spawn(move || {
-            let callbacks = Callbacks {
-                fetched: Arc::new(|_| {}),
-                error: Arc::new(|e| panic!("writer failed: {e}")),
-            };
-            let forever = Duration::from_secs(3600);
-            run_with_window(&shared, &taken, &fetch_requests, &callbacks, forever);
-        })
-    };
+    let (commands, fetches, writer) = writer_gathering_forever(&shared);
     let mut store = ChannelStore {
         commands: commands.clone(),
         fetches,
@@ -159,6 +135,30 @@ fn a_batch_worth_of_changes_rings_the_writer() {
     assert!(shared.writer_rung().try_recv().is_err(), "not yet a batch");
     store.apply(insert(MAX_BATCH as u64));
     assert!(shared.writer_rung().try_recv().is_ok());
+}
+
+/// A writer thread whose window never ends by itself (only a ring ends it), with the
+/// senders of its command and fetch channels (keep the fetch sender: a closed channel would
+/// end the window too).
+fn writer_gathering_forever(
+    shared: &Arc<Shared>,
+) -> (
+    crossbeam_channel::Sender<Command>,
+    crossbeam_channel::Sender<FetchRequest>,
+    std::thread::JoinHandle<()>,
+) {
+    let (commands, taken) = crossbeam_channel::unbounded();
+    let (fetches, fetch_requests) = crossbeam_channel::unbounded();
+    let shared = shared.clone();
+    let writer = std::thread::spawn(move || {
+        let callbacks = Callbacks {
+            fetched: Arc::new(|_| {}),
+            error: Arc::new(|e| panic!("writer failed: {e}")),
+        };
+        let forever = Duration::from_secs(3600);
+        run_with_window(&shared, &taken, &fetch_requests, &callbacks, forever);
+    });
+    (commands, fetches, writer)
 }
 
 fn apply(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
