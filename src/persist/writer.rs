@@ -379,8 +379,12 @@ impl Writer<'_> {
     }
 
     /// Copies the database into `temp` a few pages at a time, applying changes and answering
-    /// fetches between steps. Changes made meanwhile reach the copy too: SQLite updates a
-    /// backup when its source changes through the same connection.
+    /// fetches between steps, so a large copy does not hold them up in one go, as long as no
+    /// change comes. A commit to an in-memory database sends a backup in progress back to
+    /// its first page (SQLite cannot tell which pages changed): under a steady stream,
+    /// stepping would start over after every step and never finish. So once a change was
+    /// committed between two steps, the rest is copied in one step, which then holds
+    /// everything committed so far.
     fn copy_to(&mut self, temp: &std::path::Path) -> Result<Copied, CopyFailed> {
         let sqlite = |action| {
             move |source| {
@@ -393,7 +397,7 @@ impl Writer<'_> {
         };
         let mut file = copy::create_temp(temp).map_err(CopyFailed::Copy)?;
         let (pages, page_size) = pages_and_size(self.conn).map_err(sqlite("measure"))?;
-        let step_pages = if pages * page_size <= MIRROR_ONE_STEP_BYTES {
+        let mut step_pages = if pages * page_size <= MIRROR_ONE_STEP_BYTES {
             -1
         } else {
             (MIRROR_STEP_BYTES / page_size).clamp(1, i32::MAX.into()) as i32
@@ -412,7 +416,12 @@ impl Writer<'_> {
                     _ => thread::sleep(Duration::from_millis(1)),
                 }
                 // Between copy steps, no batching window: apply what waits and go on.
+                let before = self.shared.generation.load(Ordering::Acquire);
                 self.work().map_err(CopyFailed::Store)?;
+                if self.shared.generation.load(Ordering::Acquire) != before {
+                    // The copy starts over: all of it at once this time.
+                    step_pages = -1;
+                }
             }
         }
         drop(file);

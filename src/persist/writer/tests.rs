@@ -420,3 +420,86 @@ fn message(seq: u64) -> StoredMessage {
         _ => unreachable!("insert() makes inserts"),
     }
 }
+
+/// A commit to an in-memory database sends a backup in progress back to its first page: under
+/// a steady stream of changes, a copy that stepped on forever would never finish (a store
+/// over 32 MB whose file needs a full copy while producers keep sending).
+#[test]
+fn a_stepped_mirror_copy_finishes_under_a_steady_stream_of_changes() {
+    // 48 MB: three steps, if nothing came between them.
+    let shared = Arc::new(memory());
+    apply(
+        &shared,
+        &(1..=12_000).map(|s| insert_of(s, 4000)).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let (commands, command_rx) = crossbeam_channel::unbounded();
+    let (_fetches, fetch_rx) = crossbeam_channel::unbounded::<FetchRequest>();
+    let dir = std::env::temp_dir().join(format!("phpmq-writer-stream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let temp = dir.join("copy.sqlite");
+    // A change always waits between two steps: the feeder keeps the channel from emptying.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeder = {
+        let stop = stop.clone();
+        let commands = commands.clone();
+        std::thread::spawn(move || {
+            let mut seq = 100_000;
+            while !stop.load(Ordering::Relaxed) {
+                if commands.len() < 4 {
+                    seq += 1;
+                    let _ = commands.send(Command::Op(insert_of(seq, 100)));
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        })
+    };
+    // On a thread of its own: a copy that never finishes would hang, not fail.
+    let (done, copied) = crossbeam_channel::bounded(1);
+    {
+        let shared = shared.clone();
+        let temp = temp.clone();
+        std::thread::spawn(move || {
+            let callbacks = Callbacks {
+                fetched: Arc::new(|_| {}),
+                error: Arc::new(|e| panic!("{e}")),
+            };
+            let conn = shared.memory.lock().unwrap();
+            let mut writer = Writer {
+                conn: &conn,
+                shared: &shared,
+                commands: &command_rx,
+                fetches: &fetch_rx,
+                callbacks: &callbacks,
+                window: BATCH_WINDOW,
+                at_cap: false,
+                batch: Vec::new(),
+                received: 0,
+                batch_bytes: 0,
+                flushes: Vec::new(),
+                pending_fetches: Vec::new(),
+                mirror: None,
+                copying: true,
+                shrunk: false,
+                may_shrink: false,
+                stop: false,
+            };
+            let copy = writer.copy_to(&temp).map_err(|e| format!("{e:?}"));
+            let _ = done.send(copy.map(|c| c.messages));
+        });
+    }
+    let copied = copied.recv_timeout(Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    feeder.join().unwrap();
+    let messages = copied
+        .expect("the copy finished under a steady stream")
+        .unwrap();
+    let file = Connection::open(&temp).unwrap();
+    let rows: i64 = file
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, messages, "the copy holds what it says");
+    assert!(rows > 12_000, "changes committed during the copy are in it");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
