@@ -1,6 +1,7 @@
 //! Rate limits for the log lines that clients can cause (bad frames, refused connections,
-//! idle timeouts): one limiter per kind of line, so a hostile or broken client cannot fill the
-//! disk with them, and no line is dropped without a count saying so.
+//! idle timeouts), or a failing disk on every mirror: one limiter per kind of line, so a
+//! hostile or broken client cannot fill the disk with them, and no line is dropped without a
+//! count saying so.
 //!
 //! Each kind allows a burst of [`BURST`] lines, then [`PER_SECOND`] a second. The next line of
 //! that kind that gets through says how many were suppressed before it, and
@@ -27,13 +28,16 @@ pub static REFUSED: RateLimit = RateLimit::new("connection refused", Level::Warn
 pub static IDLE: RateLimit = RateLimit::new("idle connection closed", Level::Info);
 /// A failed accept (out of file descriptors, say).
 pub static ACCEPT_FAILED: RateLimit = RateLimit::new("accept failed", Level::Warn);
+/// The mirror's log could not be folded into the file (a full disk): tried on every run.
+pub static FOLD_FAILED: RateLimit = RateLimit::new("log fold failed", Level::Warn);
 
-const ALL: [&RateLimit; 5] = [
+const ALL: [&RateLimit; 6] = [
     &CONNECTION_CLOSED,
     &DISCONNECTED,
     &REFUSED,
     &IDLE,
     &ACCEPT_FAILED,
+    &FOLD_FAILED,
 ];
 
 /// A token bucket for one kind of log line.

@@ -18,8 +18,9 @@
 
 use super::batch;
 use super::schema;
+use crate::ratelog;
 use crate::store::StoreOp;
-use log::debug;
+use log::{debug, warn};
 use rusqlite::Connection;
 use std::cell::Cell;
 use std::ffi::c_int;
@@ -138,6 +139,9 @@ pub struct FileDb {
     /// A run for a durable receipt wrote since the last mirror on the timer: the next one is
     /// not idle even if those runs left it nothing to write.
     wrote_since_tick: Cell<bool>,
+    /// Tests: folds fail, as on a full disk.
+    #[cfg(test)]
+    pub fail_folds: Cell<bool>,
 }
 
 /// Which mirror run a [`FileDb::apply`] is.
@@ -201,6 +205,8 @@ impl FileDb {
             // Unknown until the first commit reports it (a log that a crash left holds frames).
             wal_frames,
             wrote_since_tick: Cell::new(false),
+            #[cfg(test)]
+            fail_folds: Cell::new(false),
         })
     }
 
@@ -261,15 +267,30 @@ impl FileDb {
         } else {
             CHECKPOINT_BYTES
         };
-        let folded = if wal > fold_at {
-            self.fold(WAL_KEEP_BYTES)?;
-            true
+        let fold = if wal > fold_at {
+            Some(self.fold(WAL_KEEP_BYTES))
         } else if idle && (wal > 0 || self.wal_file_len() > WAL_PRESIZE_BYTES) {
             // Also a log folded under load and written no more since: its file is cut back.
-            self.checkpoint()?;
-            true
+            Some(self.checkpoint())
         } else {
-            false
+            None
+        };
+        let folded = match fold {
+            Some(Ok(())) => true,
+            None => false,
+            // The changes above are committed and synced, whatever the fold does: failing the
+            // run would have the mirror keep them and replay rows the file already has, on
+            // every run after. The log grows instead, and the next run folds it if it can.
+            Some(Err(e)) => {
+                if let Some(suppressed) = ratelog::FOLD_FAILED.admit() {
+                    warn!(
+                        "folding the log of {} into it failed: {e}; its changes are kept, \
+                         synced, in the log{suppressed}",
+                        self.path.display()
+                    );
+                }
+                false
+            }
         };
         // Room for the log is made when there is nothing else to do, never on the way of a
         // durable receipt (writing it takes tens of milliseconds).
@@ -329,6 +350,13 @@ impl FileDb {
     /// A log's file grown past `keep` bytes (one large transaction can do that) is emptied, to
     /// be given its room again when the mirror is idle: disk space follows the load.
     fn fold(&self, keep: i64) -> rusqlite::Result<()> {
+        #[cfg(test)]
+        if self.fail_folds.get() {
+            return Err(io_failure(
+                &self.path,
+                io::Error::other("fold failed (test)"),
+            ));
+        }
         self.run_checkpoint("RESTART")?;
         if self.wal_file_len() > keep {
             // Nothing left to fold: this only empties the file.

@@ -214,6 +214,45 @@ fn a_bulk_mirror_folds_later_than_a_run_for_durable_receipts() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A fold that fails after the changes were committed (a full disk: folding grows the file)
+/// fails no run: the changes are in the log, synced, and must not be replayed.
+#[test]
+fn a_failed_fold_after_a_commit_fails_no_mirror() {
+    let (dir, path) = new_phpmq_file("phpmq-wal-fold-fails");
+    let file = file::FileDb::open(&path).unwrap();
+    let big = |seqs: std::ops::Range<u64>| -> Vec<_> {
+        seqs.map(|seq| match insert(seq) {
+            crate::store::StoreOp::Insert(mut m) => {
+                m.content = Arc::from(vec![7u8; 1 << 20]);
+                crate::store::StoreOp::Insert(m)
+            }
+            op => op,
+        })
+        .collect()
+    };
+    file.fail_folds.set(true);
+    // Past the 16 MiB at which a run for a durable receipt folds the log.
+    let applied = file.apply(&big(1..18), file::Run::Durable);
+    assert!(
+        applied.is_ok(),
+        "committed, so not failed: {:?}",
+        applied.err()
+    );
+    file.apply(&big(18..19), file::Run::Durable)
+        .expect("the next run commits too");
+    assert_eq!(rows_in(&path), 18);
+    let before = std::fs::metadata(&path).unwrap().len();
+    file.fail_folds.set(false);
+    file.apply(&big(19..20), file::Run::Durable).unwrap();
+    assert!(
+        std::fs::metadata(&path).unwrap().len() > before + (16 << 20),
+        "once it can, the log is folded in"
+    );
+    assert_eq!(rows_in(&path), 19);
+    file.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The final mirror, idle or not, writes no room for a log that its close empties anyway.
 #[test]
 fn the_final_mirror_makes_no_room_for_the_log() {
