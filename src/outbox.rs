@@ -81,7 +81,9 @@ impl Outbox {
             Err(_) => {}
         }
         drop(state);
-        self.wake.notify_one();
+        // All: the writer thread waits on this, and so may a reader held back by the backlog
+        // and a connection draining before its close; one wake-up could miss the writer.
+        self.wake.notify_all();
     }
 
     /// Appends the frames `encode` writes without sending them: the caller sends them with
@@ -130,8 +132,24 @@ impl Outbox {
         self.wake.notify_all();
     }
 
+    /// Waits, at most `timeout`, until everything queued has been written to the socket: none
+    /// pending, and the writer thread's last write complete (or the outbox is closed). For a
+    /// connection about to close: a write cut short by the close would lose replies. Returns
+    /// whether that is so.
+    pub fn wait_until_written(&self, timeout: Duration) -> bool {
+        let Some(state) = self.lock() else {
+            return true;
+        };
+        let busy = |s: &mut State| (!s.pending.is_empty() || s.writing) && !s.closed;
+        match self.wake.wait_timeout_while(state, timeout, busy) {
+            Ok((mut state, _)) => !busy(&mut state),
+            Err(_) => true,
+        }
+    }
+
     /// Waits, at most `timeout`, until at most `limit` bytes wait to be written (or the outbox
-    /// is closed). Returns whether that is so.
+    /// is closed). Returns whether that is so. Bytes the writer thread has taken and is
+    /// writing do not count: the room is for the reader to go on.
     pub fn wait_until_at_most(&self, limit: usize, timeout: Duration) -> bool {
         let Some(state) = self.lock() else {
             return true;
@@ -176,6 +194,8 @@ impl Outbox {
             if let Some(mut state) = self.lock() {
                 state.writing = false;
             }
+            // For a close that waits until everything is written.
+            self.wake.notify_all();
             written?;
             after_batch();
             batch.clear();
@@ -334,5 +354,56 @@ mod tests {
         let outbox = Outbox::new();
         outbox.push(&Socket::default(), |b| b.push(1));
         assert!(outbox.write_loop(Broken, || {}).is_err());
+    }
+
+    /// A sink whose writes block until the test lets them through.
+    struct Gate {
+        open: crossbeam_channel::Receiver<()>,
+        written: Arc<StdMutex<Vec<u8>>>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.open.recv_timeout(Duration::from_secs(10));
+            self.written.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A connection about to close waits for the writer's last write to complete, not only
+    /// for the writer to take it: the close would cut it short.
+    #[test]
+    fn a_close_waits_for_the_write_under_way_not_only_for_it_to_be_taken() {
+        let socket = Socket::default();
+        let outbox = Arc::new(Outbox::new());
+        outbox.push(&socket, |b| b.extend_from_slice(b"receipts"));
+        let (open, gate) = crossbeam_channel::bounded(1);
+        let written = Arc::new(StdMutex::new(Vec::new()));
+        let writer = {
+            let outbox = outbox.clone();
+            let sink = Gate {
+                open: gate,
+                written: written.clone(),
+            };
+            thread::spawn(move || outbox.write_loop(sink, || {}))
+        };
+        // The writer takes the batch, then blocks in its write.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while outbox.pending_len() > 0 {
+            assert!(Instant::now() < deadline, "the writer took nothing");
+            thread::yield_now();
+        }
+        assert!(
+            !outbox.wait_until_written(Duration::from_millis(50)),
+            "taken is not written"
+        );
+        open.send(()).unwrap();
+        assert!(outbox.wait_until_written(Duration::from_secs(10)));
+        assert_eq!(*written.lock().unwrap(), b"receipts");
+        outbox.close();
+        writer.join().unwrap().unwrap();
     }
 }

@@ -208,7 +208,7 @@ pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
         // Replies (and the ERROR) still queued are written out before the close, which would
         // drop them: bounded, for a client that does not read.
         if (told || session.replies != Replies::None) && session.start_writer_if_pending().is_ok() {
-            peer.outbox.wait_until_at_most(0, DRAIN_BEFORE_CLOSE);
+            peer.outbox.wait_until_written(DRAIN_BEFORE_CLOSE);
         }
         if told {
             // The reply must not be cut off by a reset for what the client sent after it.

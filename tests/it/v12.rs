@@ -785,3 +785,46 @@ fn durable_receipts_come_before_the_error_and_after_a_half_close() {
     let (mut check, _) = v12(&server, "");
     assert_eq!(counts(&mut check, "owed"), "200 0 0 0");
 }
+
+/// Replies far larger than the socket buffers, owed to a client that half-closed before
+/// reading them: every one reaches it before the close. (The race this guards, a close that
+/// cut the writer's last write short, is timed by `outbox`'s unit test: here the reader's
+/// back-pressure makes the last write small, and it passed before the fix too.)
+#[test]
+fn every_receipt_reaches_a_client_that_half_closed_with_megabytes_owed() {
+    use std::io::{Read, Write};
+    const SENDS: usize = 100_000;
+    let server = TestServer::start(&[]);
+    let mut stream = std::net::TcpStream::connect(server.tcp_addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut request = frame_bytes(7, &[(6, b"1.2")]);
+    for i in 0..SENDS {
+        request.extend(frame_bytes(
+            SEND,
+            &[(1, b"owed"), (2, format!("{i:08}").as_bytes())],
+        ));
+    }
+    // Written on a thread of its own: the server stops reading while its replies back up.
+    let writer = {
+        let mut stream = stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            stream.write_all(&request).unwrap();
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let mut received = Vec::new();
+    stream
+        .read_to_end(&mut received)
+        .expect("read until the server closes");
+    writer.join().unwrap();
+    let receipt_header = format!("H01{RECEIPT:03}02");
+    let receipts = received
+        .windows(receipt_header.len())
+        .filter(|w| *w == receipt_header.as_bytes())
+        .count();
+    assert_eq!(receipts, SENDS, "of {} bytes received", received.len());
+    let (mut check, _) = v12(&server, "");
+    assert_eq!(counts(&mut check, "owed"), format!("{SENDS} 0 0 0"));
+}
