@@ -227,6 +227,8 @@ pub struct Broker {
     /// The most dispatches a message may end without an ack before it moves to its
     /// dead-letter queue (v1.2 rule 8); `None`: never moved.
     max_deliveries: Option<u32>,
+    /// The server is stopping: dispatches it ends itself are not failed tries.
+    stopping: bool,
 }
 
 /// When a message with `ttl` seconds accepted at `now` expires, at most [`MAX_EXPIRES_AT`];
@@ -288,6 +290,7 @@ impl Broker {
             ids,
             next_seq: 1,
             max_deliveries: None,
+            stopping: false,
         }
     }
 

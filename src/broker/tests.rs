@@ -1479,3 +1479,35 @@ fn a_waiting_message_takes_80_bytes() {
 
 /// The v1.2 states and operations: delays, counts and flush, leases, dead letters.
 mod v12;
+
+/// A dispatch the server ends itself, as it stops, is not a failed try: at the maximum the
+/// message goes back to its queue with its count, not to its dead-letter queue.
+#[test]
+fn a_stop_returns_held_messages_even_at_the_maximum() {
+    let (mut b, store) = broker();
+    b.set_max_deliveries(Some(1));
+    let mut out = Vec::new();
+    let consume = |b: &mut Broker, conn, out: &mut Vec<Delivery>| {
+        b.connect(conn);
+        let request = Request::Consume {
+            queue: q("jobs"),
+            count: 1,
+            lease: None,
+        };
+        b.handle(conn, request, 0, out);
+    };
+    consume(&mut b, 1, &mut out);
+    let id = b.send(q("jobs"), Arc::from(&b"x"[..]), None, None, 0, &mut out);
+    assert_eq!(out.len(), 1, "dispatched once");
+    b.begin_stop();
+    b.disconnect(1, 0, &mut out);
+    assert_eq!(b.counts("jobs").ready, 1, "back in its queue");
+    assert_eq!(b.counts("jobs.dead").ready, 0, "not dead-lettered");
+    let returned = store
+        .ops
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|op| matches!(op, StoreOp::Returned { id: r, deliveries: 1, .. } if r == &id));
+    assert!(returned, "the store keeps its count");
+}

@@ -561,6 +561,7 @@ impl Hub {
         // Even with the broker gone, the sockets must still be closed.
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.open = false;
+        state.broker.begin_stop();
         state.peers.values().cloned().collect()
     }
 }

@@ -828,3 +828,29 @@ fn every_receipt_reaches_a_client_that_half_closed_with_megabytes_owed() {
     let (mut check, _) = v12(&server, "");
     assert_eq!(counts(&mut check, "owed"), format!("{SENDS} 0 0 0"));
 }
+
+/// A restart is not a worker failing on its message: a dispatch that the server's own stop
+/// ends goes back to its queue with its count, even at the maximum, and is not dead-lettered.
+#[test]
+fn a_graceful_stop_dead_letters_nothing() {
+    let mut server = TestServer::start(&["--max-deliveries", "1"]);
+    let (mut worker, _) = v12(&server, "");
+    send(&mut worker, "jobs", b"in progress");
+    receipt(&mut worker, "jobs");
+    worker.frame_of(CONSUME, &[(1, b"jobs"), (4, b"1")]);
+    let (_, id, count) = dispatch(&mut worker);
+    assert_eq!(count, 1, "its last allowed dispatch");
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    drop(worker);
+    server = server.restart();
+    let (mut worker, _) = v12(&server, "");
+    assert_eq!(counts(&mut worker, "jobs.dead"), "0 0 0 0");
+    worker.frame_of(CONSUME, &[(1, b"jobs"), (4, b"1")]);
+    let (content, again, count) = dispatch(&mut worker);
+    assert_eq!(
+        (content.as_str(), again.as_str()),
+        ("in progress", id.as_str())
+    );
+    assert_eq!(count, 2, "the dispatch the stop ended still counts");
+}
