@@ -425,9 +425,10 @@ fn the_protocol_page_v12_nc_example_sends_what_it_says() {
     ));
     assert!(line.ends_with("; sleep 1) | nc 127.0.0.1 9100"), "{line}");
     let mut welcome = Vec::new();
+    // A default server keeps a file: durable, and no dead letters.
     Outgoing::Welcome {
         version: Version::V1_2,
-        features: Features::served(false, false),
+        features: Features::served(false, true),
     }
     .encode(&mut welcome, Dialect::V12);
     let welcome = String::from_utf8(welcome).unwrap();
