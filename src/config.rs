@@ -84,6 +84,9 @@ pub struct Config {
     /// A message whose this-many-th dispatch ends without an ack moves to `<queue>.dead`
     /// (v1.2 `dead-letter`); 0: never.
     pub max_deliveries: u32,
+    /// The most messages a queue may hold (ready, delayed and in flight) before sends to it
+    /// are refused; 0: no limit.
+    pub max_queue_length: usize,
 }
 
 impl Default for Config {
@@ -99,6 +102,7 @@ impl Default for Config {
             db: Some(PathBuf::from(DEFAULT_DB)),
             mirror_interval: DEFAULT_MIRROR_INTERVAL,
             max_deliveries: 0,
+            max_queue_length: 0,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! connection (rule 1). Everything else on a v1.0 or v1.1 connection closes it without a
 //! reply, as v1 always did (rule 2).
 
+use crate::broker::SendRefused;
 use crate::codec::{CodecError, Dialect, MessageType};
 use crate::hello::NoCommonVersion;
 use crate::outgoing::Outgoing;
@@ -174,6 +175,29 @@ impl Refusal {
             text: text.into(),
             reply: true,
             keep_open: false,
+        }
+    }
+
+    /// For a send the broker did not take (rule 4): ERROR 429 or 503 on a v1.2 connection,
+    /// which stays open. A v1.0 or v1.1 connection cannot be told: it is closed instead, so
+    /// that its client learns the send was not taken (the frames it sent after are not taken
+    /// either).
+    pub fn send(refused: SendRefused, queue: &str, v12: bool) -> Refusal {
+        let (code, text) = match refused {
+            SendRefused::QueueFull { limit } => (
+                ErrorCode::QueueFull,
+                format!("queue {queue} is full ({limit} messages)"),
+            ),
+            SendRefused::ShuttingDown => (
+                ErrorCode::ShuttingDown,
+                "server shutting down: message not taken".to_string(),
+            ),
+        };
+        Refusal {
+            code,
+            text,
+            reply: v12,
+            keep_open: v12,
         }
     }
 

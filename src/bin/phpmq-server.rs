@@ -68,6 +68,12 @@ struct Args {
     #[argh(option, default = "0")]
     max_deliveries: u32,
 
+    /// the most messages a queue may hold (ready, delayed and in flight); a send to a full
+    /// queue is refused: ERROR 429 on a PHPMQ v1.2 connection, a close on a v1.0 or v1.1 one,
+    /// which cannot be told otherwise. 0 turns it off (default 0)
+    #[argh(option, default = "0")]
+    max_queue_length: usize,
+
     /// write the log to this file instead of stderr; SIGHUP reopens it (for logrotate)
     #[argh(option)]
     log_file: Option<PathBuf>,
@@ -139,6 +145,7 @@ fn main() -> ExitCode {
         db: (args.db != "none").then(|| PathBuf::from(&args.db)),
         mirror_interval: Duration::from_millis(args.mirror_interval),
         max_deliveries: args.max_deliveries,
+        max_queue_length: args.max_queue_length,
         ..Config::default()
     };
     if !args.listen.is_empty() {

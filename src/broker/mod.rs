@@ -229,6 +229,20 @@ pub struct Broker {
     max_deliveries: Option<u32>,
     /// The server is stopping: dispatches it ends itself are not failed tries.
     stopping: bool,
+    /// The most messages a queue holds (ready, delayed and in flight) before sends to it are
+    /// refused; `None`: no limit.
+    max_queue_length: Option<usize>,
+    /// Storage has taken its last changes (a stop): sends are refused, not lost.
+    store_closed: bool,
+}
+
+/// Why the broker does not take a send (v1.2 answers ERROR; see [`Broker::refuse_send`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendRefused {
+    /// The queue holds the configured maximum.
+    QueueFull { limit: usize },
+    /// The server is stopping and its store has taken its last changes.
+    ShuttingDown,
 }
 
 /// When a message with `ttl` seconds accepted at `now` expires, at most [`MAX_EXPIRES_AT`];
@@ -291,6 +305,8 @@ impl Broker {
             next_seq: 1,
             max_deliveries: None,
             stopping: false,
+            max_queue_length: None,
+            store_closed: false,
         }
     }
 
@@ -502,6 +518,31 @@ impl Broker {
     /// the last of them waits for ([`Store::submitted`]).
     pub fn store_submitted(&self) -> u64 {
         self.table.store.submitted()
+    }
+
+    /// Sets the most messages a queue may hold before sends to it are refused (`None` or 0:
+    /// no limit). Only new sends count against it: re-queues, returns, dead letters and
+    /// redrives move messages that are already there.
+    pub fn set_max_queue_length(&mut self, max: Option<usize>) {
+        self.max_queue_length = max.filter(|&n| n > 0);
+    }
+
+    /// The store has taken its last changes (the server is stopping): from now on a send is
+    /// refused rather than taken and lost.
+    pub fn close_store(&mut self) {
+        self.store_closed = true;
+    }
+
+    /// Whether a send to `queue` would be refused, and why; `None`: it is taken.
+    pub fn refuse_send(&self, queue: &str) -> Option<SendRefused> {
+        if self.store_closed {
+            return Some(SendRefused::ShuttingDown);
+        }
+        let limit = self.max_queue_length?;
+        let held = self
+            .queue_stats(queue)
+            .map_or(0, |s| s.ready + s.delayed + s.in_flight);
+        (held >= limit).then_some(SendRefused::QueueFull { limit })
     }
 
     /// A queue's counts for a STATS request (v1.2 rule 3): all 0 for a queue that does not

@@ -1511,3 +1511,32 @@ fn a_stop_returns_held_messages_even_at_the_maximum() {
         .any(|op| matches!(op, StoreOp::Returned { id: r, deliveries: 1, .. } if r == &id));
     assert!(returned, "the store keeps its count");
 }
+
+/// Sends are refused at the queue limit (ready, delayed and in flight all count, other
+/// queues do not), and by every queue once the store is closed for a stop.
+#[test]
+fn sends_are_refused_at_the_limit_and_after_the_store_closed() {
+    let (mut b, _store) = broker();
+    let mut out = Vec::new();
+    assert_eq!(b.refuse_send("jobs"), None, "no limit by default");
+    b.set_max_queue_length(Some(2));
+    b.send(q("jobs"), Arc::from(&b"1"[..]), None, None, 0, &mut out);
+    b.send(
+        q("jobs"),
+        Arc::from(&b"2"[..]),
+        None,
+        Some(60_000),
+        0,
+        &mut out,
+    );
+    assert_eq!(
+        b.refuse_send("jobs"),
+        Some(SendRefused::QueueFull { limit: 2 }),
+        "one ready and one delayed"
+    );
+    assert_eq!(b.refuse_send("other"), None);
+    b.set_max_queue_length(Some(0));
+    assert_eq!(b.refuse_send("jobs"), None, "0 turns it off");
+    b.close_store();
+    assert_eq!(b.refuse_send("other"), Some(SendRefused::ShuttingDown));
+}

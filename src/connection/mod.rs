@@ -74,6 +74,9 @@ enum End {
     Request(RequestError, Refusal),
     /// A HELLO that is not the first frame, or for no version we speak (rule 1).
     Hello(Refusal),
+    /// A send the broker did not take (a full queue, a stop), on a v1.0 or v1.1 connection,
+    /// which cannot be told otherwise.
+    SendRefused(Refusal),
     /// EOF in the middle of a frame.
     CutOff {
         buffered: usize,
@@ -96,9 +99,10 @@ impl End {
     /// The ERROR frame owed to the client before the connection closes, if any.
     fn refusal(&self) -> Option<&Refusal> {
         match self {
-            End::Codec(_, refusal) | End::Request(_, refusal) | End::Hello(refusal) => {
-                Some(refusal).filter(|r| r.reply)
-            }
+            End::Codec(_, refusal)
+            | End::Request(_, refusal)
+            | End::Hello(refusal)
+            | End::SendRefused(refusal) => Some(refusal).filter(|r| r.reply),
             _ => None,
         }
     }
@@ -138,6 +142,12 @@ impl fmt::Display for End {
             ),
             End::Io(e) => write!(f, "read failed: {e}"),
             End::WriterSpawn(e) => write!(f, "cannot start the writer thread: {e}"),
+            End::SendRefused(refusal) => write!(
+                f,
+                "send not taken ({} {}); a v1.0/v1.1 client cannot be told otherwise",
+                refusal.code.code(),
+                refusal.text
+            ),
             End::BrokerDown(e) => write!(f, "{e}"),
         }
     }
@@ -426,9 +436,13 @@ impl Session<'_, '_> {
         for request in requests() {
             self.peer.note_dialect(request);
         }
-        self.hub
+        let refused = self
+            .hub
             .apply(self.conn, batch, self.replies)
             .map_err(End::BrokerDown)?;
+        if let Some(refusal) = refused {
+            return Err(End::SendRefused(refusal));
+        }
         self.start_writer_if_pending()
     }
 

@@ -275,12 +275,15 @@ impl Hub {
 
     /// Applies a connection's requests in order, under one lock, then writes out the
     /// deliveries and, per `replies`, the connection's replies (see the module doc).
+    /// A v1.2 connection's refused send is answered with ERROR like any reply; a v1.0 or
+    /// v1.1 connection cannot be told, so its requests stop at a refused send, and the
+    /// refusal is returned: the connection is to be closed.
     pub fn apply(
         &self,
         conn: ConnId,
         batch: Vec<Incoming>,
         replies: Replies,
-    ) -> Result<(), BrokerDown> {
+    ) -> Result<Option<Refusal>, BrokerDown> {
         let sets_timer = batch.iter().any(|item| match item {
             Incoming::Request(Request::Send { delay, .. } | Request::Requeue { delay, .. }) => {
                 delay.is_some_and(|d| d > 0)
@@ -301,14 +304,21 @@ impl Hub {
         conn: ConnId,
         batch: Vec<Incoming>,
         replies: Replies,
-    ) -> Result<(), BrokerDown> {
+    ) -> Result<Option<Refusal>, BrokerDown> {
         if replies == Replies::None {
             return self.modify(|broker, now, out| {
                 for item in batch {
-                    if let Incoming::Request(request) = item {
-                        broker.handle(conn, request, now, out);
+                    let Incoming::Request(request) = item else {
+                        continue;
+                    };
+                    if let Request::Send { queue, .. } = &request {
+                        if let Some(refused) = broker.refuse_send(queue.as_str()) {
+                            return Some(Refusal::send(refused, queue.as_str(), false));
+                        }
                     }
+                    broker.handle(conn, request, now, out);
                 }
+                None
             });
         }
         let durable = replies == Replies::Durable && self.durability.is_some();
@@ -324,6 +334,16 @@ impl Hub {
                 match item {
                     Incoming::Refused(refusal) => {
                         if let Some(frame) = refusal.frame() {
+                            answers.push((at, frame, 0));
+                        }
+                    }
+                    Incoming::Request(Request::Send { queue, .. })
+                        if broker.refuse_send(queue.as_str()).is_some() =>
+                    {
+                        let frame = broker
+                            .refuse_send(queue.as_str())
+                            .and_then(|r| Refusal::send(r, queue.as_str(), true).frame());
+                        if let Some(frame) = frame {
                             answers.push((at, frame, 0));
                         }
                     }
@@ -419,7 +439,8 @@ impl Hub {
                 .map(|(_, frame, ticket)| (ticket, frame));
             self.queue_durable(&peer, replies.collect());
         }
-        Ok(())
+        // A v1.2 connection was told of its refused sends.
+        Ok(None)
     }
 
     /// Removes a connection; what it held is redelivered to the others.
@@ -555,6 +576,13 @@ impl Hub {
         for peer in self.close_registry() {
             peer.stop_reading();
         }
+    }
+
+    /// Storage is about to take its last changes: from now on a send is refused (503), not
+    /// taken and then lost.
+    pub fn close_store(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.broker.close_store();
     }
 
     fn close_registry(&self) -> Vec<Arc<Peer>> {

@@ -46,6 +46,9 @@ impl Server {
         // Console sessions notice the stop on their own within half a second.
         self.shared.console_sessions.wait_idle(HANG_UP_TIMEOUT);
         ratelog::report_all_suppressed();
+        // A connection thread still running past the deadlines gets no send taken after the
+        // last changes go to storage: it is refused instead.
+        self.shared.hub.close_store();
         let result = match self.storage {
             Some(storage) => finish(storage),
             None => Ok(()),

@@ -854,3 +854,41 @@ fn a_graceful_stop_dead_letters_nothing() {
     );
     assert_eq!(count, 2, "the dispatch the stop ended still counts");
 }
+
+/// With --max-queue-length, a send to a full queue is refused with ERROR 429 and the v1.2
+/// connection goes on; a v1.0 connection cannot be told, so it is closed, with a log line,
+/// and its send is not taken. Room made by an ack is taken again.
+#[test]
+fn a_full_queue_refuses_sends_with_429() {
+    let server = TestServer::start(&["--max-queue-length", "2"]);
+    let (mut producer, _) = v12(&server, "");
+    for i in 0..3 {
+        send(&mut producer, "capped", format!("{i}").as_bytes());
+    }
+    receipt(&mut producer, "capped");
+    receipt(&mut producer, "capped");
+    let error = producer.expect_frame(ERROR);
+    assert_eq!(error.text(10), "429");
+    assert_eq!(error.text(2), "queue capped is full (2 messages)");
+    assert_eq!(counts(&mut producer, "capped"), "2 0 0 0", "still open");
+
+    let mut classic = server.tcp_client();
+    classic.send("capped", b"v1.0");
+    classic.expect_closed();
+    server.log.wait_for("the close's log line", |l| {
+        l.contains("send not taken (429 queue capped is full (2 messages))")
+    });
+    assert_eq!(counts(&mut producer, "capped"), "2 0 0 0", "not taken");
+
+    // In flight counts too; an ack makes room.
+    producer.frame_of(CONSUME, &[(1, b"capped"), (4, b"1")]);
+    let (_, id, _) = dispatch(&mut producer);
+    send(&mut producer, "capped", b"still full");
+    assert_eq!(producer.expect_frame(ERROR).text(10), "429");
+    producer.frame_of(ACK, &[(1, b"capped"), (3, id.as_bytes())]);
+    let (next, _, _) = dispatch(&mut producer);
+    assert_eq!(next, "1", "its room goes to the next message");
+    send(&mut producer, "capped", b"room again");
+    receipt(&mut producer, "capped");
+    assert_eq!(counts(&mut producer, "capped"), "1 0 1 1");
+}
