@@ -9,7 +9,8 @@
 # Environment: REPEAT (default 1; each line is one run), MQBENCH_SRC (default ../shared/bench),
 # N16 (messages with 16 in flight, default 100000), N1 (with 1 in flight, default 20000),
 # CONFIGS (default all: "phpmq redis-aof redis-always beanstalkd-binlog beanstalkd-f0"),
-# CASES (default all: "e2e-W16 e2e-W1 rate1000-W1"). Repeating a few configurations and cases
+# CASES (default "e2e-W16 e2e-W1 rate1000-W1"; also "e2e-P16-W1": 16 producers with one send
+# in flight each, as many PHP workers each sending a job). Repeating a few configurations and cases
 # alternates them, e.g. REPEAT=8 CONFIGS="phpmq redis-aof redis-always" CASES=e2e-W16; with
 # REPEAT above 1 it ends with each one's median and phpmq's ratios to its peers.
 set -euo pipefail
@@ -75,7 +76,8 @@ EOF
 for _ in $(seq "$REPEAT"); do
     for cfg in $CONFIGS; do
         for c in "e2e-W16:-P 2 -C 2 -K 16 -N $N16:16" "e2e-W1:-P 2 -C 2 -K 16 -N $N1:1" \
-                 "rate1000-W1:-P 1 -C 1 -K 1 -N 5000 --rate 1000:1"; do
+                 "rate1000-W1:-P 1 -C 1 -K 1 -N 5000 --rate 1000:1" \
+                 "e2e-P16-W1:-P 16 -C 2 -K 16 -N $N1:1"; do
             name=${c%%:*} rest=${c#*:} args=${rest%:*} window=${rest##*:}
             case " $CASES " in *" $name "*) ;; *) continue ;; esac
             if [ "$cfg" = phpmq ]; then
