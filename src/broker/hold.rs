@@ -280,7 +280,9 @@ impl Broker {
                 continue;
             };
             if let Some(held) = self.table.unhold(queue, &mut self.connections, &name, id) {
-                if let Some(ready) = self.give_back(&name, id, held, now, out) {
+                // A holder closed by the server's own stop did not fail on its messages.
+                let may_dead_letter = !self.stopping;
+                if let Some(ready) = self.give_back(&name, id, held, may_dead_letter, now, out) {
                     returned.entry(name).or_default().push(ready);
                 }
             }
@@ -303,16 +305,20 @@ impl Broker {
     /// out), out of `held` already: the store learns its count, and the caller puts the
     /// returned entry back at its place.
     /// At its last allowed dispatch it moves to its dead-letter queue instead (and `None` is
-    /// returned).
+    /// returned), if `may_dead_letter`.
     pub(super) fn give_back(
         &mut self,
         name: &QueueName,
         id: MessageId,
         held: Held,
+        may_dead_letter: bool,
         now: Millis,
         out: &mut Vec<Delivery>,
     ) -> Option<Ready> {
-        if let Some(dead) = self.dead_letter_target(name.as_str(), held.deliveries) {
+        let dead = may_dead_letter
+            .then(|| self.dead_letter_target(name.as_str(), held.deliveries))
+            .flatten();
+        if let Some(dead) = dead {
             self.move_to_dead(id, held, &dead, now, out);
             return None;
         }

@@ -75,7 +75,7 @@ impl Broker {
             let Some(held) = self.table.unhold(queue, &mut self.connections, &name, id) else {
                 continue;
             };
-            if let Some(ready) = self.give_back(&name, id, held, now, out) {
+            if let Some(ready) = self.give_back(&name, id, held, true, now, out) {
                 if let Some(queue) = self.queues.get_mut(&name) {
                     queue.ready.put_back(vec![ready], &mut self.table.resident);
                 }

@@ -1481,7 +1481,8 @@ fn a_waiting_message_takes_80_bytes() {
 mod v12;
 
 /// A dispatch the server ends itself, as it stops, is not a failed try: at the maximum the
-/// message goes back to its queue with its count, not to its dead-letter queue.
+/// message goes back to its queue with its count, not to its dead-letter queue. A re-queue
+/// meanwhile still is.
 #[test]
 fn a_stop_returns_held_messages_even_at_the_maximum() {
     let (mut b, store) = broker();
@@ -1510,6 +1511,12 @@ fn a_stop_returns_held_messages_even_at_the_maximum() {
         .iter()
         .any(|op| matches!(op, StoreOp::Returned { id: r, deliveries: 1, .. } if r == &id));
     assert!(returned, "the store keeps its count");
+    // A worker's own re-queue while the server stops is still a failed try.
+    out.clear();
+    consume(&mut b, 2, &mut out);
+    assert_eq!(out.len(), 1, "dispatched again");
+    b.requeue(2, &q("jobs"), Some(id), 0, None, 0, &mut out);
+    assert_eq!(b.counts("jobs.dead").ready, 1, "dead-lettered");
 }
 
 /// Sends are refused at the queue limit (ready, delayed and in flight all count, other
