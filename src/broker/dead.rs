@@ -38,14 +38,6 @@ impl Broker {
         self.max_deliveries = max.filter(|&n| n > 0);
     }
 
-    /// The server is stopping: from now on, a dispatch that ends because its holder's
-    /// connection closed goes back to its queue, count kept, even at the maximum. A routine
-    /// restart is not a worker failing on the message. (A re-queue or a lease running out
-    /// still is.)
-    pub fn begin_stop(&mut self) {
-        self.stopping = true;
-    }
-
     /// Where a message of `queue` goes whose dispatch number `deliveries` ended without an
     /// ack: its dead-letter queue once the maximum is reached, else `None` (back it goes).
     pub(super) fn dead_letter_target(&self, queue: &str, deliveries: u32) -> Option<QueueName> {

@@ -17,6 +17,16 @@ use log::debug;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Who ended a connection (see [`Broker::disconnect`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndedBy {
+    /// Its client closed it, went away, or broke the protocol.
+    Client,
+    /// The server closed it: a stop, or a send refused to a v1.0/v1.1 client that cannot be
+    /// told otherwise. A routine restart is not a worker failing on its message.
+    Server,
+}
+
 /// A message a connection holds until it acknowledges, re-queues or dead-letters it.
 #[derive(Debug)]
 pub(super) struct Held {
@@ -256,8 +266,16 @@ impl Broker {
     }
 
     /// A connection is gone: everything it held goes back to its queue at its original place,
-    /// and is offered to the remaining consumers at once.
-    pub fn disconnect(&mut self, conn: ConnId, now: Millis, out: &mut Vec<Delivery>) {
+    /// and is offered to the remaining consumers at once. Ended by its client, each of those
+    /// dispatches is a failed try (at the maximum, the message is dead-lettered instead);
+    /// ended by the server (a stop, a send it could not tell a v1 client it refused), none is.
+    pub fn disconnect(
+        &mut self,
+        conn: ConnId,
+        ended_by: EndedBy,
+        now: Millis,
+        out: &mut Vec<Delivery>,
+    ) {
         let Some(connection) = self.connections.remove(&conn) else {
             return;
         };
@@ -280,8 +298,7 @@ impl Broker {
                 continue;
             };
             if let Some(held) = self.table.unhold(queue, &mut self.connections, &name, id) {
-                // A holder closed by the server's own stop did not fail on its messages.
-                let may_dead_letter = !self.stopping;
+                let may_dead_letter = ended_by == EndedBy::Client;
                 if let Some(ready) = self.give_back(&name, id, held, may_dead_letter, now, out) {
                     returned.entry(name).or_default().push(ready);
                 }

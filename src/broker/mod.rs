@@ -46,6 +46,7 @@ mod ring;
 mod window;
 
 pub use dead::{dead_queue_name, REDRIVE_CHUNK};
+pub use hold::EndedBy;
 pub use inspect::{Listing, MessageRow, MessageState, QueueStatus, FLUSH_CHUNK, STATUS_CHUNK};
 
 use crate::id::{IdGenerator, IdMap, MessageId};
@@ -227,8 +228,6 @@ pub struct Broker {
     /// The most dispatches a message may end without an ack before it moves to its
     /// dead-letter queue (v1.2 rule 8); `None`: never moved.
     max_deliveries: Option<u32>,
-    /// The server is stopping: dispatches it ends itself are not failed tries.
-    stopping: bool,
     /// The most messages a queue holds (ready, delayed and in flight) before sends to it are
     /// refused; `None`: no limit.
     max_queue_length: Option<usize>,
@@ -304,7 +303,6 @@ impl Broker {
             ids,
             next_seq: 1,
             max_deliveries: None,
-            stopping: false,
             max_queue_length: None,
             store_closed: false,
         }

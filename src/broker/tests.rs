@@ -310,7 +310,7 @@ fn disconnect_returns_holds_in_original_order_ahead_of_newer() {
     assert_eq!(bodies(&out), ["3"]);
     out.clear();
     send(&mut b, "jobs", "6", &mut out);
-    b.disconnect(1, 0, &mut out);
+    b.disconnect(1, EndedBy::Client, 0, &mut out);
     assert!(out.is_empty());
     b.connect(2);
     b.consume(2, q("jobs"), 100, None, 0, &mut out);
@@ -329,7 +329,7 @@ fn disconnect_redelivers_to_remaining_consumers_at_once() {
         send(&mut b, "jobs", &i.to_string(), &mut out);
     }
     out.clear();
-    b.disconnect(1, 0, &mut out);
+    b.disconnect(1, EndedBy::Client, 0, &mut out);
     assert!(out.is_empty(), "consumer 2 is full");
     let stats = b.queue_stats("jobs").unwrap();
     assert_eq!(
@@ -549,7 +549,7 @@ fn sweep_leaves_held_messages_to_their_holder() {
     assert_eq!(b.expire(5_000), 0);
     assert_eq!(b.message_count(), 1);
     // Back from the holder after its expiry: dropped, not dispatched.
-    b.disconnect(1, 5_000, &mut out);
+    b.disconnect(1, EndedBy::Client, 5_000, &mut out);
     b.connect(2);
     out.clear();
     b.consume(2, q("jobs"), 1, None, 5_000, &mut out);
@@ -611,7 +611,7 @@ fn queues_exist_while_in_use() {
     assert!(b.queue_stats("jobs").is_some(), "still a message in flight");
     b.ack(1, &q("jobs"), Some(id), 0, &mut out);
     assert_eq!(b.queue_stats("jobs"), None);
-    b.disconnect(1, 0, &mut out);
+    b.disconnect(1, EndedBy::Client, 0, &mut out);
     assert_eq!(b.message_count(), 0);
 }
 
@@ -734,7 +734,7 @@ fn flush_drops_ready_and_in_flight_and_later_acks_are_ignored() {
     send(&mut b, "jobs", "new", &mut out);
     assert_eq!(bodies(&out), ["new"]);
     out.clear();
-    b.disconnect(1, 0, &mut out);
+    b.disconnect(1, EndedBy::Client, 0, &mut out);
     b.connect(2);
     b.consume(2, q("jobs"), 10, None, 0, &mut out);
     assert_eq!(bodies(&out), ["new"], "flushed messages never come back");
@@ -1040,7 +1040,7 @@ fn random_operations(mut b: Broker, store: &Recorder) {
                 };
             }
             85..=89 => {
-                b.disconnect(conn, now, &mut out);
+                b.disconnect(conn, EndedBy::Client, now, &mut out);
                 b.connect(conn);
                 delivered.retain(|d| d.conn != conn);
             }
@@ -1096,10 +1096,10 @@ fn random_operations(mut b: Broker, store: &Recorder) {
     b.check_invariants(store, true);
     out.clear();
     b.flush_all(now, &mut out);
-    b.disconnect(9, now, &mut out);
+    b.disconnect(9, EndedBy::Client, now, &mut out);
     assert!(out.is_empty());
     for conn in 1..=3 {
-        b.disconnect(conn, now, &mut out);
+        b.disconnect(conn, EndedBy::Client, now, &mut out);
     }
     assert_eq!(b.message_count(), 0);
     b.check_invariants(store, true);
@@ -1480,11 +1480,11 @@ fn a_waiting_message_takes_80_bytes() {
 /// The v1.2 states and operations: delays, counts and flush, leases, dead letters.
 mod v12;
 
-/// A dispatch the server ends itself, as it stops, is not a failed try: at the maximum the
-/// message goes back to its queue with its count, not to its dead-letter queue. A re-queue
-/// meanwhile still is.
+/// A dispatch that the server ends by closing its holder's connection (a stop, a send it
+/// could not tell a v1 client it refused) is not a failed try: at the maximum the message goes
+/// back to its queue with its count. One whose client left, or re-queued it, is.
 #[test]
-fn a_stop_returns_held_messages_even_at_the_maximum() {
+fn a_connection_the_server_closes_dead_letters_nothing() {
     let (mut b, store) = broker();
     b.set_max_deliveries(Some(1));
     let mut out = Vec::new();
@@ -1500,8 +1500,7 @@ fn a_stop_returns_held_messages_even_at_the_maximum() {
     consume(&mut b, 1, &mut out);
     let id = b.send(q("jobs"), Arc::from(&b"x"[..]), None, None, 0, &mut out);
     assert_eq!(out.len(), 1, "dispatched once");
-    b.begin_stop();
-    b.disconnect(1, 0, &mut out);
+    b.disconnect(1, EndedBy::Server, 0, &mut out);
     assert_eq!(b.counts("jobs").ready, 1, "back in its queue");
     assert_eq!(b.counts("jobs.dead").ready, 0, "not dead-lettered");
     let returned = store
@@ -1511,12 +1510,17 @@ fn a_stop_returns_held_messages_even_at_the_maximum() {
         .iter()
         .any(|op| matches!(op, StoreOp::Returned { id: r, deliveries: 1, .. } if r == &id));
     assert!(returned, "the store keeps its count");
-    // A worker's own re-queue while the server stops is still a failed try.
+    // A worker's own re-queue at the maximum is a failed try.
     out.clear();
     consume(&mut b, 2, &mut out);
     assert_eq!(out.len(), 1, "dispatched again");
     b.requeue(2, &q("jobs"), Some(id), 0, None, 0, &mut out);
     assert_eq!(b.counts("jobs.dead").ready, 1, "dead-lettered");
+    // So is a dispatch whose client left.
+    let other = b.send(q("jobs"), Arc::from(&b"y"[..]), None, None, 0, &mut out);
+    assert!(b.table.held.get(&other).is_some_and(|h| h.holder == 2));
+    b.disconnect(2, EndedBy::Client, 0, &mut out);
+    assert_eq!(b.counts("jobs.dead").ready, 2, "dead-lettered too");
 }
 
 /// Sends are refused at the queue limit (ready, delayed and in flight all count, other

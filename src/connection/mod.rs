@@ -14,7 +14,7 @@
 
 mod reader;
 
-use crate::broker::ConnId;
+use crate::broker::{ConnId, EndedBy};
 use crate::codec::CodecError;
 use crate::hello::{self, Feature};
 use crate::hub::{
@@ -96,6 +96,20 @@ enum End {
 }
 
 impl End {
+    /// Who ended the connection: the server's own closes (a stop, a refused send a v1
+    /// client cannot be told of, a writer it could not start) do not count as failed tries
+    /// of what the connection held.
+    fn ended_by(&self) -> EndedBy {
+        match self {
+            End::ServerShutdown
+            | End::HungUp { .. }
+            | End::SendRefused(_)
+            | End::WriterSpawn(_)
+            | End::BrokerDown(_) => EndedBy::Server,
+            _ => EndedBy::Client,
+        }
+    }
+
     /// The ERROR frame owed to the client before the connection closes, if any.
     fn refusal(&self) -> Option<&Refusal> {
         match self {
@@ -185,11 +199,12 @@ pub fn admit(hub: &Hub, conn: ConnId, stream: Stream, name: String) -> Option<Ar
 pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
     let conn = peer.conn;
     let label = label(&peer);
-    let registration = Registration {
+    let mut registration = Registration {
         hub,
         conn,
         peer: peer.clone(),
         label: label.clone(),
+        ended_by: EndedBy::Client,
     };
     // The writer (started on the first consume request or the first output left over) is a
     // scoped thread: it can call the hub, and it is always joined before this function returns.
@@ -226,6 +241,7 @@ pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
         }
         // Unregister first: the held messages go to other consumers before this socket closes.
         // Hanging up also ends the writer.
+        registration.ended_by = end.ended_by();
         drop(registration);
         // Logged once the connection's messages are released, so the line means "done".
         match &end {
@@ -262,11 +278,13 @@ struct Registration<'a> {
     conn: ConnId,
     peer: Arc<Peer>,
     label: String,
+    /// Who ended it, for what it held: its client unless known otherwise (a panic, say).
+    ended_by: EndedBy,
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        if let Err(e) = self.hub.unregister(self.conn) {
+        if let Err(e) = self.hub.unregister(self.conn, self.ended_by) {
             warn!("{}: {e}", self.label);
         }
         self.peer.hang_up();

@@ -13,7 +13,7 @@
 //! thread panicked inside the broker, whose state may then be half-changed) is fatal: it is
 //! reported once on the fatal channel and the server shuts down rather than run half-alive.
 
-use crate::broker::{Broker, ConnId, Delivery};
+use crate::broker::{Broker, ConnId, Delivery, EndedBy};
 use crate::codec::Dialect;
 use crate::hello::Features;
 use crate::refusal::Refusal;
@@ -444,14 +444,16 @@ impl Hub {
     }
 
     /// Removes a connection; what it held is redelivered to the others.
-    pub fn unregister(&self, conn: ConnId) -> Result<(), BrokerDown> {
+    pub fn unregister(&self, conn: ConnId, ended_by: EndedBy) -> Result<(), BrokerDown> {
         let now = now_millis();
         let mut deliveries = Vec::new();
         self.durable_waiting().remove(&conn);
         let routed = {
             let mut state = self.lock()?;
             state.peers.remove(&conn);
-            state.broker.disconnect(conn, now, &mut deliveries);
+            state
+                .broker
+                .disconnect(conn, ended_by, now, &mut deliveries);
             route(&state.peers, deliveries)
         };
         self.deliver(routed);
@@ -589,7 +591,6 @@ impl Hub {
         // Even with the broker gone, the sockets must still be closed.
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.open = false;
-        state.broker.begin_stop();
         state.peers.values().cloned().collect()
     }
 }

@@ -146,7 +146,7 @@ fn frames_for_a_connection_that_is_gone_are_dropped() {
     let hub = hub();
     let (_, mut client) = registered(&hub, 1);
     let _gone = registered(&hub, 2);
-    hub.unregister(2).unwrap();
+    hub.unregister(2, EndedBy::Client).unwrap();
     hub.send(vec![
         (2, Outgoing::Raw(b"lost".to_vec())),
         (1, Outgoing::Raw(b"kept".to_vec())),

@@ -139,6 +139,9 @@ pub struct FileDb {
     /// A run for a durable receipt wrote since the last mirror on the timer: the next one is
     /// not idle even if those runs left it nothing to write.
     wrote_since_tick: Cell<bool>,
+    /// The last fold failed: the next is tried on the mirror's tick, not on every run (a
+    /// fold that fails may first copy megabytes, and durable receipts would wait for it).
+    fold_failing: Cell<bool>,
     /// Tests: folds fail, as on a full disk.
     #[cfg(test)]
     pub fail_folds: Cell<bool>,
@@ -205,6 +208,7 @@ impl FileDb {
             // Unknown until the first commit reports it (a log that a crash left holds frames).
             wal_frames,
             wrote_since_tick: Cell::new(false),
+            fold_failing: Cell::new(false),
             #[cfg(test)]
             fail_folds: Cell::new(false),
         })
@@ -262,12 +266,15 @@ impl FileDb {
         // Folded under load, the log's file stays large for the load to go on writing over
         // it; folded when idle, a file grown past the room a new log gets is emptied (and
         // given that room again below).
-        let fold_at = if run == Run::Durable {
+        // A tick retrying a failed fold retries it at the durable runs' size.
+        let fold_at = if run == Run::Durable || self.fold_failing.get() {
             DURABLE_CHECKPOINT_BYTES
         } else {
             CHECKPOINT_BYTES
         };
-        let fold = if wal > fold_at {
+        let fold = if self.fold_failing.get() && !upkeep {
+            None
+        } else if wal > fold_at {
             Some(self.fold(WAL_KEEP_BYTES))
         } else if idle && (wal > 0 || self.wal_file_len() > WAL_PRESIZE_BYTES) {
             // Also a log folded under load and written no more since: its file is cut back.
@@ -275,6 +282,9 @@ impl FileDb {
         } else {
             None
         };
+        if let Some(result) = &fold {
+            self.fold_failing.set(result.is_err());
+        }
         let folded = match fold {
             Some(Ok(())) => true,
             None => false,

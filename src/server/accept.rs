@@ -5,6 +5,7 @@
 
 use super::{Lifeline, Shared};
 use crate::admin;
+use crate::broker::EndedBy;
 use crate::connection::{self, THREAD_STACK};
 use crate::net::{Listener, Stream};
 use crate::ratelog;
@@ -190,6 +191,6 @@ fn start_connection(shared: &Arc<Shared>, endpoint: Endpoint, stream: Stream, pe
     if let Err(e) = spawned {
         warn!("refusing a connection: cannot start its thread: {e}");
         // A registered connection without a thread would be waited for forever.
-        let _ = shared.hub.unregister(conn);
+        let _ = shared.hub.unregister(conn, EndedBy::Server);
     }
 }

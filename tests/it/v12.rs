@@ -892,3 +892,30 @@ fn a_full_queue_refuses_sends_with_429() {
     receipt(&mut producer, "capped");
     assert_eq!(counts(&mut producer, "capped"), "1 0 1 1");
 }
+
+/// A v1.1 worker closed because its send hit a full queue did not fail on the job it held:
+/// with --max-deliveries 1 the job goes back to its queue, not to its dead-letter queue. On a
+/// durable connection the 429 comes in its turn, after the receipt before it.
+#[test]
+fn a_refused_send_is_answered_in_order_and_a_closed_worker_dead_letters_nothing() {
+    let server = TestServer::start(&["--max-deliveries", "1", "--max-queue-length", "1"]);
+    let (mut producer, _) = v12(&server, "durable");
+    send(&mut producer, "work", b"job");
+    send(&mut producer, "work", b"over the limit");
+    receipt(&mut producer, "work");
+    assert_eq!(producer.expect_frame(ERROR).text(10), "429", "in its turn");
+
+    let mut worker = server.tcp_client();
+    worker.consume("work", 1);
+    let job = worker.recv();
+    assert_eq!(job.content, b"job");
+    worker.send_ttl("work", b"a follow-up", 60);
+    worker.expect_closed();
+    server.log.wait_for("the close's log line", |l| {
+        l.contains("send not taken (429 queue work is full (1 messages))")
+    });
+    wait_until("the job back in its queue", || {
+        counts(&mut producer, "work") == "1 0 0 0"
+    });
+    assert_eq!(counts(&mut producer, "work.dead"), "0 0 0 0");
+}

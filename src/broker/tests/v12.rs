@@ -12,7 +12,7 @@ fn every_dispatch_counts_and_the_store_learns_the_count_when_it_ends_without_an_
     b.consume(1, q("jobs"), 1, None, 0, &mut out);
     assert_eq!(out[0].deliveries, 1);
     out.clear();
-    b.disconnect(1, 0, &mut out);
+    b.disconnect(1, EndedBy::Client, 0, &mut out);
     assert_eq!(
         store.ops.lock().unwrap().last(),
         Some(&StoreOp::Returned {
@@ -370,7 +370,7 @@ fn the_nth_dispatch_without_an_ack_moves_the_message_to_its_dead_letter_queue() 
     // 1: its holder leaves.
     b.connect(1);
     b.consume(1, q("jobs"), 1, None, 0, &mut out);
-    b.disconnect(1, 0, &mut out);
+    b.disconnect(1, EndedBy::Client, 0, &mut out);
     // 2: a re-queue.
     b.connect(2);
     b.consume(2, q("jobs"), 1, Some(100), 0, &mut out);
@@ -405,7 +405,7 @@ fn the_nth_dispatch_without_an_ack_moves_the_message_to_its_dead_letter_queue() 
     b.consume(3, q("jobs.dead"), 1, None, 200, &mut out);
     assert_eq!((out[0].id, out[0].deliveries), (a, 4));
     out.clear();
-    b.disconnect(3, 200, &mut out);
+    b.disconnect(3, EndedBy::Client, 200, &mut out);
     assert_eq!(b.counts("jobs.dead").ready, 1);
     assert!(b
         .queue_names()
@@ -449,7 +449,7 @@ fn redrive_moves_dead_messages_back_with_ids_kept_and_counts_reset() {
     b.consume(1, q("jobs"), 3, None, 0, &mut out);
     let ids: Vec<MessageId> = out.iter().map(|d| d.id).collect();
     out.clear();
-    b.disconnect(1, 0, &mut out);
+    b.disconnect(1, EndedBy::Client, 0, &mut out);
     assert_eq!(b.counts("jobs.dead").ready, 3);
     // One of them delayed in the dead queue, one held there.
     b.connect(2);
@@ -487,7 +487,7 @@ fn redrive_works_in_chunks_in_order() {
     b.connect(1);
     b.consume(1, q("jobs"), 10, None, 0, &mut out);
     out.clear();
-    b.disconnect(1, 0, &mut out);
+    b.disconnect(1, EndedBy::Client, 0, &mut out);
     assert_eq!(b.redrive_some(&q("jobs"), 4, 0, &mut out), 4);
     assert_eq!(b.redrive_some(&q("jobs"), 4, 0, &mut out), 4);
     assert_eq!(b.redrive_some(&q("jobs"), 4, 0, &mut out), 2);
