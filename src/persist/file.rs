@@ -2,8 +2,13 @@
 //! takes everything changed since the last mirror in one transaction, so that a mirror costs
 //! what changed, not what is stored.
 //!
-//! Each commit is synced (`synchronous = FULL`): once [`FileDb::apply`] returns, its changes
-//! survive a crash. The write-ahead log is folded into the file whenever it grows past
+//! A run on the mirror's tick, for a durable receipt, or at the stop syncs the log once its
+//! commit is written: once [`FileDb::apply`] returns, every change committed so far survives a
+//! crash. A run early for a flood or for leftover changes (acknowledgements, mostly) commits
+//! without a sync: nobody waits for it, and the next synced run covers it ([`Applied::synced`]
+//! says which). SQLite runs with `synchronous = NORMAL`, which in WAL mode syncs the log
+//! before folding it and the file after, so a crash can lose unsynced commits, never corrupt
+//! the file; the sync is ours (`fdatasync` of the log's file). The write-ahead log is folded into the file whenever it grows past
 //! [`CHECKPOINT_BYTES`] ([`DURABLE_CHECKPOINT_BYTES`] under durable receipts), on a mirror
 //! with nothing else to do, and at a graceful stop, after which the file is one plain SQLite
 //! database again. Until the stop, the log's file is kept (16 MiB from the server's start, up
@@ -142,6 +147,10 @@ pub struct FileDb {
     /// The last fold failed: the next is tried on the mirror's tick, not on every run (a
     /// fold that fails may first copy megabytes, and durable receipts would wait for it).
     fold_failing: Cell<bool>,
+    /// Changes committed without a sync (a run early for a flood or leftover changes).
+    unsynced: Cell<bool>,
+    /// The log's file, opened for syncing it.
+    wal_file: std::cell::RefCell<Option<fs::File>>,
     /// Tests: folds fail, as on a full disk.
     #[cfg(test)]
     pub fail_folds: Cell<bool>,
@@ -166,6 +175,11 @@ pub struct Applied {
     pub wrote: bool,
     /// Rows added (negative: removed).
     pub row_delta: i64,
+    /// Every change committed to the file so far is synced.
+    pub synced: bool,
+    /// The sync this run needed failed (its changes are committed, unsynced): the next run
+    /// that needs a sync tries again.
+    pub sync_error: Option<io::Error>,
     /// Bytes this thread wrote to files meanwhile (log, checkpoint), if the system says.
     pub written: Option<u64>,
 }
@@ -178,7 +192,7 @@ impl FileDb {
         // FULL: a commit is on disk when it returns; that is what makes a mirror complete.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
+             PRAGMA synchronous = NORMAL;
              PRAGMA wal_autocheckpoint = 0;
              PRAGMA journal_size_limit = {WAL_KEEP_BYTES};"
         ))?;
@@ -209,9 +223,28 @@ impl FileDb {
             wal_frames,
             wrote_since_tick: Cell::new(false),
             fold_failing: Cell::new(false),
+            unsynced: Cell::new(false),
+            wal_file: std::cell::RefCell::new(None),
             #[cfg(test)]
             fail_folds: Cell::new(false),
         })
+    }
+
+    /// The log's file.
+    pub fn log_path(&self) -> &Path {
+        &self.wal_path
+    }
+
+    /// Syncs the log's file (data only: what SQLite wrote into it since the last sync).
+    fn sync_log(&self) -> io::Result<()> {
+        let mut slot = self.wal_file.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(fs::File::open(&self.wal_path)?);
+        }
+        match slot.as_ref() {
+            Some(file) => file.sync_data(),
+            None => Ok(()),
+        }
     }
 
     /// Whether the path still names this file (not deleted, not replaced).
@@ -313,9 +346,23 @@ impl FileDb {
             None if !folded => Some(wal.saturating_sub(wal_before).max(0) as u64),
             None => None,
         };
+        if !ops.is_empty() {
+            self.unsynced.set(true);
+        }
+        // Only what a receipt or the loss window needs is synced: a run early for leftover
+        // changes (acknowledgements, mostly) or a flood is synced by the next one that is.
+        let mut sync_error = None;
+        if run != Run::Early && self.unsynced.get() {
+            match self.sync_log() {
+                Ok(()) => self.unsynced.set(false),
+                Err(e) => sync_error = Some(e),
+            }
+        }
         Ok(Applied {
             wrote: !ops.is_empty() || shrunk || folded || made_room,
             row_delta,
+            synced: !self.unsynced.get(),
+            sync_error,
             written,
         })
     }

@@ -212,16 +212,26 @@ impl Mirror {
             Run::Early
         };
         let applied = file.apply(&state.in_hand, run);
-        if applied.is_ok() {
+        if applied.as_ref().is_ok_and(|a| a.synced) {
             // Synced (or nothing to write): the file holds every change through `generation`.
             self.shared.durable.mark_synced(generation);
         }
         match applied {
-            Ok(applied) if !applied.wrote => Ok(Outcome::Done(None)),
+            Ok(applied) if !applied.wrote && applied.sync_error.is_none() => {
+                Ok(Outcome::Done(None))
+            }
             Ok(applied) => {
                 state.rows += applied.row_delta;
                 let content: usize = state.in_hand.iter().map(StoreOp::content_len).sum();
+                // Committed, synced or not: never to be replayed.
                 state.in_hand = Vec::new();
+                if let Some(source) = applied.sync_error {
+                    return Err(PersistError::Io {
+                        action: "sync",
+                        path: file.log_path().to_owned(),
+                        source,
+                    });
+                }
                 if content > RELEASE_AFTER_BYTES {
                     // A flood's content was held here until now: give its pages back.
                     crate::memory::release_free_pages();

@@ -259,6 +259,26 @@ fn a_failed_fold_after_a_commit_fails_no_mirror() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A run early for a flood or leftovers commits without a sync, and says so; the next run that
+/// needs one (a durable receipt, a tick, the stop) syncs it, even with nothing of its own to
+/// write: a receipt must not be released on the strength of an unsynced commit.
+#[test]
+fn an_early_run_is_synced_by_the_next_run_that_needs_a_sync() {
+    let (dir, path) = new_phpmq_file("phpmq-early-unsynced");
+    let file = file::FileDb::open(&path).unwrap();
+    let early = file.apply(&[insert(1)], file::Run::Early).unwrap();
+    assert!(early.wrote && !early.synced, "committed, not synced");
+    let nothing = file.apply(&[], file::Run::Early).unwrap();
+    assert!(!nothing.synced, "still not synced");
+    let durable = file.apply(&[], file::Run::Durable).unwrap();
+    assert!(durable.synced, "a run for a receipt syncs what came before");
+    let tick = file.apply(&[insert(2)], file::Run::Tick).unwrap();
+    assert!(tick.synced);
+    assert_eq!(rows_in(&path), 2);
+    file.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The final mirror, idle or not, writes no room for a log that its close empties anyway.
 #[test]
 fn the_final_mirror_makes_no_room_for_the_log() {
