@@ -172,8 +172,19 @@ impl Mirror {
                 self.target.display()
             );
         }
-        // Closing first: a full copy replaces the file and its log.
-        state.file = None;
+        // Closing first: a full copy replaces the file and its log. A file still in place is
+        // closed with its log folded in and removed: putting the copy in place removes a log
+        // left beside it, and a crash between that and the rename would leave the old file
+        // without the synced commits its log held. (One deleted or replaced is only dropped:
+        // closing would remove, by name, a log that is no longer its own.)
+        if let Some(old) = state.file.take().filter(|_| in_place) {
+            if let Err(e) = old.close() {
+                warn!(
+                    "closing {} before writing it in full: {e}",
+                    self.target.display()
+                );
+            }
+        }
         state.in_hand.clear();
         let Some(report) = self.full_copy(stop)? else {
             return Ok(Outcome::Stopped);

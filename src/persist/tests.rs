@@ -60,6 +60,27 @@ fn a_wanted_ticket_is_synced_at_once_not_on_the_tick() {
     wait_for(10);
     assert_eq!(rows_in(&path), 10, "then the changes alone");
 
+    // A burst far larger than the file: copying the store beats replaying it, so the file in
+    // place is closed (its log folded in) and written again in full.
+    for seq in 11..=30 {
+        store.apply(match insert(seq) {
+            crate::store::StoreOp::Insert(mut m) => {
+                m.content = Arc::from(vec![7u8; 1 << 20]);
+                crate::store::StoreOp::Insert(m)
+            }
+            op => op,
+        });
+    }
+    durability.want(store.submitted());
+    wait_for(30);
+    assert_eq!(rows_in(&path), 30);
+    // Recorded once the run is over, just after the receipts were let go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while persistence.last_mirror().map(|m| m.full) != Some(true) {
+        assert!(Instant::now() < deadline, "written in full");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
     persistence.finish().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
