@@ -186,7 +186,7 @@ impl Refusal {
         let (code, text) = match refused {
             SendRefused::QueueFull { limit } => (
                 ErrorCode::QueueFull,
-                format!("queue {queue} is full ({limit} messages)"),
+                format!("queue {queue} is full (limit {limit})"),
             ),
             SendRefused::ShuttingDown => (
                 ErrorCode::ShuttingDown,

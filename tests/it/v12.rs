@@ -869,14 +869,14 @@ fn a_full_queue_refuses_sends_with_429() {
     receipt(&mut producer, "capped");
     let error = producer.expect_frame(ERROR);
     assert_eq!(error.text(10), "429");
-    assert_eq!(error.text(2), "queue capped is full (2 messages)");
+    assert_eq!(error.text(2), "queue capped is full (limit 2)");
     assert_eq!(counts(&mut producer, "capped"), "2 0 0 0", "still open");
 
     let mut classic = server.tcp_client();
     classic.send("capped", b"v1.0");
     classic.expect_closed();
     server.log.wait_for("the close's log line", |l| {
-        l.contains("send not taken (429 queue capped is full (2 messages))")
+        l.contains("send not taken (429 queue capped is full (limit 2))")
     });
     assert_eq!(counts(&mut producer, "capped"), "2 0 0 0", "not taken");
 
@@ -912,7 +912,7 @@ fn a_refused_send_is_answered_in_order_and_a_closed_worker_dead_letters_nothing(
     worker.send_ttl("work", b"a follow-up", 60);
     worker.expect_closed();
     server.log.wait_for("the close's log line", |l| {
-        l.contains("send not taken (429 queue work is full (1 messages))")
+        l.contains("send not taken (429 queue work is full (limit 1))")
     });
     wait_until("the job back in its queue", || {
         counts(&mut producer, "work") == "1 0 0 0"
