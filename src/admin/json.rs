@@ -60,6 +60,8 @@ struct Totals {
     /// Since v1.2, last: moved to `<queue>.dead` by the delivery count, and back by redrive.
     moved_to_dead: u64,
     redriven: u64,
+    /// Since --max-queue-length, last: sends not taken (a full queue, a stopping server).
+    refused: u64,
 }
 
 #[derive(Serialize)]
@@ -116,6 +118,7 @@ impl<'a> Document<'a> {
                     flushed: t.flushed,
                     moved_to_dead: t.moved_to_dead,
                     redriven: t.redriven,
+                    refused: t.refused,
                 },
             },
             queues: status
@@ -209,7 +212,7 @@ mod tests {
                 r#"{"server":{"version":"1.2.3","uptime_s":42,"connections":3,"rss_bytes":null,"#,
                 r#""db":null,"last_mirror":null,"mirror":null,"totals":{"accepted":16,"#,
                 r#""delivered":4,"acknowledged":4,"requeued":0,"expired":0,"dead_lettered":1,"#,
-                r#""flushed":0,"moved_to_dead":0,"redriven":0}},"queues":[{"name":"zürich \"q\"","ready":10,"in_flight":0,"#,
+                r#""flushed":0,"moved_to_dead":0,"redriven":0,"refused":0}},"queues":[{"name":"zürich \"q\"","ready":10,"in_flight":0,"#,
                 r#""consumers":0,"bytes":20,"oldest_ready_ms":null,"delayed":2}]}"#
             )
         );

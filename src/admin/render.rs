@@ -67,6 +67,14 @@ pub fn status_text(status: &Status) -> String {
             t.moved_to_dead, t.redriven
         );
     }
+    // Only once it happened: a server without a queue limit refuses sends only as it stops.
+    if t.refused > 0 {
+        let _ = writeln!(
+            out,
+            "refused sends: {} (a full queue, or sent as the server stopped)",
+            t.refused
+        );
+    }
     let storage = status.storage.as_ref();
     match (storage, storage.and_then(|s| s.last_sync.as_ref())) {
         (None, _) => out.push_str("persistence: none (memory only)\n"),

@@ -97,6 +97,8 @@ pub struct Totals {
     pub moved_to_dead: u64,
     /// Moved back from a dead-letter queue by a redrive.
     pub redriven: u64,
+    /// Sends not taken: a full queue (`--max-queue-length`), a stopping server.
+    pub refused: u64,
     /// Dropped because the store could not read their content back (never expected; not
     /// shown by status, kept so every way out is counted).
     pub lost: u64,
@@ -531,16 +533,22 @@ impl Broker {
         self.store_closed = true;
     }
 
-    /// Whether a send to `queue` would be refused, and why; `None`: it is taken.
-    pub fn refuse_send(&self, queue: &str) -> Option<SendRefused> {
-        if self.store_closed {
-            return Some(SendRefused::ShuttingDown);
+    /// Whether a send to `queue` is refused, and why (counted in the totals); `None`: take
+    /// it.
+    pub fn refuse_send(&mut self, queue: &str) -> Option<SendRefused> {
+        let refused = if self.store_closed {
+            Some(SendRefused::ShuttingDown)
+        } else {
+            let limit = self.max_queue_length?;
+            let held = self
+                .queue_stats(queue)
+                .map_or(0, |s| s.ready + s.delayed + s.in_flight);
+            (held >= limit).then_some(SendRefused::QueueFull { limit })
+        };
+        if refused.is_some() {
+            self.table.totals.refused += 1;
         }
-        let limit = self.max_queue_length?;
-        let held = self
-            .queue_stats(queue)
-            .map_or(0, |s| s.ready + s.delayed + s.in_flight);
-        (held >= limit).then_some(SendRefused::QueueFull { limit })
+        refused
     }
 
     /// A queue's counts for a STATS request (v1.2 rule 3): all 0 for a queue that does not

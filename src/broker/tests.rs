@@ -1550,4 +1550,5 @@ fn sends_are_refused_at_the_limit_and_after_the_store_closed() {
     assert_eq!(b.refuse_send("jobs"), None, "0 turns it off");
     b.close_store();
     assert_eq!(b.refuse_send("other"), Some(SendRefused::ShuttingDown));
+    assert_eq!(b.totals().refused, 2, "each refusal counted once");
 }

@@ -337,22 +337,19 @@ impl Hub {
                             answers.push((at, frame, 0));
                         }
                     }
-                    Incoming::Request(Request::Send { queue, .. })
-                        if broker.refuse_send(queue.as_str()).is_some() =>
-                    {
-                        let frame = broker
-                            .refuse_send(queue.as_str())
-                            .and_then(|r| Refusal::send(r, queue.as_str(), true).frame());
-                        if let Some(frame) = frame {
-                            answers.push((at, frame, 0));
-                        }
-                    }
                     Incoming::Request(Request::Send {
                         queue,
                         content,
                         ttl,
                         delay,
                     }) => {
+                        if let Some(refused) = broker.refuse_send(queue.as_str()) {
+                            let refusal = Refusal::send(refused, queue.as_str(), true);
+                            if let Some(frame) = refusal.frame() {
+                                answers.push((at, frame, 0));
+                            }
+                            continue;
+                        }
                         let id =
                             broker.send(queue.clone(), content, ttl, delay, now, &mut deliveries);
                         let ticket = if durable { broker.store_submitted() } else { 0 };

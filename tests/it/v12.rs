@@ -891,6 +891,11 @@ fn a_full_queue_refuses_sends_with_429() {
     send(&mut producer, "capped", b"room again");
     receipt(&mut producer, "capped");
     assert_eq!(counts(&mut producer, "capped"), "1 0 1 1");
+    let status = server.console_command("status");
+    assert!(
+        status.contains("refused sends: 3 (a full queue, or sent as the server stopped)"),
+        "{status}"
+    );
 }
 
 /// A v1.1 worker closed because its send hit a full queue did not fail on the job it held:
