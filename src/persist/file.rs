@@ -149,6 +149,13 @@ pub struct FileDb {
     fold_failing: Cell<bool>,
     /// Changes committed without a sync (a run early for a flood or leftover changes).
     unsynced: Cell<bool>,
+    /// A sync of the log failed: this file never reports itself synced again. Linux reports a
+    /// failed writeback once and marks the pages clean, so a later sync can succeed without
+    /// the data being on disk; only a new file (a full copy) is trusted again.
+    sync_failed: Cell<bool>,
+    /// Tests: syncs of the log fail, as on a failing disk.
+    #[cfg(test)]
+    pub fail_syncs: Cell<bool>,
     /// The log's file, opened for syncing it.
     wal_file: std::cell::RefCell<Option<fs::File>>,
     /// Tests: folds fail, as on a full disk.
@@ -189,7 +196,9 @@ impl FileDb {
     pub fn open(path: &Path) -> rusqlite::Result<FileDb> {
         let mut conn = Connection::open(path)?;
         conn.set_prepared_statement_cache_capacity(batch::STATEMENT_CACHE);
-        // FULL: a commit is on disk when it returns; that is what makes a mirror complete.
+        // NORMAL: in WAL mode, a commit is not synced, but the log is synced before a fold and
+        // the file after, so a crash never corrupts the file; `apply` syncs the log itself on
+        // the runs whose commits must be on disk.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
@@ -224,6 +233,9 @@ impl FileDb {
             wrote_since_tick: Cell::new(false),
             fold_failing: Cell::new(false),
             unsynced: Cell::new(false),
+            sync_failed: Cell::new(false),
+            #[cfg(test)]
+            fail_syncs: Cell::new(false),
             wal_file: std::cell::RefCell::new(None),
             #[cfg(test)]
             fail_folds: Cell::new(false),
@@ -237,6 +249,10 @@ impl FileDb {
 
     /// Syncs the log's file (data only: what SQLite wrote into it since the last sync).
     fn sync_log(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_syncs.get() {
+            return Err(io::Error::other("sync failed (test)"));
+        }
         let mut slot = self.wal_file.borrow_mut();
         if slot.is_none() {
             *slot = Some(fs::File::open(&self.wal_path)?);
@@ -327,8 +343,8 @@ impl FileDb {
             Some(Err(e)) => {
                 if let Some(suppressed) = ratelog::FOLD_FAILED.admit() {
                     warn!(
-                        "folding the log of {} into it failed: {e}; its changes are kept, \
-                         synced, in the log{suppressed}",
+                        "folding the log of {} into it failed: {e}; its changes are kept in \
+                         the log{suppressed}",
                         self.path.display()
                     );
                 }
@@ -352,10 +368,13 @@ impl FileDb {
         // Only what a receipt or the loss window needs is synced: a run early for leftover
         // changes (acknowledgements, mostly) or a flood is synced by the next one that is.
         let mut sync_error = None;
-        if run != Run::Early && self.unsynced.get() {
+        if run != Run::Early && self.unsynced.get() && !self.sync_failed.get() {
             match self.sync_log() {
                 Ok(()) => self.unsynced.set(false),
-                Err(e) => sync_error = Some(e),
+                Err(e) => {
+                    self.sync_failed.set(true);
+                    sync_error = Some(e);
+                }
             }
         }
         Ok(Applied {

@@ -237,9 +237,12 @@ impl Mirror {
                 // Committed, synced or not: never to be replayed.
                 state.in_hand = Vec::new();
                 if let Some(source) = applied.sync_error {
+                    let path = file.log_path().to_owned();
+                    // Never trusted again (see `FileDb`): the next mirror writes it in full.
+                    state.file = None;
                     return Err(PersistError::Io {
                         action: "sync",
-                        path: file.log_path().to_owned(),
+                        path,
                         source,
                     });
                 }

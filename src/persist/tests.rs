@@ -300,6 +300,23 @@ fn an_early_run_is_synced_by_the_next_run_that_needs_a_sync() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A failed sync of the log is never followed by a run that reports the file synced: Linux
+/// reports a failed writeback once, so a later sync can succeed with the data lost.
+#[test]
+fn a_failed_sync_is_never_taken_back() {
+    let (dir, path) = new_phpmq_file("phpmq-sync-fails");
+    let file = file::FileDb::open(&path).unwrap();
+    file.apply(&[insert(1)], file::Run::Early).unwrap();
+    file.fail_syncs.set(true);
+    let failed = file.apply(&[], file::Run::Durable).unwrap();
+    assert!(failed.sync_error.is_some() && !failed.synced);
+    file.fail_syncs.set(false);
+    let later = file.apply(&[insert(2)], file::Run::Durable).unwrap();
+    assert!(!later.synced, "this file is not trusted again");
+    file.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The final mirror, idle or not, writes no room for a log that its close empties anyway.
 #[test]
 fn the_final_mirror_makes_no_room_for_the_log() {
