@@ -176,7 +176,8 @@ impl Mirror {
         // closed with its log folded in and removed: putting the copy in place removes a log
         // left beside it, and a crash between that and the rename would leave the old file
         // without the synced commits its log held. (One deleted or replaced is only dropped:
-        // closing would remove, by name, a log that is no longer its own.)
+        // folding its log in would write to a file no longer at the path, and putting the
+        // copy in place removes any log left by name anyway.)
         if let Some(old) = state.file.take().filter(|_| in_place) {
             if let Err(e) = old.close() {
                 warn!(
