@@ -4,6 +4,18 @@ use super::batch::test_ops::insert;
 use super::*;
 use crate::store::Store;
 
+/// Inserts of 1 MiB each, for `seqs`.
+fn big(seqs: std::ops::Range<u64>) -> Vec<crate::store::StoreOp> {
+    seqs.map(|seq| match insert(seq) {
+        crate::store::StoreOp::Insert(mut m) => {
+            m.content = Arc::from(vec![7u8; 1 << 20]);
+            crate::store::StoreOp::Insert(m)
+        }
+        op => op,
+    })
+    .collect()
+}
+
 fn rows_in(path: &Path) -> i64 {
     let conn =
         rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -62,14 +74,8 @@ fn a_wanted_ticket_is_synced_at_once_not_on_the_tick() {
 
     // A burst far larger than the file: copying the store beats replaying it, so the file in
     // place is closed (its log folded in) and written again in full.
-    for seq in 11..=30 {
-        store.apply(match insert(seq) {
-            crate::store::StoreOp::Insert(mut m) => {
-                m.content = Arc::from(vec![7u8; 1 << 20]);
-                crate::store::StoreOp::Insert(m)
-            }
-            op => op,
-        });
+    for op in big(11..31) {
+        store.apply(op);
     }
     durability.want(store.submitted());
     wait_for(30);
@@ -134,16 +140,7 @@ fn a_log_written_over_zeros_and_stale_frames_recovers_what_was_committed() {
 
     // A load that outgrows the fold's threshold leaves a large file behind: folded, written
     // no more, it is cut back to the room on the next idle tick.
-    let big: Vec<_> = (1000..1020)
-        .map(|seq| match insert(seq) {
-            crate::store::StoreOp::Insert(mut m) => {
-                m.content = Arc::from(vec![7u8; 1 << 20]);
-                crate::store::StoreOp::Insert(m)
-            }
-            op => op,
-        })
-        .collect();
-    file.apply(&big, file::Run::Durable).unwrap();
+    file.apply(&big(1000..1020), file::Run::Durable).unwrap();
     let grown = std::fs::metadata(&wal).unwrap().len();
     assert!(
         grown > presized,
@@ -209,16 +206,6 @@ fn a_bulk_mirror_folds_later_than_a_run_for_durable_receipts() {
     let (dir, path) = new_phpmq_file("phpmq-wal-fold");
     let file = file::FileDb::open(&path).unwrap();
     let file_len = || std::fs::metadata(&path).unwrap().len();
-    let big = |seqs: std::ops::Range<u64>| -> Vec<_> {
-        seqs.map(|seq| match insert(seq) {
-            crate::store::StoreOp::Insert(mut m) => {
-                m.content = Arc::from(vec![7u8; 1 << 20]);
-                crate::store::StoreOp::Insert(m)
-            }
-            op => op,
-        })
-        .collect()
-    };
     let before = file_len();
     file.apply(&big(1..21), file::Run::Tick).unwrap();
     assert_eq!(file_len(), before, "20 MiB stay in the log after a tick");
@@ -241,16 +228,6 @@ fn a_bulk_mirror_folds_later_than_a_run_for_durable_receipts() {
 fn a_failed_fold_after_a_commit_fails_no_mirror() {
     let (dir, path) = new_phpmq_file("phpmq-wal-fold-fails");
     let file = file::FileDb::open(&path).unwrap();
-    let big = |seqs: std::ops::Range<u64>| -> Vec<_> {
-        seqs.map(|seq| match insert(seq) {
-            crate::store::StoreOp::Insert(mut m) => {
-                m.content = Arc::from(vec![7u8; 1 << 20]);
-                crate::store::StoreOp::Insert(m)
-            }
-            op => op,
-        })
-        .collect()
-    };
     file.fail_folds.set(true);
     // Past the 16 MiB at which a run for a durable receipt folds the log.
     let applied = file.apply(&big(1..18), file::Run::Durable);

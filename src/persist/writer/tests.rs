@@ -249,25 +249,7 @@ fn a_stepped_mirror_copy_includes_changes_made_between_its_steps() {
     std::fs::create_dir_all(&dir).unwrap();
     let temp = dir.join("copy.sqlite");
     let conn = shared.memory.lock().unwrap();
-    let mut writer = Writer {
-        conn: &conn,
-        shared: &shared,
-        commands: &command_rx,
-        fetches: &fetch_rx,
-        callbacks: &callbacks,
-        window: BATCH_WINDOW,
-        at_cap: false,
-        batch: Vec::new(),
-        received: 0,
-        batch_bytes: 0,
-        flushes: Vec::new(),
-        pending_fetches: Vec::new(),
-        mirror: None,
-        copying: true,
-        shrunk: false,
-        may_shrink: false,
-        stop: false,
-    };
+    let mut writer = copying_writer(&conn, &shared, &command_rx, &fetch_rx, &callbacks);
     let copy = writer.copy_to(&temp).unwrap();
     assert_eq!(
         *answers.lock().unwrap(),
@@ -466,25 +448,7 @@ fn a_stepped_mirror_copy_finishes_under_a_steady_stream_of_changes() {
                 error: Arc::new(|e| panic!("{e}")),
             };
             let conn = shared.memory.lock().unwrap();
-            let mut writer = Writer {
-                conn: &conn,
-                shared: &shared,
-                commands: &command_rx,
-                fetches: &fetch_rx,
-                callbacks: &callbacks,
-                window: BATCH_WINDOW,
-                at_cap: false,
-                batch: Vec::new(),
-                received: 0,
-                batch_bytes: 0,
-                flushes: Vec::new(),
-                pending_fetches: Vec::new(),
-                mirror: None,
-                copying: true,
-                shrunk: false,
-                may_shrink: false,
-                stop: false,
-            };
+            let mut writer = copying_writer(&conn, &shared, &command_rx, &fetch_rx, &callbacks);
             let copy = writer.copy_to(&temp).map_err(|e| format!("{e:?}"));
             let _ = done.send(copy.map(|c| c.messages));
         });
@@ -502,4 +466,33 @@ fn a_stepped_mirror_copy_finishes_under_a_steady_stream_of_changes() {
     assert_eq!(rows, messages, "the copy holds what it says");
     assert!(rows > 12_000, "changes committed during the copy are in it");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A writer in the middle of a copy, over `conn` (the database's guard the caller holds).
+fn copying_writer<'a>(
+    conn: &'a Connection,
+    shared: &'a Shared,
+    commands: &'a crossbeam_channel::Receiver<Command>,
+    fetches: &'a crossbeam_channel::Receiver<FetchRequest>,
+    callbacks: &'a Callbacks,
+) -> Writer<'a> {
+    Writer {
+        conn,
+        shared,
+        commands,
+        fetches,
+        callbacks,
+        window: BATCH_WINDOW,
+        at_cap: false,
+        batch: Vec::new(),
+        received: 0,
+        batch_bytes: 0,
+        flushes: Vec::new(),
+        pending_fetches: Vec::new(),
+        mirror: None,
+        copying: true,
+        shrunk: false,
+        may_shrink: false,
+        stop: false,
+    }
 }
