@@ -94,7 +94,10 @@ impl Coalesced {
     }
 
     pub fn into_ops(self) -> Vec<StoreOp> {
-        self.slots.into_iter().flatten().collect()
+        // `filter_map` over the array's own iterator collects into the same allocation (an
+        // `Option<StoreOp>` is as large as a `StoreOp`), not into a second array as long.
+        #[allow(clippy::filter_map_identity)]
+        self.slots.into_iter().filter_map(|slot| slot).collect()
     }
 }
 
@@ -277,6 +280,27 @@ mod tests {
     use super::test_ops::{delete, insert};
     use super::*;
     use crate::id::MessageId;
+
+    #[test]
+    fn unpacking_a_flood_reuses_its_array() {
+        assert_eq!(
+            std::mem::size_of::<Option<StoreOp>>(),
+            std::mem::size_of::<StoreOp>()
+        );
+        let mut coalesced = Coalesced::default();
+        for seq in 1..=1000 {
+            coalesced.push(insert(seq));
+        }
+        coalesced.push(delete(500));
+        let array = coalesced.slots.as_ptr() as usize;
+        let ops = coalesced.into_ops();
+        assert_eq!(ops.len(), 999);
+        assert_eq!(
+            ops.as_ptr() as usize,
+            array,
+            "collected in place, not copied"
+        );
+    }
 
     #[test]
     fn accepted_then_acked_in_one_batch_costs_nothing() {

@@ -215,7 +215,13 @@ impl Mirror {
         };
         let started = Instant::now();
         // Nothing changed: the file may still have space to give back.
-        state.in_hand.extend(ops);
+        if state.in_hand.is_empty() {
+            // The usual case: no failed run left changes behind. Taken as it is, not copied
+            // into a second array as long (a flood's worth of changes at the memory peak).
+            state.in_hand = ops;
+        } else {
+            state.in_hand.extend(ops);
+        }
         let run = if upkeep {
             Run::Tick
         } else if self.shared.durable.is_wanted() {
