@@ -198,8 +198,15 @@ impl Server {
     pub fn run(mut self, shutdown: Receiver<()>) -> Result<(), ServerError> {
         if let Some(storage) = &mut self.storage {
             let fatal = self.shared.fatal.clone();
+            let shared_for_fatal = Arc::downgrade(&self.shared);
             let on_fatal = Arc::new(move |e: StorageError| {
                 error!("{e}");
+                // Storage takes nothing more: sends during the stop's drain are refused (503,
+                // or the v1 connection closed), not taken and lost with a receipt. Called from
+                // a storage thread, which never holds the broker's lock.
+                if let Some(shared) = shared_for_fatal.upgrade() {
+                    shared.hub.close_store();
+                }
                 let _ = fatal.try_send(Fatal::Persistence(e.to_string()));
             });
             let shared = self.shared.clone();
