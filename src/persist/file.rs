@@ -156,8 +156,8 @@ pub struct FileDb {
     /// Tests: syncs of the log fail, as on a failing disk.
     #[cfg(test)]
     pub fail_syncs: Cell<bool>,
-    /// The log's file, opened for syncing it.
-    wal_file: std::cell::RefCell<Option<fs::File>>,
+    /// The log's file, opened with the database, for syncing it.
+    wal_file: fs::File,
     /// Tests: folds fail, as on a full disk.
     #[cfg(test)]
     pub fail_folds: Cell<bool>,
@@ -216,14 +216,26 @@ impl FileDb {
         let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
         let identity = identity(path).map_err(|e| io_failure(path, e))?;
         let current_schema = schema::version(&conn)? == schema::SCHEMA_VERSION;
+        let wal_path: PathBuf = {
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            wal.into()
+        };
+        // Opened now, before any commit (SQLite's reads above created the log's file): Linux
+        // reports a failed writeback once to each descriptor open when it happened. One
+        // opened later, after SQLite's own sync before a fold had seen the error, would sync
+        // "successfully" over pages already marked clean and release durable receipts.
+        let wal_file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&wal_path)
+            .map_err(|e| io_failure(&wal_path, e))?;
         Ok(FileDb {
             conn,
             path: path.to_owned(),
-            wal_path: {
-                let mut wal = path.as_os_str().to_owned();
-                wal.push("-wal");
-                wal.into()
-            },
+            wal_path,
             identity,
             page_size,
             incremental_vacuum: auto_vacuum == 2,
@@ -236,7 +248,7 @@ impl FileDb {
             sync_failed: Cell::new(false),
             #[cfg(test)]
             fail_syncs: Cell::new(false),
-            wal_file: std::cell::RefCell::new(None),
+            wal_file,
             #[cfg(test)]
             fail_folds: Cell::new(false),
         })
@@ -253,14 +265,14 @@ impl FileDb {
         if self.fail_syncs.get() {
             return Err(io::Error::other("sync failed (test)"));
         }
-        let mut slot = self.wal_file.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(fs::File::open(&self.wal_path)?);
-        }
-        match slot.as_ref() {
-            Some(file) => file.sync_data(),
-            None => Ok(()),
-        }
+        self.wal_file.sync_data()
+    }
+
+    /// Tests: the file the log's descriptor refers to (device, inode).
+    #[cfg(test)]
+    pub fn synced_log_identity(&self) -> (u64, u64) {
+        let meta = self.wal_file.metadata().unwrap();
+        (meta.dev(), meta.ino())
     }
 
     /// Whether the path still names this file (not deleted, not replaced).
@@ -497,10 +509,23 @@ impl FileDb {
         }
     }
 
+    /// Folds the whole log into the file and empties it: what the log held is in the file
+    /// itself after this, and the log may be removed.
+    pub fn fold_all(&self) -> rusqlite::Result<()> {
+        #[cfg(test)]
+        if self.fail_folds.get() {
+            return Err(io_failure(
+                &self.path,
+                io::Error::other("fold failed (test)"),
+            ));
+        }
+        self.run_checkpoint("TRUNCATE")
+    }
+
     /// Closes the file for good: the log is folded in first, so what is left is one plain
     /// SQLite file.
     pub fn close(self) -> rusqlite::Result<()> {
-        self.run_checkpoint("TRUNCATE")?;
+        self.fold_all()?;
         // Back to a rollback journal: the file then opens like any SQLite database, with no
         // -wal or -shm beside it.
         self.conn.execute_batch("PRAGMA journal_mode = DELETE;")?;

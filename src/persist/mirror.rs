@@ -52,7 +52,7 @@ pub struct Mirror {
 pub type Running = (Sender<()>, JoinHandle<MirrorState>);
 
 /// What a mirror run came to.
-enum Outcome {
+pub(super) enum Outcome {
     Done(Option<MirrorReport>),
     /// The writer has stopped: the final mirror is not ours to write.
     Stopped,
@@ -148,7 +148,7 @@ impl Mirror {
     }
 
     /// One mirror: the changes since the last one, or a full copy where the file needs it.
-    fn once(
+    pub(super) fn once(
         &self,
         state: &mut MirrorState,
         stop: &Receiver<()>,
@@ -166,18 +166,29 @@ impl Mirror {
             if !taken.copy_wanted && !outweighs() {
                 return self.apply_changes(state, taken.ops, taken.generation, upkeep);
             }
+            // A full copy replaces the file and its log: the log is folded in first. Putting
+            // the copy in place removes a log left beside the file, and a crash between that
+            // and the rename would leave the old file without the synced commits its log
+            // held. A log that cannot be folded in (a failing disk) fails the run instead, and
+            // the file stays as it is; the changes taken stay in hand for the next run, which
+            // replays them or copies.
+            if let Err(source) = file.fold_all() {
+                state.in_hand.extend(taken.ops);
+                return Err(PersistError::Sqlite {
+                    action: "fold the write-ahead log into",
+                    path: self.target.clone(),
+                    source,
+                });
+            }
         } else if state.file.is_some() {
+            // Only dropped: folding its log in would write to a file no longer at the path,
+            // and putting the copy in place removes any log left by name anyway.
             warn!(
                 "{} was deleted or replaced while the server ran; writing it again in full",
                 self.target.display()
             );
         }
-        // Closing first: a full copy replaces the file and its log. A file still in place is
-        // closed with its log folded in and removed: putting the copy in place removes a log
-        // left beside it, and a crash between that and the rename would leave the old file
-        // without the synced commits its log held. (One deleted or replaced is only dropped:
-        // folding its log in would write to a file no longer at the path, and putting the
-        // copy in place removes any log left by name anyway.)
+        // Its log folded in above: what closing can still fail at leaves nothing behind.
         if let Some(old) = state.file.take().filter(|_| in_place) {
             if let Err(e) = old.close() {
                 warn!(

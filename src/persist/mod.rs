@@ -44,7 +44,7 @@ use crate::storage::{
 };
 use crate::store::{now_millis, Backlog, FetchRequest, Fetched, Store, StoredRow};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use file::FileDb;
+use file::{Applied, FileDb};
 use log::{info, warn};
 use mirror::{Mirror, MirrorState};
 use shared::{PanicAlarm, Shared};
@@ -292,22 +292,31 @@ impl Persistence {
         if let Some(file) = file.filter(replay) {
             in_hand.extend(taken.ops);
             match file.apply(&in_hand, file::Run::Final) {
-                Ok(applied) => {
+                Ok(Applied {
+                    sync_error: None,
+                    row_delta,
+                    written,
+                    ..
+                }) => {
                     let bytes = file.size();
-                    file.close().map_err(|source| PersistError::Sqlite {
-                        action: "close",
-                        path: self.target.clone(),
-                        source,
-                    })?;
+                    // Committed and synced: whatever closing does, the file and its log hold
+                    // every change, and SQLite folds a log left beside it in at the next start.
+                    if let Err(e) = file.close() {
+                        warn!(
+                            "closing {} after the final mirror failed ({e}); its write-ahead \
+                             log stays beside it and is folded in when the server starts",
+                            self.target.display()
+                        );
+                    }
                     self.shared.durable.mark_synced(taken.generation);
                     if in_hand.is_empty() {
                         return Ok(None);
                     }
                     let report = MirrorReport {
                         generation: taken.generation,
-                        messages: rows + applied.row_delta,
+                        messages: rows + row_delta,
                         bytes,
-                        written: applied.written,
+                        written,
                         full: false,
                         duration: started.elapsed(),
                         locked: Duration::ZERO,
@@ -316,6 +325,15 @@ impl Persistence {
                     health::record(&self.health, report.clone());
                     return Ok(Some(report));
                 }
+                // Its log is not to be trusted (see `FileDb`): written in full instead.
+                Ok(Applied {
+                    sync_error: Some(e),
+                    ..
+                }) => warn!(
+                    "final mirror of the changes to {} could not be synced ({e}); writing it \
+                     in full",
+                    self.target.display()
+                ),
                 // A full copy may still fit where the changes did not (or fail the same way).
                 Err(e) => warn!(
                     "final mirror of the changes to {} failed ({e}); writing it in full",

@@ -198,6 +198,35 @@ fn a_log_gets_its_room_when_the_server_starts() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The descriptor the mirror syncs the log through is opened with the file, before any
+/// commit, and names the log SQLite writes, through folds that empty it. (Opened lazily, after
+/// SQLite's own sync had seen a failed writeback, it would report success: Linux reports such
+/// an error once to each descriptor open when it happened.)
+#[test]
+fn the_log_synced_is_the_log_written_from_the_first_commit() {
+    use std::os::unix::fs::MetadataExt;
+    let (dir, path) = new_phpmq_file("phpmq-wal-fd");
+    let wal = dir.join("phpmq.sqlite-wal");
+    let on_disk = || {
+        let meta = std::fs::metadata(&wal).unwrap();
+        (meta.dev(), meta.ino())
+    };
+    let file = file::FileDb::open(&path).unwrap();
+    assert_eq!(
+        file.synced_log_identity(),
+        on_disk(),
+        "open before any commit"
+    );
+    file.apply(&[insert(1)], file::Run::Durable).unwrap();
+    assert_eq!(file.synced_log_identity(), on_disk());
+    file.checkpoint().unwrap();
+    file.apply(&[insert(2)], file::Run::Durable).unwrap();
+    assert_eq!(file.synced_log_identity(), on_disk(), "after a fold");
+    file.close().unwrap();
+    assert_eq!(rows_in(&path), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A bulk mirror's log (on a tick, or early for a flood) is folded only past 64 MiB: folding
 /// it at once would copy it all again while the server works. Under durable receipts, past
 /// the log's 16 MiB room.
@@ -321,4 +350,72 @@ fn new_phpmq_file(name: &str) -> (PathBuf, PathBuf) {
     .unwrap();
     schema::create(&conn).unwrap();
     (dir, path)
+}
+
+/// The final mirror at a stop, whose changes commit but whose sync fails: the file's log is
+/// not to be trusted, so the file is written in full from memory instead (here, memory holds
+/// nothing, the changes handed to the file three rows).
+#[test]
+fn a_final_mirror_whose_sync_fails_writes_the_file_in_full() {
+    let (dir, path) = new_phpmq_file("phpmq-final-sync");
+    let mut persistence = Persistence::open(&path, Duration::from_secs(3600)).unwrap();
+    persistence.recover(&mut |_| {}).unwrap();
+    let file = file::FileDb::open(&path).unwrap();
+    file.fail_syncs.set(true);
+    let state = mirror::MirrorState {
+        file: Some(file),
+        rows: 0,
+        in_hand: (1..=3).map(insert).collect(),
+    };
+    let report = persistence
+        .final_mirror(state)
+        .unwrap()
+        .expect("a mirror was written");
+    assert!(report.full, "written in full");
+    assert_eq!(
+        rows_in(&path),
+        0,
+        "what memory holds, not the unsynced changes"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A full copy replaces the file and its log. When the log cannot be folded in first (a
+/// failing disk), the run fails and the file stays open and as it is, its log with it: the
+/// copy put in place would remove a log holding synced commits the file itself lacks.
+#[test]
+fn a_log_that_cannot_be_folded_in_is_not_replaced_by_a_full_copy() {
+    let (dir, path) = new_phpmq_file("phpmq-fold-before-copy");
+    let mut persistence = Persistence::open(&path, Duration::from_secs(3600)).unwrap();
+    persistence.recover(&mut |_| {}).unwrap();
+    // A writer already gone: a full copy, if asked for, would not start.
+    let (writer, writer_gone) = unbounded();
+    drop(writer_gone);
+    let mirror = mirror::Mirror {
+        shared: persistence.shared.clone(),
+        writer,
+        target: path.clone(),
+        health: persistence.health.clone(),
+    };
+    let file = file::FileDb::open(&path).unwrap();
+    file.apply(&[insert(1)], file::Run::Durable).unwrap();
+    file.fail_folds.set(true);
+    // The journal asks for a full copy (it has no file to weigh replays against).
+    persistence.shared.journal.record(vec![insert(2)], 2);
+    let mut state = mirror::MirrorState {
+        file: Some(file),
+        rows: 1,
+        in_hand: Vec::new(),
+    };
+    let (_stop, stopped) = unbounded();
+    assert!(mirror.once(&mut state, &stopped, false).is_err());
+    assert!(state.file.is_some(), "kept, to be retried");
+    let wal = dir.join("phpmq.sqlite-wal");
+    assert!(
+        std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0),
+        "the log is still there"
+    );
+    assert_eq!(rows_in(&path), 1, "its synced commit with it");
+    drop(state);
+    let _ = std::fs::remove_dir_all(&dir);
 }
