@@ -133,7 +133,7 @@ pub fn write(shared: &Shared, target: &Path) -> Result<MirrorReport, PersistErro
 }
 
 /// Makes a rename durable: sync the directory that holds `path`.
-fn sync_dir(path: &Path) -> Result<(), PersistError> {
+pub(super) fn sync_dir(path: &Path) -> Result<(), PersistError> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),

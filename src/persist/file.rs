@@ -232,6 +232,15 @@ impl FileDb {
             .truncate(false)
             .open(&wal_path)
             .map_err(|e| io_failure(&wal_path, e))?;
+        // The log's name, new or not, is on disk before anything synced through it counts:
+        // SQLite syncs the directory only on its own first sync, which under NORMAL waits for
+        // the first fold.
+        super::copy::sync_dir(&wal_path).map_err(|e| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some(e.to_string()),
+            )
+        })?;
         Ok(FileDb {
             conn,
             path: path.to_owned(),
