@@ -51,6 +51,16 @@ pub struct Mirror {
 /// The running mirror thread: closing `stop` ends it, and joining gives its state back.
 pub type Running = (Sender<()>, JoinHandle<MirrorState>);
 
+/// Changes a failed run left in hand are kept for the next try, within bounds; past them, the
+/// next mirror that can writes the file in full from memory.
+fn keep_within_bounds(state: &mut MirrorState) {
+    let content: usize = state.in_hand.iter().map(StoreOp::content_len).sum();
+    if state.in_hand.len() > MAX_IN_HAND || content > MAX_IN_HAND_BYTES {
+        state.in_hand.clear();
+        state.file = None;
+    }
+}
+
 /// What a mirror run came to.
 pub(super) enum Outcome {
     Done(Option<MirrorReport>),
@@ -174,6 +184,7 @@ impl Mirror {
             // replays them or copies.
             if let Err(source) = file.fold_all() {
                 state.in_hand.extend(taken.ops);
+                keep_within_bounds(state);
                 return Err(PersistError::Sqlite {
                     action: "fold the write-ahead log into",
                     path: self.target.clone(),
@@ -280,13 +291,7 @@ impl Mirror {
                 })))
             }
             Err(source) => {
-                // Kept for the next try, within bounds; past them, the next mirror that can
-                // writes the file in full from memory.
-                let content: usize = state.in_hand.iter().map(StoreOp::content_len).sum();
-                if state.in_hand.len() > MAX_IN_HAND || content > MAX_IN_HAND_BYTES {
-                    state.in_hand.clear();
-                    state.file = None;
-                }
+                keep_within_bounds(state);
                 Err(PersistError::Sqlite {
                     action: "mirror changes to",
                     path: self.target.clone(),

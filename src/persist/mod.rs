@@ -293,6 +293,7 @@ impl Persistence {
             in_hand.extend(taken.ops);
             match file.apply(&in_hand, file::Run::Final) {
                 Ok(Applied {
+                    synced: true,
                     sync_error: None,
                     row_delta,
                     written,
@@ -326,13 +327,10 @@ impl Persistence {
                     return Ok(Some(report));
                 }
                 // Its log is not to be trusted (see `FileDb`): written in full instead.
-                Ok(Applied {
-                    sync_error: Some(e),
-                    ..
-                }) => warn!(
-                    "final mirror of the changes to {} could not be synced ({e}); writing it \
-                     in full",
-                    self.target.display()
+                Ok(Applied { sync_error, .. }) => warn!(
+                    "final mirror of the changes to {} could not be synced{}; writing it in full",
+                    self.target.display(),
+                    sync_error.map(|e| format!(" ({e})")).unwrap_or_default()
                 ),
                 // A full copy may still fit where the changes did not (or fail the same way).
                 Err(e) => warn!(
