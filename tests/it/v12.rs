@@ -425,7 +425,8 @@ fn delayed_messages_become_ready_in_due_order_then_fifo() {
     }
     let counts_now = counts(&mut producer, "later");
     assert!(
-        counts_now == "2 3 0 0" || sent.elapsed() >= Duration::from_millis(300),
+        counts_now == "2 3 0 0"
+            || sent.elapsed() + Duration::from_millis(1) >= Duration::from_millis(300),
         "{counts_now}"
     );
     let (mut consumer, _) = v12(&server, "");
@@ -439,8 +440,10 @@ fn delayed_messages_become_ready_in_due_order_then_fifo() {
             "in 300 ms (a)" | "in 300 ms (b)" => 300,
             _ => 0,
         };
+        // Due times are whole milliseconds (the server's clock, truncated): a message
+        // accepted at 10.9 ms with a 300 ms delay is due, and ready, at 310 ms.
         assert!(
-            sent.elapsed() >= Duration::from_millis(due),
+            sent.elapsed() + Duration::from_millis(1) >= Duration::from_millis(due),
             "{content} arrived after {:?}",
             sent.elapsed()
         );
@@ -485,7 +488,8 @@ fn a_delayed_message_keeps_its_due_time_over_restarts() {
     consumer.frame_of(CONSUME, &[(1, b"patient"), (4, b"2")]);
     let (first, _, _) = dispatch(&mut consumer);
     assert_eq!(first, "first");
-    assert!(sent.elapsed() >= Duration::from_millis(2500));
+    // Whole milliseconds, as above.
+    assert!(sent.elapsed() + Duration::from_millis(1) >= Duration::from_millis(2500));
     let (second, _, _) = dispatch(&mut consumer);
     assert_eq!(second, "second");
 }
