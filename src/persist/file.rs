@@ -495,12 +495,27 @@ impl FileDb {
     }
 
     /// Runs SQLite's checkpoint in `mode`: the log's content is in the file after it.
+    /// A checkpoint another reader holds back (an operator's `sqlite3` on the file, a backup
+    /// being taken) reports it in its result row, not as an error: it is one here, since the
+    /// log was then not folded in.
     fn run_checkpoint(&self, mode: &str) -> rusqlite::Result<()> {
         let mut statement = self
             .conn
             .prepare(&format!("PRAGMA wal_checkpoint({mode})"))?;
         let mut rows = statement.query([])?;
-        while rows.next()?.is_some() {}
+        let mut blocked = false;
+        while let Some(row) = rows.next()? {
+            blocked |= row.get::<_, i64>(0)? != 0;
+        }
+        if blocked {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                Some(format!(
+                    "folding the log of {} was held back by another reader",
+                    self.path.display()
+                )),
+            ));
+        }
         self.wal_frames.store(0, Ordering::Relaxed);
         Ok(())
     }

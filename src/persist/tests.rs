@@ -419,3 +419,27 @@ fn a_log_that_cannot_be_folded_in_is_not_replaced_by_a_full_copy() {
     drop(state);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A fold that another reader holds back (an operator's `sqlite3` reading the file) reports
+/// itself as failed: SQLite says so in the checkpoint's result, not with an error.
+#[test]
+fn a_fold_held_back_by_a_reader_fails() {
+    let (dir, path) = new_phpmq_file("phpmq-fold-busy");
+    let file = file::FileDb::open(&path).unwrap();
+    file.apply(&[insert(1)], file::Run::Durable).unwrap();
+    let reader = rusqlite::Connection::open(&path).unwrap();
+    reader.busy_timeout(Duration::from_millis(10)).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let rows: i64 = reader
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1, "the reader's snapshot holds the log");
+    file.apply(&[insert(2)], file::Run::Durable).unwrap();
+    assert!(file.fold_all().is_err(), "held back");
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    file.fold_all().unwrap();
+    file.close().unwrap();
+    assert_eq!(rows_in(&path), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
