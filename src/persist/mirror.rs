@@ -46,10 +46,15 @@ pub struct Mirror {
     pub writer: Sender<Command>,
     pub target: PathBuf,
     pub health: Arc<Mutex<MirrorHealth>>,
+    /// Runs in a row whose log would not fold in before a full copy (see `once`).
+    failed_folds: std::cell::Cell<u32>,
 }
 
 /// The running mirror thread: closing `stop` ends it, and joining gives its state back.
 pub type Running = (Sender<()>, JoinHandle<MirrorState>);
+
+/// Runs in a row that fail to fold a log in before a full copy, before it is written anyway.
+const FOLDS_BEFORE_COPYING_ANYWAY: u32 = 3;
 
 /// Changes a failed run left in hand are kept for the next try, within bounds; past them, the
 /// next mirror that can writes the file in full from memory.
@@ -69,6 +74,21 @@ pub(super) enum Outcome {
 }
 
 impl Mirror {
+    pub fn new(
+        shared: Arc<Shared>,
+        writer: Sender<Command>,
+        target: PathBuf,
+        health: Arc<Mutex<MirrorHealth>>,
+    ) -> Mirror {
+        Mirror {
+            shared,
+            writer,
+            target,
+            health,
+            failed_folds: std::cell::Cell::new(0),
+        }
+    }
+
     /// Starts the thread, mirroring every `interval`; `alarm` goes off if it panics.
     pub fn spawn(
         self,
@@ -179,17 +199,31 @@ impl Mirror {
             // A full copy replaces the file and its log: the log is folded in first. Putting
             // the copy in place removes a log left beside the file, and a crash between that
             // and the rename would leave the old file without the synced commits its log
-            // held. A log that cannot be folded in (a failing disk) fails the run instead, and
-            // the file stays as it is; the changes taken stay in hand for the next run, which
-            // replays them or copies.
-            if let Err(source) = file.fold_all() {
-                state.in_hand.extend(taken.ops);
-                keep_within_bounds(state);
-                return Err(PersistError::Sqlite {
-                    action: "fold the write-ahead log into",
-                    path: self.target.clone(),
-                    source,
-                });
+            // held. A log that cannot be folded in (a failing disk, a reader holding it) fails
+            // the run instead, and the file stays as it is; the changes taken stay in hand for
+            // the next run, which replays them or copies. After a few such runs the copy is
+            // written anyway: a disk that fails only under the old file must not stop the
+            // mirror for good (the window above is then the risk left).
+            match file.fold_all() {
+                Ok(()) => self.failed_folds.set(0),
+                Err(source) if self.failed_folds.get() + 1 < FOLDS_BEFORE_COPYING_ANYWAY => {
+                    self.failed_folds.set(self.failed_folds.get() + 1);
+                    state.in_hand.extend(taken.ops);
+                    keep_within_bounds(state);
+                    return Err(PersistError::Sqlite {
+                        action: "fold the write-ahead log into",
+                        path: self.target.clone(),
+                        source,
+                    });
+                }
+                Err(source) => {
+                    self.failed_folds.set(0);
+                    warn!(
+                        "the write-ahead log of {} would not fold in ({source}); writing the \
+                         file in full anyway",
+                        self.target.display()
+                    );
+                }
             }
         } else if state.file.is_some() {
             // Only dropped: folding its log in would write to a file no longer at the path,

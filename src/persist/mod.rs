@@ -217,12 +217,12 @@ impl Persistence {
                     writer::run(&shared, &commands, &fetches, &callbacks)
                 })?,
         );
-        let mirror = Mirror {
-            shared: self.shared.clone(),
-            writer: self.commands.clone(),
-            target: self.target.clone(),
-            health: self.health.clone(),
-        };
+        let mirror = Mirror::new(
+            self.shared.clone(),
+            self.commands.clone(),
+            self.target.clone(),
+            self.health.clone(),
+        );
         self.mirror = Some(mirror.spawn(state, self.interval, PanicAlarm(on_fatal))?);
         Ok(())
     }

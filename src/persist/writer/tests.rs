@@ -89,12 +89,12 @@ fn a_tick_takes_every_change_sent_before_it() {
         ring: shared.writer_bell(),
         submitted: 0,
     };
-    let mirror = crate::persist::mirror::Mirror {
-        shared: shared.clone(),
-        writer: commands.clone(),
-        target: std::env::temp_dir().join("phpmq-unused.sqlite"),
-        health: Arc::default(),
-    };
+    let mirror = crate::persist::mirror::Mirror::new(
+        shared.clone(),
+        commands.clone(),
+        std::env::temp_dir().join("phpmq-unused.sqlite"),
+        Arc::default(),
+    );
     let (_stop, stopped) = crossbeam_channel::bounded::<()>(1);
     assert!(mirror.commit_gathered(&stopped), "nothing pending: at once");
     store.apply(insert(1));
