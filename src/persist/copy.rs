@@ -11,6 +11,7 @@ use super::health::MirrorReport;
 use super::schema;
 use super::shared::Shared;
 use crate::store::now_millis;
+use log::warn;
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 use std::fs::{self, File};
@@ -74,6 +75,35 @@ pub fn create_temp(temp: &Path) -> Result<Connection, PersistError> {
     Ok(file)
 }
 
+/// A log still beside the file about to be replaced (closing the file could not fold it in: a
+/// failing disk) may hold synced commits the file itself lacks. Removing it and then crashing
+/// before the rename would lose them, so one more fold is tried first. Best effort: the copy
+/// about to be put in place holds everything anyway, and only that crash window is at stake.
+pub(super) fn fold_leftover_log(target: &Path) {
+    let mut wal = target.as_os_str().to_owned();
+    wal.push("-wal");
+    if fs::metadata(&wal).map_or(true, |m| m.len() == 0) || !target.exists() {
+        return;
+    }
+    let folded =
+        Connection::open_with_flags(target, OpenFlags::SQLITE_OPEN_READ_WRITE).and_then(|conn| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                row.get::<_, i64>(0)
+            })
+        });
+    match folded {
+        Ok(0) => {}
+        Ok(_) => warn!(
+            "the write-ahead log beside {} was held back by a reader; replacing it unfolded",
+            target.display()
+        ),
+        Err(e) => warn!(
+            "the write-ahead log beside {} would not fold in ({e}); replacing it unfolded",
+            target.display()
+        ),
+    }
+}
+
 /// Makes a complete copy at `temp` the mirror: sync it, rename it over `target`, sync the
 /// directory. Returns its size.
 pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
@@ -81,6 +111,7 @@ pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
     synced.sync_all().map_err(io_error("sync", temp))?;
     let bytes = synced.metadata().map(|m| m.len()).unwrap_or_default();
     drop(synced);
+    fold_leftover_log(target);
     // A write-ahead log left beside the target belongs to the file being replaced: SQLite
     // would replay it into the new one. Nobody has the target open now (the mirror closed it).
     for suffix in ["-wal", "-shm"] {

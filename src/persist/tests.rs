@@ -452,3 +452,28 @@ fn a_fold_held_back_by_a_reader_fails() {
     assert_eq!(rows_in(&path), 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Before a full copy replaces a file whose log could not be folded in as it closed, one more
+/// fold is tried: the commits in the log reach the file itself before the log is removed.
+#[test]
+fn a_log_left_beside_a_file_is_folded_in_before_the_file_is_replaced() {
+    let (dir, path) = new_phpmq_file("phpmq-leftover-log");
+    let file = file::FileDb::open(&path).unwrap();
+    file.apply(&[insert(1), insert(2)], file::Run::Durable)
+        .unwrap();
+    // The file and its log as a crash (or a close that failed) leaves them.
+    let left = dir.join("left.sqlite");
+    std::fs::copy(&path, &left).unwrap();
+    std::fs::copy(dir.join("phpmq.sqlite-wal"), dir.join("left.sqlite-wal")).unwrap();
+    let left_wal = dir.join("left.sqlite-wal");
+    assert!(std::fs::metadata(&left_wal).unwrap().len() > 0);
+    copy::fold_leftover_log(&left);
+    assert!(
+        std::fs::metadata(&left_wal).map_or(true, |m| m.len() == 0),
+        "folded in and emptied"
+    );
+    std::fs::remove_file(&left_wal).ok();
+    assert_eq!(rows_in(&left), 2, "the file itself holds the log's commits");
+    file.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
