@@ -97,7 +97,13 @@ impl Coalesced {
         // `filter_map` over the array's own iterator collects into the same allocation (an
         // `Option<StoreOp>` is as large as a `StoreOp`), not into a second array as long.
         #[allow(clippy::filter_map_identity)]
-        self.slots.into_iter().filter_map(|slot| slot).collect()
+        let mut ops: Vec<StoreOp> = self.slots.into_iter().filter_map(|slot| slot).collect();
+        // Mostly cancelled (a flood sent and acknowledged between two mirrors): the room of
+        // the cancelled slots is not kept for as long as the ops are.
+        if ops.len() < ops.capacity() / 2 {
+            ops.shrink_to_fit();
+        }
+        ops
     }
 }
 
@@ -300,6 +306,18 @@ mod tests {
             array,
             "collected in place, not copied"
         );
+
+        // Mostly cancelled: the room of the cancelled slots is given back.
+        let mut coalesced = Coalesced::default();
+        for seq in 1..=1000 {
+            coalesced.push(insert(seq));
+        }
+        for seq in 1..=900 {
+            coalesced.push(delete(seq));
+        }
+        let ops = coalesced.into_ops();
+        assert_eq!(ops.len(), 100);
+        assert!(ops.capacity() < 500, "capacity {}", ops.capacity());
     }
 
     #[test]
