@@ -75,13 +75,20 @@ pub fn create_temp(temp: &Path) -> Result<Connection, PersistError> {
     Ok(file)
 }
 
+/// The file SQLite keeps beside the database at `path` with `suffix` (`-wal`, `-shm`,
+/// `-journal`).
+pub(super) fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
+}
+
 /// A log still beside the file about to be replaced (closing the file could not fold it in: a
 /// failing disk) may hold synced commits the file itself lacks. Removing it and then crashing
 /// before the rename would lose them, so one more fold is tried first. Best effort: the copy
 /// about to be put in place holds everything anyway, and only that crash window is at stake.
 pub(super) fn fold_leftover_log(target: &Path) {
-    let mut wal = target.as_os_str().to_owned();
-    wal.push("-wal");
+    let wal = beside(target, "-wal");
     if fs::metadata(&wal).map_or(true, |m| m.len() == 0) || !target.exists() {
         return;
     }
@@ -115,11 +122,10 @@ pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
     // A write-ahead log left beside the target belongs to the file being replaced: SQLite
     // would replay it into the new one. Nobody has the target open now (the mirror closed it).
     for suffix in ["-wal", "-shm"] {
-        let mut stale = target.as_os_str().to_owned();
-        stale.push(suffix);
+        let stale = beside(target, suffix);
         match fs::remove_file(&stale) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io_error("remove", Path::new(&stale))(e))
+                return Err(io_error("remove", &stale)(e))
             }
             _ => {}
         }
@@ -216,16 +222,11 @@ pub const PAGE_SIZE: i64 = 16 << 10;
 /// rollback journal lies beside it (a crash in the middle of a mirror, or of switching modes).
 fn needs_recovery(path: &Path) -> bool {
     use std::io::Read;
-    let beside = |suffix: &str| {
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        Path::new(&name).exists()
-    };
     let mut header = [0u8; 20];
     let wal_mode = File::open(path)
         .and_then(|mut f| f.read_exact(&mut header))
         .is_ok_and(|()| header.starts_with(b"SQLite format 3\0") && header[18] == 2);
-    wal_mode || beside("-wal") || beside("-journal")
+    wal_mode || beside(path, "-wal").exists() || beside(path, "-journal").exists()
 }
 
 /// Opens `path` read-only, checks it is a phpmq database, and copies it into memory.

@@ -216,11 +216,7 @@ impl FileDb {
         let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
         let identity = identity(path).map_err(|e| io_failure(path, e))?;
         let current_schema = schema::version(&conn)? == schema::SCHEMA_VERSION;
-        let wal_path: PathBuf = {
-            let mut wal = path.as_os_str().to_owned();
-            wal.push("-wal");
-            wal.into()
-        };
+        let wal_path = super::copy::beside(path, "-wal");
         // Opened now, before any commit (SQLite's reads above created the log's file): Linux
         // reports a failed writeback once to each descriptor open when it happened. One
         // opened later, after SQLite's own sync before a fold had seen the error, would sync
