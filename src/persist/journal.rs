@@ -9,6 +9,10 @@
 //! cost more to replay than copying the store (a burst into a small store): recording a flood
 //! that the next mirror will not replay only takes the writer's time and holds the flood's
 //! content in memory.
+//!
+//! Producers wait on what the journal holds plus the replay under way: both are content held
+//! outside SQLite (about twice its size in memory, for small messages), and a flood into a
+//! large store would otherwise hold one set while the mirror replays the other.
 
 use super::batch::Coalesced;
 use super::file::FileWeight;
@@ -16,11 +20,12 @@ use crate::store::{Backlog, StoreOp};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Content bytes at which producers wait for the mirror to take the journal (it is woken
-/// before its tick at half of that)...
+/// Content bytes, held and being replayed, at which producers wait for the mirror (it is
+/// woken before its tick at half of that)...
 const HIGH_BYTES: usize = 128 << 20;
-/// ...or changes.
-const HIGH_CHANGES: usize = 1 << 20;
+/// ...or changes: each costs about 230 bytes beside its content (its slot, its index entry),
+/// most of what a small message costs. At 256 bytes both marks agree.
+const HIGH_CHANGES: usize = 1 << 19;
 /// Content bytes the journal holds at most before it gives up for a full copy (producers that
 /// do not wait: connections that are closing)...
 const MAX_BYTES: usize = 256 << 20;
@@ -37,6 +42,18 @@ struct State {
     copy_wanted: bool,
     /// What the file holds; `None` until there is a file to replay into.
     file: Option<FileWeight>,
+    /// Changes and content bytes the mirror took and is replaying.
+    replaying: (usize, usize),
+}
+
+impl State {
+    /// What producers wait on: what is held and what is being replayed.
+    fn publish(&self, backlog: &Backlog) {
+        backlog.set(
+            self.pending.len() + self.replaying.0,
+            self.pending.bytes() + self.replaying.1,
+        );
+    }
 }
 
 /// Changes committed to memory and not yet taken by the mirror.
@@ -102,8 +119,10 @@ impl Journal {
             state.pending = Coalesced::default();
             state.copy_wanted = true;
         }
-        self.backlog.set(state.pending.len(), state.pending.bytes());
-        if self.backlog.is_rising() {
+        state.publish(&self.backlog);
+        // On what is held alone: a replay under way would otherwise wake the mirror again for
+        // every batch recorded meanwhile, and each replay that follows would be a small one.
+        if state.pending.len() > HIGH_CHANGES / 2 || state.pending.bytes() > HIGH_BYTES / 2 {
             // Full means a wake-up is already waiting.
             let _ = self.wake.try_send(());
         }
@@ -120,11 +139,15 @@ impl Journal {
         &self.woken
     }
 
-    /// Takes everything recorded so far.
+    /// Takes everything recorded so far. Producers go on waiting for it until the mirror says
+    /// it is done with it ([`Journal::replayed`]).
     pub fn take(&self) -> Taken {
         let (pending, generation, copy_wanted) = {
             let mut state = self.state();
-            self.backlog.set(0, 0);
+            state.replaying = (
+                state.replaying.0 + state.pending.len(),
+                state.replaying.1 + state.pending.bytes(),
+            );
             (
                 std::mem::take(&mut state.pending),
                 state.generation,
@@ -139,6 +162,14 @@ impl Journal {
         }
     }
 
+    /// The mirror is done with what it took: committed to the file, kept for its next try
+    /// (bounded on its side), or given up for a full copy.
+    pub fn replayed(&self) {
+        let mut state = self.state();
+        state.replaying = (0, 0);
+        state.publish(&self.backlog);
+    }
+
     /// A full copy of `file` that reflects every batch recorded so far is complete: start
     /// afresh. Called by the writer, between batches.
     pub fn reset(&self, file: FileWeight) {
@@ -146,7 +177,7 @@ impl Journal {
         state.pending = Coalesced::default();
         state.copy_wanted = false;
         state.file = Some(file);
-        self.backlog.set(0, 0);
+        state.publish(&self.backlog);
     }
 
     /// What the file holds now that the mirror wrote it; `None`: there is no file to replay
@@ -157,7 +188,7 @@ impl Journal {
         if file.is_none() {
             state.pending = Coalesced::default();
             state.copy_wanted = true;
-            self.backlog.set(0, 0);
+            state.publish(&self.backlog);
         }
     }
 
@@ -233,8 +264,40 @@ mod tests {
         journal.record(vec![insert(3, HIGH_BYTES)], 3);
         assert!(journal.backlog().is_high(), "producers wait");
         journal.take();
+        assert!(
+            journal.backlog().is_high(),
+            "producers wait for the replay under way too"
+        );
+        journal.replayed();
         assert!(journal.backlog().is_low());
         assert!(journal.wake_ups().try_recv().is_ok());
+    }
+
+    #[test]
+    fn what_is_replayed_and_what_is_held_count_together() {
+        let journal = journal();
+        journal.record(vec![insert(1, HIGH_BYTES / 4 * 3)], 1);
+        assert!(journal.wake_ups().try_recv().is_ok());
+        let taken = journal.take();
+        assert_eq!(taken.ops.len(), 1);
+
+        // What is recorded during the replay does not wake the mirror again before it is
+        // worth a replay of its own...
+        journal.record(vec![insert(2, 1024)], 2);
+        assert!(journal.wake_ups().try_recv().is_err());
+        assert!(!journal.backlog().is_high());
+        // ...but producers wait once both together pass the mark.
+        journal.record(vec![insert(3, HIGH_BYTES / 2 - 2048)], 3);
+        assert!(journal.backlog().is_high());
+        assert!(journal.wake_ups().try_recv().is_err());
+
+        journal.replayed();
+        assert!(journal.backlog().is_low());
+        assert_eq!(journal.pending(), 2);
+        assert_eq!(
+            journal.take().ops,
+            vec![insert(2, 1024), insert(3, HIGH_BYTES / 2 - 2048)]
+        );
     }
 
     #[test]

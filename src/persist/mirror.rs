@@ -131,6 +131,7 @@ impl Mirror {
                 recv(stop) -> _ => return state,
             };
             let outcome = self.once(&mut state, stop, upkeep);
+            self.shared.journal.replayed();
             self.note_file(&state);
             health::lock(&self.health).held_back = state.in_hand.len();
             match outcome {
@@ -243,6 +244,8 @@ impl Mirror {
             }
         }
         state.in_hand.clear();
+        // Dropped: producers need not wait for the copy.
+        self.shared.journal.replayed();
         let Some(report) = self.full_copy(stop)? else {
             return Ok(Outcome::Stopped);
         };
