@@ -11,18 +11,23 @@ use rusqlite::{params, Connection};
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
+/// Slots per chunk of a [`Coalesced`] (about 450 KB).
+const CHUNK: usize = 4096;
+
 /// A run of changes with the ones that cancel out removed: an insert that a later delete
 /// removes never happened, and a re-queue or return of a message inserted in the same run
 /// rewrites the insert. Pushing costs O(1); the order of what is kept is the order it came in.
+///
+/// The slots grow a chunk at a time: a flood's worth of changes is never copied into an array
+/// twice as large (at a million changes, tens of megabytes held twice for the copy), nor into a
+/// second array when it is handed on ([`Changes`]).
 #[derive(Default)]
 pub struct Coalesced {
-    slots: Vec<Option<StoreOp>>,
+    slots: Changes,
     /// seq → slot of an insert still in `slots` (server-made keys: the fast hasher).
     inserted: rustc_hash::FxHashMap<u64, usize>,
     /// Content bytes held by the inserts still in `slots`.
     bytes: usize,
-    /// Ops still in `slots`.
-    len: usize,
 }
 
 impl Coalesced {
@@ -30,11 +35,11 @@ impl Coalesced {
         match op {
             StoreOp::Delete { seq, .. } if self.inserted.contains_key(&seq) => {
                 if let Some(slot) = self.inserted.remove(&seq) {
-                    if let Some(StoreOp::Insert(message)) = self.slots[slot].take() {
+                    if let Some(StoreOp::Insert(message)) = self.slots.take(slot) {
                         self.bytes -= message.content.len();
-                        self.len -= 1;
                     }
                 }
+                self.compact_if_sparse();
             }
             StoreOp::Requeue {
                 old_seq,
@@ -46,7 +51,7 @@ impl Coalesced {
                 ..
             } if self.inserted.contains_key(&old_seq) => {
                 if let Some(slot) = self.inserted.remove(&old_seq) {
-                    if let Some(StoreOp::Insert(message)) = &mut self.slots[slot] {
+                    if let Some(StoreOp::Insert(message)) = self.slots.get_mut(slot) {
                         message.seq = seq;
                         message.expires_at = expires_at;
                         message.due_at = due_at;
@@ -62,25 +67,41 @@ impl Coalesced {
                 seq, deliveries, ..
             } if self.inserted.contains_key(&seq) => {
                 if let Some(&slot) = self.inserted.get(&seq) {
-                    if let Some(StoreOp::Insert(message)) = &mut self.slots[slot] {
+                    if let Some(StoreOp::Insert(message)) = self.slots.get_mut(slot) {
                         message.deliveries = deliveries;
                     }
                 }
             }
             op => {
                 if let StoreOp::Insert(message) = &op {
-                    self.inserted.insert(message.seq, self.slots.len());
+                    self.inserted.insert(message.seq, self.slots.slots());
                     self.bytes += message.content.len();
                 }
-                self.slots.push(Some(op));
-                self.len += 1;
+                self.slots.push(op);
             }
         }
     }
 
+    /// Mostly cancelled (a flood sent and acknowledged between two mirrors): the room of the
+    /// emptied slots is given back. The cancellations since the last time paid for the copy.
+    fn compact_if_sparse(&mut self) {
+        if self.slots.slots() <= 2 * self.slots.len() + 4 * CHUNK {
+            return;
+        }
+        let live: Changes = std::mem::take(&mut self.slots).into_iter().collect();
+        self.inserted.clear();
+        for (slot, op) in live.iter().enumerate() {
+            if let StoreOp::Insert(message) = op {
+                self.inserted.insert(message.seq, slot);
+            }
+        }
+        self.inserted.shrink_to_fit();
+        self.slots = live;
+    }
+
     /// Ops kept.
     pub fn len(&self) -> usize {
-        self.len
+        self.slots.len()
     }
 
     /// Inserts kept.
@@ -93,17 +114,120 @@ impl Coalesced {
         self.bytes
     }
 
-    pub fn into_ops(self) -> Vec<StoreOp> {
-        // `filter_map` over the array's own iterator collects into the same allocation (an
-        // `Option<StoreOp>` is as large as a `StoreOp`), not into a second array as long.
-        #[allow(clippy::filter_map_identity)]
-        let mut ops: Vec<StoreOp> = self.slots.into_iter().filter_map(|slot| slot).collect();
-        // Mostly cancelled (a flood sent and acknowledged between two mirrors): the room of
-        // the cancelled slots is not kept for as long as the ops are.
-        if ops.len() < ops.capacity() / 2 {
-            ops.shrink_to_fit();
+    /// The ops kept, in the order they came in.
+    pub fn into_changes(self) -> Changes {
+        self.slots
+    }
+}
+
+/// Ops in the order they came in, as the chunks a [`Coalesced`] gathered them in (with the
+/// slots of cancelled ops left empty). Handed on as they are: from the journal to the mirror,
+/// and kept by a mirror that failed.
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    chunks: Vec<Vec<Option<StoreOp>>>,
+    /// Ops in the slots.
+    len: usize,
+}
+
+impl Changes {
+    pub fn push(&mut self, op: StoreOp) {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() < CHUNK => chunk.push(Some(op)),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(Some(op));
+                self.chunks.push(chunk);
+            }
         }
-        ops
+        self.len += 1;
+    }
+
+    /// Slots so far, used or emptied: the index the next push takes.
+    fn slots(&self) -> usize {
+        // Every chunk but the last is full.
+        self.chunks.len().saturating_sub(1) * CHUNK + self.chunks.last().map_or(0, Vec::len)
+    }
+
+    fn get_mut(&mut self, slot: usize) -> Option<&mut StoreOp> {
+        self.chunks
+            .get_mut(slot / CHUNK)?
+            .get_mut(slot % CHUNK)?
+            .as_mut()
+    }
+
+    fn take(&mut self, slot: usize) -> Option<StoreOp> {
+        let op = self
+            .chunks
+            .get_mut(slot / CHUNK)?
+            .get_mut(slot % CHUNK)?
+            .take();
+        if op.is_some() {
+            self.len -= 1;
+        }
+        op
+    }
+
+    /// The ops of `other` after these.
+    pub fn append(&mut self, other: Changes) {
+        self.len += other.len;
+        self.chunks.extend(other.chunks);
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &StoreOp> + Clone {
+        self.chunks.iter().flatten().flatten()
+    }
+
+    /// Content bytes of the inserts.
+    pub fn content_len(&self) -> usize {
+        self.iter().map(StoreOp::content_len).sum()
+    }
+}
+
+impl<'a> IntoIterator for &'a Changes {
+    type Item = &'a StoreOp;
+    type IntoIter =
+        std::iter::Flatten<std::iter::Flatten<std::slice::Iter<'a, Vec<Option<StoreOp>>>>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.chunks.iter().flatten().flatten()
+    }
+}
+
+impl IntoIterator for Changes {
+    type Item = StoreOp;
+    type IntoIter =
+        std::iter::Flatten<std::iter::Flatten<std::vec::IntoIter<Vec<Option<StoreOp>>>>>;
+
+    /// Frees each chunk once its ops are taken.
+    fn into_iter(self) -> Self::IntoIter {
+        self.chunks.into_iter().flatten().flatten()
+    }
+}
+
+/// Compares the ops in order, whatever the chunks.
+#[cfg(test)]
+impl PartialEq<Vec<StoreOp>> for Changes {
+    fn eq(&self, ops: &Vec<StoreOp>) -> bool {
+        self.iter().eq(ops.iter())
+    }
+}
+
+impl FromIterator<StoreOp> for Changes {
+    fn from_iter<I: IntoIterator<Item = StoreOp>>(ops: I) -> Changes {
+        let mut changes = Changes::default();
+        for op in ops {
+            changes.push(op);
+        }
+        changes
     }
 }
 
@@ -113,7 +237,7 @@ pub fn coalesce(ops: Vec<StoreOp>) -> Vec<StoreOp> {
     for op in ops {
         coalesced.push(op);
     }
-    coalesced.into_ops()
+    coalesced.into_changes().into_iter().collect()
 }
 
 /// Inserts per multi-row INSERT statement: one statement costs about as much as a row.
@@ -146,7 +270,10 @@ fn stored_time(at: u64) -> i64 {
 /// never touched again, so the batch is applied by kind: inserts in multi-row statements, then
 /// re-queues, then deletes as ranges of consecutive positions (consumers acknowledge in FIFO
 /// order, so deletes mostly come in long runs).
-pub fn apply(conn: &Connection, ops: &[StoreOp]) -> rusqlite::Result<i64> {
+pub fn apply<'a>(
+    conn: &Connection,
+    ops: impl IntoIterator<Item = &'a StoreOp>,
+) -> rusqlite::Result<i64> {
     let mut inserts: Vec<&StoredMessage> = Vec::new();
     let mut requeues = Vec::new();
     let mut returns = Vec::new();
@@ -288,36 +415,64 @@ mod tests {
     use crate::id::MessageId;
 
     #[test]
-    fn unpacking_a_flood_reuses_its_array() {
-        assert_eq!(
-            std::mem::size_of::<Option<StoreOp>>(),
-            std::mem::size_of::<StoreOp>()
-        );
+    fn a_flood_is_handed_on_as_it_was_gathered() {
         let mut coalesced = Coalesced::default();
-        for seq in 1..=1000 {
+        for seq in 1..=10_000 {
             coalesced.push(insert(seq));
         }
         coalesced.push(delete(500));
-        let array = coalesced.slots.as_ptr() as usize;
-        let ops = coalesced.into_ops();
-        assert_eq!(ops.len(), 999);
+        let first_chunk = coalesced.slots.chunks[0].as_ptr() as usize;
+        assert_eq!(coalesced.slots.chunks.len(), 10_000usize.div_ceil(CHUNK));
+        let changes = coalesced.into_changes();
+        assert_eq!(changes.len(), 9_999);
         assert_eq!(
-            ops.as_ptr() as usize,
-            array,
-            "collected in place, not copied"
+            changes.chunks[0].as_ptr() as usize,
+            first_chunk,
+            "handed on, not copied"
         );
+        let seqs: Vec<u64> = changes
+            .iter()
+            .map(|op| match op {
+                StoreOp::Insert(m) => m.seq,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, (1..=10_000).filter(|&s| s != 500).collect::<Vec<_>>());
+    }
 
-        // Mostly cancelled: the room of the cancelled slots is given back.
+    #[test]
+    fn a_mostly_cancelled_run_gives_its_room_back() {
         let mut coalesced = Coalesced::default();
-        for seq in 1..=1000 {
+        for seq in 1..=100_000 {
             coalesced.push(insert(seq));
         }
-        for seq in 1..=900 {
+        coalesced.push(delete(1_000_000));
+        for seq in 1..=90_000 {
             coalesced.push(delete(seq));
         }
-        let ops = coalesced.into_ops();
-        assert_eq!(ops.len(), 100);
-        assert!(ops.capacity() < 500, "capacity {}", ops.capacity());
+        assert_eq!(coalesced.len(), 10_001);
+        assert!(
+            coalesced.slots.slots() <= 2 * coalesced.len() + 4 * CHUNK,
+            "{} slots for {} ops",
+            coalesced.slots.slots(),
+            coalesced.len()
+        );
+        // The index still finds what is left, in its new slots.
+        coalesced.push(delete(95_000));
+        coalesced.push(StoreOp::Returned {
+            id: MessageId::from_u128(99_999),
+            seq: 99_999,
+            deliveries: 3,
+        });
+        assert_eq!(coalesced.len(), 10_000);
+        let ops: Vec<StoreOp> = coalesced.into_changes().into_iter().collect();
+        assert_eq!(ops[0], insert(90_001), "the order is kept");
+        assert_eq!(ops.last(), Some(&delete(1_000_000)));
+        assert!(!ops.contains(&insert(95_000)));
+        assert!(ops
+            .iter()
+            .any(|op| matches!(op, StoreOp::Insert(m) if m.seq == 99_999 && m.deliveries == 3)));
+        assert_eq!(ops.len(), 10_000);
     }
 
     #[test]
@@ -352,7 +507,8 @@ mod tests {
         assert_eq!((coalesced.len(), coalesced.bytes()), (2, 1));
         coalesced.push(delete(2));
         assert_eq!((coalesced.len(), coalesced.bytes()), (1, 0));
-        assert_eq!(coalesced.into_ops(), vec![delete(9)]);
+        let ops: Vec<StoreOp> = coalesced.into_changes().into_iter().collect();
+        assert_eq!(ops, vec![delete(9)]);
     }
 
     #[test]

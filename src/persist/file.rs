@@ -296,7 +296,13 @@ impl FileDb {
     /// large. On a mirror's tick or the final mirror (not a run early for a durable receipt),
     /// when idle, it also gives back a step of free space and folds the log in; on a tick, it
     /// gives an empty log its room (not before a close, which empties the log anyway).
-    pub fn apply(&self, ops: &[StoreOp], run: Run) -> rusqlite::Result<Applied> {
+    pub fn apply<'a, I>(&self, ops: I, run: Run) -> rusqlite::Result<Applied>
+    where
+        I: IntoIterator<Item = &'a StoreOp>,
+        I::IntoIter: Clone,
+    {
+        let ops = ops.into_iter();
+        let no_ops = ops.clone().next().is_none();
         let upkeep = matches!(run, Run::Tick | Run::Final);
         // Reading /proc costs a few system calls: a run for a durable receipt counts what it
         // added to the log instead.
@@ -310,16 +316,16 @@ impl FileDb {
         // the early runs take every change and leave the tick nothing, but folding the log
         // or giving space back then would hold up the receipts that come meanwhile.
         let idle = if upkeep {
-            !self.wrote_since_tick.replace(false) && ops.is_empty()
+            !self.wrote_since_tick.replace(false) && no_ops
         } else {
-            if !ops.is_empty() {
+            if !no_ops {
                 self.wrote_since_tick.set(true);
             }
             false
         };
         // Space is given back on a mirror with nothing else to do: during a drain, moving
         // pages would only add to what the drain writes.
-        let (row_delta, shrunk) = if ops.is_empty() {
+        let (row_delta, shrunk) = if no_ops {
             (0, idle && self.shrink_step()?)
         } else {
             (batch::apply(&self.conn, ops)?, false)
@@ -379,7 +385,7 @@ impl FileDb {
             None if !folded => Some(wal.saturating_sub(wal_before).max(0) as u64),
             None => None,
         };
-        if !ops.is_empty() {
+        if !no_ops {
             self.unsynced.set(true);
         }
         // Only what a receipt or the loss window needs is synced: a run early for leftover
@@ -395,7 +401,7 @@ impl FileDb {
             }
         }
         Ok(Applied {
-            wrote: !ops.is_empty() || shrunk || folded || made_room,
+            wrote: !no_ops || shrunk || folded || made_room,
             row_delta,
             synced: !self.unsynced.get(),
             sync_error,

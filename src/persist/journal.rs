@@ -14,7 +14,7 @@
 //! outside SQLite (about twice its size in memory, for small messages), and a flood into a
 //! large store would otherwise hold one set while the mirror replays the other.
 
-use super::batch::Coalesced;
+use super::batch::{Changes, Coalesced};
 use super::file::FileWeight;
 use crate::store::{Backlog, StoreOp};
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -80,7 +80,7 @@ impl Default for Journal {
 
 /// What the mirror took.
 pub struct Taken {
-    pub ops: Vec<StoreOp>,
+    pub ops: Changes,
     /// The writer generation the ops bring the file up to.
     pub generation: u64,
     /// The ops are incomplete: the file needs a full copy.
@@ -94,7 +94,7 @@ impl Journal {
     }
 
     /// Records a batch the writer committed as `generation`.
-    pub fn record(&self, ops: Vec<StoreOp>, generation: u64) {
+    pub fn record(&self, ops: impl IntoIterator<Item = StoreOp>, generation: u64) {
         let mut state = self.state();
         state.generation = generation;
         if state.copy_wanted {
@@ -154,9 +154,9 @@ impl Journal {
                 state.copy_wanted,
             )
         };
-        // Unpacked outside the lock: the writer records its next batch meanwhile.
+        // Its index freed outside the lock: the writer records its next batch meanwhile.
         Taken {
-            ops: pending.into_ops(),
+            ops: pending.into_changes(),
             generation,
             copy_wanted,
         }

@@ -4,13 +4,14 @@
 //! failing mirror keeps its changes for the next try, within bounds, and is counted in
 //! [`MirrorHealth`].
 
+use super::batch::Changes;
 use super::copy;
 use super::error::PersistError;
 use super::file::{FileDb, Run};
 use super::health::{self, MirrorHealth, MirrorReport};
 use super::shared::{PanicAlarm, Shared};
 use super::writer::Command;
-use crate::store::{now_millis, StoreOp};
+use crate::store::now_millis;
 use crossbeam_channel::{bounded, select, tick, Receiver, Sender};
 use log::{error, warn};
 use std::io;
@@ -36,7 +37,7 @@ pub struct MirrorState {
     /// Messages in the file.
     pub rows: i64,
     /// Changes taken from the journal that are not in the file yet (their mirror failed).
-    pub in_hand: Vec<StoreOp>,
+    pub in_hand: Changes,
 }
 
 /// The mirror thread: on every tick, brings the file up to date.
@@ -59,9 +60,8 @@ const FOLDS_BEFORE_COPYING_ANYWAY: u32 = 3;
 /// Changes a failed run left in hand are kept for the next try, within bounds; past them, the
 /// next mirror that can writes the file in full from memory.
 fn keep_within_bounds(state: &mut MirrorState) {
-    let content: usize = state.in_hand.iter().map(StoreOp::content_len).sum();
-    if state.in_hand.len() > MAX_IN_HAND || content > MAX_IN_HAND_BYTES {
-        state.in_hand.clear();
+    if state.in_hand.len() > MAX_IN_HAND || state.in_hand.content_len() > MAX_IN_HAND_BYTES {
+        state.in_hand = Changes::default();
         state.file = None;
     }
 }
@@ -192,7 +192,7 @@ impl Mirror {
             // cheaper to copy than to replay.
             let outweighs = || {
                 file.weight(state.rows)
-                    .replay_of_outweighs_copy(state.in_hand.iter().chain(&taken.ops))
+                    .replay_of_outweighs_copy(state.in_hand.iter().chain(taken.ops.iter()))
             };
             if !taken.copy_wanted && !outweighs() {
                 return self.apply_changes(state, taken.ops, taken.generation, upkeep);
@@ -209,7 +209,7 @@ impl Mirror {
                 Ok(()) => self.failed_folds.set(0),
                 Err(source) if self.failed_folds.get() + 1 < FOLDS_BEFORE_COPYING_ANYWAY => {
                     self.failed_folds.set(self.failed_folds.get() + 1);
-                    state.in_hand.extend(taken.ops);
+                    state.in_hand.append(taken.ops);
                     keep_within_bounds(state);
                     return Err(PersistError::Sqlite {
                         action: "fold the write-ahead log into",
@@ -243,7 +243,7 @@ impl Mirror {
                 );
             }
         }
-        state.in_hand.clear();
+        state.in_hand = Changes::default();
         // Dropped: producers need not wait for the copy.
         self.shared.journal.replayed();
         let Some(report) = self.full_copy(stop)? else {
@@ -265,7 +265,7 @@ impl Mirror {
     fn apply_changes(
         &self,
         state: &mut MirrorState,
-        ops: Vec<StoreOp>,
+        ops: Changes,
         generation: u64,
         upkeep: bool,
     ) -> Result<Outcome, PersistError> {
@@ -273,14 +273,9 @@ impl Mirror {
             return Ok(Outcome::Done(None));
         };
         let started = Instant::now();
-        // Nothing changed: the file may still have space to give back.
-        if state.in_hand.is_empty() {
-            // The usual case: no failed run left changes behind. Taken as it is, not copied
-            // into a second array as long (a flood's worth of changes at the memory peak).
-            state.in_hand = ops;
-        } else {
-            state.in_hand.extend(ops);
-        }
+        // After what a failed run left, if any (its chunks moved, not copied). Nothing
+        // changed: the file may still have space to give back.
+        state.in_hand.append(ops);
         let run = if upkeep {
             Run::Tick
         } else if self.shared.durable.is_wanted() {
@@ -299,9 +294,9 @@ impl Mirror {
             }
             Ok(applied) => {
                 state.rows += applied.row_delta;
-                let content: usize = state.in_hand.iter().map(StoreOp::content_len).sum();
+                let content = state.in_hand.content_len();
                 // Committed, synced or not: never to be replayed.
-                state.in_hand = Vec::new();
+                state.in_hand = Changes::default();
                 if let Some(source) = applied.sync_error {
                     let path = file.log_path().to_owned();
                     // Never trusted again (see `FileDb`): the next mirror writes it in full.

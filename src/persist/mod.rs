@@ -287,10 +287,10 @@ impl Persistence {
                 && !taken.copy_wanted
                 && !f
                     .weight(rows)
-                    .replay_of_outweighs_copy(in_hand.iter().chain(&taken.ops))
+                    .replay_of_outweighs_copy(in_hand.iter().chain(taken.ops.iter()))
         };
         if let Some(file) = file.filter(replay) {
-            in_hand.extend(taken.ops);
+            in_hand.append(taken.ops);
             match file.apply(&in_hand, file::Run::Final) {
                 Ok(Applied {
                     synced: true,

@@ -406,7 +406,7 @@ fn a_log_that_cannot_be_folded_in_is_not_replaced_by_a_full_copy() {
     let mut state = mirror::MirrorState {
         file: Some(file),
         rows: 1,
-        in_hand: Vec::new(),
+        in_hand: Default::default(),
     };
     let (_stop, stopped) = unbounded();
     let wal = dir.join("phpmq.sqlite-wal");
