@@ -19,11 +19,9 @@ ROUNDS=${ROUNDS:-6}
 ARGS=${ARGS:--P 2 -C 2 -K 16 -N 200000 -S 256 --confirm -W 16}
 CLIENT=${CLIENT:-$PWD/target/release/phpmq}
 [ $# -ge 2 ] || { echo "usage: $0 NAME=PATH NAME=PATH [...]" >&2; exit 2; }
-work=$(mktemp -d "${DBDIR:-$PWD}/.bench-ab-confirm.XXXXXX")
-pid=""
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 150); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
+make_work "${DBDIR:-$PWD}/.bench-ab-confirm.XXXXXX"
 cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{printf "%d", ($14 + $15) * 1000 / hz}' "/proc/$1/stat"; }
 
 echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) rounds=$ROUNDS args: $ARGS"
@@ -46,14 +44,4 @@ for round in $(seq "$ROUNDS"); do
             "$name" "$round" "${rate:-0}" "${receipt:--}" "$((after - before))" | tee -a "$work/results"
     done
 done
-python3 - "$work/results" <<'EOF'
-import statistics, sys
-runs = {}
-for line in open(sys.argv[1]):
-    fields = line.split()
-    values = dict(f.split("=", 1) for f in fields if "=" in f)
-    runs.setdefault(fields[0], []).append(int(values["msgs_per_s"]))
-for name, rates in runs.items():
-    print("%-12s median %8d msg/s  ( %s )" % (name, statistics.median(rates),
-                                             " ".join(str(r) for r in sorted(rates))))
-EOF
+medians "$work/results" msgs_per_s receipt_p50_us

@@ -21,11 +21,10 @@ MQBENCH_SRC=${MQBENCH_SRC:-../shared/bench}
 [ $# -ge 2 ] || { echo "usage: $0 NAME=PATH NAME=PATH [...]" >&2; exit 2; }
 CARGO_TARGET_DIR=/tmp/mqbench-target cargo build --release --quiet --manifest-path "$MQBENCH_SRC/Cargo.toml"
 mqbench=/tmp/mqbench-target/release/mqbench
-work=$(mktemp -d)
-pid=""
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"' EXIT
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
+make_work "${TMPDIR:-/tmp}/bench-ab.XXXXXX"
 results=$work/results
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 for round in $(seq "$ROUNDS"); do
   for build in "$@"; do
@@ -36,7 +35,7 @@ for round in $(seq "$ROUNDS"); do
     if [ "$UNIX" = 1 ]; then addr=unix:$dir/phpmq.sock unix_args=(--listen "unix:$dir/phpmq.sock"); fi
     "$bin" --listen "127.0.0.1:$port" "${unix_args[@]}" --admin none --db "$dir/phpmq.sqlite" 2>"$dir/log" &
     pid=$!
-    for _ in $(seq 150); do grep -q "ready;" "$dir/log" && break; sleep 0.1; done
+    wait_ready "$dir/log"
     for scenario in $SCENARIOS; do
       "$mqbench" --driver phpmq --addr "$addr" -S "$SIZE" -N "$N" -P 2 -C 2 -K 16 \
           --scenario "$scenario" -W 16 -R 1 --label "$name" | grep -v '^#' |

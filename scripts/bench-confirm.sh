@@ -30,8 +30,8 @@ work=$(mktemp -d /tmp/phpmq-confirm.XXXXXX)
 pid=""
 stop() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi; pid=""; }
 trap 'stop; rm -rf "$work"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 150); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
 
 start() { # config -> pid, port
     local cfg=$1 dir=$work/$1

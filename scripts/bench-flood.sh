@@ -15,10 +15,9 @@ cd "$(dirname "$0")/.."
 N=${N:-1000000}
 ROUNDS=${ROUNDS:-4}
 [ $# -ge 1 ] || { echo "usage: $0 NAME=DIR [NAME=DIR ...]" >&2; exit 2; }
-work=$(mktemp -d "${DBDIR:-$PWD}/.bench-flood.XXXXXX")
-pid=""
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
+make_work "${DBDIR:-$PWD}/.bench-flood.XXXXXX"
 status() { awk -v k="$2" '$1 == k":" {printf "%d", $2 / 1024}' "/proc/$1/status"; }
 echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) N=$N rounds=$ROUNDS"
 for round in $(seq "$ROUNDS"); do
@@ -29,14 +28,14 @@ for round in $(seq "$ROUNDS"); do
         "$dir/phpmq-server" --listen "127.0.0.1:$port" --admin none \
             --db "$work/db/phpmq.sqlite" --log-level debug 2>"$work/log" &
         pid=$!
-        for _ in $(seq 200); do grep -q "ready;" "$work/log" && break; sleep 0.05; done
+        wait_ready "$work/log"
         start=$(date +%s.%N)
         python3 -c "import sys; sys.stdout.write(('x' * 256 + '\n') * $N)" |
             "$dir/phpmq" --server "127.0.0.1:$port" send flood
         sent=$(date +%s.%N)
         # The mirror's debug line for the run that brought the file to N messages.
         for _ in $(seq 1200); do grep -q "] mirrored $N messages" "$work/log" && break; sleep 0.05; done
-        in_file=$(grep -m 1 "] mirrored $N messages" "$work/log" | cut -c1-30 | xargs -r -I{} date -d {} +%s.%N)
+        in_file=$(grep -m 1 "] mirrored $N messages" "$work/log" | awk '{print $1}' | xargs -r -I{} date -d {} +%s.%N)
         printf '%-10s round %2d send_s=%.2f in_file_s=%.2f peak_mb=%s rss_mb=%s written_mb=%d\n' \
             "$name" "$round" "$(echo "$sent - $start" | bc)" "$(echo "${in_file:-0} - $start" | bc)" \
             "$(status "$pid" VmHWM)" "$(status "$pid" VmRSS)" \
@@ -44,16 +43,4 @@ for round in $(seq "$ROUNDS"); do
         kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
     done
 done
-python3 - "$work/results" <<'EOF'
-import statistics, sys
-runs = {}
-for line in open(sys.argv[1]):
-    fields = line.split()
-    values = dict(f.split("=") for f in fields[3:])
-    runs.setdefault(fields[0], []).append(values)
-for name, values in runs.items():
-    peaks = sorted(int(v["peak_mb"]) for v in values)
-    in_file = sorted(float(v["in_file_s"]) for v in values)
-    print(f"{name:10} peak MB median {statistics.median(peaks):.0f} ({' '.join(map(str, peaks))}); "
-          f"in the file after {statistics.median(in_file):.2f} s median")
-EOF
+medians "$work/results" peak_mb in_file_s send_s

@@ -31,7 +31,8 @@ stop() {
 }
 trap 'stop; rm -rf "$work"' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
 wait_for() { # a test command, tried for 15 s
     for _ in $(seq 150); do eval "$1" 2>/dev/null && return 0; sleep 0.1; done
     echo "# server did not come up" >&2; return 1

@@ -26,10 +26,8 @@ mqbench=/tmp/mqbench-target/release/mqbench
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
-wait_ready() {
-  for _ in $(seq 1 600); do grep -q "ready;" "$1" 2>/dev/null && return 0; sleep 0.05; done
-  echo "server did not start: $(cat "$1")" >&2; exit 1
-}
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
 rss() { awk '/^VmRSS|^VmHWM/ {printf "%s %d MB  ", $1, $2/1024}' "/proc/$1/status"; echo; }
 written() { awk '/^write_bytes/ {print $2}' "/proc/$1/io"; }
 disk() { du -cb "$1"* 2>/dev/null | awk 'END {printf "%.1f MB", $1/1e6}'; }
