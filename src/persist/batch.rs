@@ -123,7 +123,7 @@ impl Coalesced {
 /// Ops in the order they came in, as the chunks a [`Coalesced`] gathered them in (with the
 /// slots of cancelled ops left empty). Handed on as they are: from the journal to the mirror,
 /// and kept by a mirror that failed.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Changes {
     chunks: Vec<Vec<Option<StoreOp>>>,
     /// Ops in the slots.
@@ -416,6 +416,11 @@ mod tests {
 
     #[test]
     fn a_flood_is_handed_on_as_it_was_gathered() {
+        // A slot costs no more than the op it holds.
+        assert_eq!(
+            std::mem::size_of::<Option<StoreOp>>(),
+            std::mem::size_of::<StoreOp>()
+        );
         let mut coalesced = Coalesced::default();
         for seq in 1..=10_000 {
             coalesced.push(insert(seq));
