@@ -3,15 +3,17 @@
 //!
 //! A mirror is written to a temporary file beside the target, synced, renamed over the target,
 //! and the directory synced: the target is always one complete mirror, and a crash at any
-//! point leaves the previous one. Loading opens the file read-only (unless SQLite must replay a
-//! write-ahead log left by a crash), so a file that is refused is never changed.
+//! point leaves the previous one, with its write-ahead log (set aside while the copy takes its
+//! place, and put back at the next start if the copy never did: [`finish_replacing`]).
+//! Loading opens the file read-only (unless SQLite must replay a write-ahead log left by a
+//! crash), so a file that is refused is never changed.
 
 use super::error::PersistError;
 use super::health::MirrorReport;
 use super::schema;
 use super::shared::Shared;
 use crate::store::now_millis;
-use log::warn;
+use log::{info, warn};
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 use std::fs::{self, File};
@@ -75,6 +77,54 @@ pub fn create_temp(temp: &Path) -> Result<Connection, PersistError> {
     Ok(file)
 }
 
+/// Where the write-ahead log of a file being replaced by a full copy waits until the copy is in
+/// place.
+fn set_aside(target: &Path) -> PathBuf {
+    beside(target, "-wal.replaced")
+}
+
+fn remove_if_there(path: &Path) -> Result<(), PersistError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error("remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Before a full copy of `target` is written: a log still set aside from an earlier copy (its
+/// removal failed) belongs to a file that is gone, and a crash during this copy must not put it
+/// back. Returns where to write the copy.
+pub fn prepare_copy(target: &Path) -> Result<PathBuf, PersistError> {
+    remove_if_there(&set_aside(target))?;
+    Ok(temp_path(target))
+}
+
+/// At start, before the file is read: finishes a full copy that a crash interrupted. A log set
+/// aside while a complete copy (still at its temporary name) had not taken the file's place
+/// yet belongs to the file, and may hold synced commits it lacks: it goes back. Once the copy
+/// is in place, the log is stale: the copy holds all it held.
+pub fn finish_replacing(target: &Path) -> Result<(), PersistError> {
+    let aside = set_aside(target);
+    if !aside.try_exists().map_err(io_error("look at", &aside))? {
+        return Ok(());
+    }
+    let temp = temp_path(target);
+    let copy_never_moved = temp.try_exists().map_err(io_error("look at", &temp))?;
+    if copy_never_moved && target.exists() {
+        let wal = beside(target, "-wal");
+        fs::rename(&aside, &wal).map_err(io_error("put back", &wal))?;
+        sync_dir(target)?;
+        remove_if_there(&temp)?;
+        info!(
+            "put back the write-ahead log of {} that a full copy interrupted by a crash had set \
+             aside",
+            target.display()
+        );
+    } else {
+        remove_if_there(&aside)?;
+    }
+    Ok(())
+}
+
 /// The file SQLite keeps beside the database at `path` with `suffix` (`-wal`, `-shm`,
 /// `-journal`).
 pub(super) fn beside(path: &Path, suffix: &str) -> PathBuf {
@@ -84,9 +134,9 @@ pub(super) fn beside(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// A log still beside the file about to be replaced (closing the file could not fold it in: a
-/// failing disk) may hold synced commits the file itself lacks. Removing it and then crashing
-/// before the rename would lose them, so one more fold is tried first. Best effort: the copy
-/// about to be put in place holds everything anyway, and only that crash window is at stake.
+/// failing disk) may hold synced commits the file itself lacks. One more fold is tried first,
+/// so that the file on its own is complete. Best effort: the log is set aside, not removed,
+/// until the copy is in place (see [`put_in_place`]).
 pub(super) fn fold_leftover_log(target: &Path) {
     let wal = beside(target, "-wal");
     if fs::metadata(&wal).map_or(true, |m| m.len() == 0) || !target.exists() {
@@ -120,18 +170,35 @@ pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
     drop(synced);
     fold_leftover_log(target);
     // A write-ahead log left beside the target belongs to the file being replaced: SQLite
-    // would replay it into the new one. Nobody has the target open now (the mirror closed it).
-    for suffix in ["-wal", "-shm"] {
-        let stale = beside(target, suffix);
-        match fs::remove_file(&stale) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io_error("remove", &stale)(e))
+    // would replay it into the new one, so it must leave its name before the copy takes the
+    // target's, and that must be on disk first. It is set aside rather than removed: a crash
+    // before the copy is in place leaves the old file, and the next start puts its log back
+    // (`finish_replacing`). Nobody has the target open now (the mirror closed it).
+    let wal = beside(target, "-wal");
+    let aside = set_aside(target);
+    let moved = match fs::rename(&wal, &aside) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io_error("set aside", &wal)(e)),
+    };
+    let placed = remove_if_there(&beside(target, "-shm"))
+        .and_then(|()| sync_dir(target))
+        .and_then(|()| fs::rename(temp, target).map_err(io_error("rename into place", target)));
+    if let Err(e) = placed {
+        // The copy did not take the file's place: the file keeps its log.
+        if moved {
+            if let Err(back) = fs::rename(&aside, &wal) {
+                warn!("{}", io_error("put back", &wal)(back));
             }
-            _ => {}
         }
+        return Err(e);
     }
-    fs::rename(temp, target).map_err(io_error("rename into place", target))?;
     sync_dir(target)?;
+    // The copy holds all the old log held. Left behind, it is removed before the next copy
+    // (`prepare_copy`) or at the next start.
+    if let Err(e) = remove_if_there(&aside) {
+        warn!("{e}");
+    }
     Ok(bytes)
 }
 
@@ -139,7 +206,7 @@ pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
 /// stopped; while it runs, the writer copies a few pages at a time).
 pub fn write(shared: &Shared, target: &Path) -> Result<MirrorReport, PersistError> {
     let started = Instant::now();
-    let temp = temp_path(target);
+    let temp = prepare_copy(target)?;
     let mut file = create_temp(&temp)?;
     let (generation, messages, locked) = {
         let memory = shared.memory.lock().map_err(|_| PersistError::Poisoned)?;

@@ -337,7 +337,7 @@ impl Mirror {
     /// place. `None` if the writer has stopped.
     fn full_copy(&self, stop: &Receiver<()>) -> Result<Option<MirrorReport>, PersistError> {
         let started = Instant::now();
-        let temp = copy::temp_path(&self.target);
+        let temp = copy::prepare_copy(&self.target)?;
         let (reply, copied) = bounded(1);
         let request = Command::Mirror {
             temp: temp.clone(),

@@ -76,6 +76,7 @@ impl Persistence {
     /// empty and writes a first mirror so that an unwritable location fails now, not later.
     /// Then [`Persistence::recover`] hands out what it holds.
     pub fn open(target: &Path, interval: Duration) -> Result<Persistence, PersistError> {
+        copy::finish_replacing(target)?;
         let exists = target.try_exists().map_err(|source| PersistError::Io {
             action: "look at",
             path: target.to_owned(),

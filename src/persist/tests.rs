@@ -477,3 +477,75 @@ fn a_log_left_beside_a_file_is_folded_in_before_the_file_is_replaced() {
     file.close().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A crash after a full copy set the file's log aside and before the copy took the file's
+/// place: the next start puts the log back, so the synced commits it held are not lost.
+#[test]
+fn a_log_set_aside_for_a_copy_that_never_took_its_place_goes_back() {
+    let (dir, path) = new_phpmq_file("phpmq-aside-back");
+    let file = file::FileDb::open(&path).unwrap();
+    file.apply(&[insert(1), insert(2)], file::Run::Durable)
+        .unwrap();
+    // The file as it was, its log set aside, and the complete copy still at its temporary name.
+    let crashed = dir.join("crashed.sqlite");
+    std::fs::copy(&path, &crashed).unwrap();
+    let log = std::fs::read(dir.join("phpmq.sqlite-wal")).unwrap();
+    assert!(!log.is_empty());
+    std::fs::write(dir.join("crashed.sqlite-wal.replaced"), &log).unwrap();
+    std::fs::copy(&path, copy::temp_path(&crashed)).unwrap();
+    assert_eq!(
+        rows_in(&crashed),
+        0,
+        "the file alone lacks the log's commits"
+    );
+    let _ = std::fs::remove_file(dir.join("crashed.sqlite-shm"));
+
+    copy::finish_replacing(&crashed).unwrap();
+    assert_eq!(rows_in(&crashed), 2, "the log's commits are back");
+    assert!(!dir.join("crashed.sqlite-wal.replaced").exists());
+    assert!(!copy::temp_path(&crashed).exists());
+    file.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A crash after the copy took the file's place: the log set aside belonged to the file the
+/// copy replaced, and replaying it into the copy would corrupt it. The start drops it.
+#[test]
+fn a_log_set_aside_for_a_copy_in_place_is_dropped() {
+    let (dir, path) = new_phpmq_file("phpmq-aside-drop");
+    let file = file::FileDb::open(&path).unwrap();
+    file.apply(&[insert(1), insert(2)], file::Run::Durable)
+        .unwrap();
+    let stale_log = std::fs::read(dir.join("phpmq.sqlite-wal")).unwrap();
+    file.apply(&[insert(3)], file::Run::Durable).unwrap();
+    file.fold_all().unwrap();
+    file.close().unwrap();
+    // The copy in place (three rows) and the older file's log, with no temporary copy left.
+    std::fs::write(dir.join("phpmq.sqlite-wal.replaced"), &stale_log).unwrap();
+
+    copy::finish_replacing(&path).unwrap();
+    assert!(!dir.join("phpmq.sqlite-wal.replaced").exists());
+    assert!(!dir.join("phpmq.sqlite-wal").exists());
+    assert_eq!(rows_in(&path), 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A full copy sets the file's log aside while it takes the file's place and removes it once
+/// it has; a log left aside by an earlier copy is removed before the next copy is written.
+#[test]
+fn a_full_copy_leaves_no_log_aside() {
+    let (dir, path) = new_phpmq_file("phpmq-aside-copy");
+    let file = file::FileDb::open(&path).unwrap();
+    file.apply(&[insert(1)], file::Run::Durable).unwrap();
+    let aside = dir.join("phpmq.sqlite-wal.replaced");
+    std::fs::write(&aside, b"left by an earlier copy").unwrap();
+    let temp = copy::prepare_copy(&path).unwrap();
+    assert!(!aside.exists(), "stale: removed before the copy");
+    std::fs::copy(&path, &temp).unwrap();
+    drop(file);
+    copy::put_in_place(&temp, &path).unwrap();
+    assert!(!aside.exists());
+    assert!(!dir.join("phpmq.sqlite-wal").exists());
+    assert!(!temp.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
