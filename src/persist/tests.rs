@@ -352,6 +352,18 @@ fn new_phpmq_file(name: &str) -> (PathBuf, PathBuf) {
     (dir, path)
 }
 
+/// [`new_phpmq_file`], open for mirrors, with the synced commits of inserts `seqs` in its log.
+fn file_with_commits_in_its_log(
+    name: &str,
+    seqs: std::ops::RangeInclusive<u64>,
+) -> (PathBuf, PathBuf, file::FileDb) {
+    let (dir, path) = new_phpmq_file(name);
+    let file = file::FileDb::open(&path).unwrap();
+    let ops: Vec<_> = seqs.map(insert).collect();
+    file.apply(&ops, file::Run::Durable).unwrap();
+    (dir, path, file)
+}
+
 /// The final mirror at a stop, whose changes commit but whose sync fails: the file's log is
 /// not to be trusted, so the file is written in full from memory instead (here, memory holds
 /// nothing, the changes handed to the file three rows).
@@ -457,10 +469,7 @@ fn a_fold_held_back_by_a_reader_fails() {
 /// fold is tried: the commits in the log reach the file itself before the log is removed.
 #[test]
 fn a_log_left_beside_a_file_is_folded_in_before_the_file_is_replaced() {
-    let (dir, path) = new_phpmq_file("phpmq-leftover-log");
-    let file = file::FileDb::open(&path).unwrap();
-    file.apply(&[insert(1), insert(2)], file::Run::Durable)
-        .unwrap();
+    let (dir, path, file) = file_with_commits_in_its_log("phpmq-leftover-log", 1..=2);
     // The file and its log as a crash (or a close that failed) leaves them.
     let left = dir.join("left.sqlite");
     std::fs::copy(&path, &left).unwrap();
@@ -482,10 +491,7 @@ fn a_log_left_beside_a_file_is_folded_in_before_the_file_is_replaced() {
 /// place: the next start puts the log back, so the synced commits it held are not lost.
 #[test]
 fn a_log_set_aside_for_a_copy_that_never_took_its_place_goes_back() {
-    let (dir, path) = new_phpmq_file("phpmq-aside-back");
-    let file = file::FileDb::open(&path).unwrap();
-    file.apply(&[insert(1), insert(2)], file::Run::Durable)
-        .unwrap();
+    let (dir, path, file) = file_with_commits_in_its_log("phpmq-aside-back", 1..=2);
     // The file as it was, its log set aside, and the complete copy still at its temporary name.
     let crashed = dir.join("crashed.sqlite");
     std::fs::copy(&path, &crashed).unwrap();
@@ -512,10 +518,7 @@ fn a_log_set_aside_for_a_copy_that_never_took_its_place_goes_back() {
 /// copy replaced, and replaying it into the copy would corrupt it. The start drops it.
 #[test]
 fn a_log_set_aside_for_a_copy_in_place_is_dropped() {
-    let (dir, path) = new_phpmq_file("phpmq-aside-drop");
-    let file = file::FileDb::open(&path).unwrap();
-    file.apply(&[insert(1), insert(2)], file::Run::Durable)
-        .unwrap();
+    let (dir, path, file) = file_with_commits_in_its_log("phpmq-aside-drop", 1..=2);
     let stale_log = std::fs::read(dir.join("phpmq.sqlite-wal")).unwrap();
     file.apply(&[insert(3)], file::Run::Durable).unwrap();
     file.fold_all().unwrap();
@@ -534,9 +537,7 @@ fn a_log_set_aside_for_a_copy_in_place_is_dropped() {
 /// it has; a log left aside by an earlier copy is removed before the next copy is written.
 #[test]
 fn a_full_copy_leaves_no_log_aside() {
-    let (dir, path) = new_phpmq_file("phpmq-aside-copy");
-    let file = file::FileDb::open(&path).unwrap();
-    file.apply(&[insert(1)], file::Run::Durable).unwrap();
+    let (dir, path, file) = file_with_commits_in_its_log("phpmq-aside-copy", 1..=1);
     let aside = dir.join("phpmq.sqlite-wal.replaced");
     std::fs::write(&aside, b"left by an earlier copy").unwrap();
     let temp = copy::prepare_copy(&path).unwrap();
