@@ -197,14 +197,14 @@ impl Mirror {
             if !taken.copy_wanted && !outweighs() {
                 return self.apply_changes(state, taken.ops, taken.generation, upkeep);
             }
-            // A full copy replaces the file and its log: the log is folded in first. Putting
-            // the copy in place removes a log left beside the file, and a crash between that
-            // and the rename would leave the old file without the synced commits its log
-            // held. A log that cannot be folded in (a failing disk, a reader holding it) fails
-            // the run instead, and the file stays as it is; the changes taken stay in hand for
-            // the next run, which replays them or copies. After a few such runs the copy is
-            // written anyway: a disk that fails only under the old file must not stop the
-            // mirror for good (the window above is then the risk left).
+            // A full copy replaces the file and its log: the log is folded in first, so that
+            // the old file holds its synced commits on its own until the copy is in place
+            // (the log is also set aside rather than removed meanwhile, and put back at the
+            // next start after a crash: `copy::put_in_place`). A log that cannot be folded in
+            // (a failing disk, a reader holding it) fails the run instead, and the file stays
+            // as it is; the changes taken stay in hand for the next run, which replays them or
+            // copies. After a few such runs the copy is written anyway: a disk that fails only
+            // under the old file must not stop the mirror for good.
             match file.fold_all() {
                 Ok(()) => self.failed_folds.set(0),
                 Err(source) if self.failed_folds.get() + 1 < FOLDS_BEFORE_COPYING_ANYWAY => {

@@ -394,7 +394,7 @@ fn a_final_mirror_whose_sync_fails_writes_the_file_in_full() {
 
 /// A full copy replaces the file and its log. When the log cannot be folded in first (a
 /// failing disk), the run fails and the file stays open and as it is, its log with it: the
-/// copy put in place would remove a log holding synced commits the file itself lacks. After
+/// old file must hold its synced commits on its own until the copy is in place. After
 /// three runs in a row, the copy is written anyway.
 #[test]
 fn a_log_that_cannot_be_folded_in_is_not_replaced_by_a_full_copy() {
