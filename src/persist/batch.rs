@@ -16,7 +16,9 @@ const CHUNK: usize = 4096;
 
 /// A run of changes with the ones that cancel out removed: an insert that a later delete
 /// removes never happened, and a re-queue or return of a message inserted in the same run
-/// rewrites the insert. Pushing costs O(1); the order of what is kept is the order it came in.
+/// rewrites the insert. Pushing costs amortised O(1) (a compaction, see below, copies what is
+/// left once cancellations have emptied more slots than that); the order of what is kept is the
+/// order it came in.
 ///
 /// The slots grow a chunk at a time: a flood's worth of changes is never copied into an array
 /// twice as large (at a million changes, tens of megabytes held twice for the copy), nor into a
@@ -85,18 +87,16 @@ impl Coalesced {
     /// Mostly cancelled (a flood sent and acknowledged between two mirrors): the room of the
     /// emptied slots is given back. The cancellations since the last time paid for the copy.
     fn compact_if_sparse(&mut self) {
-        if self.slots.slots() <= 2 * self.slots.len() + 4 * CHUNK {
+        if !self.slots.repack_if_sparse() {
             return;
         }
-        let live: Changes = std::mem::take(&mut self.slots).into_iter().collect();
         self.inserted.clear();
-        for (slot, op) in live.iter().enumerate() {
+        for (slot, op) in self.slots.iter().enumerate() {
             if let StoreOp::Insert(message) = op {
                 self.inserted.insert(message.seq, slot);
             }
         }
         self.inserted.shrink_to_fit();
-        self.slots = live;
     }
 
     /// Ops kept.
@@ -134,19 +134,37 @@ impl Changes {
     pub fn push(&mut self, op: StoreOp) {
         match self.chunks.last_mut() {
             Some(chunk) if chunk.len() < CHUNK => chunk.push(Some(op)),
-            _ => {
+            // The first chunk grows as it fills (most runs, a durable receipt's, hold a few
+            // ops); the next ones are taken whole.
+            Some(_) => {
                 let mut chunk = Vec::with_capacity(CHUNK);
                 chunk.push(Some(op));
                 self.chunks.push(chunk);
             }
+            None => self.chunks.push(vec![Some(op)]),
         }
         self.len += 1;
     }
 
-    /// Slots so far, used or emptied: the index the next push takes.
+    /// Slots so far, used or emptied: the index the next push takes. Only for changes that
+    /// were pushed one by one (a [`Coalesced`]'s), where every chunk but the last is full.
     fn slots(&self) -> usize {
-        // Every chunk but the last is full.
         self.chunks.len().saturating_sub(1) * CHUNK + self.chunks.last().map_or(0, Vec::len)
+    }
+
+    /// Slots held, used or emptied, whatever the chunks.
+    pub(super) fn room(&self) -> usize {
+        self.chunks.iter().map(Vec::len).sum()
+    }
+
+    /// Copies the ops into dense chunks once emptied slots outnumber them (freeing the old
+    /// chunks as it goes); returns whether it did. Slot numbers change.
+    pub fn repack_if_sparse(&mut self) -> bool {
+        if self.room() <= 2 * self.len + 4 * CHUNK {
+            return false;
+        }
+        *self = std::mem::take(self).into_iter().collect();
+        true
     }
 
     fn get_mut(&mut self, slot: usize) -> Option<&mut StoreOp> {
@@ -168,8 +186,15 @@ impl Changes {
         op
     }
 
-    /// The ops of `other` after these.
+    /// The ops of `other` after these. Chunks that hold no op are not kept.
     pub fn append(&mut self, other: Changes) {
+        if other.is_empty() {
+            return;
+        }
+        if self.is_empty() {
+            *self = other;
+            return;
+        }
         self.len += other.len;
         self.chunks.extend(other.chunks);
     }
@@ -478,6 +503,40 @@ mod tests {
             .iter()
             .any(|op| matches!(op, StoreOp::Insert(m) if m.seq == 99_999 && m.deliveries == 3)));
         assert_eq!(ops.len(), 10_000);
+    }
+
+    #[test]
+    fn changes_handed_on_keep_no_empty_chunks() {
+        // A run whose ops all cancelled out still owns the chunk they were gathered in.
+        let mut cancelled = Coalesced::default();
+        cancelled.push(insert(1));
+        cancelled.push(delete(1));
+        let cancelled = cancelled.into_changes();
+        assert!(cancelled.is_empty() && cancelled.room() == 1);
+
+        let mut in_hand = Changes::default();
+        in_hand.append(cancelled);
+        assert_eq!(in_hand.room(), 0, "nothing kept for a run with no ops");
+        let one: Changes = [insert(2)].into_iter().collect();
+        in_hand.append(one);
+        assert_eq!((in_hand.len(), in_hand.room()), (1, 1));
+
+        // Runs that each left a few ops in large chunks (a failing mirror keeps them all)
+        // are packed once the empty slots outnumber the ops.
+        for seq in 0..20u64 {
+            let mut run = Coalesced::default();
+            for n in 0..(CHUNK as u64 + 1) {
+                run.push(insert(1_000 * seq + n + 10));
+            }
+            for n in 1..(CHUNK as u64 + 1) {
+                run.push(delete(1_000 * seq + n + 10));
+            }
+            in_hand.append(run.into_changes());
+        }
+        assert_eq!(in_hand.len(), 21);
+        assert!(in_hand.repack_if_sparse());
+        assert_eq!((in_hand.len(), in_hand.room()), (21, 21));
+        assert_eq!(in_hand.iter().next(), Some(&insert(2)), "the order is kept");
     }
 
     #[test]

@@ -90,18 +90,19 @@ fn remove_if_there(path: &Path) -> Result<(), PersistError> {
     }
 }
 
-/// Before a full copy of `target` is written: a log still set aside from an earlier copy (its
-/// removal failed) belongs to a file that is gone, and a crash during this copy must not put it
-/// back. Returns where to write the copy.
+/// Before a full copy of `target` is written: a log still set aside by an earlier copy is put
+/// back or dropped as at start ([`finish_replacing`]), so that this copy finds (and a crash
+/// during it leaves) no log aside but its own. Returns where to write the copy.
 pub fn prepare_copy(target: &Path) -> Result<PathBuf, PersistError> {
-    remove_if_there(&set_aside(target))?;
+    finish_replacing(target)?;
     Ok(temp_path(target))
 }
 
-/// At start, before the file is read: finishes a full copy that a crash interrupted. A log set
-/// aside while a complete copy (still at its temporary name) had not taken the file's place
-/// yet belongs to the file, and may hold synced commits it lacks: it goes back. Once the copy
-/// is in place, the log is stale: the copy holds all it held.
+/// Finishes a full copy that was interrupted (by a crash, at start; by a failed rename, before
+/// the next copy). A log set aside while a complete copy (still at its temporary name) had not
+/// taken the file's place yet belongs to the file, and may hold synced commits it lacks: it
+/// goes back. Once the copy is in place, the log is stale (the copy holds all it held), and
+/// replaying it into the copy would corrupt it: it is removed, and the removal synced.
 pub fn finish_replacing(target: &Path) -> Result<(), PersistError> {
     let aside = set_aside(target);
     if !aside.try_exists().map_err(io_error("look at", &aside))? {
@@ -111,16 +112,27 @@ pub fn finish_replacing(target: &Path) -> Result<(), PersistError> {
     let copy_never_moved = temp.try_exists().map_err(io_error("look at", &temp))?;
     if copy_never_moved && target.exists() {
         let wal = beside(target, "-wal");
+        if fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+            // Not ours to choose between two logs: both are kept for the operator.
+            return Err(PersistError::Io {
+                action: "put back the write-ahead log set aside as",
+                path: aside,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} is not empty", wal.display()),
+                ),
+            });
+        }
         fs::rename(&aside, &wal).map_err(io_error("put back", &wal))?;
         sync_dir(target)?;
         remove_if_there(&temp)?;
         info!(
-            "put back the write-ahead log of {} that a full copy interrupted by a crash had set \
-             aside",
+            "put back the write-ahead log of {} that an interrupted full copy had set aside",
             target.display()
         );
     } else {
         remove_if_there(&aside)?;
+        sync_dir(target)?;
     }
     Ok(())
 }
@@ -185,7 +197,9 @@ pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
         .and_then(|()| sync_dir(target))
         .and_then(|()| fs::rename(temp, target).map_err(io_error("rename into place", target)));
     if let Err(e) = placed {
-        // The copy did not take the file's place: the file keeps its log.
+        // The copy did not take the file's place: the file keeps its log. If it cannot be put
+        // back now, the next copy or start does (`finish_replacing`: the copy is still at its
+        // temporary name).
         if moved {
             if let Err(back) = fs::rename(&aside, &wal) {
                 warn!("{}", io_error("put back", &wal)(back));
@@ -195,7 +209,7 @@ pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
     }
     sync_dir(target)?;
     // The copy holds all the old log held. Left behind, it is removed before the next copy
-    // (`prepare_copy`) or at the next start.
+    // (`prepare_copy`) or at the next start: the copy is no longer at its temporary name.
     if let Err(e) = remove_if_there(&aside) {
         warn!("{e}");
     }

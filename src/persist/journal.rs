@@ -59,7 +59,7 @@ impl State {
 /// Changes committed to memory and not yet taken by the mirror.
 pub struct Journal {
     state: Mutex<State>,
-    /// What is pending, for the producers' flow control.
+    /// What is pending or being replayed, for the producers' flow control.
     backlog: Arc<Backlog>,
     /// Rung when the journal grew past the early mark.
     wake: Sender<()>,
@@ -128,8 +128,9 @@ impl Journal {
         }
     }
 
-    /// What is pending, for the producers' flow control: a mirror that cannot keep up with a
-    /// flood slows the producers down instead of letting the journal hold the flood.
+    /// What is pending or being replayed, for the producers' flow control: a mirror that
+    /// cannot keep up with a flood slows the producers down instead of letting the journal
+    /// hold the flood.
     pub fn backlog(&self) -> Arc<Backlog> {
         self.backlog.clone()
     }

@@ -64,6 +64,8 @@ fn keep_within_bounds(state: &mut MirrorState) {
         state.in_hand = Changes::default();
         state.file = None;
     }
+    // Each failed run adds the chunks it took, however few ops they still hold.
+    state.in_hand.repack_if_sparse();
 }
 
 /// What a mirror run came to.
@@ -228,7 +230,7 @@ impl Mirror {
             }
         } else if state.file.is_some() {
             // Only dropped: folding its log in would write to a file no longer at the path,
-            // and putting the copy in place removes any log left by name anyway.
+            // and putting the copy in place sets any log left by that name aside.
             warn!(
                 "{} was deleted or replaced while the server ran; writing it again in full",
                 self.target.display()
@@ -290,6 +292,8 @@ impl Mirror {
         }
         match applied {
             Ok(applied) if !applied.wrote && applied.sync_error.is_none() => {
+                // Nothing to write: what it holds is chunks whose ops all cancelled out.
+                state.in_hand = Changes::default();
                 Ok(Outcome::Done(None))
             }
             Ok(applied) => {

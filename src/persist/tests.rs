@@ -550,3 +550,65 @@ fn a_full_copy_leaves_no_log_aside() {
     assert!(!temp.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A copy whose rename failed leaves its complete copy at the temporary name and, if the log
+/// could not be put back either, the log aside: the next copy puts the log back first. A log
+/// aside is never put back over a log that is not empty: both are kept, and it is an error.
+#[test]
+fn the_next_copy_puts_back_a_log_a_failed_one_left_aside() {
+    let (dir, path, file) = file_with_commits_in_its_log("phpmq-aside-next", 1..=2);
+    let left = dir.join("left.sqlite");
+    std::fs::copy(&path, &left).unwrap();
+    let log = std::fs::read(dir.join("phpmq.sqlite-wal")).unwrap();
+    let aside = dir.join("left.sqlite-wal.replaced");
+    std::fs::write(&aside, &log).unwrap();
+    std::fs::copy(&path, copy::temp_path(&left)).unwrap();
+
+    // Another log beside the file: nothing is chosen for the operator.
+    let wal = dir.join("left.sqlite-wal");
+    std::fs::write(&wal, b"another log").unwrap();
+    assert!(copy::prepare_copy(&left).is_err());
+    assert!(aside.exists() && wal.exists());
+
+    std::fs::remove_file(&wal).unwrap();
+    let temp = copy::prepare_copy(&left).unwrap();
+    assert_eq!(temp, copy::temp_path(&left));
+    assert!(!aside.exists());
+    assert_eq!(rows_in(&left), 2, "the log is back beside its file");
+    file.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Mirrors of runs whose changes all cancelled out (messages sent and acknowledged between two
+/// mirrors) keep nothing: the chunks such a run was gathered in are not held on to.
+#[test]
+fn runs_that_cancelled_out_leave_the_mirror_nothing_to_hold() {
+    let (dir, path, file) = file_with_commits_in_its_log("phpmq-cancelled-runs", 1..=1);
+    let persistence = Persistence::open(&path, Duration::from_secs(3600)).unwrap();
+    let (writer, _writer_gone) = unbounded();
+    let mirror = mirror::Mirror::new(
+        persistence.shared.clone(),
+        writer,
+        path.clone(),
+        persistence.health.clone(),
+    );
+    let journal = &persistence.shared.journal;
+    journal.note_file(Some(file.weight(1)));
+    let mut state = mirror::MirrorState {
+        file: Some(file),
+        rows: 1,
+        in_hand: Default::default(),
+    };
+    let (_stop, stopped) = unbounded();
+    for seq in 10..60 {
+        journal.record(
+            vec![insert(seq), crate::persist::batch::test_ops::delete(seq)],
+            seq,
+        );
+        mirror.once(&mut state, &stopped, false).unwrap();
+        journal.replayed();
+    }
+    assert_eq!(state.in_hand.room(), 0);
+    assert_eq!(rows_in(&path), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
