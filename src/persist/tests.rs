@@ -487,18 +487,25 @@ fn a_log_left_beside_a_file_is_folded_in_before_the_file_is_replaced() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The files a full copy of `path` (open, with commits in its log) leaves under the name
+/// `name` when it stops after setting the file's log aside and before its rename: the file,
+/// its log aside, and the complete copy at its temporary name. Returns the file's path.
+fn interrupted_copy(dir: &Path, path: &Path, name: &str) -> PathBuf {
+    let target = dir.join(name);
+    std::fs::copy(path, &target).unwrap();
+    let log = std::fs::read(copy::beside(path, "-wal")).unwrap();
+    assert!(!log.is_empty());
+    std::fs::write(copy::beside(&target, "-wal.replaced"), &log).unwrap();
+    std::fs::copy(path, copy::temp_path(&target)).unwrap();
+    target
+}
+
 /// A crash after a full copy set the file's log aside and before the copy took the file's
 /// place: the next start puts the log back, so the synced commits it held are not lost.
 #[test]
 fn a_log_set_aside_for_a_copy_that_never_took_its_place_goes_back() {
     let (dir, path, file) = file_with_commits_in_its_log("phpmq-aside-back", 1..=2);
-    // The file as it was, its log set aside, and the complete copy still at its temporary name.
-    let crashed = dir.join("crashed.sqlite");
-    std::fs::copy(&path, &crashed).unwrap();
-    let log = std::fs::read(dir.join("phpmq.sqlite-wal")).unwrap();
-    assert!(!log.is_empty());
-    std::fs::write(dir.join("crashed.sqlite-wal.replaced"), &log).unwrap();
-    std::fs::copy(&path, copy::temp_path(&crashed)).unwrap();
+    let crashed = interrupted_copy(&dir, &path, "crashed.sqlite");
     assert_eq!(
         rows_in(&crashed),
         0,
@@ -557,12 +564,8 @@ fn a_full_copy_leaves_no_log_aside() {
 #[test]
 fn the_next_copy_puts_back_a_log_a_failed_one_left_aside() {
     let (dir, path, file) = file_with_commits_in_its_log("phpmq-aside-next", 1..=2);
-    let left = dir.join("left.sqlite");
-    std::fs::copy(&path, &left).unwrap();
-    let log = std::fs::read(dir.join("phpmq.sqlite-wal")).unwrap();
+    let left = interrupted_copy(&dir, &path, "left.sqlite");
     let aside = dir.join("left.sqlite-wal.replaced");
-    std::fs::write(&aside, &log).unwrap();
-    std::fs::copy(&path, copy::temp_path(&left)).unwrap();
 
     // Another log beside the file: nothing is chosen for the operator.
     let wal = dir.join("left.sqlite-wal");
