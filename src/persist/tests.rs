@@ -466,7 +466,7 @@ fn a_fold_held_back_by_a_reader_fails() {
 }
 
 /// Before a full copy replaces a file whose log could not be folded in as it closed, one more
-/// fold is tried: the commits in the log reach the file itself before the log is removed.
+/// fold is tried: the commits in the log reach the file itself before the log is set aside.
 #[test]
 fn a_log_left_beside_a_file_is_folded_in_before_the_file_is_replaced() {
     let (dir, path, file) = file_with_commits_in_its_log("phpmq-leftover-log", 1..=2);
