@@ -145,34 +145,6 @@ pub(super) fn beside(path: &Path, suffix: &str) -> PathBuf {
     name.into()
 }
 
-/// A log still beside the file about to be replaced (closing the file could not fold it in: a
-/// failing disk) may hold synced commits the file itself lacks. One more fold is tried first,
-/// so that the file on its own is complete. Best effort: the log is set aside, not removed,
-/// until the copy is in place (see [`put_in_place`]).
-pub(super) fn fold_leftover_log(target: &Path) {
-    let wal = beside(target, "-wal");
-    if fs::metadata(&wal).map_or(true, |m| m.len() == 0) || !target.exists() {
-        return;
-    }
-    let folded =
-        Connection::open_with_flags(target, OpenFlags::SQLITE_OPEN_READ_WRITE).and_then(|conn| {
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
-                row.get::<_, i64>(0)
-            })
-        });
-    match folded {
-        Ok(0) => {}
-        Ok(_) => warn!(
-            "the write-ahead log beside {} was held back by a reader; replacing it unfolded",
-            target.display()
-        ),
-        Err(e) => warn!(
-            "the write-ahead log beside {} would not fold in ({e}); replacing it unfolded",
-            target.display()
-        ),
-    }
-}
-
 /// Makes a complete copy at `temp` the mirror: sync it, rename it over `target`, sync the
 /// directory. Returns its size.
 pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
@@ -180,7 +152,6 @@ pub fn put_in_place(temp: &Path, target: &Path) -> Result<u64, PersistError> {
     synced.sync_all().map_err(io_error("sync", temp))?;
     let bytes = synced.metadata().map(|m| m.len()).unwrap_or_default();
     drop(synced);
-    fold_leftover_log(target);
     // A write-ahead log left beside the target belongs to the file being replaced: SQLite
     // would replay it into the new one, so it must leave its name before the copy takes the
     // target's, and that must be on disk first. It is set aside rather than removed: a crash

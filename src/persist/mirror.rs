@@ -47,15 +47,10 @@ pub struct Mirror {
     pub writer: Sender<Command>,
     pub target: PathBuf,
     pub health: Arc<Mutex<MirrorHealth>>,
-    /// Runs in a row whose log would not fold in before a full copy (see `once`).
-    failed_folds: std::cell::Cell<u32>,
 }
 
 /// The running mirror thread: closing `stop` ends it, and joining gives its state back.
 pub type Running = (Sender<()>, JoinHandle<MirrorState>);
-
-/// Runs in a row that fail to fold a log in before a full copy, before it is written anyway.
-const FOLDS_BEFORE_COPYING_ANYWAY: u32 = 3;
 
 /// Changes a failed run left in hand are kept for the next try, within bounds; past them, the
 /// next mirror that can writes the file in full from memory.
@@ -87,7 +82,6 @@ impl Mirror {
             writer,
             target,
             health,
-            failed_folds: std::cell::Cell::new(0),
         }
     }
 
@@ -199,35 +193,10 @@ impl Mirror {
             if !taken.copy_wanted && !outweighs() {
                 return self.apply_changes(state, taken.ops, taken.generation, upkeep);
             }
-            // A full copy replaces the file and its log: the log is folded in first, so that
-            // the old file holds its synced commits on its own until the copy is in place
-            // (the log is also set aside rather than removed meanwhile, and put back at the
-            // next start after a crash: `copy::put_in_place`). A log that cannot be folded in
-            // (a failing disk, a reader holding it) fails the run instead, and the file stays
-            // as it is; the changes taken stay in hand for the next run, which replays them or
-            // copies. After a few such runs the copy is written anyway: a disk that fails only
-            // under the old file must not stop the mirror for good.
-            match file.fold_all() {
-                Ok(()) => self.failed_folds.set(0),
-                Err(source) if self.failed_folds.get() + 1 < FOLDS_BEFORE_COPYING_ANYWAY => {
-                    self.failed_folds.set(self.failed_folds.get() + 1);
-                    state.in_hand.append(taken.ops);
-                    keep_within_bounds(state);
-                    return Err(PersistError::Sqlite {
-                        action: "fold the write-ahead log into",
-                        path: self.target.clone(),
-                        source,
-                    });
-                }
-                Err(source) => {
-                    self.failed_folds.set(0);
-                    warn!(
-                        "the write-ahead log of {} would not fold in ({source}); writing the \
-                         file in full anyway",
-                        self.target.display()
-                    );
-                }
-            }
+            // A full copy replaces the file and its log. The log need not be folded in first:
+            // it is set aside, not removed, until the copy is in place, and put back at the
+            // next start after a crash (`copy::put_in_place`), so a failing fold holds
+            // nothing back.
         } else if state.file.is_some() {
             // Only dropped: folding its log in would write to a file no longer at the path,
             // and putting the copy in place sets any log left by that name aside.
@@ -236,7 +205,7 @@ impl Mirror {
                 self.target.display()
             );
         }
-        // Its log folded in above: what closing can still fail at leaves nothing behind.
+        // A close that cannot fold the log in leaves it beside the file, to be set aside.
         if let Some(old) = state.file.take().filter(|_| in_place) {
             if let Err(e) = old.close() {
                 warn!(
