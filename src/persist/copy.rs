@@ -137,6 +137,22 @@ pub fn finish_replacing(target: &Path) -> Result<(), PersistError> {
     Ok(())
 }
 
+/// At a start that finds no file at `target` but a copy at its temporary name: a crash
+/// stopped a full copy of a file deleted while the server ran. The copy may be complete (the
+/// crash came between its sync and its rename) or not, and nothing tells which, so it is
+/// neither loaded nor dropped: it moves to `PATH.unplaced-MILLIS` for the operator, and
+/// that name is returned.
+pub fn keep_unplaced_copy(target: &Path) -> Result<Option<PathBuf>, PersistError> {
+    let temp = temp_path(target);
+    if !temp.try_exists().map_err(io_error("look at", &temp))? {
+        return Ok(None);
+    }
+    let kept = beside(target, &format!(".unplaced-{}", now_millis()));
+    fs::rename(&temp, &kept).map_err(io_error("keep", &kept))?;
+    sync_dir(target)?;
+    Ok(Some(kept))
+}
+
 /// The file SQLite keeps beside the database at `path` with `suffix` (`-wal`, `-shm`,
 /// `-journal`).
 pub(super) fn beside(path: &Path, suffix: &str) -> PathBuf {

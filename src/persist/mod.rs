@@ -85,6 +85,16 @@ impl Persistence {
         let memory = if exists {
             copy::load(target)?
         } else {
+            if let Some(kept) = copy::keep_unplaced_copy(target)? {
+                warn!(
+                    "{} does not exist, but a full copy of it that a crash interrupted does: \
+                     kept as {} (it may hold messages, or be incomplete: to use it, stop the \
+                     server and rename it to {}); starting with an empty store",
+                    target.display(),
+                    kept.display(),
+                    target.display()
+                );
+            }
             copy::new_memory()?
         };
         let (commands, pending_commands) = unbounded();

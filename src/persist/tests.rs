@@ -548,6 +548,34 @@ fn the_next_copy_puts_back_a_log_a_failed_one_left_aside() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A start that finds no file but a copy of it at its temporary name (the file was deleted
+/// while the server ran, and a crash stopped the copy that wrote it again) keeps the copy
+/// under another name for the operator, and starts empty: the copy may be incomplete.
+#[test]
+fn a_copy_of_a_deleted_file_left_by_a_crash_is_kept() {
+    let (dir, path, file) = file_with_commits_in_its_log("phpmq-unplaced", 1..=2);
+    file.fold_all().unwrap();
+    file.close().unwrap();
+    let target = dir.join("deleted.sqlite");
+    std::fs::rename(&path, copy::temp_path(&target)).unwrap();
+
+    let mut persistence = Persistence::open(&target, Duration::from_secs(3600)).unwrap();
+    assert_eq!(persistence.recover(&mut |_| {}).unwrap(), 0, "starts empty");
+    assert!(!copy::temp_path(&target).exists());
+    let kept: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("deleted.sqlite.unplaced-"))
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(rows_in(&kept[0]), 2, "the copy, as the crash left it");
+    drop(persistence);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Mirrors of runs whose changes all cancelled out (messages sent and acknowledged between two
 /// mirrors) keep nothing: the chunks such a run was gathered in are not held on to.
 #[test]
