@@ -63,6 +63,9 @@ enum End {
     Closed,
     /// The server hung up (shutdown).
     ServerShutdown,
+    /// A write to the client failed (it went away), and the reader then took what the client
+    /// had sent before it went.
+    WriteFailed,
     /// The shutdown hung up on a client still sending, once every whole frame that had
     /// arrived was taken; `partial` bytes of an unfinished frame were dropped.
     HungUp {
@@ -96,6 +99,15 @@ enum End {
 }
 
 impl End {
+    /// How a connection that is closing ([`Peer::is_closing`]) ends.
+    fn closing(peer: &Peer) -> End {
+        if peer.client_went_away() {
+            End::WriteFailed
+        } else {
+            End::ServerShutdown
+        }
+    }
+
     /// Who ended the connection: the server's own closes (a stop, a refused send a v1
     /// client cannot be told of, a writer it could not start) do not count as failed tries
     /// of what the connection held.
@@ -127,6 +139,7 @@ impl fmt::Display for End {
         match self {
             End::Closed => f.write_str("closed by the client"),
             End::ServerShutdown => f.write_str("closed by the server"),
+            End::WriteFailed => f.write_str("the client went away (a write to it failed)"),
             End::HungUp { partial: 0 } => {
                 f.write_str("hung up at shutdown after taking every whole frame received")
             }
@@ -245,7 +258,8 @@ pub fn serve(hub: &Hub, peer: Arc<Peer>, limits: Limits) {
         drop(registration);
         // Logged once the connection's messages are released, so the line means "done".
         match &end {
-            End::Closed => debug!("{label}: disconnected"),
+            // The writer logged why.
+            End::Closed | End::WriteFailed => debug!("{label}: disconnected"),
             End::ServerShutdown | End::HungUp { partial: 0 } => {
                 debug!("{label}: closed for shutdown")
             }
@@ -390,7 +404,7 @@ impl Session<'_, '_> {
             match reader.fill(&stream, &self.peer, self.hub.bell(), idle_timeout) {
                 Ok(true) => {}
                 Err(end @ End::HungUp { .. }) => return end,
-                _ if self.peer.is_closing() => return End::ServerShutdown,
+                _ if self.peer.is_closing() => return End::closing(&self.peer),
                 Ok(false) => return End::Closed,
                 Err(end) => return end,
             }
@@ -488,6 +502,10 @@ impl Session<'_, '_> {
                     }
                 });
                 if let Err(e) = written {
+                    // Before the hang-up below: the reader then learns why it closes.
+                    peer.0
+                        .write_failed
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
                     if let Some(suppressed) = ratelog::DISCONNECTED.admit() {
                         info!("{label}: write failed: {e}{suppressed}");
                     }

@@ -153,7 +153,7 @@ impl FrameReader {
                         continue;
                     }
                     Readiness::TimedOut if closing && buffered == 0 => {
-                        return Err(End::ServerShutdown)
+                        return Err(End::closing(peer))
                     }
                     // The frame or idle deadline (checked above) or, while closing, a partial
                     // frame.

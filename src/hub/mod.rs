@@ -66,6 +66,9 @@ pub struct Peer {
     /// Set at the shutdown's hang-up ([`Peer::stop_reading`]): take the whole frames that
     /// already arrived, then end.
     pub hung_up: AtomicBool,
+    /// A write to the client failed (it went away): the connection is closing, by its
+    /// client's doing, not the server's.
+    pub write_failed: AtomicBool,
     /// Replies of a connection with durable receipts, in order, each with the store ticket
     /// it waits for (0: none, it only waits for those before it).
     durable_replies: Mutex<VecDeque<(u64, Outgoing)>>,
@@ -84,6 +87,7 @@ impl Peer {
             outbox: Outbox::new(),
             closing: AtomicBool::new(false),
             hung_up: AtomicBool::new(false),
+            write_failed: AtomicBool::new(false),
             durable_replies: Mutex::default(),
             durable_released: std::sync::Condvar::new(),
         }
@@ -117,6 +121,13 @@ impl Peer {
     /// Whether the server is ending this connection (shutdown or a failed write).
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed) || self.outbox.is_closed()
+    }
+
+    /// Whether a closing connection's client ended it: its writer found it gone, and the
+    /// server is not shutting down. What it held then counts as a failed try (rule 8), as
+    /// for any disconnect; a writer that ended otherwise (a panic) is the server's doing.
+    pub fn client_went_away(&self) -> bool {
+        self.write_failed.load(Ordering::SeqCst) && !self.closing.load(Ordering::Relaxed)
     }
 
     /// Ends the connection from outside: its blocked read returns and its thread cleans up.

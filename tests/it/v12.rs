@@ -636,6 +636,31 @@ fn dead_letters_after_the_maximum_and_redrive() {
     );
 }
 
+/// A consumer that goes away ends its dispatches without an ack even when the server's writer
+/// finds it gone before its reader does: what it held is dead-lettered at the maximum, not
+/// returned as after a shutdown. (On a Unix socket, a client that stops reading makes the
+/// server's next write to it fail while its own side still looks open.)
+#[test]
+fn a_consumer_found_gone_by_a_write_ends_its_dispatches() {
+    let server = TestServer::start(&["--max-deliveries", "1"]);
+    let (mut producer, _) = v12(&server, "");
+    let mut consumer = server.unix_client();
+    consumer.consume("gone", 2);
+    wait_until("the consumer to be in the ring", || {
+        counts(&mut producer, "gone") == "0 0 0 1"
+    });
+    send(&mut producer, "gone", b"first");
+    receipt(&mut producer, "gone");
+    assert_eq!(consumer.recv().text(), "first");
+    consumer.shutdown_read();
+    send(&mut producer, "gone", b"second");
+    receipt(&mut producer, "gone");
+    wait_until("both dispatches to end in gone.dead", || {
+        counts(&mut producer, "gone.dead") == "2 0 0 0"
+    });
+    assert_eq!(counts(&mut producer, "gone"), "0 0 0 0");
+}
+
 /// A v1.2 consumer with a lease and a v1.0 consumer share a queue round-robin, and the v1.0
 /// one sees exactly the three-packet dispatch it always did, whatever the sender said.
 #[test]

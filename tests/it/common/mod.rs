@@ -324,12 +324,16 @@ pub fn run_to_exit(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
 
 trait Socket: Read + Write + Send {
     fn shutdown_write(&self) -> io::Result<()>;
+    fn shutdown_read(&self) -> io::Result<()>;
     fn set_timeout(&self, timeout: Duration) -> io::Result<()>;
 }
 
 impl Socket for TcpStream {
     fn shutdown_write(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
+    }
+    fn shutdown_read(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Read)
     }
     fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
         self.set_read_timeout(Some(timeout))
@@ -339,6 +343,9 @@ impl Socket for TcpStream {
 impl Socket for UnixStream {
     fn shutdown_write(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
+    }
+    fn shutdown_read(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Read)
     }
     fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
         self.set_read_timeout(Some(timeout))
@@ -633,6 +640,12 @@ impl Client {
 
     pub fn shutdown_write(&mut self) {
         self.socket.shutdown_write().expect("shutdown write");
+    }
+
+    /// Stops reading: on a Unix socket, the server's next write to us then fails while we
+    /// can still send.
+    pub fn shutdown_read(&mut self) {
+        self.socket.shutdown_read().expect("shutdown read");
     }
 }
 
