@@ -4,10 +4,11 @@
 //! message in a queue whose name ends in `.dead` is never moved again. A redrive moves a dead
 //! queue's waiting messages back to the tail of their queue, counts reset.
 //!
-//! A name too long for `.dead` (over 250 bytes) is cut at the last character boundary at or
-//! before 250 bytes first: the message is kept rather than dropped or sent back forever, and a
-//! redrive of the long name finds it by the same rule (two long names that share their first
-//! 250 bytes share a dead queue).
+//! A name too long for `.dead` (over 250 bytes) keeps its first bytes (up to 233, at a
+//! character boundary), then `~` and a hash of the whole name in 16 hex digits, then `.dead`:
+//! the message is kept rather than dropped or sent back forever, a redrive of the long name
+//! finds it by the same rule, and two long names that only differ past the cut do not share a
+//! dead queue (a redrive of one would move the other's messages).
 
 use super::hold::Held;
 use super::ready::Ready;
@@ -25,11 +26,23 @@ pub fn dead_queue_name(queue: &str) -> Option<QueueName> {
     if queue.ends_with(DEAD_SUFFIX) {
         return None;
     }
-    let mut cut = queue.len().min(MAX_QUEUE_NAME_LEN - DEAD_SUFFIX.len());
+    if queue.len() + DEAD_SUFFIX.len() <= MAX_QUEUE_NAME_LEN {
+        return QueueName::new(format!("{queue}{DEAD_SUFFIX}").as_bytes()).ok();
+    }
+    // `~`, 16 hex digits and `.dead`.
+    let mut cut = MAX_QUEUE_NAME_LEN - 1 - 16 - DEAD_SUFFIX.len();
     while !queue.is_char_boundary(cut) {
         cut -= 1;
     }
-    QueueName::new(format!("{}{DEAD_SUFFIX}", &queue[..cut]).as_bytes()).ok()
+    let hash = fnv1a_64(queue.as_bytes());
+    QueueName::new(format!("{}~{hash:016x}{DEAD_SUFFIX}", &queue[..cut]).as_bytes()).ok()
+}
+
+/// FNV-1a, 64 bits: a hash fixed for good (the names it makes are stored), unlike std's.
+fn fnv1a_64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl Broker {

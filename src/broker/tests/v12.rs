@@ -428,11 +428,24 @@ fn without_a_maximum_nothing_is_moved() {
 }
 
 #[test]
-fn a_long_queue_name_is_cut_to_make_room_for_dead() {
+fn a_long_queue_name_is_cut_and_hashed_to_make_room_for_dead() {
     let long = "é".repeat(127) + "x"; // 255 bytes
     let dead = dead_queue_name(&long).unwrap();
-    assert!(dead.as_str().len() <= 255);
-    assert_eq!(dead.as_str(), "é".repeat(125) + ".dead");
+    assert_eq!(dead.as_str().len(), 254, "{}", dead.as_str());
+    let (kept, tail) = dead.as_str().split_at(232);
+    assert_eq!(kept, "é".repeat(116), "cut at a character boundary");
+    assert!(tail.starts_with('~') && tail.ends_with(".dead"), "{tail}");
+    assert!(tail[1..17].bytes().all(|b| b.is_ascii_hexdigit()), "{tail}");
+    // Names that differ only past the cut have dead queues of their own, every time.
+    let other = "é".repeat(127) + "y";
+    assert_ne!(dead_queue_name(&other).unwrap(), dead);
+    assert_eq!(dead_queue_name(&long).unwrap(), dead);
+    // 250 bytes still fit as they are.
+    let fits = "a".repeat(250);
+    assert_eq!(
+        dead_queue_name(&fits).unwrap().as_str(),
+        fits.clone() + ".dead"
+    );
     assert_eq!(dead_queue_name("jobs").unwrap().as_str(), "jobs.dead");
     assert!(dead_queue_name("jobs.dead").is_none());
 }
