@@ -38,9 +38,8 @@ pub struct StoredMessage {
     pub seq: u64,
     /// Not dispatched before this time (a v1.2 delay); `None`: ready at once.
     pub due_at: Option<Millis>,
-    /// Dispatches counted so far (v1.2 rule 6). The broker stores the count whenever a
-    /// dispatch ends without an acknowledgement ([`StoreOp::Returned`], [`StoreOp::Requeue`]),
-    /// not at every dispatch: a dispatch under way when the server is killed is not counted.
+    /// Dispatches counted so far (v1.2 rule 6), the one under way included: the broker
+    /// stores the count at each dispatch ([`StoreOp::Counted`]).
     pub deliveries: u32,
 }
 
@@ -82,9 +81,9 @@ pub enum StoreOp {
         /// `Some`: it moves to this queue; `None`: it stays in its own.
         queue: Option<QueueName>,
     },
-    /// Back at its place in its queue after a dispatch that ended without an
-    /// acknowledgement (its holder left, its lease expired): only the count changes.
-    Returned {
+    /// Dispatched once more (v1.2 rule 6: the count is stored, and survives a crash): only
+    /// the count changes.
+    Counted {
         id: MessageId,
         seq: u64,
         deliveries: u32,

@@ -319,8 +319,7 @@ impl Broker {
     }
 
     /// A held message whose dispatch ended without an ack (its holder left, its lease ran
-    /// out), out of `held` already: the store learns its count, and the caller puts the
-    /// returned entry back at its place.
+    /// out), out of `held` already: the caller puts the returned entry back at its place.
     /// At its last allowed dispatch it moves to its dead-letter queue instead (and `None` is
     /// returned), if `may_dead_letter`.
     pub(super) fn give_back(
@@ -339,12 +338,8 @@ impl Broker {
             self.move_to_dead(id, held, &dead, now, out);
             return None;
         }
+        // Its count was stored at the dispatch.
         self.table.index_expiry(name, held.seq, held.expires_at);
-        self.table.store.apply(StoreOp::Returned {
-            id,
-            seq: held.seq,
-            deliveries: held.deliveries,
-        });
         Some(held.into_ready(id))
     }
 

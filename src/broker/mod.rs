@@ -30,10 +30,10 @@
 //! - with a maximum delivery count N, no message outside a `….dead` queue has ended N
 //!   dispatches without an ack: at its N-th it moved to `<queue>.dead` (module `dead`), from
 //!   where nothing is moved again; a move is not a way out (the message stays stored);
-//! - a message's delivery count is what the store has for it, plus one while it is held: the
-//!   store learns the count whenever a dispatch ends without an ack (`StoreOp::Returned`,
-//!   `StoreOp::Requeue`), never at the dispatch itself (the hot path), so a dispatch under way
-//!   when the server is killed is not counted.
+//! - a message's delivery count is what the store has for it: the store learns it at each
+//!   dispatch (`StoreOp::Counted`), so a dispatch under way when the server is killed counts
+//!   (rule 6); a message acknowledged soon after costs no write for it (the change cancels
+//!   out with the delete in the store writer's batch).
 
 mod dead;
 mod delay;
@@ -640,9 +640,12 @@ impl Broker {
             queue.consumers.advance_past(conn);
             table.totals.delivered += 1;
             let lease = queue.subscribers.get(&conn).map_or(0, |s| s.lease);
-            // Counted in memory only: the store learns the count when the dispatch ends
-            // without an ack (the hot path writes nothing more).
             let deliveries = entry.deliveries.saturating_add(1);
+            table.store.apply(StoreOp::Counted {
+                id: entry.id,
+                seq: entry.seq,
+                deliveries,
+            });
             out.push(Delivery {
                 conn,
                 queue: name.clone(),

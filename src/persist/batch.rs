@@ -15,8 +15,9 @@ use std::sync::OnceLock;
 const CHUNK: usize = 4096;
 
 /// A run of changes with the ones that cancel out removed: an insert that a later delete
-/// removes never happened, and a re-queue or return of a message inserted in the same run
-/// rewrites the insert. Pushing costs amortised O(1) (a compaction, see below, copies what is
+/// removes never happened, a re-queue or count of a message inserted in the same run rewrites
+/// the insert, and a count (one per dispatch) is dropped once a later one, a delete or a
+/// re-queue of the message carries it. Pushing costs amortised O(1) (a compaction, see below, copies what is
 /// left once cancellations have emptied more slots than that); the order of what is kept is the
 /// order it came in.
 ///
@@ -28,12 +29,25 @@ pub struct Coalesced {
     slots: Changes,
     /// seq → slot of an insert still in `slots` (server-made keys: the fast hasher).
     inserted: rustc_hash::FxHashMap<u64, usize>,
+    /// seq → slot of a count of a message inserted before this run, still in `slots`.
+    counted: rustc_hash::FxHashMap<u64, usize>,
     /// Content bytes held by the inserts still in `slots`.
     bytes: usize,
 }
 
 impl Coalesced {
     pub fn push(&mut self, op: StoreOp) {
+        // A later change of a counted message carries the count (a delete or move makes it
+        // moot, a new count replaces it).
+        let superseded = match &op {
+            StoreOp::Delete { seq, .. } | StoreOp::Counted { seq, .. } => Some(*seq),
+            StoreOp::Requeue { old_seq, .. } => Some(*old_seq),
+            StoreOp::Insert(_) => None,
+        };
+        if let Some(slot) = superseded.and_then(|seq| self.counted.remove(&seq)) {
+            self.slots.take(slot);
+            self.compact_if_sparse();
+        }
         match op {
             StoreOp::Delete { seq, .. } if self.inserted.contains_key(&seq) => {
                 if let Some(slot) = self.inserted.remove(&seq) {
@@ -65,7 +79,7 @@ impl Coalesced {
                     self.inserted.insert(seq, slot);
                 }
             }
-            StoreOp::Returned {
+            StoreOp::Counted {
                 seq, deliveries, ..
             } if self.inserted.contains_key(&seq) => {
                 if let Some(&slot) = self.inserted.get(&seq) {
@@ -75,9 +89,15 @@ impl Coalesced {
                 }
             }
             op => {
-                if let StoreOp::Insert(message) = &op {
-                    self.inserted.insert(message.seq, self.slots.slots());
-                    self.bytes += message.content.len();
+                match &op {
+                    StoreOp::Insert(message) => {
+                        self.inserted.insert(message.seq, self.slots.slots());
+                        self.bytes += message.content.len();
+                    }
+                    StoreOp::Counted { seq, .. } => {
+                        self.counted.insert(*seq, self.slots.slots());
+                    }
+                    _ => {}
                 }
                 self.slots.push(op);
             }
@@ -91,12 +111,20 @@ impl Coalesced {
             return;
         }
         self.inserted.clear();
+        self.counted.clear();
         for (slot, op) in self.slots.iter().enumerate() {
-            if let StoreOp::Insert(message) = op {
-                self.inserted.insert(message.seq, slot);
+            match op {
+                StoreOp::Insert(message) => {
+                    self.inserted.insert(message.seq, slot);
+                }
+                StoreOp::Counted { seq, .. } => {
+                    self.counted.insert(*seq, slot);
+                }
+                _ => {}
             }
         }
         self.inserted.shrink_to_fit();
+        self.counted.shrink_to_fit();
     }
 
     /// Ops kept.
@@ -322,7 +350,7 @@ pub fn apply<'a>(
                 *deliveries,
                 queue.as_ref().map(QueueName::as_str),
             )),
-            StoreOp::Returned {
+            StoreOp::Counted {
                 seq, deliveries, ..
             } => returns.push((stored_time(*seq), *deliveries)),
             StoreOp::Delete { seq, .. } => deletes.push(stored_time(*seq)),
@@ -439,6 +467,48 @@ mod tests {
     use super::*;
     use crate::id::MessageId;
 
+    fn counted(seq: u64, deliveries: u32) -> StoreOp {
+        StoreOp::Counted {
+            id: MessageId::from_u128(seq.into()),
+            seq,
+            deliveries,
+        }
+    }
+
+    /// One count per dispatch: a message dispatched and acknowledged within a run costs its
+    /// delete alone, and of many dispatches only the last count is written.
+    #[test]
+    fn counts_give_way_to_what_comes_after_them() {
+        let mut coalesced = Coalesced::default();
+        // Stored before this run: dispatched, then acknowledged.
+        coalesced.push(counted(1, 1));
+        coalesced.push(delete(1));
+        // Dispatched three times.
+        for n in 1..=3 {
+            coalesced.push(counted(2, n));
+        }
+        // Dispatched, then re-queued to a new place (the re-queue carries the count).
+        coalesced.push(counted(3, 4));
+        coalesced.push(StoreOp::Requeue {
+            id: MessageId::from_u128(3),
+            old_seq: 3,
+            seq: 10,
+            expires_at: None,
+            due_at: None,
+            deliveries: 4,
+            queue: None,
+        });
+        // Inserted in this run, dispatched, acknowledged: nothing at all.
+        coalesced.push(insert(4));
+        coalesced.push(counted(4, 1));
+        coalesced.push(delete(4));
+        let ops: Vec<StoreOp> = coalesced.into_changes().into_iter().collect();
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert_eq!(ops[0], delete(1));
+        assert_eq!(ops[1], counted(2, 3));
+        assert!(matches!(ops[2], StoreOp::Requeue { seq: 10, .. }));
+    }
+
     #[test]
     fn a_flood_is_handed_on_as_it_was_gathered() {
         // A slot costs no more than the op it holds.
@@ -489,7 +559,7 @@ mod tests {
         );
         // The index still finds what is left, in its new slots.
         coalesced.push(delete(95_000));
-        coalesced.push(StoreOp::Returned {
+        coalesced.push(StoreOp::Counted {
             id: MessageId::from_u128(99_999),
             seq: 99_999,
             deliveries: 3,

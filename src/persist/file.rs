@@ -103,7 +103,7 @@ impl FileWeight {
                     insert_bytes += m.content.len() as u64;
                     inserts += 1;
                 }
-                StoreOp::Delete { .. } | StoreOp::Requeue { .. } | StoreOp::Returned { .. } => {
+                StoreOp::Delete { .. } | StoreOp::Requeue { .. } | StoreOp::Counted { .. } => {
                     others += 1
                 }
             }

@@ -536,6 +536,32 @@ fn the_delivery_count_grows_over_lease_expiry_requeue_and_disconnect() {
     assert_eq!(count, 5, "four earlier dispatches, stored over the restart");
 }
 
+/// A dispatch under way when the server is killed counts (rule 6: the count is stored with the
+/// message): the message comes back after the restart with that dispatch counted.
+#[test]
+fn a_dispatch_under_way_at_a_sigkill_counts() {
+    let mut server = TestServer::start(&[]);
+    let (mut producer, _) = v12(&server, "durable");
+    send(&mut producer, "crashy", b"job");
+    receipt(&mut producer, "crashy");
+    let (mut holder, _) = v12(&server, "");
+    holder.frame_of(CONSUME, &[(1, b"crashy"), (4, b"1")]);
+    let (_, id, count) = dispatch(&mut holder);
+    assert_eq!(count, 1);
+    // A durable receipt for a later change: the file holds everything before it, the count
+    // of the dispatch above included.
+    send(&mut producer, "other", b"marker");
+    receipt(&mut producer, "other");
+    server.signal("KILL");
+    server.wait_exit();
+    server = server.restart();
+    let (mut next, _) = v12(&server, "");
+    next.frame_of(CONSUME, &[(1, b"crashy"), (4, b"1")]);
+    let (_, again, count) = dispatch(&mut next);
+    assert_eq!((again.as_str(), count), (id.as_str(), 2));
+    drop(holder);
+}
+
 /// An expired lease puts the message back at the head of its queue while its holder stays
 /// connected; the holder's late ack is ignored. TOUCH keeps a lease alive.
 #[test]

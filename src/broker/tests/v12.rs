@@ -15,7 +15,7 @@ fn every_dispatch_counts_and_the_store_learns_the_count_when_it_ends_without_an_
     b.disconnect(1, EndedBy::Client, 0, &mut out);
     assert_eq!(
         store.ops.lock().unwrap().last(),
-        Some(&StoreOp::Returned {
+        Some(&StoreOp::Counted {
             id,
             seq: 1,
             deliveries: 1
@@ -272,7 +272,7 @@ fn an_expired_lease_takes_the_message_back_to_the_head_and_frees_the_holder() {
         (vec!["a".to_string()], 2),
         "back at the head, to the holder whose room was freed"
     );
-    assert!(store.ops.lock().unwrap().contains(&StoreOp::Returned {
+    assert!(store.ops.lock().unwrap().contains(&StoreOp::Counted {
         id: a,
         seq: 1,
         deliveries: 1

@@ -319,7 +319,7 @@ fn due_times_counts_and_moves_are_stored_and_read_back() {
                 deliveries: 0,
                 queue: None,
             },
-            StoreOp::Returned {
+            StoreOp::Counted {
                 id: MessageId::from_u128(2),
                 seq: 2,
                 deliveries: 2,
@@ -365,7 +365,7 @@ fn a_batch_folds_returns_and_moves_into_its_inserts() {
     let ops = vec![
         insert(1),
         insert(2),
-        StoreOp::Returned {
+        StoreOp::Counted {
             id: MessageId::from_u128(1),
             seq: 1,
             deliveries: 4,
