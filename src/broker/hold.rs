@@ -125,7 +125,7 @@ impl Queue {
             .is_some_and(|s| s.limit == 0 && s.held == 0)
         {
             self.subscribers.remove(&conn);
-            connection.queues.retain(|q| q != name);
+            connection.queues.remove(name);
         }
     }
 }
@@ -286,7 +286,12 @@ impl Broker {
                 queue.subscribers.remove(&conn);
             }
         }
-        let mut ids = self.table.held_ids(|h| h.holder == conn);
+        // A connection without subscriptions (a producer) holds nothing.
+        let mut ids = if affected.is_empty() {
+            Vec::new()
+        } else {
+            self.table.held_ids(|h| h.holder == conn)
+        };
         // In FIFO order: those moved to a dead-letter queue arrive there in that order.
         ids.sort_unstable_by_key(|id| self.table.held.get(id).map(|h| h.seq));
         let mut returned: HashMap<QueueName, Vec<Ready>> = HashMap::new();
@@ -308,9 +313,7 @@ impl Broker {
             if let Some(queue) = self.queues.get_mut(&name) {
                 queue.ready.put_back(entries, &mut self.table.resident);
             }
-            if !affected.contains(&name) {
-                affected.push(name);
-            }
+            affected.insert(name);
         }
         for name in &affected {
             self.pump(name, now, out);

@@ -155,8 +155,9 @@ struct Connection {
     /// The one flag: the network layer's peer shares it (its writer reads it after every
     /// write without this lock); it is written only by [`Broker::set_paused`], under the lock.
     paused: Arc<AtomicBool>,
-    /// The queues where this connection has a subscription (usually one or two).
-    queues: Vec<QueueName>,
+    /// The queues where this connection has a subscription (usually one or two, but a
+    /// client may subscribe to thousands: a set, so that a disconnect stays linear).
+    queues: BTreeSet<QueueName>,
 }
 
 impl Connection {
@@ -466,7 +467,7 @@ impl Broker {
         };
         let q = queue_or_new(&mut self.queues, &mut self.names, &queue);
         let subscription = q.subscribers.entry(conn).or_insert_with(|| {
-            connection.queues.push(queue.clone());
+            connection.queues.insert(queue.clone());
             Subscription {
                 limit: 0,
                 held: 0,

@@ -1560,3 +1560,29 @@ fn sends_are_refused_at_the_limit_and_after_the_store_closed() {
     assert_eq!(b.refuse_send("other"), Some(SendRefused::ShuttingDown));
     assert_eq!(b.totals().refused, 2, "each refusal counted once");
 }
+
+/// A consumer holding a message in each of thousands of queues leaves: every message goes
+/// back to its own queue, to the consumer still there (a disconnect walks the connection's
+/// queues as a set: a list made it quadratic, and a client froze the broker with it).
+#[test]
+fn a_consumer_of_many_queues_gives_every_message_back() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    let names: Vec<String> = (0..3_000).map(|i| format!("q{i}")).collect();
+    b.connect(1);
+    for name in &names {
+        send(&mut b, name, name, &mut out);
+        b.consume(1, q(name), 1, None, 0, &mut out);
+    }
+    assert_eq!(out.len(), names.len(), "one held in each");
+    b.connect(2);
+    for name in &names {
+        b.consume(2, q(name), 1, None, 0, &mut out);
+    }
+    out.clear();
+    b.disconnect(1, EndedBy::Client, 0, &mut out);
+    assert_eq!(out.len(), names.len());
+    assert!(out
+        .iter()
+        .all(|d| d.conn == 2 && d.content.as_ref() == d.queue.as_str().as_bytes()));
+}
