@@ -2,7 +2,7 @@
 
 use argh::FromArgs;
 use crossbeam_channel::{bounded, Sender};
-use log::{info, warn, LevelFilter};
+use log::{error, info, warn, LevelFilter};
 use phpmq::config::{self, Config, ListenAddr};
 use phpmq::logfile::LogFile;
 use phpmq::server::Server;
@@ -10,6 +10,7 @@ use phpmq::system::{self, Scheduling};
 use signal_hook::consts::SIGHUP;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -202,7 +203,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("phpmq-server: {e}");
+            // Stderr may be a pipe nobody reads any more (a launcher that read the ready line).
+            let _ = writeln!(std::io::stderr(), "phpmq-server: {e}");
             ExitCode::FAILURE
         }
     }
@@ -246,10 +248,16 @@ fn watch_signals(shutdown: Sender<()>, log_file: Option<LogFile>) -> std::io::Re
                     match &log_file {
                         Some(log) => match log.reopen() {
                             Ok(()) => info!("reopened log file {}", log.path().display()),
-                            Err(e) => eprintln!(
-                                "phpmq-server: cannot reopen log file {}: {e}",
-                                log.path().display()
-                            ),
+                            Err(e) => {
+                                // To stderr (the log file is what failed), which may be a
+                                // pipe nobody reads any more: `eprintln!` would panic there.
+                                let _ = writeln!(
+                                    std::io::stderr(),
+                                    "phpmq-server: cannot reopen log file {}: {e}",
+                                    log.path().display()
+                                );
+                                error!("cannot reopen log file {}: {e}", log.path().display());
+                            }
                         },
                         None => info!("SIGHUP: logging to stderr, nothing to reopen"),
                     }

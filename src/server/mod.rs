@@ -255,7 +255,10 @@ impl Server {
             }
         };
         let outcome = select! {
-            recv(shutdown) -> _ => Ok(()),
+            // The signal watcher gone (a panic) is no request to stop: exit 0 would hide it.
+            recv(shutdown) -> asked => asked.map_err(|_| {
+                ServerError::Fatal(Fatal::ThreadExited("phpmq-signals".into()))
+            }),
             recv(self.fatal) -> fatal => Err(ServerError::Fatal(fatal.unwrap_or(Fatal::BrokerDown))),
         };
         match &outcome {

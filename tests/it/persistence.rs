@@ -745,6 +745,73 @@ fn sighup_reopens_the_log_file() {
         .contains("ready;"));
 }
 
+/// A SIGHUP whose reopen fails (a directory where the log file was) while stderr is a pipe
+/// nobody reads any more (a launcher that read the ready line) leaves the server running: the
+/// failure went to stderr with `eprintln!`, which panicked, and the signal watcher's end read
+/// as a request to stop, with exit status 0.
+#[test]
+fn a_failed_log_reopen_with_stderr_gone_keeps_the_server_up() {
+    use std::io::BufRead;
+    let dir = TempDir::new("logs-gone");
+    let log = dir.path().join("phpmq.log");
+    let sock = dir.path().join("s.sock");
+    let args = [
+        "--listen".to_string(),
+        format!("unix:{}", sock.display()),
+        "--admin".to_string(),
+        "none".to_string(),
+        "--db".to_string(),
+        "none".to_string(),
+        "--log-file".to_string(),
+        log.display().to_string(),
+    ];
+    let mut child = std::process::Command::new(common::server_binary())
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("ready;") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no ready line");
+    }
+    drop(stderr);
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    let pid = child.id().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("HUP");
+    // Logged to the file still open, after the write to the closed stderr.
+    common::wait_until("the failed reopen in the old log", || {
+        std::fs::read_to_string(&rotated)
+            .unwrap_or_default()
+            .contains("cannot reopen log file")
+    });
+    let mut client = Client::unix(&sock);
+    assert_eq!(client.send("q", b"x").consume("q", 1).recv().text(), "x");
+    assert!(child.try_wait().unwrap().is_none(), "the server exited");
+    signal("TERM");
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+}
+
 #[test]
 fn db_none_keeps_messages_in_memory_only() {
     let mut server = TestServer::start(&["--db", "none"]);
