@@ -21,7 +21,7 @@ use crate::request::QueueName;
 use crate::storage::StorageStatus;
 use crate::store::Millis;
 use log::{debug, info};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
 /// What every reply ends with.
@@ -32,6 +32,9 @@ pub const SHOW_LIMIT: usize = 50;
 const MAX_LINE: usize = 4096;
 /// How often a waiting session looks up to see whether the server is stopping.
 const POLL: Duration = Duration::from_millis(500);
+/// How long a reply may wait for a client that does not read: past it the session ends, so
+/// that it gives its place back (sessions are few) and the shutdown does not wait for it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often `monitor` redraws.
 const MONITOR_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -308,31 +311,39 @@ struct LineReader<'a> {
 }
 
 impl<'a> LineReader<'a> {
+    /// The next line; one longer than [`MAX_LINE`] comes back cut after its first
+    /// `MAX_LINE + 1` bytes, for the session to refuse.
     fn next(&mut self) -> io::Result<Line> {
-        match self.reader.read_until(b'\n', &mut self.partial) {
+        // Never more than one byte past the longest line: a client that streams bytes without
+        // a newline is cut off there, not buffered without end.
+        let room = (MAX_LINE + 1).saturating_sub(self.partial.len()) as u64;
+        let read = if room == 0 {
+            Ok(1)
+        } else {
+            (&mut self.reader)
+                .take(room)
+                .read_until(b'\n', &mut self.partial)
+        };
+        match read {
             Ok(0) => Ok(Line::Eof),
-            // A last line without a newline, at EOF: still a command.
-            Ok(_) => {
-                let line = String::from_utf8_lossy(&self.partial).into_owned();
-                self.partial.clear();
-                Ok(Line::Text(line))
-            }
+            // A whole line, one too long, or a last line without a newline at EOF.
+            Ok(_) => Ok(self.take_line()),
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                if self.partial.len() > MAX_LINE {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "command line too long",
-                    ));
-                }
                 Ok(Line::Quiet)
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn take_line(&mut self) -> Line {
+        let line = String::from_utf8_lossy(&self.partial).into_owned();
+        self.partial.clear();
+        Line::Text(line)
     }
 }
 
@@ -358,6 +369,7 @@ fn spoken(duration: Duration) -> String {
 fn session(stream: &Stream, backend: &dyn Backend, idle_timeout: Duration) -> io::Result<()> {
     let mut out = stream;
     stream.set_read_timeout(Some(POLL))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     out.write_all(
         format!(
             "phpmq-server {} maintenance console; type help for the commands\n{PROMPT}",

@@ -700,3 +700,31 @@ fn status_json_parses_with_the_documented_fields_and_types() {
     check(&doc["server"]["totals"], &totals);
     assert_eq!(doc["queues"], Value::Array(Vec::new()));
 }
+
+/// A client that streams bytes without a newline is told its line is too long and cut off
+/// once it passes the limit: the console does not buffer it without end.
+#[test]
+fn a_line_without_end_is_cut_off_at_the_limit() {
+    let server = TestServer::start(&[]);
+    let (mut s, _) = Session::open(&server);
+    let writer = s.stream.try_clone().unwrap();
+    // Far past the 4096-byte limit; the server closes before it has read it all, which may
+    // fail the writes: that is the point.
+    let sender = thread::spawn(move || {
+        let mut writer = writer;
+        let chunk = [b'x'; 64 << 10];
+        for _ in 0..256 {
+            if writer.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let mut reply = Vec::new();
+    let _ = s.stream.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.contains("error: command line too long"), "{reply:?}");
+    sender.join().unwrap();
+    // The console still serves others.
+    let (mut other, _) = Session::open(&server);
+    assert!(other.run("help").contains("status"));
+}
