@@ -125,6 +125,12 @@ const NEVER: Millis = 0;
 pub const MAX_EXPIRES_AT: Millis = 253_402_300_799_999;
 /// The most messages one [`Broker::expire`] call drops.
 pub const EXPIRE_BATCH: usize = 10_000;
+/// What one call hands a consumer at most before it pauses it: the network layer's mark for
+/// a backed-up output (`hub::OUTBOX_HIGH_WATER`), so that its output stays within about twice
+/// that.
+pub const DISPATCH_BURST_BYTES: usize = 16 << 20;
+/// A dispatch frame's bytes besides the content, about (header, queue, id, TTL, count).
+const DISPATCH_FRAME_BYTES: usize = 128;
 
 #[derive(Debug, Default)]
 struct Queue {
@@ -599,13 +605,18 @@ impl Broker {
     }
 
     /// Hands ready messages of one queue to its consumers with free capacity, round-robin;
-    /// expired ones met on the way are retired.
+    /// expired ones met on the way are retired. A consumer handed [`DISPATCH_BURST_BYTES`]
+    /// in one go is paused, as its writer pauses it when its output backs up (and resumes it
+    /// once that output is written): a count of millions must not put a whole queue in one
+    /// connection's output at once.
     fn pump(&mut self, name: &QueueName, now: Millis, out: &mut Vec<Delivery>) {
         let Some(queue) = self.queues.get_mut(name) else {
             return;
         };
         let connections = &mut self.connections;
         let table = &mut self.table;
+        // Bytes handed to each consumer by this call (a queue has few consumers).
+        let mut burst: Vec<(ConnId, usize)> = Vec::new();
         while !queue.ready.is_empty() {
             let subscribers = &queue.subscribers;
             let has_room = |conn: ConnId| {
@@ -642,6 +653,19 @@ impl Broker {
             table.totals.delivered += 1;
             let lease = queue.subscribers.get(&conn).map_or(0, |s| s.lease);
             let deliveries = entry.deliveries.saturating_add(1);
+            let at = burst
+                .iter()
+                .position(|&(c, _)| c == conn)
+                .unwrap_or_else(|| {
+                    burst.push((conn, 0));
+                    burst.len() - 1
+                });
+            burst[at].1 += content.len() + DISPATCH_FRAME_BYTES;
+            if burst[at].1 >= DISPATCH_BURST_BYTES {
+                if let Some(connection) = connections.get(&conn) {
+                    connection.paused.store(true, Ordering::Release);
+                }
+            }
             table.store.apply(StoreOp::Counted {
                 id: entry.id,
                 seq: entry.seq,

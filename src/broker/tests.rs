@@ -1586,3 +1586,27 @@ fn a_consumer_of_many_queues_gives_every_message_back() {
         .iter()
         .all(|d| d.conn == 2 && d.content.as_ref() == d.queue.as_str().as_bytes()));
 }
+
+/// A consumer asking for millions gets one burst of dispatches per call, then is paused as a
+/// backed-up connection is; resuming it hands it the next burst.
+#[test]
+fn a_huge_count_gets_a_burst_at_a_time() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    let body = "x".repeat(1 << 20);
+    for _ in 0..40 {
+        send(&mut b, "big", &body, &mut out);
+    }
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    b.connect_with_pause_flag(1, paused.clone());
+    b.consume(1, q("big"), u64::MAX, None, 0, &mut out);
+    let burst = super::DISPATCH_BURST_BYTES.div_ceil(1 << 20);
+    assert_eq!(out.len(), burst, "one burst");
+    assert!(paused.load(std::sync::atomic::Ordering::Acquire));
+    out.clear();
+    b.set_paused(1, false, 0, &mut out);
+    assert_eq!(out.len(), burst, "the next burst");
+    out.clear();
+    b.set_paused(1, false, 0, &mut out);
+    assert_eq!(out.len(), 40 - 2 * burst, "the rest");
+}

@@ -381,12 +381,17 @@ impl Session<'_, '_> {
             // Its own output backed up (replies it does not read, or dispatches): read nothing
             // more from it until that drains, so what it makes the server hold stays bounded;
             // the kernel's flow control then holds the client back.
-            // Only for a v1.2 connection that does not consume: its backlog is replies. A
-            // consumer's is dispatches, which already stop at the mark, and it must still be
-            // read to drain them (its acks).
+            // Only for a v1.2 connection (the others get no replies). A consumer's backlog is
+            // mostly dispatches, which stop at the mark (and at most one burst past it), and it
+            // must still be read to drain them (its acks): its mark is past what dispatches
+            // alone can queue, so only replies it does not read (a STATS flood) reach it.
+            let mark = if self.consumer {
+                3 * OUTBOX_HIGH_WATER + limits.max_packet_len
+            } else {
+                OUTBOX_HIGH_WATER
+            };
             while self.replies != Replies::None
-                && !self.consumer
-                && self.peer.outbox.pending_len() > OUTBOX_HIGH_WATER
+                && self.peer.outbox.pending_len() > mark
                 && !self.peer.is_closing()
             {
                 self.peer
@@ -455,7 +460,10 @@ impl Session<'_, '_> {
         };
         // A consumer may be sent a dispatch at any time from now on, by any thread: its writer
         // must be there before the first one that the socket does not take.
-        if !self.consumer && requests().any(|r| matches!(r, Request::Consume { .. })) {
+        // A count of 0 asks for nothing: it does not make a connection a consumer (nor exempt
+        // it from the idle timeout).
+        let consumes = |r: &Request| matches!(r, Request::Consume { count, .. } if *count > 0);
+        if !self.consumer && requests().any(consumes) {
             self.consumer = true;
             if !self.writer_started {
                 self.start_writer()?;

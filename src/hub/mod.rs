@@ -37,6 +37,8 @@ use std::time::Duration;
 /// Output backed up beyond this pauses deliveries to the connection (its client is not
 /// reading): what it would get stays ready for others, and memory stays bounded.
 pub const OUTBOX_HIGH_WATER: usize = 16 << 20;
+// The broker pauses a consumer it hands this much in one call, as the writer would.
+const _: () = assert!(OUTBOX_HIGH_WATER == crate::broker::DISPATCH_BURST_BYTES);
 /// Deliveries resume once the backlog is down to this.
 pub const OUTBOX_LOW_WATER: usize = 4 << 20;
 

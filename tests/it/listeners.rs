@@ -266,6 +266,20 @@ fn a_flood_of_refused_connections_logs_a_bounded_number_of_lines() {
     assert_eq!(admitted.recv().text(), "fine");
 }
 
+/// A consume request for 0 messages asks for nothing: it does not make a connection a
+/// consumer, which would exempt it from the idle timeout for good.
+#[test]
+fn a_consume_for_nothing_does_not_keep_a_connection_from_the_idle_timeout() {
+    let server = TestServer::start(&["--idle-timeout-ms", "300"]);
+    let mut asks_for_nothing = server.tcp_client();
+    let peer = asks_for_nothing.local.clone().expect("tcp");
+    asks_for_nothing.consume("later", 0);
+    asks_for_nothing.expect_closed();
+    server.log.wait_for("the idle line", |l| {
+        l.contains(&peer) && l.contains("idle timeout")
+    });
+}
+
 #[test]
 fn idle_connections_are_closed_but_consumers_never_are() {
     let server = TestServer::start(&["--max-connections", "4", "--idle-timeout-ms", "500"]);
@@ -284,6 +298,7 @@ fn idle_connections_are_closed_but_consumers_never_are() {
     let started = std::time::Instant::now();
     quiet_producer.expect_closed();
     silent.expect_closed();
+
     assert!(
         started.elapsed() >= std::time::Duration::from_millis(400),
         "closed before the idle timeout: {:?}",

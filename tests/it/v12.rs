@@ -808,6 +808,46 @@ fn a_producer_that_never_reads_its_receipts_is_held_back() {
     send_one_and_check(&mut other);
 }
 
+/// A consumer that never reads its replies is held back too, only later than a producer: its
+/// mark is past what dispatches alone can queue (a consume request made it exempt before).
+#[test]
+fn a_consumer_that_never_reads_its_replies_is_held_back() {
+    use std::io::Write;
+    let server = TestServer::start(&["--db", "none"]);
+    let mut stream = std::net::TcpStream::connect(server.tcp_addr()).unwrap();
+    stream.write_all(&frame_bytes(7, &[(6, b"1.2")])).unwrap();
+    stream
+        .write_all(&frame_bytes(CONSUME, &[(1, b"work"), (4, b"1")]))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let stats = frame_bytes(STATS, &[(1, b"work")]);
+    let batch: Vec<u8> = stats
+        .iter()
+        .copied()
+        .cycle()
+        .take(stats.len() * 1000)
+        .collect();
+    let mut sent = 0usize;
+    let blocked = loop {
+        match stream.write_all(&batch) {
+            Ok(()) => sent += 1000,
+            Err(_) => break true,
+        }
+        // Each COUNTS is ~90 bytes: 64 MiB of them and the kernels' buffers are far below
+        // three million requests.
+        if sent >= 3_000_000 {
+            break false;
+        }
+    };
+    assert!(blocked, "{sent} requests taken without a reply read");
+    let rss = rss_bytes(server.pid());
+    assert!(rss < 256 << 20, "server at {} MiB", rss >> 20);
+    let (mut other, _) = v12(&server, "");
+    send_one_and_check(&mut other);
+}
+
 fn send_one_and_check(client: &mut Client) {
     send(client, "elsewhere", b"fine");
     receipt(client, "elsewhere");
