@@ -133,6 +133,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    log_panics(log_file.is_some());
     let mut config = Config {
         max_connections: args.max_connections,
         max_message_size: args.max_message_size,
@@ -233,6 +234,23 @@ fn init_logging(
             Ok(None)
         }
     }
+}
+
+/// Panics go to the log too, with the thread's name: with `--log-file`, stderr (where the
+/// default hook writes) is often nobody's. The server survives most panics (a connection's
+/// thread ends alone), so the log is where an operator finds them.
+fn log_panics(to_file: bool) {
+    if !to_file {
+        return; // The default hook already writes to stderr, where the log goes.
+    }
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        // One line: "thread NAME panicked at FILE:LINE:COL: MESSAGE".
+        let what = info.to_string().replace('\n', " ");
+        error!("thread {} {what}", thread.name().unwrap_or("unnamed"));
+        default(info);
+    }));
 }
 
 /// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once. SIGHUP reopens
