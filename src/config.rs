@@ -12,6 +12,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9100";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9101";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
+/// The most `--max-message-size` may be: 512 MiB. A message must fit in one SQLite row (at
+/// most 1,000,000,000 bytes in the bundled build, SQLITE_MAX_LENGTH) and, while it arrives, in
+/// one connection's buffer; a value near `usize::MAX` was a typo, not a wish.
+pub const MAX_MAX_MESSAGE_SIZE: usize = 512 << 20;
+const _: () = assert!(DEFAULT_MAX_MESSAGE_SIZE <= MAX_MAX_MESSAGE_SIZE);
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 /// Off: a v1.0 producer learns that its idle connection was closed only when its next
 /// message is lost (the write succeeds locally), so closing idle producers is an explicit
@@ -23,6 +28,20 @@ pub const DEFAULT_CONSOLE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The mirror file, relative to the working directory.
 pub const DEFAULT_DB: &str = "phpmq.sqlite";
 pub const DEFAULT_MIRROR_INTERVAL: Duration = Duration::from_millis(1000);
+
+/// Parses `--max-message-size`: bytes, at most [`MAX_MAX_MESSAGE_SIZE`]. A larger value is
+/// refused rather than clamped, so the limit in force is always the one given.
+pub fn parse_max_message_size(text: &str) -> Result<usize, String> {
+    let bytes: usize = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    if bytes > MAX_MAX_MESSAGE_SIZE {
+        return Err(format!(
+            "{bytes} is above the maximum of {MAX_MAX_MESSAGE_SIZE} bytes (512 MiB)"
+        ));
+    }
+    Ok(bytes)
+}
 
 /// Where a listener binds: `HOST:PORT` (IPv4 or `[IPv6]:PORT`) or `unix:/path/to.sock`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,7 +86,8 @@ pub struct Config {
     /// Maintenance console endpoints; empty turns the console off.
     pub admin: Vec<ListenAddr>,
     pub max_connections: usize,
-    /// The largest packet content a client may send, in bytes.
+    /// The largest message content (packet 02) a client may send, in bytes; every other packet
+    /// has a smaller bound of its own ([`crate::codec::PacketType::max_len`]).
     pub max_message_size: usize,
     /// How long one frame may take to arrive once its first byte is in.
     pub frame_timeout: Duration,
@@ -128,5 +148,20 @@ mod tests {
         let shown = ListenAddr::Unix("/tmp/x.sock".into()).to_string();
         assert_eq!(shown, "unix:/tmp/x.sock");
         assert_eq!(Config::default().listen[0].to_string(), DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn max_message_size_is_capped() {
+        assert_eq!(parse_max_message_size("1024"), Ok(1024));
+        assert_eq!(parse_max_message_size("0"), Ok(0));
+        let cap = MAX_MAX_MESSAGE_SIZE.to_string();
+        assert_eq!(parse_max_message_size(&cap), Ok(MAX_MAX_MESSAGE_SIZE));
+        let over = (MAX_MAX_MESSAGE_SIZE + 1).to_string();
+        assert!(parse_max_message_size(&over)
+            .is_err_and(|e| e.contains("above the maximum of 536870912 bytes")));
+        assert!(parse_max_message_size("18446744073709551615").is_err());
+        assert!(parse_max_message_size("99999999999999999999999").is_err());
+        assert!(parse_max_message_size("-1").is_err());
+        assert!(parse_max_message_size("16M").is_err());
     }
 }

@@ -32,8 +32,13 @@ struct Args {
     #[argh(option, default = "config::DEFAULT_MAX_CONNECTIONS")]
     max_connections: usize,
 
-    /// largest packet a client may send, in bytes (default 16777216 = 16 MiB)
-    #[argh(option, default = "config::DEFAULT_MAX_MESSAGE_SIZE")]
+    /// largest message content a client may send, in bytes, at most 536870912 = 512 MiB
+    /// (default 16777216 = 16 MiB); other packets have smaller fixed limits
+    #[argh(
+        option,
+        default = "config::DEFAULT_MAX_MESSAGE_SIZE",
+        from_str_fn(config::parse_max_message_size)
+    )]
     max_message_size: usize,
 
     /// how long one frame may take to arrive once it has started, in milliseconds (default 30000)

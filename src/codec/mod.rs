@@ -8,11 +8,17 @@
 //!
 //! The decoder checks everything it can as soon as the bytes for it have arrived: a garbage header,
 //! an oversized length or a packet count that does not fit the message type fails before the rest of
-//! the frame is read, so a bad client is dropped at once instead of after a stall.
+//! the frame is read, so a bad client is dropped at once instead of after a stall. "Oversized" is
+//! per packet type ([`PacketType::max_len`]): only a message's content may be as long as the
+//! configured maximum, so that no header makes the server buffer megabytes of a queue name.
 
 mod types;
 
-pub use types::{Dialect, MessageType, PacketType, MAX_PACKETS};
+pub use types::{
+    Dialect, MessageType, PacketType, MAX_COUNTS_PACKET_LEN, MAX_FEATURES_PACKET_LEN,
+    MAX_ID_PACKET_LEN, MAX_NUMBER_PACKET_LEN, MAX_PACKETS, MAX_QUEUE_PACKET_LEN,
+    MAX_TOKEN_PACKET_LEN, MAX_VERSION_PACKET_LEN,
+};
 
 use std::fmt;
 
@@ -88,7 +94,8 @@ pub enum CodecError {
         message_type: MessageType,
         packet: PacketType,
     },
-    /// A packet's declared length is over the configured maximum.
+    /// A packet's declared length is over its type's limit ([`PacketType::max_len`]), or its
+    /// end is beyond what a `usize` can address.
     PacketTooLarge {
         packet: PacketType,
         length: u128,
@@ -186,8 +193,10 @@ pub fn decode_frame(buf: &[u8], max_packet_len: usize) -> Result<Decoded<'_>, Co
 }
 
 /// Decodes one frame from the start of `buf` as a connection of `dialect` reads it, refusing any
-/// packet longer than `max_packet_len`. A type or packet the dialect does not know is unknown
-/// (v1.2's on a v1.0 or v1.1 connection, except a HELLO and its packets).
+/// packet longer than its type allows: `max_packet_len` for a message's content, the smaller of
+/// that and the type's own bound for every other packet ([`PacketType::max_len`]). A type or
+/// packet the dialect does not know is unknown (v1.2's on a v1.0 or v1.1 connection, except a
+/// HELLO and its packets).
 pub fn decode_frame_in(
     buf: &[u8],
     max_packet_len: usize,
@@ -224,7 +233,15 @@ pub fn decode_frame_in(
         if packets[..i].iter().any(|&(p, _)| p == packet) {
             return Err(CodecError::DuplicatePacket(packet));
         }
-        let content_end = header_end + length;
+        // `max_packet_len` may be near usize::MAX: a length that cannot be addressed from here
+        // is as oversized as one over the limit (a wrapped end would slice backwards).
+        let Some(content_end) = header_end.checked_add(length) else {
+            return Err(CodecError::PacketTooLarge {
+                packet,
+                length: length as u128,
+                max: usize::MAX - header_end,
+            });
+        };
         if buf.len() < content_end {
             return Ok(Decoded::Incomplete {
                 needed: content_end,
@@ -306,12 +323,14 @@ fn decode_packet_header(
     let packet = PacketType::from_code(code)
         .filter(|&p| known(p))
         .ok_or(CodecError::UnknownPacketType(code))?;
+    // Decided from the header alone: the content is not read (nor waited for) when too long.
+    let max = packet.max_len(max_packet_len);
     match usize::try_from(length) {
-        Ok(length) if length <= max_packet_len => Ok((packet, length)),
+        Ok(length) if length <= max => Ok((packet, length)),
         _ => Err(CodecError::PacketTooLarge {
             packet,
             length,
-            max: max_packet_len,
+            max,
         }),
     }
 }

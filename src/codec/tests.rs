@@ -184,6 +184,219 @@ fn rejects_oversized_packets_before_reading_them() {
     ));
 }
 
+/// A frame's bytes up to and including the header of its last packet, whose declared length is
+/// `length`: what a server has when it must decide, before any of that content.
+fn headers_only(header: &str, before: &[(u8, &[u8])], last: u8, length: u128) -> Vec<u8> {
+    let mut bytes = header.as_bytes().to_vec();
+    for &(code, content) in before {
+        bytes.extend(format!("P{code:02}{:029}", content.len()).into_bytes());
+        bytes.extend_from_slice(content);
+    }
+    bytes.extend(format!("P{last:02}{length:029}").into_bytes());
+    bytes
+}
+
+/// The audit's case: every packet but the content may be declared at `--max-message-size`
+/// (16 MiB), and was read whole before the request layer refused it. Each type now has its own
+/// bound, decided from the packet header with none of the content in the buffer.
+#[test]
+fn short_packets_over_their_own_bound_are_refused_from_the_header() {
+    use PacketType::*;
+    for (packet, bound) in [
+        (Queue, MAX_QUEUE_PACKET_LEN),
+        (MessageId, MAX_ID_PACKET_LEN),
+        (Count, MAX_NUMBER_PACKET_LEN),
+        (Ttl, MAX_NUMBER_PACKET_LEN),
+        (Version, MAX_VERSION_PACKET_LEN),
+        (Token, MAX_TOKEN_PACKET_LEN),
+        (Features, MAX_FEATURES_PACKET_LEN),
+        (Deliveries, MAX_NUMBER_PACKET_LEN),
+        (ErrorCode, MAX_NUMBER_PACKET_LEN),
+        (Delay, MAX_NUMBER_PACKET_LEN),
+        (Lease, MAX_NUMBER_PACKET_LEN),
+        (Counts, MAX_COUNTS_PACKET_LEN),
+    ] {
+        assert_eq!(packet.max_len(MAX), bound, "{packet}");
+    }
+    let (q, v12): (&[u8], _) = (b"q", Dialect::V12);
+    // The frame header, the packets before the long one, the long one's type, the dialect.
+    type Case<'a> = (&'a str, &'a [(u8, &'a [u8])], PacketType, Dialect);
+    let cases: [Case; 11] = [
+        ("H0100102", &[], Queue, Dialect::V10),
+        ("H0100402", &[(1, q)], MessageId, Dialect::V11),
+        ("H0100202", &[(1, q)], Count, Dialect::V10),
+        ("H0100103", &[(1, q), (2, q)], Ttl, Dialect::V11),
+        ("H0100103", &[(1, q), (2, q)], Delay, v12),
+        ("H0100203", &[(1, q), (4, b"1")], Lease, v12),
+        ("H0100701", &[], Version, Dialect::V10),
+        ("H0100702", &[(6, b"1.2")], Token, v12),
+        ("H0100702", &[(6, b"1.2")], Features, Dialect::V11),
+        ("H0101102", &[(1, q)], MessageId, v12),
+        ("H0101201", &[], Queue, v12),
+    ];
+    for (header, before, packet, dialect) in cases {
+        let bound = packet.max_len(MAX);
+        for length in [bound as u128 + 1, 1 << 20, MAX as u128] {
+            let bytes = headers_only(header, before, packet.code(), length);
+            assert_eq!(
+                decode_frame_in(&bytes, MAX, dialect),
+                Err(CodecError::PacketTooLarge {
+                    packet,
+                    length,
+                    max: bound
+                }),
+                "{header} {packet} {length} in {dialect}"
+            );
+        }
+        // At the bound, the header is fine: the decoder waits for the content.
+        let bytes = headers_only(header, before, packet.code(), bound as u128);
+        assert_eq!(
+            decode_frame_in(&bytes, MAX, dialect),
+            Ok(Decoded::Incomplete {
+                needed: bytes.len() + bound
+            }),
+            "{header} {packet} in {dialect}"
+        );
+    }
+    // Server frames, as a client decodes them (with no practical content limit).
+    let id: &[u8] = b"0123456789abcdef0123456789abcdef";
+    for (header, before, packet) in [
+        ("H0100303", &[(1, q), (2, q)][..], PacketType::MessageId),
+        (
+            "H0100304",
+            &[(1, q), (2, q), (3, id)][..],
+            PacketType::Deliveries,
+        ),
+        ("H0101002", &[][..], PacketType::ErrorCode),
+        ("H0100802", &[(6, &b"1.2"[..])][..], PacketType::Features),
+    ] {
+        let bytes = headers_only(header, before, packet.code(), 1 << 24);
+        assert_eq!(
+            decode_frame_in(&bytes, usize::MAX >> 1, v12),
+            Err(CodecError::PacketTooLarge {
+                packet,
+                length: 1 << 24,
+                max: packet.max_len(usize::MAX)
+            }),
+            "{header} {packet}"
+        );
+    }
+}
+
+#[test]
+fn the_413_text_names_the_packet_its_length_and_its_limit() {
+    let bytes = headers_only("H0100102", &[], 1, 16 << 20);
+    let error = decode_frame(&bytes, MAX).expect_err("over the queue bound");
+    assert_eq!(
+        error.to_string(),
+        "packet 01 (queue) declares 16777216 bytes, over the limit of 1024 bytes"
+    );
+}
+
+#[test]
+fn packets_at_their_limit_are_taken() {
+    // Content at --max-message-size, whatever that is; the others at their own bound.
+    let content = vec![b'c'; 100];
+    let mut bytes = Vec::new();
+    encode_frame(
+        &mut bytes,
+        MessageType::Send,
+        &[(PacketType::Queue, b"q"), (PacketType::Content, &content)],
+    );
+    match decode_frame(&bytes, 100) {
+        Ok(Decoded::Frame(frame, used)) => {
+            assert_eq!(used, bytes.len());
+            assert_eq!(frame.required(PacketType::Content), &content[..]);
+        }
+        other => panic!("content at the limit: {other:?}"),
+    }
+    assert_eq!(
+        decode_frame(&bytes, 99),
+        Err(CodecError::PacketTooLarge {
+            packet: PacketType::Content,
+            length: 100,
+            max: 99
+        })
+    );
+    // Content is not held to any of the short bounds.
+    let big = vec![b'c'; MAX_TOKEN_PACKET_LEN + 1];
+    let mut bytes = Vec::new();
+    encode_frame(
+        &mut bytes,
+        MessageType::Send,
+        &[(PacketType::Queue, b"q"), (PacketType::Content, &big)],
+    );
+    assert!(matches!(decode_frame(&bytes, MAX), Ok(Decoded::Frame(..))));
+
+    // A queue name at the packet bound is read whole, so the request layer can answer 422
+    // (over 255 bytes) instead of a 413.
+    let name = vec![b'n'; MAX_QUEUE_PACKET_LEN];
+    let number = vec![b'0'; MAX_NUMBER_PACKET_LEN];
+    let mut bytes = Vec::new();
+    encode_frame(
+        &mut bytes,
+        MessageType::Consume,
+        &[(PacketType::Queue, &name), (PacketType::Count, &number)],
+    );
+    let frame = decode_whole(&bytes);
+    assert!(matches!(
+        crate::request::Request::from_frame(&frame, Dialect::V12),
+        Err(crate::request::RequestError::QueueName(
+            crate::request::QueueNameProblem::Length(MAX_QUEUE_PACKET_LEN)
+        ))
+    ));
+    // The longest valid name, with a count padded to the bound, is a request.
+    let name = vec![b'n'; crate::request::MAX_QUEUE_NAME_LEN];
+    let mut bytes = Vec::new();
+    encode_frame(
+        &mut bytes,
+        MessageType::Consume,
+        &[(PacketType::Queue, &name), (PacketType::Count, &number)],
+    );
+    assert!(crate::request::Request::from_frame(&decode_whole(&bytes), Dialect::V12).is_ok());
+}
+
+#[test]
+fn a_smaller_max_message_size_bounds_every_packet() {
+    for packet in PacketType::ALL {
+        assert_eq!(packet.max_len(10), 10, "{packet}");
+        if packet != PacketType::Content {
+            assert!(
+                packet.max_len(usize::MAX) <= MAX_TOKEN_PACKET_LEN,
+                "{packet}"
+            );
+        }
+    }
+    assert_eq!(PacketType::Content.max_len(usize::MAX), usize::MAX);
+}
+
+/// With `--max-message-size` near usize::MAX, `header_end + length` used to wrap, and the
+/// wrapped end then sliced backwards (a panic). Now it is an oversized packet.
+#[test]
+fn a_length_past_the_address_space_is_oversized_not_a_panic() {
+    let before: &[(u8, &[u8])] = &[(1, b"q")];
+    // The content's header ends at 8 + 33 + 32 = 73.
+    for length in [usize::MAX - 72, usize::MAX - 10, usize::MAX] {
+        let mut bytes = headers_only("H0100102", before, 2, length as u128);
+        bytes.extend_from_slice(b"some of the content");
+        assert_eq!(
+            decode_frame(&bytes, usize::MAX),
+            Err(CodecError::PacketTooLarge {
+                packet: PacketType::Content,
+                length: length as u128,
+                max: usize::MAX - 73
+            }),
+            "{length}"
+        );
+    }
+    // The largest length that can be addressed still only asks for more.
+    let bytes = headers_only("H0100102", before, 2, (usize::MAX - 73) as u128);
+    assert_eq!(
+        decode_frame(&bytes, usize::MAX),
+        Ok(Decoded::Incomplete { needed: usize::MAX })
+    );
+}
+
 /// Random bytes and mutated valid frames: the decoder answers every one without panicking,
 /// never claims more bytes than it was given, and whatever it accepts re-encodes the same.
 #[test]

@@ -122,6 +122,30 @@ pub enum PacketType {
     Counts,
 }
 
+// The most content bytes each packet type may declare, checked from its packet header before
+// any content is read (413 on v1.2). Only the content packet (02) is bounded by
+// `--max-message-size` alone; the others are bounded by these and by it, the smaller winning,
+// so that a header cannot make a connection buffer megabytes of what must be a short value.
+
+/// Queue (01): names are at most 255 bytes, but 255 characters of 4-byte UTF-8 are 1020 bytes,
+/// and a name up to here is read so that it gets the spec's 422 (rule 4), not a 413.
+pub const MAX_QUEUE_PACKET_LEN: usize = 1024;
+/// Message id (03): ours are 32 hex characters; up to here an id of another form (a UUID, a
+/// 64-hex digest) is read and ignored as unknown, as v1 does.
+pub const MAX_ID_PACKET_LEN: usize = 256;
+/// Decimal numbers (04, 05, 09, 10, 11, 12): `u64::MAX` has 20 digits; the rest is room for the
+/// leading zeros v1.0 and v1.1 clients may send.
+pub const MAX_NUMBER_PACKET_LEN: usize = 64;
+/// Version (06): `MAJOR.MINOR` of two u32s is at most 21 bytes; the rest is room for leading
+/// zeros.
+pub const MAX_VERSION_PACKET_LEN: usize = 64;
+/// Token (07): ignored today, but room for a signed token (a JWT is usually under 2 KiB).
+pub const MAX_TOKEN_PACKET_LEN: usize = 4 << 10;
+/// Features (08): all the words we know take 54 bytes; room for the words of newer clients.
+pub const MAX_FEATURES_PACKET_LEN: usize = 1 << 10;
+/// Counts (13): four numbers and the three spaces between them.
+pub const MAX_COUNTS_PACKET_LEN: usize = 4 * MAX_NUMBER_PACKET_LEN + 3;
+
 /// Which packets a message type requires and which it may carry in addition.
 pub(super) struct Shape {
     pub(super) required: &'static [PacketType],
@@ -313,6 +337,28 @@ impl PacketType {
 
     pub fn from_code(code: u8) -> Option<PacketType> {
         PacketType::ALL.into_iter().find(|t| t.code() == code)
+    }
+
+    /// The most content bytes a packet of this type may declare when message contents may
+    /// have `max_content` (`--max-message-size`): that for the content packet, the smaller of
+    /// it and the type's own bound for the others.
+    pub fn max_len(self, max_content: usize) -> usize {
+        let own = match self {
+            PacketType::Content => return max_content,
+            PacketType::Queue => MAX_QUEUE_PACKET_LEN,
+            PacketType::MessageId => MAX_ID_PACKET_LEN,
+            PacketType::Count
+            | PacketType::Ttl
+            | PacketType::Deliveries
+            | PacketType::ErrorCode
+            | PacketType::Delay
+            | PacketType::Lease => MAX_NUMBER_PACKET_LEN,
+            PacketType::Version => MAX_VERSION_PACKET_LEN,
+            PacketType::Token => MAX_TOKEN_PACKET_LEN,
+            PacketType::Features => MAX_FEATURES_PACKET_LEN,
+            PacketType::Counts => MAX_COUNTS_PACKET_LEN,
+        };
+        own.min(max_content)
     }
 
     /// Whether a connection of `dialect` may use this packet in a frame of `message_type`:

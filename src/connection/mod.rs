@@ -49,6 +49,8 @@ const DRAIN_BEFORE_CLOSE: Duration = Duration::from_secs(1);
 /// Limits a connection enforces.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    /// `--max-message-size`: the content packet's limit, and a cap on every other packet's
+    /// own ([`crate::codec::PacketType::max_len`]).
     pub max_packet_len: usize,
     pub frame_timeout: Duration,
     /// How long a connection that has never asked to consume may send nothing; `None`: no

@@ -14,6 +14,11 @@ use std::sync::Arc;
 /// The longest queue name, in bytes.
 pub const MAX_QUEUE_NAME_LEN: usize = 255;
 
+// The decoder's per-type limits must let every valid value through (and a too-long name reach
+// the 422 of [`QueueName::new`]).
+const _: () = assert!(MAX_QUEUE_NAME_LEN < codec::MAX_QUEUE_PACKET_LEN);
+const _: () = assert!(crate::id::ID_LEN <= codec::MAX_ID_PACKET_LEN);
+
 /// A valid queue name: 1..=255 bytes of UTF-8 without control characters. Cheap to clone.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueueName(Arc<str>);
@@ -202,12 +207,13 @@ pub enum Request {
 impl Request {
     /// Validates a decoded frame sent by a client on a connection that speaks `dialect`.
     ///
-    /// On v1.0 and v1.1, a count or TTL of any length of digits is taken, saturated at
-    /// `u64::MAX`: a count that large means "as many as possible", and a TTL that large is
-    /// clamped by the broker to its latest expiry time anyway. Such a client has no error
-    /// frame to learn from, so refusing would only close its connection. On v1.2, numbers are
-    /// checked against their ranges ([`RequestError::OutOfRange`], ERROR 422): count and TTL
-    /// up to `u64::MAX`, delay up to [`MAX_DELAY_MS`], lease up to [`MAX_LEASE_MS`].
+    /// On v1.0 and v1.1, a count or TTL of any length of digits (up to the decoder's
+    /// [`codec::MAX_NUMBER_PACKET_LEN`]) is taken, saturated at `u64::MAX`: a count that large
+    /// means "as many as possible", and a TTL that large is clamped by the broker to its latest
+    /// expiry time anyway. Such a client has no error frame to learn from, so refusing would
+    /// only close its connection. On v1.2, numbers are checked against their ranges
+    /// ([`RequestError::OutOfRange`], ERROR 422): count and TTL up to `u64::MAX`, delay up to
+    /// [`MAX_DELAY_MS`], lease up to [`MAX_LEASE_MS`].
     ///
     /// Types and packets the dialect does not have are refused even if the frame was decoded
     /// for another dialect; a HELLO is valid in every dialect.

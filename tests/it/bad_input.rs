@@ -147,6 +147,38 @@ fn packet_over_the_size_limit() {
     );
 }
 
+/// The audit's case: a queue name may be declared far over the longest valid one. The server
+/// refuses it from the packet header (413 on v1.2) instead of buffering the name for the whole
+/// frame timeout; only the header is ever sent here, so waiting for the content would have
+/// meant no reply until the frame timeout (30 s by default, beyond the client's deadline).
+#[test]
+fn an_overlong_queue_name_gets_413_from_its_header_alone() {
+    let server = TestServer::start(&[]);
+    let mut client = server.tcp_client();
+    let peer = format!("{} (", client.local.clone().expect("tcp"));
+    client.hello("1.2", "");
+    client.expect_frame(8);
+    let started = std::time::Instant::now();
+    client.raw(format!("H0100102P01{:029}", 1 << 20).as_bytes());
+    let error = client.expect_frame(10);
+    assert_eq!(error.text(10), "413");
+    let reason = "packet 01 (queue) declares 1048576 bytes, over the limit of 1024 bytes";
+    assert_eq!(error.text(2), reason);
+    client.expect_closed();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "answered from the header, not after a stall: {:?}",
+        started.elapsed()
+    );
+    server.log.wait_for("the 413's warning", |l| {
+        l.contains(&peer) && l.contains(reason)
+    });
+
+    // Before v1.2 the same header closes the connection without a reply, as any bad frame.
+    let bad = format!("H0100202P01{:029}", 1 << 20).into_bytes();
+    check_rejected(&server, &bad, reason);
+}
+
 #[test]
 fn invalid_queue_names() {
     let server = TestServer::start(&[]);

@@ -29,6 +29,21 @@ fn defaults_to_loopback_port_9100() {
 }
 
 #[test]
+fn a_max_message_size_beyond_the_cap_is_refused_at_start() {
+    // 18446744073709551615 once made a frame's end wrap around; now it does not start at all.
+    let dir = TempDir::new("max-size");
+    for size in ["18446744073709551615", "536870913"] {
+        let (status, stderr) =
+            run_to_exit(&["--max-message-size", size, "--db", "none"], dir.path());
+        assert!(!status.success(), "{size}");
+        assert!(
+            stderr.contains("above the maximum of 536870912 bytes"),
+            "{size}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn a_live_unix_socket_is_not_taken_over() {
     let server = TestServer::start(&[]);
     let sock = server.unix.clone().expect("unix");
