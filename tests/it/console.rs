@@ -508,9 +508,10 @@ fn status_over_100k_queues_does_not_stall_other_clients() {
         // Walking every queue under one lock stalled others by the length of the walk (~100 ms
         // in a release build, ~300 ms in a debug one); in chunks a round trip waits for one
         // chunk at most (~30 ms here, most of it the machine being busy). The margin is for a
-        // noisy 2-core machine.
+        // noisy 2-core machine (100 ms failed once under a parallel build): the test runs a
+        // debug build, whose unchunked walk stalls ~300 ms.
         assert!(
-            worst < Duration::from_millis(100),
+            worst < Duration::from_millis(200),
             "round trips took {worst:?} and more during {command}"
         );
     }
