@@ -21,8 +21,8 @@
 //! - [`persist`]: the SQLite backend: the in-memory store, its mirror to a file, and recovery.
 //! - [`logfile`]: a log file that SIGHUP can reopen.
 //! - [`memory`]: giving freed memory back to the system.
-//! - [`system`]: what `/proc` tells about this process (resident memory, bytes written), and
-//!   how its threads are scheduled.
+//! - [`system`]: what `/proc` tells about this process (resident memory, bytes written), how
+//!   its threads are scheduled, and its open-file limit.
 //! - [`ratelog`]: rate limits for the log lines clients can cause.
 //! - [`config`]: the server's settings and listen addresses.
 //! - [`client`]: a blocking PHPMQ client for the `phpmq` command line.

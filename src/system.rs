@@ -1,7 +1,8 @@
 //! What the operating system tells about this process, read from `/proc` (Linux): the server's
 //! resident memory for the console, and a thread's disk writes for the mirror's report.
 //! Elsewhere, or where `/proc` says nothing, the answer is `None`. Also how the server's
-//! threads are scheduled.
+//! threads are scheduled, and its open-file limit: raised at start, and checked against
+//! `--max-connections`.
 
 use std::fs;
 use std::io;
@@ -55,6 +56,95 @@ pub fn set_scheduling(_scheduling: Scheduling) -> io::Result<()> {
     Ok(())
 }
 
+/// Descriptors the server keeps for itself, besides one per client: the standard streams, the
+/// listeners, two eventfds, the signal pipe, the SQLite file with its -wal and -shm (some
+/// opened twice), a full copy's new file and its journal, the log file and up to 16 console
+/// sessions. That is about 35; twice as many leaves room for what SQLite or a library opens
+/// unforeseen (temporary files).
+pub const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// What [`raise_open_file_limit`] did. A limit of `None` is unlimited.
+#[derive(Debug)]
+pub enum OpenFileLimit {
+    /// Already at the hard limit: nothing to do.
+    Kept(Option<u64>),
+    Raised {
+        from: u64,
+        to: u64,
+    },
+    /// The raise was refused (a sandbox, say): the limit stays where it was.
+    Failed {
+        limit: u64,
+        hard: u64,
+        error: io::Error,
+    },
+}
+
+impl OpenFileLimit {
+    /// The soft limit now in force.
+    pub fn limit(&self) -> Option<u64> {
+        match self {
+            OpenFileLimit::Kept(limit) => *limit,
+            OpenFileLimit::Raised { to, .. } => Some(*to),
+            OpenFileLimit::Failed { limit, .. } => Some(*limit),
+        }
+    }
+}
+
+/// Raises the soft open-file limit (`RLIMIT_NOFILE`) to the hard one, as nginx and Redis do.
+/// The soft limit, often 1024, protects programs that use select(2), which cannot watch a
+/// descriptor past 1023; this one never does, and needs one descriptor per client. The hard
+/// limit is what the administrator allows (`LimitNOFILE=`, `ulimit -Hn`).
+pub fn raise_open_file_limit() -> OpenFileLimit {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    match (limit.current, limit.maximum) {
+        (Some(soft), Some(hard)) if soft < hard => {
+            let raised = Rlimit {
+                current: Some(hard),
+                maximum: Some(hard),
+            };
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => OpenFileLimit::Raised {
+                    from: soft,
+                    to: hard,
+                },
+                Err(e) => OpenFileLimit::Failed {
+                    limit: soft,
+                    hard,
+                    error: e.into(),
+                },
+            }
+        }
+        // No hard limit is never the case for descriptors on Linux (the kernel caps them at
+        // fs.nr_open), and elsewhere "unlimited" may not be settable: left alone.
+        (soft, _) => OpenFileLimit::Kept(soft),
+    }
+}
+
+/// The warning to log at start when `max_connections` clients and the server's own
+/// descriptors do not fit under the open-file `limit`; `None` when they do. The server still
+/// starts: it keeps working at the limit, only clients past it wait to be accepted.
+pub fn open_file_warning(max_connections: usize, limit: Option<u64>) -> Option<String> {
+    let limit = limit?;
+    let clients = u64::try_from(max_connections).unwrap_or(u64::MAX);
+    let needed = clients.saturating_add(RESERVED_DESCRIPTORS);
+    if needed <= limit {
+        return None;
+    }
+    let lower = match limit.checked_sub(RESERVED_DESCRIPTORS) {
+        Some(fits) if fits > 0 => format!("lower --max-connections to {fits} or less"),
+        _ => "lower --max-connections".to_string(),
+    };
+    Some(format!(
+        "--max-connections {max_connections} needs an open-file limit of {needed} \
+         ({RESERVED_DESCRIPTORS} more for the server's own files), but the limit is {limit}: \
+         clients past what fits wait unaccepted, and full mirror copies can fail. Raise the \
+         hard limit (LimitNOFILE= in the systemd unit, NOFILE for the init script, ulimit -Hn \
+         before starting) or {lower}"
+    ))
+}
+
 /// The process's resident memory, in bytes.
 pub fn resident_memory() -> Option<u64> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
@@ -100,6 +190,37 @@ mod tests {
         assert_eq!(batch, (libc::SCHED_BATCH, libc::SCHED_BATCH));
         assert_eq!("batch".parse(), Ok(Scheduling::Batch));
         assert!("fifo".parse::<Scheduling>().is_err());
+    }
+
+    #[test]
+    fn a_connection_limit_past_the_open_file_limit_is_warned_about() {
+        // The usual default: 1024 clients and a soft limit of 1024.
+        let warning = open_file_warning(1024, Some(1024)).expect("a warning");
+        assert!(
+            warning.contains("--max-connections 1024 needs an open-file limit of 1088")
+                && warning.contains("the limit is 1024")
+                && warning.contains("LimitNOFILE=")
+                && warning.contains("lower --max-connections to 960 or less"),
+            "{warning}"
+        );
+        let tiny = open_file_warning(1024, Some(40)).expect("a warning");
+        assert!(tiny.ends_with("or lower --max-connections"), "{tiny}");
+        assert_eq!(open_file_warning(960, Some(1024)), None, "fits exactly");
+        assert_eq!(open_file_warning(1024, Some(524_288)), None);
+        assert_eq!(open_file_warning(usize::MAX, None), None, "unlimited");
+    }
+
+    #[test]
+    fn the_open_file_limit_ends_at_the_hard_limit() {
+        use rustix::process::{getrlimit, Resource};
+        // Idempotent, and the test binary is ours: raising it here harms nothing.
+        let outcome = raise_open_file_limit();
+        let after = getrlimit(Resource::Nofile);
+        match outcome {
+            OpenFileLimit::Failed { .. } => {}
+            _ => assert_eq!(after.current, after.maximum, "{outcome:?}"),
+        }
+        assert_eq!(outcome.limit(), after.current);
     }
 
     #[test]

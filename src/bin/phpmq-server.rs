@@ -6,7 +6,7 @@ use log::{error, info, warn, LevelFilter};
 use phpmq::config::{self, Config, ListenAddr};
 use phpmq::logfile::LogFile;
 use phpmq::server::Server;
-use phpmq::system::{self, Scheduling};
+use phpmq::system::{self, OpenFileLimit, Scheduling};
 use signal_hook::consts::SIGHUP;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -165,6 +165,20 @@ fn main() -> ExitCode {
             .into_iter()
             .collect::<Option<Vec<_>>>()
             .unwrap_or_default();
+    }
+    // Before storage and the listeners open anything: clients need one descriptor each.
+    let open_files = system::raise_open_file_limit();
+    match &open_files {
+        OpenFileLimit::Raised { from, to } => {
+            info!("raised the open-file limit from {from} to {to} (the hard limit)");
+        }
+        OpenFileLimit::Failed { limit, hard, error } => {
+            warn!("cannot raise the open-file limit from {limit} to {hard}: {error}");
+        }
+        OpenFileLimit::Kept(_) => {}
+    }
+    if let Some(warning) = system::open_file_warning(config.max_connections, open_files.limit()) {
+        warn!("{warning}");
     }
     // Before any thread starts: they all inherit it.
     if let Err(e) = system::set_scheduling(args.scheduling) {

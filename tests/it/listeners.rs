@@ -233,6 +233,29 @@ fn sigterm_stops_cleanly_and_removes_the_socket_file() {
     client.expect_closed();
 }
 
+/// The soft open-file limit is raised to the hard one at start; a connection limit that fits
+/// under it draws no warning.
+#[test]
+#[cfg(target_os = "linux")]
+fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let server =
+        TestServer::start_with_open_files(&["--db", "none", "--max-connections", "100"], 64, 256);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .expect("a Max open files line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(open_files[..2], ["256", "256"], "{limits}");
+    server.log.wait_for("the raise", |l| {
+        l.contains("raised the open-file limit from 64 to 256")
+    });
+    // The warning would come before the ready line, which start() waited for.
+    let log = server.log.text();
+    assert!(!log.contains("needs an open-file limit"), "{log}");
+}
+
 #[test]
 fn ipv6_loopback_when_available() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {

@@ -90,11 +90,25 @@ pub struct TestServer {
     pub console: Option<SocketAddr>,
     pub dir: TempDir,
     args: Vec<String>,
+    /// The open-file limit (soft, hard) the server runs under, if the test set one.
+    open_files: Option<(u64, u64)>,
 }
 
 impl TestServer {
     /// TCP on 127.0.0.1:0 and a Unix socket in a fresh temp dir, plus `extra` flags.
     pub fn start(extra: &[&str]) -> TestServer {
+        let (dir, args) = TestServer::default_args(extra);
+        TestServer::start_with(dir, args)
+    }
+
+    /// Like [`TestServer::start`], under an open-file limit of `soft` and `hard` descriptors
+    /// (as `ulimit -n` or systemd's `LimitNOFILE=` set it), for the server alone.
+    pub fn start_with_open_files(extra: &[&str], soft: u64, hard: u64) -> TestServer {
+        let (dir, args) = TestServer::default_args(extra);
+        TestServer::launch(dir, args, Some((soft, hard)))
+    }
+
+    fn default_args(extra: &[&str]) -> (TempDir, Vec<String>) {
         let dir = TempDir::new("srv");
         let sock = dir.path().join("phpmq.sock");
         let mut args = vec![
@@ -104,16 +118,20 @@ impl TestServer {
             format!("unix:{}", sock.display()),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        TestServer::start_with(dir, args)
+        (dir, args)
     }
 
     /// These arguments, plus a console on an ephemeral port unless they name one: the default
     /// port would clash between tests running at once.
-    pub fn start_with(dir: TempDir, mut args: Vec<String>) -> TestServer {
+    pub fn start_with(dir: TempDir, args: Vec<String>) -> TestServer {
+        TestServer::launch(dir, args, None)
+    }
+
+    fn launch(dir: TempDir, mut args: Vec<String>, open_files: Option<(u64, u64)>) -> TestServer {
         if !args.iter().any(|a| a == "--admin") {
             args.extend(["--admin".to_string(), "127.0.0.1:0".to_string()]);
         }
-        let (child, log) = spawn(&args, dir.path());
+        let (child, log) = spawn_limited(&args, dir.path(), open_files);
         let mut server = TestServer {
             child: Some(child),
             log,
@@ -122,6 +140,7 @@ impl TestServer {
             console: None,
             dir,
             args,
+            open_files,
         };
         let ready = server
             .log
@@ -211,8 +230,9 @@ impl TestServer {
         }
         let dir = std::mem::replace(&mut self.dir, TempDir::new("moved"));
         let args = std::mem::take(&mut self.args);
+        let open_files = self.open_files;
         drop(self);
-        TestServer::start_with(dir, args)
+        TestServer::launch(dir, args, open_files)
     }
 
     /// The ready line's count of recovered messages.
@@ -272,14 +292,33 @@ impl Drop for TestServer {
 
 /// Starts the binary with `args` in `cwd`, collecting stderr lines.
 pub fn spawn(args: &[String], cwd: &Path) -> (Child, Log) {
-    let mut child = Command::new(server_binary())
+    spawn_limited(args, cwd, None)
+}
+
+/// [`spawn`], with the open-file limit (soft, hard) set in the child before it runs the
+/// server, if given.
+pub fn spawn_limited(args: &[String], cwd: &Path, open_files: Option<(u64, u64)>) -> (Child, Log) {
+    let mut command = Command::new(server_binary());
+    command
         .args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start phpmq-server");
+        .stderr(Stdio::piped());
+    if let Some((soft, hard)) = open_files {
+        use rustix::process::{setrlimit, Resource, Rlimit};
+        use std::os::unix::process::CommandExt;
+        let limit = Rlimit {
+            current: Some(soft),
+            maximum: Some(hard),
+        };
+        // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe
+        // calls are allowed: setrlimit is one system call, and it allocates nothing.
+        unsafe {
+            command.pre_exec(move || setrlimit(Resource::Nofile, limit).map_err(io::Error::from));
+        }
+    }
+    let mut child = command.spawn().expect("start phpmq-server");
     let log = Log::default();
     let stderr = child.stderr.take().expect("stderr piped");
     let sink = log.clone();
