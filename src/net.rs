@@ -1,11 +1,12 @@
-//! The one module that names TCP and Unix sockets: a listener and a stream type over both, and
-//! the rules for a Unix socket path (refuse a live one, replace a stale one, remove ours on exit).
+//! The one module that names TCP and Unix sockets: a listener and a stream type over both, the
+//! rules for a Unix socket path (refuse a live one, replace a stale one, remove ours on exit),
+//! and sleeping on a socket until it is ready or a [`Bell`] rings (poll(2) on an eventfd).
 
 use crate::config::ListenAddr;
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -83,9 +84,11 @@ impl Listener {
             source,
         };
         match addr {
-            ListenAddr::Tcp(socket_addr) => TcpListener::bind(socket_addr)
-                .map(|l| Listener(ListenerKind::Tcp(l)))
-                .map_err(io_error),
+            ListenAddr::Tcp(socket_addr) => {
+                let listener = TcpListener::bind(socket_addr).map_err(io_error)?;
+                listener.set_nonblocking(true).map_err(io_error)?;
+                Ok(Listener(ListenerKind::Tcp(listener)))
+            }
             ListenAddr::Unix(path) => {
                 let listener = bind_unix(path).map_err(|e| match e {
                     UnixBindError::Io(source) => io_error(source),
@@ -96,6 +99,8 @@ impl Listener {
                     path: path.clone(),
                     inode,
                 };
+                // After `file` exists: if this fails, dropping it removes the socket file.
+                listener.set_nonblocking(true).map_err(io_error)?;
                 Ok(Listener(ListenerKind::Unix(listener, file)))
             }
         }
@@ -109,17 +114,23 @@ impl Listener {
         })
     }
 
-    /// Waits for a client; also returns a name for it to use in log lines.
+    /// Takes a client that is waiting, with a name for it to use in log lines; `WouldBlock`
+    /// if none is. Never waits: the listener is non-blocking, and [`Listener::wait`] sleeps
+    /// until a client comes or the bell rings.
     pub fn accept(&self) -> io::Result<(Stream, String)> {
         match &self.0 {
             ListenerKind::Tcp(listener) => {
                 let (stream, peer) = listener.accept()?;
+                // Linux does not pass the listener's O_NONBLOCK on, other systems do: the
+                // connection's reads and writes expect a blocking socket.
+                stream.set_nonblocking(false)?;
                 // Dispatches are latency-sensitive small writes: never wait for Nagle.
                 stream.set_nodelay(true)?;
                 Ok((Stream::Tcp(stream), peer.to_string()))
             }
             ListenerKind::Unix(listener, file) => {
                 let (stream, _) = listener.accept()?;
+                stream.set_nonblocking(false)?;
                 Ok((
                     Stream::Unix(stream),
                     format!("unix:{}", file.path.display()),
@@ -128,32 +139,31 @@ impl Listener {
         }
     }
 
-    /// Makes [`Listener::accept`] return `WouldBlock` instead of waiting (to take what is
-    /// already queued at shutdown).
-    pub fn set_nonblocking(&self) -> io::Result<()> {
-        match &self.0 {
-            ListenerKind::Tcp(listener) => listener.set_nonblocking(true),
-            ListenerKind::Unix(listener, _) => listener.set_nonblocking(true),
-        }
+    /// Sleeps until a client waits to be accepted or `bell` rings. Waking needs no new
+    /// descriptor (unlike connecting to ourselves), so it works at the open-file limit too.
+    /// The bell comes first: once it has rung, the caller stops waiting for more clients.
+    pub fn wait(&self, bell: &Bell) -> io::Result<Readiness> {
+        let woken = wait_fd(self.fd(), Some(bell), None)?;
+        Ok(if woken.bell {
+            Readiness::Bell
+        } else if woken.fd {
+            Readiness::Readable
+        } else {
+            Readiness::TimedOut
+        })
     }
 
-    /// Unblocks a thread waiting in [`Listener::accept`] by connecting to ourselves.
-    pub fn wake(&self) {
+    /// Whether a client waits to be accepted now. (A failed accept does not tell: at the
+    /// open-file limit it fails whether one waits or not.)
+    pub fn client_waiting(&self) -> io::Result<bool> {
+        Ok(wait_fd(self.fd(), None, Some(Duration::ZERO))?.fd)
+    }
+
+    fn fd(&self) -> rustix::fd::BorrowedFd<'_> {
+        use rustix::fd::AsFd;
         match &self.0 {
-            ListenerKind::Tcp(listener) => {
-                if let Ok(mut addr) = listener.local_addr() {
-                    if addr.ip().is_unspecified() {
-                        addr.set_ip(match addr {
-                            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-                            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-                        });
-                    }
-                    let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
-                }
-            }
-            ListenerKind::Unix(_, file) => {
-                let _ = UnixStream::connect(&file.path);
-            }
+            ListenerKind::Tcp(listener) => listener.as_fd(),
+            ListenerKind::Unix(listener, _) => listener.as_fd(),
         }
     }
 }
@@ -226,8 +236,10 @@ impl Stream {
     }
 }
 
-/// Wakes every reader waiting in [`Stream::wait_readable`] at once, for good: an eventfd that
-/// once written stays readable. Rung when the server starts shutting down.
+/// Wakes every thread waiting on it in [`Stream::wait_readable`], [`Listener::wait`] or
+/// [`Bell::wait`] at once, for good: an eventfd that once written stays readable. Made before
+/// any client connects, so ringing it needs no descriptor. The server rings one for its accept
+/// threads and one for its connections, at two steps of its stop.
 #[derive(Debug)]
 pub struct Bell(rustix::fd::OwnedFd);
 
@@ -241,12 +253,69 @@ impl Bell {
         // Only fails if the counter would overflow, when it is readable anyway.
         let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
     }
+
+    /// Sleeps until the bell rings or `timeout` passes; true if it has rung.
+    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let timeout = timespec(timeout);
+        let mut fds = [PollFd::new(&self.0, PollFlags::IN)];
+        loop {
+            match poll(&mut fds, Some(&timeout)) {
+                Ok(0) => return Ok(false),
+                Ok(_) => return Ok(true),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
 }
 
-/// What [`Stream::wait_readable`] saw.
+fn timespec(t: Duration) -> rustix::event::Timespec {
+    rustix::event::Timespec {
+        tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
+        tv_nsec: t.subsec_nanos().into(),
+    }
+}
+
+/// Which of [`wait_fd`]'s descriptors woke it.
+struct Woken {
+    fd: bool,
+    bell: bool,
+}
+
+/// Sleeps until `fd` is readable (for a listener: a client waits to be accepted), `bell`
+/// rings, or `timeout` passes (`None`: no limit).
+fn wait_fd(
+    fd: rustix::fd::BorrowedFd<'_>,
+    bell: Option<&Bell>,
+    timeout: Option<Duration>,
+) -> io::Result<Woken> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let timespec = timeout.map(timespec);
+    let socket = PollFd::from_borrowed_fd(fd, PollFlags::IN);
+    let mut fds = match bell {
+        Some(bell) => [socket, PollFd::new(&bell.0, PollFlags::IN)],
+        None => [socket.clone(), socket],
+    };
+    let watched = if bell.is_some() { 2 } else { 1 };
+    loop {
+        match poll(&mut fds[..watched], timespec.as_ref()) {
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Woken {
+        fd: !fds[0].revents().is_empty(),
+        bell: bell.is_some() && !fds[1].revents().is_empty(),
+    })
+}
+
+/// What [`Stream::wait_readable`] or [`Listener::wait`] saw.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Readiness {
-    /// Data, end of file or an error is there to read.
+    /// Data, end of file or an error is there to read (for a listener: a client waits to be
+    /// accepted).
     Readable,
     /// The bell was rung.
     Bell,
@@ -281,31 +350,15 @@ impl Stream {
         bell: Option<&Bell>,
         timeout: Option<Duration>,
     ) -> io::Result<Readiness> {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let timespec = timeout.map(|t| Timespec {
-            tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
-            tv_nsec: t.subsec_nanos().into(),
-        });
-        let socket = PollFd::from_borrowed_fd(self.fd(), PollFlags::IN);
-        let mut fds = match bell {
-            Some(bell) => [socket, PollFd::new(&bell.0, PollFlags::IN)],
-            None => [socket.clone(), socket],
-        };
-        let watched = if bell.is_some() { 2 } else { 1 };
-        loop {
-            match poll(&mut fds[..watched], timespec.as_ref()) {
-                Ok(0) => return Ok(Readiness::TimedOut),
-                Ok(_) => break,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let woken = wait_fd(self.fd(), bell, timeout)?;
         // Data first: what a client sent before the bell rang is still read.
-        if !fds[0].revents().is_empty() {
-            Ok(Readiness::Readable)
+        Ok(if woken.fd {
+            Readiness::Readable
+        } else if woken.bell {
+            Readiness::Bell
         } else {
-            Ok(Readiness::Bell)
-        }
+            Readiness::TimedOut
+        })
     }
 }
 

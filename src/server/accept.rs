@@ -1,23 +1,29 @@
 //! Accepting connections: one thread per listener, admission against the connection and
-//! console-session limits, and a thread for each admitted client. After the stop, the
-//! connections already queued at a listener are still taken in (their clients may have sent
-//! messages), within a bound.
+//! console-session limits, and a thread for each admitted client. An accept thread sleeps in
+//! poll(2) on its listener and the server's accept bell, so the stop wakes it without a new
+//! descriptor, at the open-file limit too. After the stop, the connections already queued at a
+//! listener are still taken in (their clients may have sent messages), within a bound. A
+//! failing accept (out of descriptors) is retried after a pause and logged once per run of
+//! failures, not once per retry.
 
 use super::{Lifeline, Shared};
 use crate::admin;
 use crate::broker::EndedBy;
 use crate::connection::{self, THREAD_STACK};
-use crate::net::{Listener, Stream};
+use crate::net::{Listener, Readiness, Stream};
 use crate::ratelog;
-use log::warn;
+use log::{warn, Level};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again: the client
+/// stays queued meanwhile, and the listener stays readable, so without it the thread would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// While accepts keep failing, how often the log says so again.
+const FAILING_REMINDER: Duration = Duration::from_secs(10);
 /// Console sessions at once: it is a tool for people, not a second data path.
 const MAX_CONSOLE_SESSIONS: usize = 16;
 /// The most connections still queued at a listener that are taken in after the stop.
@@ -100,51 +106,160 @@ pub fn spawn_acceptor(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let name = match endpoint {
+    let thread_name = match endpoint {
         Endpoint::Messages => format!("phpmq-accept {name}"),
         Endpoint::Console => format!("phpmq-console {name}"),
     };
-    thread::Builder::new().name(name.clone()).spawn(move || {
-        let _lifeline = Lifeline {
-            shared: shared.clone(),
-            name,
-        };
-        accept_loop(&listener, &shared, endpoint)
-    })
+    thread::Builder::new()
+        .name(thread_name.clone())
+        .spawn(move || {
+            let _lifeline = Lifeline {
+                shared: shared.clone(),
+                name: thread_name,
+            };
+            accept_loop(&listener, &name, &shared, endpoint);
+            take_queued(&listener, &name, &shared, endpoint);
+        })
 }
 
-/// Accepts until shutdown; each admitted client gets a thread of its own.
-fn accept_loop(listener: &Listener, shared: &Arc<Shared>, endpoint: Endpoint) {
-    loop {
-        let accepted = listener.accept();
-        if shared.stopping.load(Ordering::SeqCst) {
-            // Clients that connected before the stop may have sent messages already: take
-            // them too (they are read until they go quiet, like every open connection), then
-            // stop. Our own wake-up connection is among them and simply ends.
-            if let Ok((stream, peer)) = accepted {
+/// Accepts until the stop; each admitted client gets a thread of its own.
+fn accept_loop(listener: &Listener, name: &str, shared: &Arc<Shared>, endpoint: Endpoint) {
+    let mut failing = Failing::default();
+    // Checked on every turn, not only when the bell wakes us: a listener that stays readable
+    // (clients that keep connecting) must not hold the stop up.
+    while !shared.stopping.load(Ordering::SeqCst) {
+        let accepted = match listener.wait(&shared.accept_bell) {
+            Ok(Readiness::Bell) => return,
+            Ok(Readiness::Readable | Readiness::TimedOut) => listener.accept(),
+            // poll(2) itself failed (out of kernel memory): treated like a failed accept.
+            Err(e) => Err(e),
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if let Some(line) = failing.over(Instant::now()) {
+                    log_accept(Level::Info, name, &line);
+                }
                 start_connection(shared, endpoint, stream, peer);
             }
-            if listener.set_nonblocking().is_ok() {
-                // Bounded: clients that keep connecting must not hold the stop up.
-                for _ in 0..QUEUED_AT_STOP {
-                    let Ok((stream, peer)) = listener.accept() else {
-                        break;
-                    };
-                    start_connection(shared, endpoint, stream, peer);
-                }
-            }
-            return;
-        }
-        match accepted {
-            Ok((stream, peer)) => start_connection(shared, endpoint, stream, peer),
+            // The client gave up before we took it, or a signal came: nothing is wrong.
+            Err(e) if no_client(&e) => {}
             Err(e) => {
-                // Out of descriptors and the like: wait and go on, never give up listening.
-                if let Some(suppressed) = ratelog::ACCEPT_FAILED.admit() {
-                    warn!("accept failed: {e}; retrying{suppressed}");
+                // Out of descriptors and the like: the client stays queued; wait and try
+                // again, never give up listening. The bell cuts the pause short.
+                if let Some(line) = failing.failed(&e, Instant::now()) {
+                    log_accept(Level::Warn, name, &line);
                 }
-                thread::sleep(ACCEPT_BACKOFF);
+                match shared.accept_bell.wait(ACCEPT_BACKOFF) {
+                    Ok(true) => return,
+                    Ok(false) => {}
+                    // poll(2) failed as well: pause all the same.
+                    Err(_) => thread::sleep(ACCEPT_BACKOFF),
+                }
             }
         }
+    }
+}
+
+/// After the stop: takes in the connections already queued at `listener`. Their clients
+/// connected before the stop and may have sent messages already: they are read until they go
+/// quiet, like every open connection.
+fn take_queued(listener: &Listener, name: &str, shared: &Arc<Shared>, endpoint: Endpoint) {
+    // Bounded: clients that keep connecting must not hold the stop up.
+    for _ in 0..QUEUED_AT_STOP {
+        match listener.accept() {
+            Ok((stream, peer)) => start_connection(shared, endpoint, stream, peer),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if no_client(&e) => {}
+            Err(e) => {
+                // At the open-file limit, say: the open connections end only later in the
+                // stop, too late for these clients, whose connections are reset.
+                if listener.client_waiting().unwrap_or(true) {
+                    warn!("clients still queued at {name} are not taken in: accept failed: {e}");
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn log_accept(level: Level, name: &str, line: &str) {
+    if let Some(suppressed) = ratelog::ACCEPT_FAILED.admit() {
+        log::log!(level, "accept on {name} {line}{suppressed}");
+    }
+}
+
+/// Whether a failed accept only means there was no client to take (none queued, one that
+/// reset its connection before it was taken, a signal): no pause, no log line.
+fn no_client(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// A run of failed accepts on one listener. At the open-file limit every retry fails, ten a
+/// second: the log says so when the run starts, every [`FAILING_REMINDER`] while it lasts, and
+/// when it ends, not at every retry. The lines go through [`ratelog::ACCEPT_FAILED`] as well, so
+/// runs that keep starting and ending (a limit reached again and again) stay bounded too.
+#[derive(Default)]
+struct Failing(Option<Run>);
+
+struct Run {
+    started: Instant,
+    reported: Instant,
+    tries: u64,
+}
+
+impl Failing {
+    /// Counts a failed accept; returns the line to log (after "accept on ADDR "), if one is
+    /// due.
+    fn failed(&mut self, e: &io::Error, now: Instant) -> Option<String> {
+        let hint = match e.raw_os_error() {
+            Some(libc::EMFILE) => {
+                "; at the open-file limit: raise it (LimitNOFILE=, ulimit -Hn) or lower \
+                 --max-connections"
+            }
+            Some(libc::ENFILE) => "; the system's open-file table is full (fs.file-max)",
+            _ => "",
+        };
+        match &mut self.0 {
+            None => {
+                self.0 = Some(Run {
+                    started: now,
+                    reported: now,
+                    tries: 1,
+                });
+                Some(format!(
+                    "failed: {e}{hint}; retrying every {} ms",
+                    ACCEPT_BACKOFF.as_millis()
+                ))
+            }
+            Some(run) => {
+                run.tries += 1;
+                if now.saturating_duration_since(run.reported) < FAILING_REMINDER {
+                    return None;
+                }
+                run.reported = now;
+                Some(format!(
+                    "still failing: {e}{hint} ({} tries in {} s)",
+                    run.tries,
+                    now.saturating_duration_since(run.started).as_secs()
+                ))
+            }
+        }
+    }
+
+    /// An accept worked: ends the run, if there was one, and returns the line saying so.
+    fn over(&mut self, now: Instant) -> Option<String> {
+        let run = self.0.take()?;
+        Some(format!(
+            "works again after {} failed tries in {} ms",
+            run.tries,
+            now.saturating_duration_since(run.started).as_millis()
+        ))
     }
 }
 
@@ -192,5 +307,57 @@ fn start_connection(shared: &Arc<Shared>, endpoint: Endpoint, stream: Stream, pe
         warn!("refusing a connection: cannot start its thread: {e}");
         // A registered connection without a thread would be waited for forever.
         let _ = shared.hub.unregister(conn, EndedBy::Server);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_failed_accepts_is_logged_when_it_starts_now_and_then_and_when_it_ends() {
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        let start = Instant::now();
+        let mut failing = Failing::default();
+        let first = failing
+            .failed(&emfile, start)
+            .expect("the run's first line");
+        assert!(
+            first.starts_with("failed: ") && first.contains("LimitNOFILE="),
+            "{first}"
+        );
+        // Ten tries a second for just under the reminder's interval: no line.
+        let mut at = start;
+        let mut tries = 1;
+        while at + ACCEPT_BACKOFF < start + FAILING_REMINDER {
+            at += ACCEPT_BACKOFF;
+            tries += 1;
+            assert_eq!(failing.failed(&emfile, at), None, "{at:?}");
+        }
+        let reminder = failing
+            .failed(&emfile, start + FAILING_REMINDER)
+            .expect("a reminder");
+        tries += 1;
+        assert!(
+            reminder.starts_with("still failing: ")
+                && reminder.contains(&format!("({tries} tries in 10 s)")),
+            "{reminder}"
+        );
+        assert_eq!(
+            failing.over(start + FAILING_REMINDER + ACCEPT_BACKOFF),
+            Some(format!(
+                "works again after {tries} failed tries in 10100 ms"
+            ))
+        );
+        // Working again: nothing more to say, and the next failure starts a new run.
+        assert_eq!(failing.over(start + FAILING_REMINDER * 2), None);
+        let other = io::Error::from_raw_os_error(libc::ENOBUFS);
+        let next = failing
+            .failed(&other, start + FAILING_REMINDER * 3)
+            .expect("a new run");
+        assert!(
+            next.starts_with("failed: ") && !next.contains("LimitNOFILE="),
+            "{next}"
+        );
     }
 }

@@ -62,6 +62,9 @@ struct Shared {
     console_idle_timeout: Duration,
     next_conn: AtomicU64,
     stopping: AtomicBool,
+    /// Rung at the stop to wake the accept threads. Made at start, before any client: waking
+    /// them by connecting to ourselves needed a descriptor, and hung the stop at the limit.
+    accept_bell: Bell,
     fatal: Sender<Fatal>,
     started: Instant,
     /// How storage is doing (`None` when messages are kept in memory only).
@@ -153,6 +156,7 @@ impl Server {
             },
             next_conn: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
+            accept_bell: Bell::new().map_err(ServerError::Bell)?,
             fatal: fatal_tx,
             console_sessions: Arc::default(),
             started: Instant::now(),

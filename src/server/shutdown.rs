@@ -1,9 +1,9 @@
-//! The one shutdown path. Its order: stop accepting (and wake the accept threads); let every
-//! connection read what its client already sent and end (hanging up on those still busy after
-//! a deadline: they still take every whole frame that had arrived, see
-//! [`crate::hub::Peer::stop_reading`]); wait for the connection threads; stop the sweeper;
-//! bring storage up to date one last time; then drop the listeners, which removes our Unix
-//! socket files.
+//! The one shutdown path. Its order: stop accepting (ring the accept threads' bell: each takes
+//! in what is already queued at its listener, then ends); let every connection read what its
+//! client already sent and end (hanging up on those still busy after a deadline: they still
+//! take every whole frame that had arrived, see [`crate::hub::Peer::stop_reading`]); wait for
+//! the connection threads; stop the sweeper; bring storage up to date one last time; then drop
+//! the listeners, which removes our Unix socket files.
 
 use super::{Server, ServerError};
 use crate::ratelog;
@@ -25,10 +25,10 @@ impl Server {
         accept_threads: Vec<JoinHandle<()>>,
         sweeper: Option<JoinHandle<()>>,
     ) -> Result<(), ServerError> {
+        // Stopping first: an accept thread that wakes for a client sees it and takes only
+        // what is already queued.
         self.shared.stopping.store(true, Ordering::SeqCst);
-        for listener in self.listeners.iter().chain(&self.console_listeners) {
-            listener.wake();
-        }
+        self.shared.accept_bell.ring();
         for handle in accept_threads {
             let _ = handle.join();
         }

@@ -233,6 +233,62 @@ fn sigterm_stops_cleanly_and_removes_the_socket_file() {
     client.expect_closed();
 }
 
+/// The audit's finding: a server out of descriptors never stopped. Its accept threads were
+/// woken by connecting to the server itself, which takes a descriptor; the stop waited for
+/// them for good, and systemd's SIGKILL lost the last mirror interval. Here every listener
+/// (TCP, Unix, the console) is at the limit when SIGTERM comes.
+#[test]
+#[cfg(target_os = "linux")]
+fn sigterm_stops_promptly_at_the_open_file_limit() {
+    const LIMIT: u64 = 40;
+    let mut server = TestServer::start_with_open_files(&["--db", "none"], LIMIT, LIMIT);
+    // The default --max-connections (1024) does not fit: said once at start.
+    let warning = server.log.wait_for("the open-file warning", |l| {
+        l.contains("needs an open-file limit")
+    });
+    assert!(
+        warning.contains("WARN")
+            && warning.contains("--max-connections 1024 needs an open-file limit of 1088")
+            && warning.contains("the limit is 40"),
+        "{warning}"
+    );
+    let sock = server.unix.clone().expect("unix");
+    // Idle clients, more than fit, on both kinds of listener: the server takes them in until
+    // it is out of descriptors; the rest wait in the listen queues.
+    let clients: Vec<Client> = (0..LIMIT)
+        .map(|i| {
+            if i % 2 == 0 {
+                server.tcp_client()
+            } else {
+                server.unix_client()
+            }
+        })
+        .collect();
+    server.log.wait_for("an accept out of descriptors", |l| {
+        l.contains("accept on") && l.contains("Too many open files")
+    });
+    let signalled = std::time::Instant::now();
+    server.signal("TERM");
+    let status = server.wait_exit();
+    let took = signalled.elapsed();
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        server.log.text()
+    );
+    // The stop's own deadlines (2.5 s for clients still sending, then 1 s) bound it; idle
+    // clients end at once.
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the stop took {took:?}; log:\n{}",
+        server.log.text()
+    );
+    assert!(!sock.exists(), "socket file removed on exit");
+    // The first client was taken in before the limit: it is hung up on, not left waiting.
+    let mut first = clients.into_iter().next().expect("a client");
+    first.expect_closed();
+}
+
 /// The soft open-file limit is raised to the hard one at start; a connection limit that fits
 /// under it draws no warning.
 #[test]
