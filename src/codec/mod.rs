@@ -193,8 +193,8 @@ pub fn decode_frame(buf: &[u8], max_packet_len: usize) -> Result<Decoded<'_>, Co
 }
 
 /// Decodes one frame from the start of `buf` as a connection of `dialect` reads it, refusing any
-/// packet longer than its type allows: `max_packet_len` for a message's content, the smaller of
-/// that and the type's own bound for every other packet ([`PacketType::max_len`]). A type or
+/// packet longer than its type allows: `max_packet_len` for a message's content, the type's own
+/// bound for every other packet ([`PacketType::max_len`]). A type or
 /// packet the dialect does not know is unknown (v1.2's on a v1.0 or v1.1 connection, except a
 /// HELLO and its packets).
 pub fn decode_frame_in(

@@ -171,11 +171,11 @@ fn rejects_bad_packets() {
 #[test]
 fn rejects_oversized_packets_before_reading_them() {
     assert_eq!(
-        decode_frame(b"H0100102P0100000000000000000000000000011", 10),
+        decode_frame(b"H0100102P0100000000000000000000000001025", 10),
         Err(CodecError::PacketTooLarge {
             packet: PacketType::Queue,
-            length: 11,
-            max: 10
+            length: 1025,
+            max: 1024
         })
     );
     assert!(matches!(
@@ -357,10 +357,11 @@ fn packets_at_their_limit_are_taken() {
 }
 
 #[test]
-fn a_smaller_max_message_size_bounds_every_packet() {
+fn max_message_size_bounds_the_content_alone() {
     for packet in PacketType::ALL {
-        assert_eq!(packet.max_len(10), 10, "{packet}");
         if packet != PacketType::Content {
+            // A tiny --max-message-size must not make a 32-byte id too long to ack with.
+            assert_eq!(packet.max_len(10), packet.max_len(usize::MAX), "{packet}");
             assert!(
                 packet.max_len(usize::MAX) <= MAX_TOKEN_PACKET_LEN,
                 "{packet}"
@@ -368,6 +369,7 @@ fn a_smaller_max_message_size_bounds_every_packet() {
         }
     }
     assert_eq!(PacketType::Content.max_len(usize::MAX), usize::MAX);
+    assert_eq!(PacketType::Content.max_len(10), 10);
 }
 
 /// With `--max-message-size` near usize::MAX, `header_end + length` used to wrap, and the
@@ -636,11 +638,11 @@ fn v12_shapes_are_enforced() {
     }
     // The 413 case for a new type: decided from the packet header, content unread.
     assert_eq!(
-        decode_frame_in(b"H0101401P0100000000000000000000000000011", 10, v12),
+        decode_frame_in(b"H0101401P0100000000000000000000000001025", 10, v12),
         Err(CodecError::PacketTooLarge {
             packet: PacketType::Queue,
-            length: 11,
-            max: 10
+            length: 1025,
+            max: 1024
         })
     );
     assert!(matches!(

@@ -123,9 +123,10 @@ pub enum PacketType {
 }
 
 // The most content bytes each packet type may declare, checked from its packet header before
-// any content is read (413 on v1.2). Only the content packet (02) is bounded by
-// `--max-message-size` alone; the others are bounded by these and by it, the smaller winning,
-// so that a header cannot make a connection buffer megabytes of what must be a short value.
+// any content is read (413 on v1.2), so that a header cannot make a connection buffer megabytes
+// of what must be a short value. Only the content packet (02) is bounded by
+// `--max-message-size`, and only by it: a small setting must not make the ids of acks, or the
+// queue names, too long to send.
 
 /// Queue (01): names are at most 255 bytes, but 255 characters of 4-byte UTF-8 are 1020 bytes,
 /// and a name up to here is read so that it gets the spec's 422 (rule 4), not a 413.
@@ -340,11 +341,11 @@ impl PacketType {
     }
 
     /// The most content bytes a packet of this type may declare when message contents may
-    /// have `max_content` (`--max-message-size`): that for the content packet, the smaller of
-    /// it and the type's own bound for the others.
+    /// have `max_content` (`--max-message-size`): that for the content packet, the type's own
+    /// bound for the others.
     pub fn max_len(self, max_content: usize) -> usize {
-        let own = match self {
-            PacketType::Content => return max_content,
+        match self {
+            PacketType::Content => max_content,
             PacketType::Queue => MAX_QUEUE_PACKET_LEN,
             PacketType::MessageId => MAX_ID_PACKET_LEN,
             PacketType::Count
@@ -357,8 +358,7 @@ impl PacketType {
             PacketType::Token => MAX_TOKEN_PACKET_LEN,
             PacketType::Features => MAX_FEATURES_PACKET_LEN,
             PacketType::Counts => MAX_COUNTS_PACKET_LEN,
-        };
-        own.min(max_content)
+        }
     }
 
     /// Whether a connection of `dialect` may use this packet in a frame of `message_type`:
