@@ -24,7 +24,7 @@ for arg in "$@"; do
         --sysv) service=sysv ;;
         --no-build) build=no ;;
         --no-user) user=no ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     esac
 done

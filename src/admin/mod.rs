@@ -100,7 +100,7 @@ const COMMANDS: &[CommandHelp] = &[
     CommandHelp {
         name: "show",
         usage: "show QUEUE",
-        summary: "the first messages of a queue: position, id, size, age, ready or in flight; \
+        summary: "the first messages of a queue: position, id, size, age, ready, delayed or in flight; \
                   QUEUE as status shows it (\"jobs \" quoted)",
     },
     CommandHelp {
@@ -112,7 +112,7 @@ const COMMANDS: &[CommandHelp] = &[
         name: "flush",
         usage: "flush QUEUE",
         summary:
-            "drop every message of a queue, ready and in flight (later acks for those are ignored)",
+            "drop every message of a queue, ready, delayed and in flight (later acks for those are ignored)",
     },
     CommandHelp {
         name: "flushall",

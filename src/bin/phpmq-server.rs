@@ -65,7 +65,7 @@ struct Args {
     db: String,
 
     /// how often a changed store is mirrored to the file, in milliseconds (default 1000); a
-    /// hard crash loses at most the changes of this long
+    /// hard crash loses at most the changes of this long plus the time one mirror takes
     #[argh(option, default = "config::DEFAULT_MIRROR_INTERVAL.as_millis() as u64")]
     mirror_interval: u64,
 

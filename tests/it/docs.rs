@@ -423,7 +423,10 @@ fn the_protocol_page_v12_nc_example_sends_what_it_says() {
             Request::Stats { .. }
         ]
     ));
-    assert!(line.ends_with("; sleep 1) | nc 127.0.0.1 9100"), "{line}");
+    assert!(
+        line.ends_with("; sleep 1) | nc \\-N 127.0.0.1 9100"),
+        "{line}"
+    );
     let mut welcome = Vec::new();
     // A default server keeps a file: durable, and no dead letters.
     Outgoing::Welcome {

@@ -23,7 +23,7 @@ struct Args {
     )]
     server: ListenAddr,
 
-    /// the server's maintenance console, for status and flush (default 127.0.0.1:9101)
+    /// the server's maintenance console, for status, flush and redrive (default 127.0.0.1:9101)
     #[argh(
         option,
         default = "DEFAULT_ADMIN.parse().expect(\"default parses\")",
@@ -60,7 +60,7 @@ struct StatusArgs {
     json: bool,
 }
 
-/// Drop every message of a queue, ready and in flight (through the maintenance console).
+/// Drop every message of a queue, ready, delayed and in flight (through the maintenance console).
 #[derive(FromArgs)]
 #[argh(subcommand, name = "flush")]
 struct FlushArgs {
