@@ -776,33 +776,15 @@ fn a_graceful_stop_answers_every_durable_send_before_closing() {
 /// control blocks its writes, and every other client goes on.
 #[test]
 fn a_producer_that_never_reads_its_receipts_is_held_back() {
-    use std::io::Write;
     let server = TestServer::start(&["--db", "none"]);
-    let mut stream = std::net::TcpStream::connect(server.tcp_addr()).unwrap();
-    stream.write_all(&frame_bytes(7, &[(6, b"1.2")])).unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
+    // Each receipt is ~140 bytes: 16 MiB of them and the kernels' buffers are far below two
+    // million sends.
     let send = frame_bytes(SEND, &[(1, b"unread"), (2, b"x")]);
-    let batch: Vec<u8> = send
-        .iter()
-        .copied()
-        .cycle()
-        .take(send.len() * 1000)
-        .collect();
-    let mut sent = 0usize;
-    let blocked = loop {
-        match stream.write_all(&batch) {
-            Ok(()) => sent += 1000,
-            Err(_) => break true,
-        }
-        // Each receipt is ~140 bytes: 16 MiB of them and the kernels' buffers are far below
-        // two million sends.
-        if sent >= 2_000_000 {
-            break false;
-        }
-    };
-    assert!(blocked, "{sent} sends taken without a receipt read");
+    let sent = requests_until_held_back(&server, &[], &send, 2_000_000);
+    assert!(
+        sent.is_some(),
+        "2,000,000 sends taken without a receipt read"
+    );
     // Everyone else is served.
     let (mut other, _) = v12(&server, "");
     send_one_and_check(&mut other);
@@ -812,40 +794,47 @@ fn a_producer_that_never_reads_its_receipts_is_held_back() {
 /// mark is past what dispatches alone can queue (a consume request made it exempt before).
 #[test]
 fn a_consumer_that_never_reads_its_replies_is_held_back() {
-    use std::io::Write;
     let server = TestServer::start(&["--db", "none"]);
-    let mut stream = std::net::TcpStream::connect(server.tcp_addr()).unwrap();
-    stream.write_all(&frame_bytes(7, &[(6, b"1.2")])).unwrap();
-    stream
-        .write_all(&frame_bytes(CONSUME, &[(1, b"work"), (4, b"1")]))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
+    // Each COUNTS is ~90 bytes: 64 MiB of them and the kernels' buffers are far below three
+    // million requests.
+    let consume = frame_bytes(CONSUME, &[(1, b"work"), (4, b"1")]);
     let stats = frame_bytes(STATS, &[(1, b"work")]);
-    let batch: Vec<u8> = stats
-        .iter()
-        .copied()
-        .cycle()
-        .take(stats.len() * 1000)
-        .collect();
-    let mut sent = 0usize;
-    let blocked = loop {
-        match stream.write_all(&batch) {
-            Ok(()) => sent += 1000,
-            Err(_) => break true,
-        }
-        // Each COUNTS is ~90 bytes: 64 MiB of them and the kernels' buffers are far below
-        // three million requests.
-        if sent >= 3_000_000 {
-            break false;
-        }
-    };
-    assert!(blocked, "{sent} requests taken without a reply read");
+    let sent = requests_until_held_back(&server, &consume, &stats, 3_000_000);
+    assert!(
+        sent.is_some(),
+        "3,000,000 requests taken without a reply read"
+    );
     let rss = rss_bytes(server.pid());
     assert!(rss < 256 << 20, "server at {} MiB", rss >> 20);
     let (mut other, _) = v12(&server, "");
     send_one_and_check(&mut other);
+}
+
+/// On a new v1.2 connection that never reads, `first`, then `request` a thousand at a time
+/// until a write blocks for 2 s (the server stopped reading): how many were written by then,
+/// or `None` if `most` were taken without a block.
+fn requests_until_held_back(
+    server: &TestServer,
+    first: &[u8],
+    request: &[u8],
+    most: usize,
+) -> Option<usize> {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(server.tcp_addr()).unwrap();
+    stream.write_all(&frame_bytes(7, &[(6, b"1.2")])).unwrap();
+    stream.write_all(first).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let batch = request.repeat(1000);
+    let mut sent = 0;
+    while sent < most {
+        if stream.write_all(&batch).is_err() {
+            return Some(sent);
+        }
+        sent += 1000;
+    }
+    None
 }
 
 fn send_one_and_check(client: &mut Client) {
