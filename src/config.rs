@@ -35,6 +35,10 @@ pub fn parse_max_message_size(text: &str) -> Result<usize, String> {
     let bytes: usize = text
         .parse()
         .map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    if bytes == 0 {
+        // It would refuse every message but an empty one: a mistake, not a setting.
+        return Err("0 would refuse every message; give at least 1 byte".to_string());
+    }
     if bytes > MAX_MAX_MESSAGE_SIZE {
         return Err(format!(
             "{bytes} is above the maximum of {MAX_MAX_MESSAGE_SIZE} bytes (512 MiB)"
@@ -153,7 +157,8 @@ mod tests {
     #[test]
     fn max_message_size_is_capped() {
         assert_eq!(parse_max_message_size("1024"), Ok(1024));
-        assert_eq!(parse_max_message_size("0"), Ok(0));
+        assert!(parse_max_message_size("0").is_err());
+        assert_eq!(parse_max_message_size("1"), Ok(1));
         let cap = MAX_MAX_MESSAGE_SIZE.to_string();
         assert_eq!(parse_max_message_size(&cap), Ok(MAX_MAX_MESSAGE_SIZE));
         let over = (MAX_MAX_MESSAGE_SIZE + 1).to_string();

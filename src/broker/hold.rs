@@ -354,8 +354,18 @@ impl Broker {
         id: Option<MessageId>,
         action: &str,
     ) -> Option<MessageId> {
+        // Checked first: the limiter takes a lock and the time, and this runs under the broker's.
+        let admitted = || {
+            log::log_enabled!(log::Level::Debug)
+                .then(|| crate::ratelog::IGNORED_REQUEST.admit())
+                .flatten()
+        };
         let Some(id) = id else {
-            debug!("connection {conn}: ignoring {action} for a malformed message id");
+            if let Some(suppressed) = admitted() {
+                debug!(
+                    "connection {conn}: ignoring {action} for a malformed message id{suppressed}"
+                );
+            }
             return None;
         };
         let held_here = self
@@ -364,7 +374,12 @@ impl Broker {
             .get(&id)
             .is_some_and(|h| h.holder == conn && h.queue == *queue);
         if !held_here {
-            debug!("connection {conn}: ignoring {action} for message {id} in {queue}: not held by this connection");
+            if let Some(suppressed) = admitted() {
+                debug!(
+                    "connection {conn}: ignoring {action} for message {id} in {queue}: not held \
+                     by this connection{suppressed}"
+                );
+            }
             return None;
         }
         Some(id)

@@ -41,6 +41,9 @@ fn a_max_message_size_beyond_the_cap_is_refused_at_start() {
             "{size}: {stderr}"
         );
     }
+    let (status, stderr) = run_to_exit(&["--max-message-size", "0", "--db", "none"], dir.path());
+    assert!(!status.success());
+    assert!(stderr.contains("0 would refuse every message"), "{stderr}");
 }
 
 #[test]
