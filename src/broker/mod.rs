@@ -125,9 +125,9 @@ const NEVER: Millis = 0;
 pub const MAX_EXPIRES_AT: Millis = 253_402_300_799_999;
 /// The most messages one [`Broker::expire`] call drops.
 pub const EXPIRE_BATCH: usize = 10_000;
-/// What one call hands a consumer at most before it pauses it: the network layer's mark for
-/// a backed-up output (`hub::OUTBOX_HIGH_WATER`), so that its output stays within about twice
-/// that.
+/// What the broker hands a consumer between two resumes before it pauses it: the network
+/// layer's mark for a backed-up output (`hub::OUTBOX_HIGH_WATER`), so that its output stays
+/// within about twice that.
 pub const DISPATCH_BURST_BYTES: usize = 16 << 20;
 /// A dispatch frame's bytes besides the content, about (header, queue, id, TTL, count).
 const DISPATCH_FRAME_BYTES: usize = 128;
@@ -164,6 +164,13 @@ struct Connection {
     /// The queues where this connection has a subscription (usually one or two, but a
     /// client may subscribe to thousands: a set, so that a disconnect stays linear).
     queues: BTreeSet<QueueName>,
+    /// Bytes handed to it since it was last resumed (or connected), over all its queues and
+    /// calls: at [`DISPATCH_BURST_BYTES`] it is paused, and the network layer resumes it once
+    /// its output is written (at once if it already is).
+    handed: usize,
+    /// Where the next resume starts among its queues: each in turn goes first, so that one
+    /// queue's backlog cannot take every burst.
+    resume_from: usize,
 }
 
 impl Connection {
@@ -502,8 +509,12 @@ impl Broker {
         };
         connection.paused.store(paused, Ordering::Release);
         if !paused {
-            for name in connection.queues.clone() {
-                self.pump(&name, now, out);
+            connection.handed = 0;
+            let queues: Vec<QueueName> = connection.queues.iter().cloned().collect();
+            let first = connection.resume_from % queues.len().max(1);
+            connection.resume_from = connection.resume_from.wrapping_add(1);
+            for name in queues[first..].iter().chain(&queues[..first]) {
+                self.pump(name, now, out);
             }
         }
     }
@@ -606,17 +617,15 @@ impl Broker {
 
     /// Hands ready messages of one queue to its consumers with free capacity, round-robin;
     /// expired ones met on the way are retired. A consumer handed [`DISPATCH_BURST_BYTES`]
-    /// in one go is paused, as its writer pauses it when its output backs up (and resumes it
-    /// once that output is written): a count of millions must not put a whole queue in one
-    /// connection's output at once.
+    /// since it was last resumed is paused, as the network layer pauses it when its output
+    /// backs up (and resumes it once that output is written): a count of millions, or many
+    /// queues, must not put a whole backlog in one connection's output at once.
     fn pump(&mut self, name: &QueueName, now: Millis, out: &mut Vec<Delivery>) {
         let Some(queue) = self.queues.get_mut(name) else {
             return;
         };
         let connections = &mut self.connections;
         let table = &mut self.table;
-        // Bytes handed to each consumer by this call (a queue has few consumers).
-        let mut burst: Vec<(ConnId, usize)> = Vec::new();
         while !queue.ready.is_empty() {
             let subscribers = &queue.subscribers;
             let has_room = |conn: ConnId| {
@@ -653,16 +662,9 @@ impl Broker {
             table.totals.delivered += 1;
             let lease = queue.subscribers.get(&conn).map_or(0, |s| s.lease);
             let deliveries = entry.deliveries.saturating_add(1);
-            let at = burst
-                .iter()
-                .position(|&(c, _)| c == conn)
-                .unwrap_or_else(|| {
-                    burst.push((conn, 0));
-                    burst.len() - 1
-                });
-            burst[at].1 += content.len() + DISPATCH_FRAME_BYTES;
-            if burst[at].1 >= DISPATCH_BURST_BYTES {
-                if let Some(connection) = connections.get(&conn) {
+            if let Some(connection) = connections.get_mut(&conn) {
+                connection.handed += content.len() + DISPATCH_FRAME_BYTES;
+                if connection.handed >= DISPATCH_BURST_BYTES {
                     connection.paused.store(true, Ordering::Release);
                 }
             }

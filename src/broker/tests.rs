@@ -1610,3 +1610,57 @@ fn a_huge_count_gets_a_burst_at_a_time() {
     b.set_paused(1, false, 0, &mut out);
     assert_eq!(out.len(), 40 - 2 * burst, "the rest");
 }
+
+/// The burst counts over all of a consumer's queues and calls, not per queue: ten queues of
+/// 15 MiB each hand it one burst, then it is paused.
+#[test]
+fn a_burst_spans_every_queue_of_a_consumer() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    let body = "x".repeat(1 << 20);
+    for n in 0..10 {
+        for _ in 0..15 {
+            send(&mut b, &format!("q{n}"), &body, &mut out);
+        }
+    }
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    b.connect_with_pause_flag(1, paused.clone());
+    for n in 0..10 {
+        b.consume(1, q(&format!("q{n}")), u64::MAX, None, 0, &mut out);
+    }
+    let bytes: usize = out.iter().map(|d| d.content.len()).sum();
+    assert!(
+        bytes <= super::DISPATCH_BURST_BYTES,
+        "{} MiB in one go",
+        bytes >> 20
+    );
+    assert!(paused.load(std::sync::atomic::Ordering::Acquire));
+}
+
+/// Each resume starts at the next of a consumer's queues: a queue whose backlog fills every
+/// burst does not starve the others.
+#[test]
+fn resumes_take_a_consumers_queues_in_turn() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    let body = "x".repeat(1 << 20);
+    for _ in 0..4 {
+        send(&mut b, "b", &body, &mut out);
+    }
+    for _ in 0..40 {
+        send(&mut b, "a", &body, &mut out);
+    }
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    b.connect_with_pause_flag(1, paused.clone());
+    b.consume(1, q("a"), u64::MAX, None, 0, &mut out);
+    b.consume(1, q("b"), u64::MAX, None, 0, &mut out);
+    assert!(out.iter().all(|d| d.queue.as_str() == "a"), "a went first");
+    out.clear();
+    b.set_paused(1, false, 0, &mut out);
+    out.clear();
+    b.set_paused(1, false, 0, &mut out);
+    assert!(
+        out.iter().any(|d| d.queue.as_str() == "b"),
+        "b gets its turn while a still has a backlog"
+    );
+}

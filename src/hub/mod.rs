@@ -526,8 +526,36 @@ impl Hub {
 
     /// Writes deliveries out, then pauses connections whose output backed up past the
     /// high-water mark (re-checked under the lock, so a pause is never missed by the writer).
+    ///
+    /// A connection the broker paused after a burst (see [`Broker::set_paused`]) whose output
+    /// then went out at once (the socket took it all, so no writer will call
+    /// [`Hub::resume_if_drained`]) is resumed here, and given its next burst.
     fn deliver(&self, routed: Routed) {
-        self.pause(fan_out(routed));
+        let mut routed = routed;
+        loop {
+            let (backed_up, drained) = fan_out(routed);
+            self.pause(backed_up);
+            if drained.is_empty() {
+                return;
+            }
+            let now = now_millis();
+            let mut deliveries = Vec::new();
+            routed = {
+                let Ok(mut state) = self.lock() else {
+                    return;
+                };
+                for peer in drained {
+                    if peer.paused.load(Ordering::Acquire)
+                        && peer.outbox.pending_len() <= OUTBOX_LOW_WATER
+                    {
+                        state
+                            .broker
+                            .set_paused(peer.conn, false, now, &mut deliveries);
+                    }
+                }
+                route(&state.peers, deliveries)
+            };
+        }
     }
 
     /// Pauses deliveries to connections whose output backed up past the high-water mark.
@@ -670,9 +698,11 @@ fn route<A: Addressed>(peers: &IdMap<ConnId, Arc<Peer>>, mut frames: Vec<A>) -> 
 
 /// Encodes each peer's frames into its outbox, one append per peer: sent at once if the socket
 /// takes them, else left to the connection's writer. Returns the peers whose output backed up
-/// past the high-water mark and are not paused yet.
-fn fan_out(routed: Routed) -> Vec<Arc<Peer>> {
+/// past the high-water mark and are not paused yet, and those paused whose output is down to
+/// the low-water mark (the broker paused them after a burst): to resume.
+fn fan_out(routed: Routed) -> (Vec<Arc<Peer>>, Vec<Arc<Peer>>) {
     let mut backed_up = Vec::new();
+    let mut drained = Vec::new();
     for (peer, frames) in routed {
         // The dialect is the wire's business: a v1.0 client reads exactly three packets in a
         // dispatch and breaks on a fourth.
@@ -684,9 +714,15 @@ fn fan_out(routed: Routed) -> Vec<Arc<Peer>> {
         });
         if is_backed_up(&peer) {
             backed_up.push(peer);
+        } else if peer.paused.load(Ordering::Acquire)
+            && peer.outbox.pending_len() <= OUTBOX_LOW_WATER
+            // One that is going away gets nothing more: its writer's failure emptied it.
+            && !peer.is_closing()
+        {
+            drained.push(peer);
         }
     }
-    backed_up
+    (backed_up, drained)
 }
 
 /// Whether deliveries to `peer` go on while its output is backed up past the high-water mark.

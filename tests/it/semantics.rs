@@ -459,3 +459,22 @@ fn a_consumer_that_stops_reading_does_not_hoard_the_queue() {
     }
     assert!(reader.sync().is_empty());
 }
+
+/// A consumer that asks for more than one burst's worth (16 MiB) gets it all, burst after
+/// burst, as it reads: each pause ends once its output is written.
+#[test]
+fn a_consumer_gets_a_backlog_larger_than_a_burst() {
+    let server = TestServer::start(&["--db", "none"]);
+    let mut producer = server.tcp_client();
+    let body = vec![b'x'; 1 << 20];
+    for _ in 0..40 {
+        producer.send("big", &body);
+    }
+    producer.sync();
+    let mut consumer = server.unix_client();
+    consumer.consume("big", 1000);
+    for i in 0..40 {
+        let got = consumer.recv();
+        assert_eq!(got.content.len(), 1 << 20, "message {i}");
+    }
+}
