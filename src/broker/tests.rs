@@ -1587,18 +1587,29 @@ fn a_consumer_of_many_queues_gives_every_message_back() {
         .all(|d| d.conn == 2 && d.content.as_ref() == d.queue.as_str().as_bytes()));
 }
 
+/// Sends `count` messages of 1 MiB to `queue`.
+fn send_mebibytes(b: &mut Broker, queue: &str, count: usize, out: &mut Vec<Delivery>) {
+    let body = "x".repeat(1 << 20);
+    for _ in 0..count {
+        send(b, queue, &body, out);
+    }
+}
+
+/// Connects consumer 1 with a pause flag the test can read, as the network layer's.
+fn connect_watching_pause(b: &mut Broker) -> Arc<std::sync::atomic::AtomicBool> {
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    b.connect_with_pause_flag(1, paused.clone());
+    paused
+}
+
 /// A consumer asking for millions gets one burst of dispatches per call, then is paused as a
 /// backed-up connection is; resuming it hands it the next burst.
 #[test]
 fn a_huge_count_gets_a_burst_at_a_time() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
-    let body = "x".repeat(1 << 20);
-    for _ in 0..40 {
-        send(&mut b, "big", &body, &mut out);
-    }
-    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    b.connect_with_pause_flag(1, paused.clone());
+    send_mebibytes(&mut b, "big", 40, &mut out);
+    let paused = connect_watching_pause(&mut b);
     b.consume(1, q("big"), u64::MAX, None, 0, &mut out);
     let burst = super::DISPATCH_BURST_BYTES.div_ceil(1 << 20);
     assert_eq!(out.len(), burst, "one burst");
@@ -1617,14 +1628,10 @@ fn a_huge_count_gets_a_burst_at_a_time() {
 fn a_burst_spans_every_queue_of_a_consumer() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
-    let body = "x".repeat(1 << 20);
     for n in 0..10 {
-        for _ in 0..15 {
-            send(&mut b, &format!("q{n}"), &body, &mut out);
-        }
+        send_mebibytes(&mut b, &format!("q{n}"), 15, &mut out);
     }
-    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    b.connect_with_pause_flag(1, paused.clone());
+    let paused = connect_watching_pause(&mut b);
     for n in 0..10 {
         b.consume(1, q(&format!("q{n}")), u64::MAX, None, 0, &mut out);
     }
@@ -1643,15 +1650,9 @@ fn a_burst_spans_every_queue_of_a_consumer() {
 fn resumes_take_a_consumers_queues_in_turn() {
     let (mut b, _) = broker();
     let mut out = Vec::new();
-    let body = "x".repeat(1 << 20);
-    for _ in 0..4 {
-        send(&mut b, "b", &body, &mut out);
-    }
-    for _ in 0..40 {
-        send(&mut b, "a", &body, &mut out);
-    }
-    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    b.connect_with_pause_flag(1, paused.clone());
+    send_mebibytes(&mut b, "b", 4, &mut out);
+    send_mebibytes(&mut b, "a", 40, &mut out);
+    connect_watching_pause(&mut b);
     b.consume(1, q("a"), u64::MAX, None, 0, &mut out);
     b.consume(1, q("b"), u64::MAX, None, 0, &mut out);
     assert!(out.iter().all(|d| d.queue.as_str() == "a"), "a went first");
