@@ -162,19 +162,18 @@ mod tests {
         let Err(e) = open(&config) else {
             panic!("a file in a missing directory cannot be created");
         };
+        // The lock file is the first thing the server creates beside the database.
         assert!(
-            e.to_string()
-                .starts_with("cannot create /nonexistent-phpmq-dir/phpmq.sqlite.tmp: "),
+            e.to_string().starts_with(
+                "cannot open the lock file /nonexistent-phpmq-dir/phpmq.sqlite.lock: "
+            ),
             "{e}"
         );
         assert!(e.inner().downcast_ref::<PersistError>().is_some());
-        let sqlite = e.source().expect("SQLite's error");
-        assert!(
-            sqlite.downcast_ref::<rusqlite::Error>().is_some(),
-            "{sqlite}"
-        );
+        let io = e.source().expect("the system's error");
+        assert!(io.downcast_ref::<std::io::Error>().is_some(), "{io}");
         let server = ServerError::from(e);
-        assert!(server.to_string().starts_with("cannot create "), "{server}");
+        assert!(server.to_string().starts_with("cannot open "), "{server}");
         assert!(server.source().is_some());
     }
 }

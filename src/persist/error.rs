@@ -20,6 +20,13 @@ pub enum PersistError {
         found: i64,
         supported: i64,
     },
+    /// Another process (a second server, most likely) holds the file's lock.
+    #[error("{}: in use by another phpmq-server{}, which holds the lock {}; refusing to start (two servers on one file lose each other's messages)", path.display(), holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(), lock.display())]
+    InUse {
+        path: PathBuf,
+        lock: PathBuf,
+        holder: Option<u32>,
+    },
     /// A phpmq database with damaged contents.
     #[error("{}: the database is corrupt ({detail}); refusing to start, the file is left as it is", path.display())]
     Corrupt {

@@ -29,6 +29,7 @@ mod error;
 mod file;
 mod health;
 mod journal;
+mod lock;
 mod mirror;
 mod schema;
 mod shared;
@@ -45,6 +46,7 @@ use crate::storage::{
 use crate::store::{now_millis, Backlog, FetchRequest, Fetched, Store, StoredRow};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use file::{Applied, FileDb};
+use lock::DbLock;
 use log::{info, warn};
 use mirror::{Mirror, MirrorState};
 use shared::{PanicAlarm, Shared};
@@ -69,13 +71,17 @@ pub struct Persistence {
     mirror_state: Option<MirrorState>,
     mirror: Option<mirror::Running>,
     health: Arc<Mutex<MirrorHealth>>,
+    /// Held for as long as this value lives: no second server mirrors to the same file.
+    _lock: DbLock,
 }
 
 impl Persistence {
     /// Loads `target` if it exists (refusing anything that is not a phpmq database), or starts
     /// empty and writes a first mirror so that an unwritable location fails now, not later.
-    /// Then [`Persistence::recover`] hands out what it holds.
+    /// Then [`Persistence::recover`] hands out what it holds. Takes the file's lock first:
+    /// one server per file.
     pub fn open(target: &Path, interval: Duration) -> Result<Persistence, PersistError> {
+        let lock = DbLock::acquire(target)?;
         copy::finish_replacing(target)?;
         let exists = target.try_exists().map_err(|source| PersistError::Io {
             action: "look at",
@@ -119,6 +125,7 @@ impl Persistence {
             mirror_state: Some(MirrorState::default()),
             mirror: None,
             health,
+            _lock: lock,
         })
     }
 

@@ -171,6 +171,42 @@ fn sigterm_right_after_connecting_loses_nothing() {
 }
 
 #[test]
+fn a_second_server_on_the_same_file_is_refused_and_the_first_loses_nothing() {
+    let mut server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    for i in 0..3 {
+        producer.send("jobs", format!("first-{i}").as_bytes());
+    }
+    producer.sync();
+
+    let db = server.db_path();
+    let other = TempDir::new("second");
+    let (status, stderr) = run_to_exit(
+        &["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()],
+        other.path(),
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let expected = format!(
+        "{}: in use by another phpmq-server (pid {})",
+        db.display(),
+        server.pid()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+
+    // The refused start touched nothing: the first server goes on and keeps every message.
+    producer.send("jobs", b"first-3");
+    producer.sync();
+    server.signal("TERM");
+    let status = server.wait_exit();
+    assert!(status.success(), "{status:?}\n{}", server.log.text());
+    let server = server.restart();
+    assert_eq!(server.recovered(), 4, "{}", server.log.text());
+    let mut consumer = server.tcp_client();
+    let got = take(&mut consumer, "jobs", 4);
+    assert_eq!(texts(&got), ["first-0", "first-1", "first-2", "first-3"]);
+}
+
+#[test]
 fn sigterm_right_after_sending_loses_nothing() {
     let mut server = TestServer::start(&[]);
     let mut producer = server.tcp_client();

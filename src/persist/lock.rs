@@ -1,0 +1,116 @@
+//! One server per database file: a lock held on `PATH.lock` for as long as the server runs.
+//!
+//! Two servers mirroring to one file overwrite each other's changes, and the messages one of
+//! them accepted are lost at the next start; a second start by mistake (an init script and a
+//! shell, say) must be refused instead. The lock is an `flock(2)` on a file of its own rather
+//! than on the database, because a full copy renames a new file over the database's path and
+//! a lock on the old one would no longer guard the path. The kernel drops it when the process
+//! ends, however it ends, so a crash never leaves a stale lock. The file stays after the stop:
+//! removing it would let a server that opened it just before the removal and one that creates
+//! it anew both hold "the" lock.
+
+use super::copy::beside;
+use super::error::PersistError;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// The held lock on a database file; released when dropped or when the process ends.
+#[derive(Debug)]
+pub struct DbLock {
+    _file: File,
+}
+
+/// The lock file that guards the database at `target`.
+pub fn lock_path(target: &Path) -> PathBuf {
+    beside(target, ".lock")
+}
+
+impl DbLock {
+    /// Takes the lock of the database at `target`, or says which server holds it. Never waits:
+    /// a server that cannot have its file must not start.
+    pub fn acquire(target: &Path) -> Result<DbLock, PersistError> {
+        let path = lock_path(target);
+        let io_error = |action: &'static str| {
+            let path = path.clone();
+            move |source| PersistError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_error("open the lock file"))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(PersistError::InUse {
+                    path: target.to_owned(),
+                    lock: path.clone(),
+                    holder: read_holder(&mut file),
+                })
+            }
+            Err(TryLockError::Error(source)) => return Err(io_error("lock")(source)),
+        }
+        // The holder's pid, for the message a second server prints; the lock is what counts.
+        file.set_len(0).map_err(io_error("write"))?;
+        file.seek(SeekFrom::Start(0)).map_err(io_error("write"))?;
+        writeln!(file, "{}", std::process::id()).map_err(io_error("write"))?;
+        Ok(DbLock { _file: file })
+    }
+}
+
+/// The pid the holder wrote, if it is there yet and reads as one.
+fn read_holder(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    file.take(32).read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("phpmq-lock-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_second_holder_is_refused_with_the_first_ones_pid_until_it_lets_go() {
+        let dir = temp_dir("second");
+        let target = dir.join("q.sqlite");
+        let first = DbLock::acquire(&target).unwrap();
+        match DbLock::acquire(&target) {
+            Err(PersistError::InUse { path, lock, holder }) => {
+                assert_eq!(path, target);
+                assert_eq!(lock, dir.join("q.sqlite.lock"));
+                assert_eq!(holder, Some(std::process::id()));
+            }
+            other => panic!("expected InUse, got {other:?}"),
+        }
+        drop(first);
+        let again = DbLock::acquire(&target);
+        assert!(again.is_ok(), "{again:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_lock_file_left_by_an_ended_server_is_taken_over() {
+        let dir = temp_dir("stale");
+        let target = dir.join("q.sqlite");
+        std::fs::write(lock_path(&target), "999999999\nleftover text").unwrap();
+        let lock = DbLock::acquire(&target);
+        assert!(lock.is_ok(), "{lock:?}");
+        let written = std::fs::read_to_string(lock_path(&target)).unwrap();
+        assert_eq!(written, format!("{}\n", std::process::id()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
