@@ -17,6 +17,8 @@ use std::time::Duration;
 
 /// A lightweight, persistent message-queue server speaking the PHPMQ v1 wire protocol.
 #[derive(FromArgs)]
+// argh prints these comments as `--help`, where `[IPv6]` and `<queue>` are plain text.
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 struct Args {
     /// address to listen on, repeatable: HOST:PORT (IPv4), [IPv6]:PORT or unix:/path/to.sock
     /// (default 127.0.0.1:9100)
