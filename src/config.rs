@@ -111,6 +111,11 @@ pub struct Config {
     /// The most messages a queue may hold (ready, delayed and in flight) before sends to it
     /// are refused; 0: no limit.
     pub max_queue_length: usize,
+    /// The most messages all queues together may hold before sends are refused; 0: no limit.
+    pub max_stored_messages: usize,
+    /// The most content bytes all queues together may hold before sends are refused; 0: no
+    /// limit.
+    pub max_stored_bytes: u64,
 }
 
 impl Default for Config {
@@ -127,6 +132,8 @@ impl Default for Config {
             mirror_interval: DEFAULT_MIRROR_INTERVAL,
             max_deliveries: 0,
             max_queue_length: 0,
+            max_stored_messages: 0,
+            max_stored_bytes: 0,
         }
     }
 }

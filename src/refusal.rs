@@ -179,7 +179,8 @@ impl Refusal {
     }
 
     /// For a send the broker did not take (rule 4): ERROR 429 or 503 on a v1.2 connection,
-    /// which stays open. A v1.0 or v1.1 connection cannot be told: it is closed instead, so
+    /// which stays open (429 also for the server-wide store limits: "a configured limit", as
+    /// the spec's table has it). A v1.0 or v1.1 connection cannot be told: it is closed instead, so
     /// that its client learns the send was not taken (the frames it sent after are not taken
     /// either).
     pub fn send(refused: SendRefused, queue: &str, v12: bool) -> Refusal {
@@ -187,6 +188,20 @@ impl Refusal {
             SendRefused::QueueFull { limit } => (
                 ErrorCode::QueueFull,
                 format!("queue {queue} is full (limit {limit})"),
+            ),
+            SendRefused::TooManyMessages { limit } => (
+                ErrorCode::QueueFull,
+                format!(
+                    "the server holds its most messages (--max-stored-messages {limit}): \
+                     not taken for {queue}"
+                ),
+            ),
+            SendRefused::TooManyBytes { limit } => (
+                ErrorCode::QueueFull,
+                format!(
+                    "the server holds its most message bytes (--max-stored-bytes {limit}): \
+                     not taken for {queue}"
+                ),
             ),
             SendRefused::ShuttingDown => (
                 ErrorCode::ShuttingDown,

@@ -23,6 +23,16 @@ struct Server<'a> {
     last_mirror: Option<LastMirror>,
     mirror: Option<Mirror<'a>>,
     totals: Totals,
+    /// Last, since --max-stored-messages and --max-stored-bytes.
+    store: Store,
+}
+
+#[derive(Serialize)]
+struct Store {
+    messages: usize,
+    bytes: u64,
+    max_messages: Option<usize>,
+    max_bytes: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -120,6 +130,12 @@ impl<'a> Document<'a> {
                     redriven: t.redriven,
                     refused: t.refused,
                 },
+                store: Store {
+                    messages: status.store.messages,
+                    bytes: status.store.bytes,
+                    max_messages: status.store.max_messages,
+                    max_bytes: status.store.max_bytes,
+                },
             },
             queues: status
                 .queues
@@ -172,7 +188,7 @@ pub fn status_json(status: &Status) -> Result<String, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::{QueueStatus, Totals as BrokerTotals};
+    use crate::broker::{QueueStatus, StoreUse, Totals as BrokerTotals};
     use crate::request::QueueName;
     use crate::storage::{StorageStatus, SyncReport};
     use std::time::Duration;
@@ -189,6 +205,12 @@ mod tests {
                 acknowledged: 4,
                 dead_lettered: 1,
                 ..BrokerTotals::default()
+            },
+            store: StoreUse {
+                messages: 12,
+                bytes: 20,
+                max_messages: None,
+                max_bytes: Some(1 << 30),
             },
             queues: vec![QueueStatus {
                 name: QueueName::new("zürich \"q\"".as_bytes()).unwrap(),
@@ -212,7 +234,9 @@ mod tests {
                 r#"{"server":{"version":"1.2.3","uptime_s":42,"connections":3,"rss_bytes":null,"#,
                 r#""db":null,"last_mirror":null,"mirror":null,"totals":{"accepted":16,"#,
                 r#""delivered":4,"acknowledged":4,"requeued":0,"expired":0,"dead_lettered":1,"#,
-                r#""flushed":0,"moved_to_dead":0,"redriven":0,"refused":0}},"queues":[{"name":"zürich \"q\"","ready":10,"in_flight":0,"#,
+                r#""flushed":0,"moved_to_dead":0,"redriven":0,"refused":0},"store":{"messages":12,"#,
+                r#""bytes":20,"max_messages":null,"max_bytes":1073741824}},"#,
+                r#""queues":[{"name":"zürich \"q\"","ready":10,"in_flight":0,"#,
                 r#""consumers":0,"bytes":20,"oldest_ready_ms":null,"delayed":2}]}"#
             )
         );

@@ -14,7 +14,7 @@ mod render;
 pub use json::status_json;
 pub use render::status_text;
 
-use crate::broker::{Listing, QueueStatus, Totals};
+use crate::broker::{Listing, QueueStatus, StoreUse, Totals};
 use crate::hub::BrokerDown;
 use crate::net::Stream;
 use crate::request::QueueName;
@@ -46,6 +46,8 @@ pub struct Status {
     pub connections: usize,
     pub rss_bytes: Option<u64>,
     pub totals: Totals,
+    /// What all queues hold together, and the server-wide limits on it.
+    pub store: StoreUse,
     pub queues: Vec<QueueStatus>,
     /// How storage has been doing (`None` when messages are kept in memory only).
     pub storage: Option<StorageStatus>,

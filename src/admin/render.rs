@@ -59,6 +59,26 @@ pub fn status_text(status: &Status) -> String {
         "messages: {} accepted, {} delivered, {} acknowledged, {} requeued, {} expired, {} dead-lettered, {} flushed",
         t.accepted, t.delivered, t.acknowledged, t.requeued, t.expired, t.dead_lettered, t.flushed
     );
+    let store = &status.store;
+    let _ = write!(
+        out,
+        "stored: {} message{}, {}",
+        store.messages,
+        if store.messages == 1 { "" } else { "s" },
+        bytes(store.bytes)
+    );
+    match (store.max_messages, store.max_bytes) {
+        (None, None) => out.push('\n'),
+        (messages, content) => {
+            let limit = |n: Option<String>| n.unwrap_or_else(|| "none".into());
+            let _ = writeln!(
+                out,
+                " (limits: {} messages, {})",
+                limit(messages.map(|n| n.to_string())),
+                limit(content.map(bytes))
+            );
+        }
+    }
     // Only once it happened: a server without a maximum delivery count never shows it.
     if t.moved_to_dead > 0 || t.redriven > 0 {
         let _ = writeln!(
@@ -71,7 +91,7 @@ pub fn status_text(status: &Status) -> String {
     if t.refused > 0 {
         let _ = writeln!(
             out,
-            "refused sends: {} (a full queue, or sent as the server stopped)",
+            "refused sends: {} (a full queue or store, or sent as the server stopped)",
             t.refused
         );
     }

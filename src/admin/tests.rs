@@ -22,6 +22,12 @@ impl Backend for Fake {
                 accepted: 10,
                 ..Totals::default()
             },
+            store: StoreUse {
+                messages: 4,
+                bytes: 8192,
+                max_messages: Some(1000),
+                max_bytes: None,
+            },
             queues: self
                 .queues
                 .iter()
@@ -123,6 +129,10 @@ fn status_as_text_and_json() {
     let t = text("status", &b);
     assert!(
         t.starts_with("phpmq-server 9.9.9, up 1h02m, 2 connections, memory 12.3 MB\n"),
+        "{t}"
+    );
+    assert!(
+        t.contains("\nstored: 4 messages, 8.2 kB (limits: 1000 messages, none)\n"),
         "{t}"
     );
     assert!(t.contains("orders-eu"));

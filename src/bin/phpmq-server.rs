@@ -82,6 +82,17 @@ struct Args {
     #[argh(option, default = "0")]
     max_queue_length: usize,
 
+    /// the most messages the server holds, all queues together (ready, delayed and in
+    /// flight); a send past it is refused as a send to a full queue is. The store lives in
+    /// memory: this and --max-stored-bytes bound it. 0 turns it off (default 0)
+    #[argh(option, default = "0")]
+    max_stored_messages: usize,
+
+    /// the most message content the server holds, in bytes, all queues together; a send that
+    /// would go past it is refused as a send to a full queue is. 0 turns it off (default 0)
+    #[argh(option, default = "0")]
+    max_stored_bytes: u64,
+
     /// write the log to this file instead of stderr; SIGHUP reopens it (for logrotate)
     #[argh(option)]
     log_file: Option<PathBuf>,
@@ -155,6 +166,8 @@ fn main() -> ExitCode {
         mirror_interval: Duration::from_millis(args.mirror_interval),
         max_deliveries: args.max_deliveries,
         max_queue_length: args.max_queue_length,
+        max_stored_messages: args.max_stored_messages,
+        max_stored_bytes: args.max_stored_bytes,
         ..Config::default()
     };
     if !args.listen.is_empty() {

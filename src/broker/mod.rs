@@ -197,6 +197,8 @@ struct MessageTable {
     window: Option<Window>,
     /// What all queues keep resident together.
     resident: Amount,
+    /// Every message the broker holds (ready, delayed and in flight), for the store's limits.
+    stored: Amount,
     last_fetch_token: u64,
     totals: Totals,
 }
@@ -247,8 +249,20 @@ pub struct Broker {
     /// The most messages a queue holds (ready, delayed and in flight) before sends to it are
     /// refused; `None`: no limit.
     max_queue_length: Option<usize>,
+    max_stored_messages: Option<usize>,
+    max_stored_bytes: Option<u64>,
     /// Storage has taken its last changes (a stop): sends are refused, not lost.
     store_closed: bool,
+}
+
+/// Messages and content bytes held, all queues together (ready, delayed and in flight), and
+/// the limits on them (`--max-stored-messages`, `--max-stored-bytes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreUse {
+    pub messages: usize,
+    pub bytes: u64,
+    pub max_messages: Option<usize>,
+    pub max_bytes: Option<u64>,
 }
 
 /// Why the broker does not take a send (v1.2 answers ERROR; see [`Broker::refuse_send`]).
@@ -256,6 +270,11 @@ pub struct Broker {
 pub enum SendRefused {
     /// The queue holds the configured maximum.
     QueueFull { limit: usize },
+    /// The server holds the most messages it may (`--max-stored-messages`).
+    TooManyMessages { limit: usize },
+    /// The message would take the server past the most content it may hold
+    /// (`--max-stored-bytes`).
+    TooManyBytes { limit: u64 },
     /// The server is stopping and its store has taken its last changes.
     ShuttingDown,
 }
@@ -312,6 +331,7 @@ impl Broker {
                     floor: RESIDENT_FLOOR,
                 }),
                 resident: Amount::default(),
+                stored: Amount::default(),
                 store,
                 last_fetch_token: 0,
                 totals: Totals::default(),
@@ -320,6 +340,8 @@ impl Broker {
             next_seq: 1,
             max_deliveries: None,
             max_queue_length: None,
+            max_stored_messages: None,
+            max_stored_bytes: None,
             store_closed: false,
         }
     }
@@ -332,6 +354,7 @@ impl Broker {
     pub fn restore(&mut self, message: StoredRow<'_>) {
         self.next_seq = self.next_seq.max(message.seq + 1);
         let size = message.content.len();
+        self.table.stored.add(size);
         if let Some(due_at) = message.due_at {
             // Copied only if kept (see `MessageTable::delayed_content`).
             let content = self
@@ -443,6 +466,7 @@ impl Broker {
             deliveries: 0,
         }));
         self.table.totals.accepted += 1;
+        self.table.stored.add(content.len());
         if let Some(due_at) = due_at {
             let delayed = Delayed {
                 id,
@@ -545,28 +569,61 @@ impl Broker {
         self.max_queue_length = max.filter(|&n| n > 0);
     }
 
+    /// Sets the most messages, and the most content bytes, that all queues together may hold
+    /// before sends are refused (0: no limit): the store lives in memory, so this is how an
+    /// operator bounds the server's memory. As with the queue length, only new sends count
+    /// against them, and a restart recovers every stored message even past them.
+    pub fn set_store_limits(&mut self, messages: usize, bytes: u64) {
+        self.max_stored_messages = (messages > 0).then_some(messages);
+        self.max_stored_bytes = (bytes > 0).then_some(bytes);
+    }
+
+    /// What all queues hold together, and the limits on it, for status.
+    pub fn store_use(&self) -> StoreUse {
+        StoreUse {
+            messages: self.table.stored.messages,
+            bytes: self.table.stored.bytes,
+            max_messages: self.max_stored_messages,
+            max_bytes: self.max_stored_bytes,
+        }
+    }
+
     /// The store has taken its last changes (the server is stopping): from now on a send is
     /// refused rather than taken and lost.
     pub fn close_store(&mut self) {
         self.store_closed = true;
     }
 
-    /// Whether a send to `queue` is refused, and why (counted in the totals); `None`: take
-    /// it.
-    pub fn refuse_send(&mut self, queue: &str) -> Option<SendRefused> {
+    /// Whether a send of `size` content bytes to `queue` is refused, and why (counted in the
+    /// totals); `None`: take it.
+    pub fn refuse_send(&mut self, queue: &str, size: usize) -> Option<SendRefused> {
         let refused = if self.store_closed {
             Some(SendRefused::ShuttingDown)
         } else {
-            let limit = self.max_queue_length?;
-            let held = self
-                .queue_stats(queue)
-                .map_or(0, |s| s.ready + s.delayed + s.in_flight);
-            (held >= limit).then_some(SendRefused::QueueFull { limit })
+            self.over_a_limit(queue, size)
         };
         if refused.is_some() {
             self.table.totals.refused += 1;
         }
         refused
+    }
+
+    fn over_a_limit(&self, queue: &str, size: usize) -> Option<SendRefused> {
+        let stored = self.table.stored;
+        if let Some(limit) = self.max_stored_messages.filter(|&n| stored.messages >= n) {
+            return Some(SendRefused::TooManyMessages { limit });
+        }
+        if let Some(limit) = self
+            .max_stored_bytes
+            .filter(|&n| stored.bytes.saturating_add(size as u64) > n)
+        {
+            return Some(SendRefused::TooManyBytes { limit });
+        }
+        let limit = self.max_queue_length?;
+        let held = self
+            .queue_stats(queue)
+            .map_or(0, |s| s.ready + s.delayed + s.in_flight);
+        (held >= limit).then_some(SendRefused::QueueFull { limit })
     }
 
     /// A queue's counts for a STATS request (v1.2 rule 3): all 0 for a queue that does not

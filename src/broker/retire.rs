@@ -61,27 +61,28 @@ impl MessageTable {
         place: Place,
         reason: Retirement,
     ) -> bool {
-        let (id, seq, expires_at) = match place {
+        let (id, seq, expires_at, size) = match place {
             Place::ReadyFront => match queue.ready.pop_front(&mut self.resident) {
-                Some(entry) => (entry.id, entry.seq, entry.expires_at),
+                Some(entry) => (entry.id, entry.seq, entry.expires_at, entry.size),
                 None => return false,
             },
             Place::Ready(seq) => match queue.ready.remove(seq, &mut self.resident) {
-                Some(entry) => (entry.id, entry.seq, entry.expires_at),
+                Some(entry) => (entry.id, entry.seq, entry.expires_at, entry.size),
                 None => return false,
             },
             Place::Held(id) => match self.unhold(queue, connections, name, id) {
-                Some(held) => (id, held.seq, held.expires_at),
+                Some(held) => (id, held.seq, held.expires_at, held.content.len()),
                 None => return false,
             },
             Place::Delayed(seq) => match queue.delayed.remove(seq) {
                 Some(delayed) => {
                     self.due.remove(&(delayed.due_at, seq));
-                    (delayed.id, seq, delayed.expires_at)
+                    (delayed.id, seq, delayed.expires_at, delayed.size)
                 }
                 None => return false,
             },
         };
+        self.stored.remove(size);
         if expires_at != NEVER {
             self.expiry.remove(&(expires_at, seq));
         }

@@ -104,6 +104,12 @@ impl Recorder {
     }
 }
 
+/// Messages and bytes held, all queues together.
+fn stored(b: &Broker) -> (usize, u64) {
+    let used = b.store_use();
+    (used.messages, used.bytes)
+}
+
 fn q(name: &str) -> QueueName {
     QueueName::new(name.as_bytes()).unwrap()
 }
@@ -643,6 +649,11 @@ fn restored_messages_are_ready_in_order_and_new_ones_follow() {
         store.ops.lock().unwrap().is_empty(),
         "restoring reports nothing"
     );
+    assert_eq!(
+        stored(&b),
+        (2, 2),
+        "restored messages count against the limits"
+    );
     let mut out = Vec::new();
     send(&mut b, "jobs", "c", &mut out);
     b.connect(1);
@@ -890,6 +901,17 @@ impl Broker {
             live_ids.extend(live.iter().map(|e| e.id));
         }
         assert_eq!(self.table.resident, all_resident, "total resident");
+        let all_stored = self
+            .queues
+            .values()
+            .fold(Amount::default(), |sum, q| Amount {
+                messages: sum.messages + q.ready.len() + q.delayed.len() + q.in_flight.messages,
+                bytes: sum.bytes + q.bytes(),
+            });
+        assert_eq!(
+            self.table.stored, all_stored,
+            "total stored, for the limits"
+        );
         let delayed: usize = self.queues.values().map(|q| q.delayed.len()).sum();
         assert_eq!(self.table.due.len(), delayed, "the due index is exact");
         let leased: std::collections::BTreeSet<(Millis, MessageId)> = self
@@ -1537,7 +1559,7 @@ fn a_connection_the_server_closes_dead_letters_nothing() {
 fn sends_are_refused_at_the_limit_and_after_the_store_closed() {
     let (mut b, _store) = broker();
     let mut out = Vec::new();
-    assert_eq!(b.refuse_send("jobs"), None, "no limit by default");
+    assert_eq!(b.refuse_send("jobs", 1), None, "no limit by default");
     b.set_max_queue_length(Some(2));
     b.send(q("jobs"), Arc::from(&b"1"[..]), None, None, 0, &mut out);
     b.send(
@@ -1549,15 +1571,64 @@ fn sends_are_refused_at_the_limit_and_after_the_store_closed() {
         &mut out,
     );
     assert_eq!(
-        b.refuse_send("jobs"),
+        b.refuse_send("jobs", 1),
         Some(SendRefused::QueueFull { limit: 2 }),
         "one ready and one delayed"
     );
-    assert_eq!(b.refuse_send("other"), None);
+    assert_eq!(b.refuse_send("other", 1), None);
     b.set_max_queue_length(Some(0));
-    assert_eq!(b.refuse_send("jobs"), None, "0 turns it off");
+    assert_eq!(b.refuse_send("jobs", 1), None, "0 turns it off");
     b.close_store();
-    assert_eq!(b.refuse_send("other"), Some(SendRefused::ShuttingDown));
+    assert_eq!(b.refuse_send("other", 1), Some(SendRefused::ShuttingDown));
+    assert_eq!(b.totals().refused, 2, "each refusal counted once");
+}
+
+/// The server-wide limits count every message held, whatever its state, until it leaves for
+/// good: moves (a re-queue, a dead letter's move) keep it counted, an ack or a flush frees it.
+#[test]
+fn sends_are_refused_at_the_store_limits_until_messages_leave() {
+    let (mut b, _store) = broker();
+    let mut out = Vec::new();
+    b.set_max_deliveries(Some(1));
+    b.set_store_limits(3, 10);
+    b.connect(1);
+    b.send(q("jobs"), Arc::from(&b"1234"[..]), None, None, 0, &mut out);
+    b.send(
+        q("jobs"),
+        Arc::from(&b"56"[..]),
+        None,
+        Some(60_000),
+        0,
+        &mut out,
+    );
+    assert_eq!(stored(&b), (2, 6), "ready and delayed");
+    assert_eq!(b.refuse_send("other", 4), None, "exactly at the byte limit");
+    assert_eq!(
+        b.refuse_send("other", 5),
+        Some(SendRefused::TooManyBytes { limit: 10 })
+    );
+    b.send(q("other"), Arc::from(&b"7"[..]), None, None, 0, &mut out);
+    assert_eq!(
+        b.refuse_send("other", 0),
+        Some(SendRefused::TooManyMessages { limit: 3 })
+    );
+    b.consume(1, q("jobs"), 1, None, 0, &mut out);
+    let held = out.pop().expect("a dispatch").id;
+    assert_eq!(stored(&b), (3, 7), "in flight still counts");
+    // The holder leaves: its last allowed dispatch ended, so the message moves to jobs.dead.
+    b.disconnect(1, EndedBy::Client, 0, &mut out);
+    assert_eq!(b.counts("jobs.dead").ready, 1);
+    assert_eq!(stored(&b), (3, 7), "a move keeps it counted");
+    b.connect(2);
+    b.consume(2, q("jobs.dead"), 1, None, 0, &mut out);
+    assert_eq!(out.pop().map(|d| d.id), Some(held));
+    b.ack(2, &q("jobs.dead"), Some(held), 0, &mut out);
+    assert_eq!(stored(&b), (2, 3), "an ack frees it");
+    assert_eq!(b.refuse_send("other", 7), None);
+    b.flush("jobs", 0, &mut out);
+    assert_eq!(stored(&b), (1, 1), "a flush frees the delayed one");
+    b.set_store_limits(0, 0);
+    assert_eq!(b.refuse_send("other", usize::MAX), None, "0 turns them off");
     assert_eq!(b.totals().refused, 2, "each refusal counted once");
 }
 

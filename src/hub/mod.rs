@@ -324,8 +324,8 @@ impl Hub {
                     let Incoming::Request(request) = item else {
                         continue;
                     };
-                    if let Request::Send { queue, .. } = &request {
-                        if let Some(refused) = broker.refuse_send(queue.as_str()) {
+                    if let Request::Send { queue, content, .. } = &request {
+                        if let Some(refused) = broker.refuse_send(queue.as_str(), content.len()) {
                             return Some(Refusal::send(refused, queue.as_str(), false));
                         }
                     }
@@ -356,7 +356,7 @@ impl Hub {
                         ttl,
                         delay,
                     }) => {
-                        if let Some(refused) = broker.refuse_send(queue.as_str()) {
+                        if let Some(refused) = broker.refuse_send(queue.as_str(), content.len()) {
                             let refusal = Refusal::send(refused, queue.as_str(), true);
                             if let Some(frame) = refusal.frame() {
                                 answers.push((at, frame, 0));

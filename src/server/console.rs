@@ -14,7 +14,9 @@ impl Backend for Shared {
     /// A near-snapshot: the queues are looked at a chunk per lock acquisition, in name order,
     /// so a status of 100,000 queues does not stall message traffic.
     fn status(&self) -> Result<Status, BrokerDown> {
-        let (totals, now) = self.hub.read(|broker, now| (broker.totals(), now))?;
+        let (totals, store, now) = self
+            .hub
+            .read(|broker, now| (broker.totals(), broker.store_use(), now))?;
         let mut queues: Vec<QueueStatus> = Vec::new();
         loop {
             let after = queues.last().map(|q| &q.name);
@@ -33,6 +35,7 @@ impl Backend for Shared {
             connections: self.connections.live(),
             rss_bytes: system::resident_memory(),
             totals,
+            store,
             queues,
             storage: self.storage.as_ref().map(|s| s.status()),
             now,

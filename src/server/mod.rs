@@ -115,6 +115,7 @@ impl Server {
         let mut broker = Broker::new(store);
         broker.set_max_deliveries(Some(config.max_deliveries));
         broker.set_max_queue_length(Some(config.max_queue_length));
+        broker.set_store_limits(config.max_stored_messages, config.max_stored_bytes);
         let mut recovered = 0;
         if let Some(storage) = &mut storage {
             recovered = storage.recover(&mut |message| broker.restore(message))?;

@@ -977,8 +977,69 @@ fn a_full_queue_refuses_sends_with_429() {
     assert_eq!(counts(&mut producer, "capped"), "1 0 1 1");
     let status = server.console_command("status");
     assert!(
-        status.contains("refused sends: 3 (a full queue, or sent as the server stopped)"),
+        status.contains("refused sends: 3 (a full queue or store, or sent as the server stopped)"),
         "{status}"
+    );
+}
+
+/// With --max-stored-messages and --max-stored-bytes, sends to any queue are refused once the
+/// server holds that much in all queues together (429, as for a full queue; a v1.0 connection
+/// is closed), in flight and delayed messages included; an ack makes room again. The console
+/// shows what is held against the limits.
+#[test]
+fn the_store_limits_refuse_sends_over_all_queues_with_429() {
+    let server = TestServer::start(&["--max-stored-messages", "3", "--max-stored-bytes", "10"]);
+    let (mut producer, _) = v12(&server, "");
+    send(&mut producer, "a", b"1234");
+    send(&mut producer, "b", b"5678");
+    send(&mut producer, "c", b"too long");
+    receipt(&mut producer, "a");
+    receipt(&mut producer, "b");
+    let error = producer.expect_frame(ERROR);
+    assert_eq!(error.text(10), "429");
+    assert_eq!(
+        error.text(2),
+        "the server holds its most message bytes (--max-stored-bytes 10): not taken for c"
+    );
+    send_delayed(&mut producer, "c", "9", 60_000);
+    receipt(&mut producer, "c");
+    send(&mut producer, "d", b"");
+    let error = producer.expect_frame(ERROR);
+    assert_eq!(
+        error.text(2),
+        "the server holds its most messages (--max-stored-messages 3): not taken for d"
+    );
+    assert_eq!(
+        counts(&mut producer, "d"),
+        "0 0 0 0",
+        "still open, nothing taken"
+    );
+
+    let mut classic = server.tcp_client();
+    classic.send("e", b"");
+    classic.expect_closed();
+    server.log.wait_for("the close's log line", |l| {
+        l.contains("send not taken (429 the server holds its most messages")
+    });
+
+    // In flight still counts; its ack makes room for one more, whatever the queue.
+    producer.frame_of(CONSUME, &[(1, b"a"), (4, b"1")]);
+    let (content, id, _) = dispatch(&mut producer);
+    assert_eq!(content, "1234");
+    send(&mut producer, "d", b"");
+    assert_eq!(producer.expect_frame(ERROR).text(10), "429");
+    producer.frame_of(ACK, &[(1, b"a"), (3, id.as_bytes())]);
+    send(&mut producer, "d", b"12345");
+    receipt(&mut producer, "d");
+    let status = server.console_command("status");
+    assert!(
+        status.contains("\nstored: 3 messages, 10 B (limits: 3 messages, 10 B)\n"),
+        "{status}"
+    );
+    let json = server.console_command("status json");
+    assert!(
+        json.contains(r#""store":{"messages":3,"bytes":10,"max_messages":3,"max_bytes":10}"#),
+        "{json}"
     );
 }
 
