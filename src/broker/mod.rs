@@ -249,6 +249,8 @@ pub struct Broker {
     /// The most messages a queue holds (ready, delayed and in flight) before sends to it are
     /// refused; `None`: no limit.
     max_queue_length: Option<usize>,
+    /// The server-wide limits on all queues together (`None`: none); see
+    /// [`Broker::set_store_limits`].
     max_stored_messages: Option<usize>,
     max_stored_bytes: Option<u64>,
     /// Storage has taken its last changes (a stop): sends are refused, not lost.
@@ -608,6 +610,8 @@ impl Broker {
         refused
     }
 
+    /// The first limit a send of `size` bytes to `queue` would break: the server's, then the
+    /// queue's.
     fn over_a_limit(&self, queue: &str, size: usize) -> Option<SendRefused> {
         let stored = self.table.stored;
         if let Some(limit) = self.max_stored_messages.filter(|&n| stored.messages >= n) {
