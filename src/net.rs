@@ -12,6 +12,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// How long a client waits for a TCP host to answer its connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why a listener could not be set up.
 #[derive(Debug)]
 pub enum BindError {
@@ -202,11 +205,12 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Connects as a client.
+    /// Connects as a client, giving up on a TCP host after [`CONNECT_TIMEOUT`].
     pub fn connect(addr: &ListenAddr) -> io::Result<Stream> {
         match addr {
             ListenAddr::Tcp(addr) => {
-                let stream = TcpStream::connect(addr)?;
+                // A host that drops the SYN would otherwise hold a script for minutes.
+                let stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT)?;
                 stream.set_nodelay(true)?;
                 Ok(Stream::Tcp(stream))
             }

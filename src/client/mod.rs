@@ -56,10 +56,12 @@ impl ServerFrame {
         }
     }
 
-    /// The dispatch, or [`ClientError::Unexpected`] for any other frame.
+    /// The dispatch; [`ClientError::Refused`] for an ERROR (a consume request refused), or
+    /// [`ClientError::Unexpected`] for any other frame.
     pub fn into_dispatch(self) -> Result<Dispatch, ClientError> {
         match self {
             ServerFrame::Dispatch(dispatch) => Ok(dispatch),
+            ServerFrame::Error { code, text } => Err(ClientError::Refused { code, text }),
             other => Err(ClientError::Unexpected {
                 expected: "dispatch",
                 got: other.kind(),
@@ -332,10 +334,13 @@ impl Client {
         )
     }
 
+    /// Writes what is queued. After a failed write what was queued is dropped (the server
+    /// will not read it), so that the replies it sent before closing can still be read.
     pub fn flush(&mut self) -> Result<(), ClientError> {
         if !self.out.is_empty() {
-            (&self.stream).write_all(&self.out)?;
+            let written = (&self.stream).write_all(&self.out);
             self.out.clear();
+            written?;
         }
         Ok(())
     }

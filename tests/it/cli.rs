@@ -195,14 +195,25 @@ fn send_prints_receipt_ids_and_fails_for_a_refused_message() {
         "id, delivery count, text"
     );
 
-    let out = phpmq(&addr, &["send", "", "nameless"], None);
+    let capped = TestServer::start(&["--max-queue-length", "1"]);
+    let out = phpmq(
+        &capped.tcp_addr().to_string(),
+        &["send", "q", "fits", "does not"],
+        None,
+    );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("message 1: refused by the server (422)"),
+        err.contains("message 2: refused by the server (429)"),
         "{err}"
     );
-    assert!(err.contains("1 of 1 messages were refused"), "{err}");
+    assert!(err.contains("1 of 2 messages were refused"), "{err}");
+    let out = phpmq(&addr, &["send", "", "nameless"], None);
+    assert_eq!(
+        stderr(&out),
+        "phpmq: invalid queue name: 0 bytes (must be 1 to 255): \"\"\n",
+        "refused before connecting"
+    );
 
     let memory = TestServer::start(&["--db", "none"]);
     let out = phpmq(
@@ -212,4 +223,161 @@ fn send_prints_receipt_ids_and_fails_for_a_refused_message() {
     );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--db none"));
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Each run takes exactly what it prints: the ack that frees a place goes after the lower
+/// count, so no message is dispatched to a run that will not take it, and every delivery
+/// count stays 1 (a dispatch handed back at exit would count as a failed try).
+#[test]
+fn consume_runs_one_at_a_time_keep_delivery_counts_exact() {
+    let server = TestServer::start(&["--max-deliveries", "1"]);
+    let addr = server.tcp_addr().to_string();
+    phpmq(&addr, &["send", "q", "m1", "m2", "m3", "m4"], None);
+    let mut printed = String::new();
+    for _ in 0..4 {
+        let out = phpmq(&addr, &["consume", "q", "--verbose"], None);
+        assert!(out.status.success(), "{out:?}");
+        printed.push_str(&stdout(&out));
+    }
+    let fields: Vec<(String, String)> = printed
+        .lines()
+        .map(|l| {
+            let mut f = l.split(' ');
+            (f.nth(1).unwrap().to_string(), f.next().unwrap().to_string())
+        })
+        .collect();
+    let expected: Vec<(String, String)> = (1..=4).map(|i| ("1".into(), format!("m{i}"))).collect();
+    assert_eq!(fields, expected, "{printed}");
+    let status = server.console_command("status");
+    assert!(!status.contains("q.dead"), "{status}");
+}
+
+/// `tail -f log | phpmq send q`: a line reaches the server when it is written, not when
+/// standard input ends.
+#[test]
+fn send_from_stdin_sends_each_line_as_it_comes() {
+    let server = TestServer::start(&[]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_phpmq"))
+        .args([
+            "--server",
+            &server.tcp_addr().to_string(),
+            "send",
+            "live",
+            "--ids",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start phpmq");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(b"first\n").unwrap();
+    input.flush().unwrap();
+    let mut consumer = server.tcp_client();
+    consumer.consume("live", 10);
+    assert_eq!(
+        consumer.recv().text(),
+        "first",
+        "while standard input is open"
+    );
+    input.write_all(b"second\n").unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out).lines().count(), 2, "{out:?}");
+    assert_eq!(consumer.recv().text(), "second");
+}
+
+/// Lines are bytes: content that is not UTF-8 goes through as it is; a CR before the
+/// newline is dropped.
+#[test]
+fn send_takes_lines_of_any_bytes() {
+    let server = TestServer::start(&[]);
+    let addr = server.tcp_addr().to_string();
+    let out = phpmq(&addr, &["send", "bin"], Some(b"caf\xe9\nx\r\n\xff\x00y"));
+    assert!(out.status.success(), "{out:?}");
+    let out = phpmq(&addr, &["consume", "bin", "--count", "3"], None);
+    assert_eq!(out.stdout, b"caf\xe9\nx\n\xff\x00y\n");
+}
+
+/// A message over the server's limit: the 413 is reported even when the write failed first
+/// (the server closes without reading it), with how far the run got.
+#[test]
+fn send_reports_the_reason_and_how_far_it_got_when_the_server_closes() {
+    let server = TestServer::start(&["--max-message-size", "1000"]);
+    let addr = server.tcp_addr().to_string();
+    let mut input = b"short\n".to_vec();
+    input.extend(std::iter::repeat_n(b'x', 5_000_000));
+    input.extend(b"\nnever\n");
+    let out = phpmq(&addr, &["send", "big"], Some(&input));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "message 2: refused by the server (413): packet 02 (content) declares 5000000 bytes"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("stopped after 1 message with a receipt and 1 refused")
+            && err.ends_with("the rest of the input was not sent\n"),
+        "{err}"
+    );
+    let out = phpmq(&addr, &["consume", "big", "--count", "1"], None);
+    assert_eq!(stdout(&out), "short\n");
+}
+
+/// What the server said when it refused a consume reaches the user; a bad queue name is
+/// refused before connecting (a v1.0 connection would be closed without a word).
+#[test]
+fn consume_reports_refusals_and_bad_names() {
+    let server = TestServer::start(&[]);
+    let addr = server.tcp_addr().to_string();
+    let out = phpmq(&addr, &["consume", "q", "--lease", "99999999999"], None);
+    assert_eq!(
+        stderr(&out),
+        "phpmq: refused by the server (422): packet 12 (lease) is over its maximum of \
+         4294967295: \"99999999999\"\n"
+    );
+    let out = phpmq(&addr, &["consume", "bad\nname"], None);
+    assert_eq!(
+        stderr(&out),
+        "phpmq: invalid queue name: contains a control character: \"bad\\nname\"\n"
+    );
+    let out = phpmq(&addr, &["consume", "q", "--timeout", "0"], None);
+    assert!(
+        stderr(&out).starts_with("phpmq: usage: phpmq consume --timeout"),
+        "{out:?}"
+    );
+}
+
+/// A host name works where an address does.
+#[test]
+fn the_server_may_be_named_by_host_name() {
+    let server = TestServer::start(&[]);
+    let named = format!("localhost:{}", server.tcp_addr().port());
+    let out = phpmq(&named, &["send", "q", "by name"], None);
+    assert!(out.status.success(), "{out:?}");
+    let out = phpmq(&named, &["consume", "q"], None);
+    assert_eq!(stdout(&out), "by name\n");
+}
+
+/// Something that accepts connections and never answers is not waited for without end.
+#[test]
+fn a_silent_listener_is_given_up_on() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let out = phpmq(&addr, &["send", "q", "x"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "phpmq: {addr} accepted the connection but sent no answer within 10 s: is it a \
+             phpmq server?\n"
+        )
+    );
 }

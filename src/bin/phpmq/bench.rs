@@ -96,9 +96,14 @@ impl Run {
 }
 
 pub fn run(server: &ListenAddr, args: BenchArgs) -> Result<(), super::CliError> {
-    if args.size < 16 || args.producers == 0 || args.consumers == 0 || args.messages == 0 {
+    if args.size < 16
+        || args.producers == 0
+        || args.consumers == 0
+        || args.messages == 0
+        || args.prefetch == 0
+    {
         return Err(super::CliError::Usage(
-            "phpmq bench: -S is at least 16, and -P, -C and -N at least 1",
+            "phpmq bench: -S is at least 16, and -P, -C, -N and -K at least 1",
         ));
     }
     if args.durable && !args.confirm {

@@ -7,15 +7,17 @@ use phpmq::admin::names;
 use phpmq::client::{Client, ClientError, Console};
 use phpmq::config::{ListenAddr, DEFAULT_ADMIN, DEFAULT_LISTEN};
 use phpmq::hello::{Feature, Features, Version};
+use phpmq::request::QueueName;
 use std::io::{self, BufRead, Write};
+use std::net::ToSocketAddrs;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The command-line client of the phpmq message-queue server.
 #[derive(FromArgs)]
 struct Args {
-    /// the server's message endpoint: HOST:PORT, [IPv6]:PORT or unix:/path (default
-    /// 127.0.0.1:9100)
+    /// the server's message endpoint: HOST:PORT (a name or an IPv4 address), [IPv6]:PORT or
+    /// unix:/path (default 127.0.0.1:9100)
     #[argh(
         option,
         default = "DEFAULT_LISTEN.parse().expect(\"default parses\")",
@@ -23,7 +25,8 @@ struct Args {
     )]
     server: ListenAddr,
 
-    /// the server's maintenance console, for status, flush and redrive (default 127.0.0.1:9101)
+    /// the server's maintenance console, for status, flush and redrive, in the same forms
+    /// (default 127.0.0.1:9101)
     #[argh(
         option,
         default = "DEFAULT_ADMIN.parse().expect(\"default parses\")",
@@ -126,16 +129,17 @@ struct ConsumeArgs {
     #[argh(option, default = "1")]
     count: u64,
 
-    /// how many unacknowledged messages to hold at once (default 16)
-    #[argh(option, default = "16")]
-    prefetch: u64,
+    /// how many unacknowledged messages to hold at once (default 16, or 1 with a lease)
+    #[argh(option)]
+    prefetch: Option<u64>,
 
     /// give up after this many seconds without a message (default: wait forever)
     #[argh(option)]
     timeout: Option<u64>,
 
     /// milliseconds a message may be held unacknowledged before the server takes it back
-    /// (PHPMQ v1.2 lease; default: held until acknowledged)
+    /// (PHPMQ v1.2 lease; default: held until acknowledged). A message whose lease runs out
+    /// before it is printed comes back, and may be printed again
     #[argh(option)]
     lease: Option<u64>,
 
@@ -157,8 +161,21 @@ struct PingArgs {
     interval_ms: u64,
 }
 
+/// An address as the server takes it, or a host name and port (`localhost:9100`), resolved
+/// here to its first address.
 fn parse_addr(text: &str) -> Result<ListenAddr, String> {
-    text.parse()
+    text.parse().or_else(|not_an_address| {
+        if text.starts_with("unix:") || !text.contains(':') {
+            return Err(not_an_address);
+        }
+        let mut resolved = text
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {text:?}: {e}"))?;
+        resolved
+            .next()
+            .map(ListenAddr::Tcp)
+            .ok_or_else(|| format!("{text:?} resolves to no address"))
+    })
 }
 
 fn main() -> ExitCode {
@@ -196,11 +213,26 @@ enum CliError {
     Stdout(io::Error),
     Timeout(u64),
     Usage(&'static str),
+    /// A queue name the server would refuse.
+    BadQueue(String),
     /// The server is older than PHPMQ v1.2 and an option needs it.
     NoV12(&'static str),
     /// Some messages got an ERROR instead of a receipt (each one was reported).
     Refused {
         refused: usize,
+        sent: usize,
+    },
+    /// `send --durable` to a server without a file.
+    NotDurable,
+    /// Something accepted the connection but did not answer a HELLO.
+    NoAnswer(String),
+    /// `send` stopped before the end of its input: how far it got.
+    Stopped {
+        error: Box<CliError>,
+        /// Messages with a receipt.
+        received: usize,
+        refused: usize,
+        /// Messages written (or about to be) to the server.
         sent: usize,
     },
 }
@@ -213,14 +245,45 @@ impl std::fmt::Display for CliError {
             CliError::Stdout(e) => write!(f, "cannot write standard output: {e}"),
             CliError::Timeout(s) => write!(f, "no message within {s} s"),
             CliError::Usage(u) => write!(f, "usage: {u}"),
+            CliError::BadQueue(problem) => f.write_str(problem),
             CliError::NoV12(what) => {
                 write!(f, "{what} needs a server that speaks PHPMQ v1.2")
             }
             CliError::Refused { refused, sent } => {
                 write!(f, "{refused} of {sent} messages were refused")
             }
+            CliError::NoAnswer(addr) => write!(
+                f,
+                "{addr} accepted the connection but sent no answer within {} s: is it a phpmq server?",
+                HELLO_TIMEOUT.as_secs()
+            ),
+            CliError::NotDurable => f.write_str(
+                "send --durable: this server keeps no file (--db none): nothing is durable",
+            ),
+            CliError::Stopped {
+                error,
+                received,
+                refused,
+                sent,
+            } => {
+                write!(f, "{error}; stopped after {}", messages(*received))?;
+                f.write_str(" with a receipt")?;
+                if *refused > 0 {
+                    write!(f, " and {refused} refused")?;
+                }
+                let unanswered = sent - received - refused;
+                if unanswered > 0 {
+                    write!(f, ", {unanswered} more sent without an answer (taken or not)")?;
+                }
+                f.write_str("; the rest of the input was not sent")
+            }
         }
     }
+}
+
+/// "1 message", "2 messages".
+fn messages(n: usize) -> String {
+    format!("{n} message{}", if n == 1 { "" } else { "s" })
 }
 
 impl From<ClientError> for CliError {
@@ -254,6 +317,12 @@ fn confirm(client: &mut Client) -> Result<(), ClientError> {
     }
 }
 
+/// How long a client waits for the answer to its HELLO.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `send` waits for the replies still unread once a write failed.
+const REPLY_GRACE: Duration = Duration::from_secs(5);
+
 /// Receipts a sender may wait for at once: enough to keep the connection busy, few enough
 /// that neither side buffers much.
 const SEND_WINDOW: usize = 1024;
@@ -265,7 +334,13 @@ fn connect_v12(
     features: &str,
 ) -> Result<Option<(Client, Features)>, CliError> {
     let mut client = Client::connect(server)?;
-    match client.hello(features) {
+    // A server answers a HELLO at once; whatever accepted the connection and says nothing
+    // is not one, and must not hold a script for good.
+    client.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let answer = client.hello(features);
+    client.set_read_timeout(None)?;
+    match answer {
+        Err(e) if e.is_timeout() => Err(CliError::NoAnswer(server.to_string())),
         Ok((version, served)) if version >= Version::V1_2 => Ok(Some((client, served))),
         Ok(_) | Err(ClientError::Closed | ClientError::Io(_) | ClientError::Refused { .. }) => {
             Ok(None)
@@ -274,17 +349,57 @@ fn connect_v12(
     }
 }
 
+/// What `phpmq send` sends: its TEXT arguments, or the lines of standard input, as bytes
+/// (a line is any bytes up to a newline; a CR before it is dropped).
+enum Texts {
+    Args(std::vec::IntoIter<String>),
+    Stdin(io::BufReader<io::Stdin>),
+}
+
+impl Texts {
+    fn of(texts: Vec<String>) -> Texts {
+        if texts.is_empty() {
+            Texts::Stdin(io::BufReader::with_capacity(64 << 10, io::stdin()))
+        } else {
+            Texts::Args(texts.into_iter())
+        }
+    }
+
+    fn next(&mut self) -> Option<Result<Vec<u8>, CliError>> {
+        match self {
+            Texts::Args(texts) => texts.next().map(|t| Ok(t.into_bytes())),
+            Texts::Stdin(input) => {
+                let mut line = Vec::new();
+                match input.read_until(b'\n', &mut line) {
+                    Ok(0) => None,
+                    Ok(_) => {
+                        if line.last() == Some(&b'\n') {
+                            line.pop();
+                            if line.last() == Some(&b'\r') {
+                                line.pop();
+                            }
+                        }
+                        Some(Ok(line))
+                    }
+                    Err(e) => Some(Err(CliError::Stdin(e))),
+                }
+            }
+        }
+    }
+
+    /// Whether the next line must wait for standard input: what was read so far should then
+    /// reach the server first (`tail -f log | phpmq send q` sends each line as it comes).
+    fn would_wait(&self) -> bool {
+        match self {
+            Texts::Args(_) => false,
+            Texts::Stdin(input) => input.buffer().is_empty(),
+        }
+    }
+}
+
 fn send(server: &ListenAddr, cmd: SendArgs) -> Result<(), CliError> {
-    let texts: Box<dyn Iterator<Item = Result<Vec<u8>, CliError>>> = if cmd.texts.is_empty() {
-        Box::new(
-            io::stdin()
-                .lock()
-                .lines()
-                .map(|line| line.map(String::into_bytes).map_err(CliError::Stdin)),
-        )
-    } else {
-        Box::new(cmd.texts.iter().map(|t| Ok(t.clone().into_bytes())))
-    };
+    valid_queue(&cmd.queue)?;
+    let mut texts = Texts::of(cmd.texts);
     let features = if cmd.durable { "durable" } else { "" };
     let Some((mut client, served)) = connect_v12(server, features)? else {
         if cmd.durable || cmd.ids || cmd.delay.is_some() {
@@ -292,15 +407,16 @@ fn send(server: &ListenAddr, cmd: SendArgs) -> Result<(), CliError> {
         }
         // A v1 server: no receipts, so a barrier proves it took everything.
         let mut client = Client::connect(server)?;
-        for text in texts {
+        while let Some(text) = texts.next() {
             client.send(&cmd.queue, &text?, cmd.ttl)?;
+            if texts.would_wait() {
+                client.flush()?;
+            }
         }
         return Ok(confirm(&mut client)?);
     };
     if cmd.durable && !served.contains(Feature::Durable) {
-        return Err(CliError::Usage(
-            "phpmq send --durable: this server keeps no file (--db none): nothing is durable",
-        ));
+        return Err(CliError::NotDurable);
     }
     let mut replies = Replies {
         out: io::stdout().lock(),
@@ -309,15 +425,41 @@ fn send(server: &ListenAddr, cmd: SendArgs) -> Result<(), CliError> {
         refused: 0,
     };
     let mut sent = 0;
-    for text in texts {
-        client.send_v12(&cmd.queue, &text?, cmd.ttl, cmd.delay)?;
-        sent += 1;
-        if sent - replies.answered >= SEND_WINDOW {
+    let sent_all = (|| {
+        while let Some(text) = texts.next() {
+            let text = text?;
+            // Counted before the write, which may fail on this very message (a 413 closes).
+            sent += 1;
+            client.send_v12(&cmd.queue, &text, cmd.ttl, cmd.delay)?;
+            if sent - replies.answered >= SEND_WINDOW {
+                replies.take(&mut client)?;
+            }
+            if texts.would_wait() {
+                // Everything read so far is answered before the wait for more input.
+                while replies.answered < sent {
+                    replies.take(&mut client)?;
+                }
+            }
+        }
+        while replies.answered < sent {
             replies.take(&mut client)?;
         }
-    }
-    while replies.answered < sent {
-        replies.take(&mut client)?;
+        Ok(())
+    })();
+    if let Err(error) = sent_all {
+        // A failed write: the server may have said why it closed (a 413, a 503), after
+        // replies still unread.
+        if matches!(error, CliError::Client(ClientError::Io(_)))
+            && client.set_read_timeout(Some(REPLY_GRACE)).is_ok()
+        {
+            while replies.answered < sent && replies.take(&mut client).is_ok() {}
+        }
+        return Err(CliError::Stopped {
+            error: Box::new(error),
+            received: replies.answered - replies.refused,
+            refused: replies.refused,
+            sent,
+        });
     }
     match replies.refused {
         0 => Ok(()),
@@ -336,8 +478,9 @@ struct Replies<W: Write> {
 impl<W: Write> Replies<W> {
     /// Waits for the next reply: prints the id of a receipt (with --ids), reports a refusal.
     fn take(&mut self, client: &mut Client) -> Result<(), CliError> {
+        let reply = client.recv_receipt()?;
         self.answered += 1;
-        match client.recv_receipt()? {
+        match reply {
             Ok(id) if self.print_ids => writeln!(self.out, "{id}").map_err(CliError::Stdout),
             Ok(_) => Ok(()),
             Err(refusal) => {
@@ -349,7 +492,26 @@ impl<W: Write> Replies<W> {
     }
 }
 
+/// A queue name the server would take, checked before connecting: a v1.0 connection is closed
+/// without a word for a bad one.
+fn valid_queue(name: &str) -> Result<(), CliError> {
+    QueueName::new(name.as_bytes())
+        .map(drop)
+        .map_err(|e| CliError::BadQueue(format!("{e}: {name:?}")))
+}
+
+/// The default --prefetch: with a lease, one message at a time, since a prefetched message's
+/// lease runs while the ones before it are printed (to a pipe that may be slow).
+const PREFETCH: u64 = 16;
+const LEASED_PREFETCH: u64 = 1;
+
 fn consume(server: &ListenAddr, cmd: ConsumeArgs) -> Result<(), CliError> {
+    valid_queue(&cmd.queue)?;
+    if cmd.timeout == Some(0) {
+        return Err(CliError::Usage(
+            "phpmq consume --timeout SECONDS: at least 1 (or no --timeout, to wait forever)",
+        ));
+    }
     // v1.2 for a lease or the delivery count; plain v1 otherwise, as every server speaks it.
     let mut client = if cmd.lease.is_some() || cmd.verbose {
         match connect_v12(server, "")? {
@@ -361,7 +523,11 @@ fn consume(server: &ListenAddr, cmd: ConsumeArgs) -> Result<(), CliError> {
         Client::connect(server)?
     };
     client.set_read_timeout(cmd.timeout.map(Duration::from_secs))?;
-    let prefetch = cmd.prefetch.max(1);
+    let default_prefetch = match cmd.lease {
+        Some(lease) if lease > 0 => LEASED_PREFETCH,
+        _ => PREFETCH,
+    };
+    let prefetch = cmd.prefetch.unwrap_or(default_prefetch).max(1);
     let mut asked = prefetch.min(cmd.count);
     let ask = |client: &mut Client, count: u64| match cmd.lease {
         Some(lease) => client.consume_leased(&cmd.queue, count, lease),
@@ -385,13 +551,15 @@ fn consume(server: &ListenAddr, cmd: ConsumeArgs) -> Result<(), CliError> {
         out.write_all(&d.content).map_err(CliError::Stdout)?;
         out.write_all(b"\n").map_err(CliError::Stdout)?;
         out.flush().map_err(CliError::Stdout)?;
-        client.ack(&cmd.queue, &d.id)?;
-        // Never hold more than is left to take: what we held would only go back.
+        // Never hold more than is left to take: what we held would only go back, counted as
+        // a failed delivery. The lower count goes first, so that the ack's room is not
+        // filled by a message this run will not take.
         let left = cmd.count - done - 1;
         if left < asked {
             asked = left;
             ask(&mut client, asked)?;
         }
+        client.ack(&cmd.queue, &d.id)?;
     }
     client.flush()?;
     Ok(())
