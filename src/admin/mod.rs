@@ -266,17 +266,22 @@ pub fn execute(line: &str, backend: &dyn Backend) -> Reply {
         ("redrive", arg) => match names::parse(arg).map(|q| QueueName::new(q.as_bytes())) {
             Err(e) => syntax(e),
             Ok(Err(e)) => Reply::Text(format!("error: {e}\n")),
-            Ok(Ok(queue)) => match backend.redrive(&queue) {
-                Ok(n) => {
-                    let shown = names::display(queue.as_str());
-                    let dead = crate::broker::dead_queue_name(queue.as_str()).map_or_else(
-                        || "(none)".into(),
-                        |d| names::display(d.as_str()).into_owned(),
-                    );
-                    info!("console: redrove {n} messages from {dead} to {shown}");
-                    Reply::Text(format!("redrove {n} messages from {dead} to {shown}\n"))
-                }
-                Err(e) => down(e),
+            Ok(Ok(queue)) => match crate::broker::dead_queue_name(queue.as_str()) {
+                // A dead-letter queue has none of its own: the user meant the queue it serves.
+                None => Reply::Text(format!(
+                    "error: {} is a dead-letter queue; to move its messages back, redrive the \
+                     queue they came from\n",
+                    names::display(queue.as_str())
+                )),
+                Some(dead) => match backend.redrive(&queue) {
+                    Ok(n) => {
+                        let shown = names::display(queue.as_str());
+                        let dead = names::display(dead.as_str());
+                        info!("console: redrove {n} messages from {dead} to {shown}");
+                        Reply::Text(format!("redrove {n} messages from {dead} to {shown}\n"))
+                    }
+                    Err(e) => down(e),
+                },
             },
         },
         ("clear", "") => Reply::Text("\x1b[2J\x1b[H".into()),

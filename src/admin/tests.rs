@@ -208,5 +208,10 @@ fn redrive_answers_with_the_count_and_is_in_the_help() {
         "redrove 0 messages from nope.dead to nope\n"
     );
     assert!(text("redrive", &b).starts_with("error: usage"));
+    assert_eq!(
+        text("redrive mail.dead", &b),
+        "error: mail.dead is a dead-letter queue; to move its messages back, redrive the \
+         queue they came from\n"
+    );
     assert!(text("help redrive", &b).starts_with("redrive QUEUE\n"));
 }
