@@ -118,6 +118,13 @@ impl Outbox {
         self.lock().map_or(0, |state| state.pending.len())
     }
 
+    /// Nothing pending and no write under way: nobody will write to this socket (and call
+    /// back after it) until more is pushed. A closed outbox is not idle: it never writes again.
+    pub fn is_idle(&self) -> bool {
+        self.lock()
+            .is_some_and(|state| !state.closed && !state.writing && state.pending.is_empty())
+    }
+
     /// Whether [`Outbox::close`] was called: the connection is being torn down.
     pub fn is_closed(&self) -> bool {
         self.lock().is_none_or(|state| state.closed)
@@ -269,6 +276,21 @@ mod tests {
             vec![b"frame".to_vec()],
             "no writer thread needed"
         );
+    }
+
+    /// Idle: nothing for a writer to write, so no writer will call back.
+    #[test]
+    fn idle_means_nothing_pending_and_open() {
+        let socket = Socket::default();
+        let outbox = Outbox::new();
+        assert!(outbox.is_idle());
+        assert!(outbox.push(&socket, |b| b.extend_from_slice(b"stuck")));
+        assert!(!outbox.is_idle(), "left for a writer");
+        *socket.room.lock().unwrap() = 1000;
+        outbox.send_queued(&socket);
+        assert!(outbox.is_idle(), "sent at once");
+        outbox.close();
+        assert!(!outbox.is_idle(), "a closed outbox never writes again");
     }
 
     #[test]

@@ -439,9 +439,11 @@ impl Hub {
         self.deliver(routed);
         if let Some(own) = own {
             own.outbox.send_queued(&*own.stream);
-            if is_backed_up(&own) {
-                self.pause(vec![own]);
-            }
+            // As for the others' output: a pause after a burst whose output went out at once
+            // (an ack that made room for one more dispatch to itself, say) must end here.
+            let (mut backed_up, mut drained) = (Vec::new(), Vec::new());
+            classify(own, &mut backed_up, &mut drained);
+            self.settle(backed_up, drained);
         }
         if let Some(peer) = peer {
             let replies = answers
@@ -531,16 +533,21 @@ impl Hub {
     /// then went out at once (the socket took it all, so no writer will call
     /// [`Hub::resume_if_drained`]) is resumed here, and given its next burst.
     fn deliver(&self, routed: Routed) {
-        let mut routed = routed;
+        let (backed_up, drained) = fan_out(routed);
+        self.settle(backed_up, drained);
+    }
+
+    /// Pauses the connections whose output backed up, and resumes (with their next burst,
+    /// written out in turn) those paused whose output is already written.
+    fn settle(&self, mut backed_up: Vec<Arc<Peer>>, mut drained: Vec<Arc<Peer>>) {
         loop {
-            let (backed_up, drained) = fan_out(routed);
-            self.pause(backed_up);
+            drained.extend(self.pause(backed_up));
             if drained.is_empty() {
                 return;
             }
             let now = now_millis();
             let mut deliveries = Vec::new();
-            routed = {
+            let routed = {
                 let Ok(mut state) = self.lock() else {
                     return;
                 };
@@ -555,24 +562,34 @@ impl Hub {
                 }
                 route(&state.peers, deliveries)
             };
+            (backed_up, drained) = fan_out(routed);
         }
     }
 
     /// Pauses deliveries to connections whose output backed up past the high-water mark.
-    fn pause(&self, backed_up: Vec<Arc<Peer>>) {
+    /// Returns those whose writer finished meanwhile, before it could see the pause (it looks
+    /// at the flag without the lock): nobody else would resume them.
+    fn pause(&self, backed_up: Vec<Arc<Peer>>) -> Vec<Arc<Peer>> {
         if backed_up.is_empty() {
-            return;
+            return Vec::new();
         }
         let now = now_millis();
         let Ok(mut state) = self.lock() else {
-            return;
+            return Vec::new();
         };
         let mut none = Vec::new();
+        let mut drained = Vec::new();
         for peer in backed_up {
             if peer.outbox.pending_len() > OUTBOX_HIGH_WATER {
                 state.broker.set_paused(peer.conn, true, now, &mut none);
+                // The flag is stored before the outbox's lock is taken here: a writer that
+                // finishes after this look sees the pause and resumes the connection itself.
+                if peer.outbox.is_idle() && !peer.is_closing() {
+                    drained.push(peer);
+                }
             }
         }
+        drained
     }
 
     /// Called by a connection's writer after each write: resumes deliveries to a paused
@@ -712,17 +729,24 @@ fn fan_out(routed: Routed) -> (Vec<Arc<Peer>>, Vec<Arc<Peer>>) {
                 frame.encode(buffer, dialect);
             }
         });
-        if is_backed_up(&peer) {
-            backed_up.push(peer);
-        } else if peer.paused.load(Ordering::Acquire)
-            && peer.outbox.pending_len() <= OUTBOX_LOW_WATER
-            // One that is going away gets nothing more: its writer's failure emptied it.
-            && !peer.is_closing()
-        {
-            drained.push(peer);
-        }
+        classify(peer, &mut backed_up, &mut drained);
     }
     (backed_up, drained)
+}
+
+/// After output was added to `peer`'s outbox: whether it backed up past the high-water mark
+/// (to pause), or it is paused with its output down to the low-water mark (to resume: no
+/// writer may be left to do it, if the socket took everything at once).
+fn classify(peer: Arc<Peer>, backed_up: &mut Vec<Arc<Peer>>, drained: &mut Vec<Arc<Peer>>) {
+    if is_backed_up(&peer) {
+        backed_up.push(peer);
+    } else if peer.paused.load(Ordering::Acquire)
+        && peer.outbox.pending_len() <= OUTBOX_LOW_WATER
+        // One that is going away gets nothing more: its writer's failure emptied it.
+        && !peer.is_closing()
+    {
+        drained.push(peer);
+    }
 }
 
 /// Whether deliveries to `peer` go on while its output is backed up past the high-water mark.

@@ -1069,3 +1069,29 @@ fn a_refused_send_is_answered_in_order_and_a_closed_worker_dead_letters_nothing(
     });
     assert_eq!(counts(&mut producer, "work.dead"), "0 0 0 0");
 }
+
+/// A v1.2 consumer that acknowledges each dispatch as it comes is given its next message by
+/// its own ack, written straight to its socket. The ack that takes it past a burst (16 MiB
+/// since it was last resumed) pauses it; nothing is then left for its writer to write, so
+/// the pause must end where the ack is handled, or it is never served again.
+#[test]
+fn a_consumer_that_acks_as_it_goes_is_served_past_a_burst() {
+    let server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    let content = vec![b'x'; 64 << 10];
+    let total = 300; // 19 MiB: past one burst
+    for _ in 0..total {
+        producer.send("big", &content);
+    }
+    producer.sync();
+    let (mut consumer, _) = v12(&server, "");
+    consumer.frame_of(CONSUME, &[(1, b"big"), (4, b"1")]);
+    for n in 0..total {
+        let frame = consumer
+            .recv_frame()
+            .unwrap_or_else(|| panic!("dispatch {n} of {total} never came"));
+        assert_eq!(frame.get(2).len(), content.len());
+        consumer.frame_of(ACK, &[(1, b"big"), (3, frame.get(3))]);
+    }
+    assert_eq!(counts(&mut consumer, "big"), "0 0 0 1");
+}
