@@ -255,6 +255,8 @@ pub struct Broker {
     max_stored_bytes: Option<u64>,
     /// Storage has taken its last changes (a stop): sends are refused, not lost.
     store_closed: bool,
+    /// The server is stopping: nothing more is dispatched (see [`Broker::stop_dispatching`]).
+    dispatch_stopped: bool,
 }
 
 /// Messages and content bytes held, all queues together (ready, delayed and in flight), and
@@ -345,6 +347,7 @@ impl Broker {
             max_stored_messages: None,
             max_stored_bytes: None,
             store_closed: false,
+            dispatch_stopped: false,
         }
     }
 
@@ -590,6 +593,14 @@ impl Broker {
         }
     }
 
+    /// The server is stopping and every connection is about to be closed: a message that
+    /// comes back (from a holder that left, a lease that ran out, a delay that came due)
+    /// waits for the next start instead of going to a connection that will be closed with it,
+    /// where it would only count one more delivery for nothing.
+    pub fn stop_dispatching(&mut self) {
+        self.dispatch_stopped = true;
+    }
+
     /// The store has taken its last changes (the server is stopping): from now on a send is
     /// refused rather than taken and lost.
     pub fn close_store(&mut self) {
@@ -682,6 +693,9 @@ impl Broker {
     /// backs up (and resumes it once that output is written): a count of millions, or many
     /// queues, must not put a whole backlog in one connection's output at once.
     fn pump(&mut self, name: &QueueName, now: Millis, out: &mut Vec<Delivery>) {
+        if self.dispatch_stopped {
+            return;
+        }
         let Some(queue) = self.queues.get_mut(name) else {
             return;
         };

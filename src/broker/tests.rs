@@ -300,6 +300,42 @@ fn ack_rules() {
     assert_eq!(b.totals().acknowledged, 1);
 }
 
+/// Once the server stops, what comes back (a holder leaving, a lease running out, a delay
+/// coming due) waits for the next start: the other connections are about to be closed too,
+/// and a dispatch to them would only count one more delivery for nothing.
+#[test]
+fn nothing_is_dispatched_once_the_stop_began() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    send(&mut b, "jobs", "held", &mut out);
+    b.send(
+        q("jobs"),
+        Arc::from(&b"later"[..]),
+        None,
+        Some(100),
+        0,
+        &mut out,
+    );
+    b.connect(1);
+    b.connect(2);
+    b.consume(1, q("jobs"), 1, Some(50), 0, &mut out);
+    b.consume(2, q("jobs"), 1, None, 0, &mut out);
+    assert_eq!(bodies(&out), ["held"]);
+    out.clear();
+    b.stop_dispatching();
+    b.fire_timers(200, &mut out);
+    assert!(
+        out.is_empty(),
+        "lease and delay ran out: {:?}",
+        bodies(&out)
+    );
+    b.disconnect(1, EndedBy::Server, 200, &mut out);
+    send(&mut b, "jobs", "new", &mut out);
+    assert!(out.is_empty(), "{:?}", bodies(&out));
+    assert_eq!(b.counts("jobs").ready, 3, "all waiting for the next start");
+    assert_eq!(b.counts("jobs").in_flight, 0);
+}
+
 #[test]
 fn disconnect_returns_holds_in_original_order_ahead_of_newer() {
     let (mut b, _) = broker();

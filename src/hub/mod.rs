@@ -617,6 +617,9 @@ impl Hub {
     /// Turns new connections away and asks every connected one to finish: each reads what
     /// its client already sent, then ends.
     pub fn begin_close(&self) {
+        if let Ok(mut state) = self.lock() {
+            state.broker.stop_dispatching();
+        }
         for peer in self.close_registry() {
             peer.closing.store(true, Ordering::Relaxed);
         }

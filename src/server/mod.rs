@@ -270,8 +270,9 @@ impl Server {
             Ok(()) => info!("shutting down"),
             Err(e) => error!("shutting down: {e}"),
         }
-        drop(stop_sweeper);
-        let stopped = self.stop(accept_threads, Some(sweeper));
+        // The sweeper goes on through the stop's drain: a lease still runs out in time (v1.2
+        // rule 7), so a late ack from a holder still connected is ignored.
+        let stopped = self.stop(accept_threads, Some((stop_sweeper, sweeper)));
         outcome.and(stopped)
     }
 }

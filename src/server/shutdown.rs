@@ -8,6 +8,7 @@
 use super::{Server, ServerError};
 use crate::ratelog;
 use crate::storage::Storage;
+use crossbeam_channel::Sender;
 use log::{error, info, warn};
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
@@ -23,7 +24,7 @@ impl Server {
     pub(super) fn stop(
         self,
         accept_threads: Vec<JoinHandle<()>>,
-        sweeper: Option<JoinHandle<()>>,
+        sweeper: Option<(Sender<()>, JoinHandle<()>)>,
     ) -> Result<(), ServerError> {
         // Stopping first: an accept thread that wakes for a client sees it and takes only
         // what is already queued.
@@ -40,7 +41,8 @@ impl Server {
                 warn!("some connections did not finish within {HANG_UP_TIMEOUT:?}");
             }
         }
-        if let Some(handle) = sweeper {
+        if let Some((stop_sweeper, handle)) = sweeper {
+            drop(stop_sweeper);
             let _ = handle.join();
         }
         // Console sessions notice the stop on their own within half a second.

@@ -1095,3 +1095,46 @@ fn a_consumer_that_acks_as_it_goes_is_served_past_a_burst() {
     }
     assert_eq!(counts(&mut consumer, "big"), "0 0 0 1");
 }
+
+/// Leases still run out while a graceful stop drains its clients: a holder that acks after
+/// its lease (its connection still read, as it goes on sending) is ignored, and the message
+/// is there after the restart, its next dispatch the second.
+#[test]
+fn a_lease_runs_out_during_a_graceful_stop() {
+    let mut server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    producer.send("work", b"m0");
+    producer.sync();
+    let (mut holder, _) = v12(&server, "");
+    consume_leased(&mut holder, "work", 1, 300);
+    let (content, id, count) = dispatch(&mut holder);
+    assert_eq!((content.as_str(), count), ("m0", 1));
+    let signalled = Instant::now();
+    server.signal("TERM");
+    // The holder goes on talking, so it is still read; the lease (300 ms, swept at most
+    // 250 ms late) must run out well within the stop's 2.5 s drain.
+    loop {
+        let now = counts(&mut holder, "work");
+        if now.starts_with("1 0 0 ") {
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_millis(2000),
+            "the lease did not run out during the stop: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    holder.frame_of(ACK, &[(1, b"work"), (3, id.as_bytes())]);
+    drop(holder);
+    let status = server.wait_exit();
+    assert!(status.success(), "{status:?}");
+    let server = server.restart();
+    let (mut consumer, _) = v12(&server, "");
+    consumer.frame_of(CONSUME, &[(1, b"work"), (4, b"1")]);
+    let (content, _, count) = dispatch(&mut consumer);
+    assert_eq!(
+        (content.as_str(), count),
+        ("m0", 2),
+        "the late ack was ignored"
+    );
+}
