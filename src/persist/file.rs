@@ -18,8 +18,9 @@
 //! for one such sync. Space freed by acknowledged messages is given back a step at a time
 //! (incremental vacuum), so the file follows the live messages.
 //!
-//! The mirror also checks on every run that the path still names the file it writes: a file
-//! deleted or replaced under it is noticed ([`FileDb::is_in_place`]) and written again in full.
+//! The mirror also checks on every run that the path still names the file it writes, as it
+//! left it: a file deleted, replaced or written over in place by another program (a backup
+//! copied over it) is noticed ([`FileDb::is_in_place`]) and written again in full.
 
 use super::batch;
 use super::schema;
@@ -35,6 +36,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 /// The write-ahead log is folded into the file (and emptied) past this size: pages changed
 /// again and again (a queue's head and tail) are folded once per checkpoint, not once per
@@ -127,6 +129,22 @@ fn identity(path: &Path) -> io::Result<Identity> {
     })
 }
 
+/// The file's size and modification time as this server last left it: anything else means
+/// another program wrote it (a backup copied over it in place, same inode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Written {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn written(path: &Path) -> Option<Written> {
+    let meta = fs::metadata(path).ok()?;
+    Some(Written {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+    })
+}
+
 /// The mirror's open database file.
 pub struct FileDb {
     conn: Connection,
@@ -134,6 +152,9 @@ pub struct FileDb {
     /// The write-ahead log's file beside it.
     wal_path: PathBuf,
     identity: Identity,
+    /// The file as this server last wrote it (at open and after each fold: in WAL mode the
+    /// file itself is written only then).
+    last_written: Cell<Option<Written>>,
     page_size: i64,
     incremental_vacuum: bool,
     /// Written in the schema this build writes (not an older phpmq's).
@@ -242,6 +263,7 @@ impl FileDb {
             path: path.to_owned(),
             wal_path,
             identity,
+            last_written: Cell::new(written(path)),
             page_size,
             incremental_vacuum: auto_vacuum == 2,
             current_schema,
@@ -280,9 +302,11 @@ impl FileDb {
         (meta.dev(), meta.ino())
     }
 
-    /// Whether the path still names this file (not deleted, not replaced).
+    /// Whether the path still names this file as this server left it (not deleted, not
+    /// replaced, not written over by another program).
     pub fn is_in_place(&self) -> bool {
         identity(&self.path).is_ok_and(|found| found == self.identity)
+            && written(&self.path) == self.last_written.get()
     }
 
     /// Whether changes can be replayed into this file: it gives freed space back by itself
@@ -501,6 +525,13 @@ impl FileDb {
     /// being taken) reports it in its result row, not as an error: it is one here, since the
     /// log was then not folded in.
     fn run_checkpoint(&self, mode: &str) -> rusqlite::Result<()> {
+        let result = self.checkpoint_in(mode);
+        // Whatever its outcome, the fold may have written the file.
+        self.last_written.set(written(&self.path));
+        result
+    }
+
+    fn checkpoint_in(&self, mode: &str) -> rusqlite::Result<()> {
         let mut statement = self
             .conn
             .prepare(&format!("PRAGMA wal_checkpoint({mode})"))?;

@@ -11,14 +11,17 @@
 
 use super::copy::beside;
 use super::error::PersistError;
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The held lock on a database file; released when dropped or when the process ends.
 #[derive(Debug)]
 pub struct DbLock {
-    _file: File,
+    file: File,
+    path: PathBuf,
+    target: PathBuf,
 }
 
 /// The lock file that guards the database at `target`.
@@ -61,8 +64,39 @@ impl DbLock {
         file.set_len(0).map_err(io_error("write"))?;
         file.seek(SeekFrom::Start(0)).map_err(io_error("write"))?;
         writeln!(file, "{}", std::process::id()).map_err(io_error("write"))?;
-        Ok(DbLock { _file: file })
+        Ok(DbLock {
+            file,
+            path,
+            target: target.to_owned(),
+        })
     }
+
+    /// Makes sure the lock file at the path is still the one locked: a lock file deleted (or
+    /// its directory) while the server runs would let a second server start on the same
+    /// database. Takes it again if it is gone (true: it was), and fails with
+    /// [`PersistError::InUse`] if another server took it meanwhile; the mirror must then not
+    /// write that server's file.
+    pub fn keep(&mut self) -> Result<bool, PersistError> {
+        let ours = self.file.metadata().map_err(|source| PersistError::Io {
+            action: "look at",
+            path: self.path.clone(),
+            source,
+        })?;
+        if fs::metadata(&self.path).is_ok_and(|found| same_file(&found, &ours)) {
+            return Ok(false);
+        }
+        *self = DbLock::acquire(&self.target)?;
+        Ok(true)
+    }
+
+    /// The lock file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    a.dev() == b.dev() && a.ino() == b.ino()
 }
 
 /// The pid the holder wrote, if it is there yet and reads as one.
@@ -99,6 +133,27 @@ mod tests {
         drop(first);
         let again = DbLock::acquire(&target);
         assert!(again.is_ok(), "{again:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A lock file deleted while the server runs is taken again before a second server can
+    /// have it; one another server took meanwhile is reported, not shared.
+    #[test]
+    fn a_deleted_lock_file_is_taken_again() {
+        let dir = temp_dir("deleted");
+        let target = dir.join("q.sqlite");
+        let mut lock = DbLock::acquire(&target).unwrap();
+        assert!(!lock.keep().unwrap(), "in place: nothing to do");
+        std::fs::remove_file(lock_path(&target)).unwrap();
+        assert!(lock.keep().unwrap(), "taken again");
+        assert!(matches!(
+            DbLock::acquire(&target),
+            Err(PersistError::InUse { .. })
+        ));
+        std::fs::remove_file(lock_path(&target)).unwrap();
+        let other = DbLock::acquire(&target).unwrap();
+        assert!(matches!(lock.keep(), Err(PersistError::InUse { .. })));
+        drop(other);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

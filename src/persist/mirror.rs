@@ -174,6 +174,24 @@ impl Mirror {
         self.shared.journal.note_file(weight);
     }
 
+    /// Makes sure this server still holds the file's lock before writing to it: a lock file
+    /// deleted while it runs is taken again; one another server took meanwhile fails the run,
+    /// so as not to write over that server's file.
+    fn keep_lock(&self) -> Result<(), PersistError> {
+        let mut lock = self
+            .shared
+            .lock
+            .lock()
+            .map_err(|_| PersistError::Poisoned)?;
+        if lock.keep()? {
+            warn!(
+                "{} was deleted while the server ran; locked it again",
+                lock.path().display()
+            );
+        }
+        Ok(())
+    }
+
     /// One mirror: the changes since the last one, or a full copy where the file needs it.
     pub(super) fn once(
         &self,
@@ -181,6 +199,7 @@ impl Mirror {
         stop: &Receiver<()>,
         upkeep: bool,
     ) -> Result<Outcome, PersistError> {
+        self.keep_lock()?;
         let in_place = state.file.as_ref().is_some_and(FileDb::is_in_place);
         if let Some(file) = state.file.as_ref().filter(|_| in_place) {
             let taken = self.shared.journal.take();
@@ -201,7 +220,8 @@ impl Mirror {
             // Only dropped: folding its log in would write to a file no longer at the path,
             // and putting the copy in place sets any log left by that name aside.
             warn!(
-                "{} was deleted or replaced while the server ran; writing it again in full",
+                "{} was deleted, replaced or written by another program while the server ran; \
+                 writing it again in full",
                 self.target.display()
             );
         }

@@ -71,8 +71,6 @@ pub struct Persistence {
     mirror_state: Option<MirrorState>,
     mirror: Option<mirror::Running>,
     health: Arc<Mutex<MirrorHealth>>,
-    /// Held for as long as this value lives: no second server mirrors to the same file.
-    _lock: DbLock,
 }
 
 impl Persistence {
@@ -105,7 +103,7 @@ impl Persistence {
         };
         let (commands, pending_commands) = unbounded();
         let (fetches, pending_fetches) = unbounded();
-        let shared = Arc::new(Shared::new(memory));
+        let shared = Arc::new(Shared::new(memory, lock));
         let health: Arc<Mutex<MirrorHealth>> = Arc::default();
         if exists {
             probe_writable(target)?;
@@ -125,7 +123,6 @@ impl Persistence {
             mirror_state: Some(MirrorState::default()),
             mirror: None,
             health,
-            _lock: lock,
         })
     }
 

@@ -5,6 +5,7 @@
 use super::durable::Durable;
 use super::error::PersistError;
 use super::journal::Journal;
+use super::lock::DbLock;
 use crate::store::Backlog;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use rusqlite::Connection;
@@ -25,6 +26,9 @@ pub struct Shared {
     pub backlog: Arc<Backlog>,
     /// What the writer committed and the mirror has not taken yet.
     pub journal: Journal,
+    /// The database file's lock, held while the server runs; the mirror checks it is still
+    /// in place before each run.
+    pub lock: Mutex<DbLock>,
     /// How far the file is synced, for durable receipts.
     pub durable: Arc<Durable>,
     /// Ends the writer's gathering window: rung by the mirror's tick, so that the tick takes
@@ -36,9 +40,10 @@ pub struct Shared {
 
 impl Shared {
     /// Shares `memory`, with nothing pending yet.
-    pub fn new(memory: Connection) -> Shared {
+    pub fn new(memory: Connection, lock: DbLock) -> Shared {
         Shared {
             memory: Mutex::new(memory),
+            lock: Mutex::new(lock),
             generation: AtomicU64::new(0),
             rows: AtomicI64::new(0),
             backlog: Arc::default(),

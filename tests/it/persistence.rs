@@ -206,6 +206,66 @@ fn a_second_server_on_the_same_file_is_refused_and_the_first_loses_nothing() {
     assert_eq!(texts(&got), ["first-0", "first-1", "first-2", "first-3"]);
 }
 
+/// A lock file deleted while the server runs (a cleanup script, say) is taken again on the
+/// next mirror, so a second server is still refused.
+#[test]
+fn a_deleted_lock_file_is_taken_again_before_a_second_server_can_start() {
+    let server = TestServer::start(&["--mirror-interval", "50"]);
+    let db = server.db_path();
+    let lock = server.dir.path().join("phpmq.sqlite.lock");
+    std::fs::remove_file(&lock).unwrap();
+    server.log.wait_for("the lock taken again", |l| {
+        l.contains("phpmq.sqlite.lock was deleted while the server ran; locked it again")
+    });
+    let other = TempDir::new("second");
+    let (status, stderr) = run_to_exit(
+        &["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()],
+        other.path(),
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("in use by another phpmq-server"),
+        "{stderr}"
+    );
+}
+
+/// Another phpmq file copied over the live one in place (same inode: `cp backup.sqlite
+/// phpmq.sqlite` while the server runs) is noticed and the file written again in full, so a
+/// crash after it loses nothing and leaves no corrupt file.
+#[test]
+fn a_file_written_over_in_place_is_written_again_in_full() {
+    let mut other = TestServer::start(&[]);
+    let mut producer = other.tcp_client();
+    producer.send("elsewhere", b"not ours");
+    producer.sync();
+    other.signal("TERM");
+    assert!(other.wait_exit().success());
+    let backup = other.db_path();
+
+    let server = TestServer::start(&["--mirror-interval", "50", "--log-level", "debug"]);
+    let mut client = server.tcp_client();
+    for i in 0..1000 {
+        client.send("jobs", format!("{i}").as_bytes());
+    }
+    wait_for_a_fresh_mirror(&server, &mut client);
+    std::fs::copy(&backup, server.db_path()).unwrap();
+    for i in 1000..2000 {
+        client.send("jobs", format!("{i}").as_bytes());
+    }
+    server.log.wait_for("the overwrite noticed", |l| {
+        l.contains("written by another program while the server ran; writing it again in full")
+    });
+    wait_for_a_fresh_mirror(&server, &mut client);
+
+    let server = server.restart(); // SIGKILL, then the same file
+    let mut consumer = server.tcp_client();
+    let got = take(&mut consumer, "jobs", 2000);
+    let expected: Vec<String> = (0..2000).map(|i| i.to_string()).collect();
+    assert_eq!(texts(&got), expected);
+    consumer.consume("elsewhere", 1);
+    assert!(consumer.sync().is_empty(), "nothing of the other file");
+}
+
 #[test]
 fn sigterm_right_after_sending_loses_nothing() {
     let mut server = TestServer::start(&[]);
@@ -1035,9 +1095,9 @@ fn a_database_file_deleted_while_running_is_written_again() {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
     common::wait_until("the file to be written again", || db.exists());
-    server
-        .log
-        .wait_for("a warning", |l| l.contains("deleted or replaced"));
+    server.log.wait_for("a warning", |l| {
+        l.contains("was deleted, replaced or written by another program")
+    });
     let server = server.restart();
     assert_eq!(server.recovered(), 100);
 

@@ -3,6 +3,7 @@
 use super::*;
 use crate::id::MessageId;
 use crate::persist::batch::test_ops::{delete, insert};
+use crate::persist::lock::DbLock;
 use crate::persist::schema;
 use crate::request::QueueName;
 use crate::store::StoredMessage;
@@ -168,7 +169,13 @@ fn apply(shared: &Shared, ops: &[StoreOp]) -> Result<(), PersistError> {
 }
 
 fn memory() -> Shared {
-    Shared::new(copy::new_memory().unwrap())
+    // The lock of a file these tests never write: each store needs one, as a server's does.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!("phpmq-writer-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let lock = DbLock::acquire(&dir.join(format!("{n}.sqlite"))).unwrap();
+    Shared::new(copy::new_memory().unwrap(), lock)
 }
 
 fn seqs(shared: &Shared) -> Vec<i64> {
