@@ -28,21 +28,18 @@ pub static REFUSED: RateLimit = RateLimit::new("connection refused", Level::Warn
 pub static IDLE: RateLimit = RateLimit::new("idle connection closed", Level::Info);
 /// A failed accept (out of file descriptors, say).
 pub static ACCEPT_FAILED: RateLimit = RateLimit::new("accept failed", Level::Warn);
-/// The mirror's log could not be folded into the file (a full disk): tried on every run.
-pub static FOLD_FAILED: RateLimit = RateLimit::new("log fold failed", Level::Warn);
 
 /// An ack, re-queue or touch for a message the connection does not hold (debug level, written
 /// under the broker lock: a client can send them as fast as it likes).
 pub static IGNORED_REQUEST: RateLimit =
     RateLimit::new("request for a message not held", Level::Debug);
 
-const ALL: [&RateLimit; 7] = [
+const ALL: [&RateLimit; 6] = [
     &CONNECTION_CLOSED,
     &DISCONNECTED,
     &REFUSED,
     &IDLE,
     &ACCEPT_FAILED,
-    &FOLD_FAILED,
     &IGNORED_REQUEST,
 ];
 

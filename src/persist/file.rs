@@ -24,9 +24,8 @@
 
 use super::batch;
 use super::schema;
-use crate::ratelog;
 use crate::store::StoreOp;
-use log::{debug, warn};
+use log::{debug, info, warn};
 use rusqlite::Connection;
 use std::cell::Cell;
 use std::ffi::c_int;
@@ -168,6 +167,10 @@ pub struct FileDb {
     /// The last fold failed: the next is tried on the mirror's tick, not on every run (a
     /// fold that fails may first copy megabytes, and durable receipts would wait for it).
     fold_failing: Cell<bool>,
+    /// Folds failed in a row, for the log.
+    fold_failures: Cell<u64>,
+    /// The log's room was refused for lack of disk space: said once, not on every idle tick.
+    room_refused: Cell<bool>,
     /// Changes committed without a sync (a run early for a flood or leftover changes).
     unsynced: Cell<bool>,
     /// A sync of the log failed: this file never reports itself synced again. Linux reports a
@@ -271,6 +274,8 @@ impl FileDb {
             wal_frames,
             wrote_since_tick: Cell::new(false),
             fold_failing: Cell::new(false),
+            fold_failures: Cell::new(0),
+            room_refused: Cell::new(false),
             unsynced: Cell::new(false),
             sync_failed: Cell::new(false),
             #[cfg(test)]
@@ -382,16 +387,29 @@ impl FileDb {
             self.fold_failing.set(result.is_err());
         }
         let folded = match fold {
-            Some(Ok(())) => true,
+            Some(Ok(())) => {
+                let failed = self.fold_failures.replace(0);
+                if failed > 0 {
+                    info!(
+                        "folding the log of {} into it works again, after {failed} failure(s)",
+                        self.path.display()
+                    );
+                }
+                true
+            }
             None => false,
             // The changes above are committed and synced, whatever the fold does: failing the
             // run would have the mirror keep them and replay rows the file already has, on
             // every run after. The log grows instead, and the next run folds it if it can.
+            // Said at the first failure and every 60th, as failed mirrors are: a full disk
+            // can last for days.
             Some(Err(e)) => {
-                if let Some(suppressed) = ratelog::FOLD_FAILED.admit() {
+                let failures = self.fold_failures.get() + 1;
+                self.fold_failures.set(failures);
+                if failures == 1 || failures.is_multiple_of(60) {
                     warn!(
-                        "folding the log of {} into it failed: {e}; its changes are kept in \
-                         the log{suppressed}",
+                        "folding the log of {} into it failed ({failures} in a row): {e}; its \
+                         changes are kept in the log",
                         self.path.display()
                     );
                 }
@@ -500,6 +518,15 @@ impl FileDb {
         }
         match extend_with_zeros(&self.wal_path, WAL_PRESIZE_BYTES as u64) {
             Ok(()) => true,
+            Err(e)
+                if e.kind() == io::ErrorKind::StorageFull && !self.room_refused.replace(true) =>
+            {
+                warn!(
+                    "no room made for {} ({e}): syncs cost more until the disk has space",
+                    self.wal_path.display()
+                );
+                false
+            }
             Err(e) => {
                 debug!("no room made for {}: {e}", self.wal_path.display());
                 false
@@ -592,15 +619,43 @@ impl FileDb {
 
 /// Extends the file at `path` (created if missing) with zeros to `len` bytes, synced.
 fn extend_with_zeros(path: &Path, len: u64) -> io::Result<()> {
-    use std::io::Write;
     let mut file = fs::OpenOptions::new()
         .append(true)
         .create(true)
         .open(path)?;
-    let mut missing = len.saturating_sub(file.metadata()?.len());
+    let had = file.metadata()?.len();
+    let missing = len.saturating_sub(had);
     if missing == 0 {
         return Ok(());
     }
+    // The room only makes syncs cheaper: it must never take the last free space of a disk
+    // that other programs (and this server's own log and copies) share.
+    let free = free_bytes(path)?;
+    if free < missing.saturating_add(ROOM_SPARE_BYTES) {
+        return Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!("{free} bytes free, and the log's room is given only with {ROOM_SPARE_BYTES} to spare"),
+        ));
+    }
+    let zeroed = write_zeros(&mut file, missing).and_then(|()| file.sync_all());
+    if zeroed.is_err() {
+        // Half a room is worth nothing; the space is.
+        let _ = file.set_len(had);
+    }
+    zeroed
+}
+
+/// Free space left for a log's room beside what it takes.
+const ROOM_SPARE_BYTES: u64 = 256 << 20;
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> io::Result<u64> {
+    let stats = rustix::fs::statvfs(path)?;
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
+fn write_zeros(file: &mut fs::File, mut missing: u64) -> io::Result<()> {
+    use std::io::Write;
     // A page's worth at a time, as SQLite writes its log: one large write leaves the file in
     // large page-cache folios (up to 4 MiB here), and each small commit over one of them then
     // dirties, and is charged for, the whole folio.
@@ -610,7 +665,7 @@ fn extend_with_zeros(path: &Path, len: u64) -> io::Result<()> {
         file.write_all(&zeros[..step])?;
         missing -= step as u64;
     }
-    file.sync_all()
+    Ok(())
 }
 
 /// What [`extend_with_zeros`] writes at a time: the page size of the files phpmq makes.
