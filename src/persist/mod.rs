@@ -58,6 +58,36 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use writer::{Callbacks, Command};
 
+/// Where `path` leads once symbolic links are followed (to a file that may not exist yet).
+/// The mirror's files (the log, copies, the lock) must sit beside the real file: a full copy
+/// renamed over a link would replace the link with a file of its own, and leave the file the
+/// operator pointed at stale.
+fn follow_links(path: &Path) -> Result<PathBuf, PersistError> {
+    let mut current = path.to_owned();
+    // As the kernel does, give up on a loop after 40 links.
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let link = std::fs::read_link(&current).map_err(|source| PersistError::Io {
+                    action: "read the link",
+                    path: current.clone(),
+                    source,
+                })?;
+                current = match current.parent() {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                };
+            }
+            _ => return Ok(current),
+        }
+    }
+    Err(PersistError::Io {
+        action: "follow the links of",
+        path: path.to_owned(),
+        source: io::Error::other("too many levels of symbolic links"),
+    })
+}
+
 /// The running persistence: the in-memory database, its writer thread and its mirror thread.
 pub struct Persistence {
     shared: Arc<Shared>,
@@ -79,6 +109,22 @@ impl Persistence {
     /// Then [`Persistence::recover`] hands out what it holds. Takes the file's lock first:
     /// one server per file.
     pub fn open(target: &Path, interval: Duration) -> Result<Persistence, PersistError> {
+        let resolved = follow_links(target)?;
+        if resolved != target {
+            info!(
+                "{} is a symbolic link: mirroring to {}",
+                target.display(),
+                resolved.display()
+            );
+        }
+        let target = resolved.as_path();
+        if target.is_dir() {
+            return Err(PersistError::Io {
+                action: "use",
+                path: target.to_owned(),
+                source: io::Error::other("a directory, not a database file"),
+            });
+        }
         let lock = DbLock::acquire(target)?;
         copy::finish_replacing(target)?;
         let exists = target.try_exists().map_err(|source| PersistError::Io {

@@ -609,3 +609,39 @@ fn runs_that_cancelled_out_leave_the_mirror_nothing_to_hold() {
     assert_eq!(rows_in(&path), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A database path that is a symbolic link is followed once, at open: the file the link
+/// points at is the one written (a new file made there, its log and lock beside it), and the
+/// link stays a link through full copies.
+#[test]
+fn a_linked_path_is_followed_and_the_link_kept() {
+    let dir = std::env::temp_dir().join(format!("phpmq-link-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("real")).unwrap();
+    let link = dir.join("phpmq.sqlite");
+    std::os::unix::fs::symlink("real/data.sqlite", &link).unwrap();
+    let mut persistence = Persistence::open(&link, Duration::from_secs(3600)).unwrap();
+    persistence.recover(&mut |_| {}).unwrap();
+    persistence
+        .start(
+            Arc::new(|_| {}),
+            Arc::new(|e| panic!("storage failed: {e}")),
+        )
+        .unwrap();
+    let mut store = persistence.store();
+    for op in big(1..4) {
+        store.apply(op);
+    }
+    persistence.flush();
+    persistence.finish().unwrap();
+    let real = dir.join("real/data.sqlite");
+    assert_eq!(rows_in(&real), 3);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(dir.join("real/data.sqlite.lock").exists());
+    assert!(!dir.join("phpmq.sqlite.lock").exists());
+    assert!(!dir.join("phpmq.sqlite-wal").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

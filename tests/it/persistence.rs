@@ -563,6 +563,25 @@ fn refuses_a_file_that_is_not_sqlite() {
 }
 
 #[test]
+fn refuses_a_directory_for_a_database() {
+    let dir = TempDir::new("dirdb");
+    let db = dir.path().join("phpmq.sqlite");
+    std::fs::create_dir(&db).unwrap();
+    let (status, stderr) = run_to_exit(
+        &["--db", db.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        dir.path(),
+    );
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(
+        stderr,
+        format!(
+            "phpmq-server: cannot use {}: a directory, not a database file\n",
+            db.display()
+        )
+    );
+}
+
+#[test]
 fn refuses_a_foreign_sqlite_database() {
     let dir = TempDir::new("foreign");
     let db = dir.path().join("phpmq.sqlite");
