@@ -381,3 +381,35 @@ fn a_silent_listener_is_given_up_on() {
         )
     );
 }
+
+/// `send --timeout`: a server that takes the messages and never answers (a durable receipt
+/// waiting on a failing disk, say) is given up on, with how far the run got.
+#[test]
+fn send_gives_up_after_its_timeout_without_a_reply() {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        let mut hello = [0u8; 256];
+        let _ = socket.read(&mut hello).unwrap();
+        let welcome = common::frame_bytes(8, &[(6, b"1.2"), (8, b"confirm stats durable")]);
+        socket.write_all(&welcome).unwrap();
+        // Takes whatever comes and never answers, until the client goes.
+        let mut sink = Vec::new();
+        let _ = socket.read_to_end(&mut sink);
+    });
+    let out = phpmq(
+        &addr,
+        &["send", "--durable", "--timeout", "1", "q", "x"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        stderr(&out),
+        "phpmq: no reply from the server within 1 s; stopped after 0 messages with a \
+         receipt, 1 more sent without an answer (taken or not); the rest of the input was \
+         not sent\n"
+    );
+    server.join().unwrap();
+}

@@ -114,6 +114,11 @@ struct SendArgs {
     /// print each message's id, in order, as its receipt arrives
     #[argh(switch)]
     ids: bool,
+
+    /// give up after this many seconds without a reply from the server (default: wait
+    /// forever; a durable receipt waits for the disk, which may be failing)
+    #[argh(option)]
+    timeout: Option<u64>,
 }
 
 /// Consume messages: print each one on a line of its own, acknowledge it, and exit after
@@ -226,6 +231,8 @@ enum CliError {
     NotDurable,
     /// Something accepted the connection but did not answer a HELLO.
     NoAnswer(String),
+    /// `send --timeout`: no reply within this many seconds.
+    NoReply(u64),
     /// `send` stopped before the end of its input: how far it got.
     Stopped {
         error: Box<CliError>,
@@ -252,6 +259,7 @@ impl std::fmt::Display for CliError {
             CliError::Refused { refused, sent } => {
                 write!(f, "{refused} of {sent} messages were refused")
             }
+            CliError::NoReply(s) => write!(f, "no reply from the server within {s} s"),
             CliError::NoAnswer(addr) => write!(
                 f,
                 "{addr} accepted the connection but sent no answer within {} s: is it a phpmq server?",
@@ -418,6 +426,12 @@ fn send(server: &ListenAddr, cmd: SendArgs) -> Result<(), CliError> {
     if cmd.durable && !served.contains(Feature::Durable) {
         return Err(CliError::NotDurable);
     }
+    if cmd.timeout == Some(0) {
+        return Err(CliError::Usage(
+            "phpmq send --timeout SECONDS: at least 1 (or no --timeout, to wait forever)",
+        ));
+    }
+    client.set_read_timeout(cmd.timeout.map(Duration::from_secs))?;
     let mut replies = Replies {
         out: io::stdout().lock(),
         print_ids: cmd.ids,
@@ -446,7 +460,10 @@ fn send(server: &ListenAddr, cmd: SendArgs) -> Result<(), CliError> {
         }
         Ok(())
     })();
-    if let Err(error) = sent_all {
+    if let Err(mut error) = sent_all {
+        if matches!(&error, CliError::Client(e) if e.is_timeout()) {
+            error = CliError::NoReply(cmd.timeout.unwrap_or_default());
+        }
         // A failed write: the server may have said why it closed (a 413, a 503), after
         // replies still unread.
         if matches!(error, CliError::Client(ClientError::Io(_)))
