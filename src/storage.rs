@@ -134,6 +134,9 @@ pub struct StorageStatus {
     pub written: u64,
     /// Changes not kept durably yet.
     pub pending_changes: usize,
+    /// The file is to be written in full and the last try failed: it misses everything since
+    /// the last sync that completed, whatever `pending_changes` says.
+    pub full_copy_due: bool,
 }
 
 /// Opens the storage `config` names, or `None` when messages are kept in memory only.

@@ -56,6 +56,8 @@ struct Mirror<'a> {
     last_error_at_ms: Option<u64>,
     written_bytes: u64,
     pending_changes: usize,
+    /// Last, since it was added: a full copy failed and is due again.
+    full_copy_due: bool,
 }
 
 #[derive(Serialize)]
@@ -117,6 +119,7 @@ impl<'a> Document<'a> {
                     last_error_at_ms: s.last_error.as_ref().map(|(at, _)| *at),
                     written_bytes: s.written,
                     pending_changes: s.pending_changes,
+                    full_copy_due: s.full_copy_due,
                 }),
                 totals: Totals {
                     accepted: t.accepted,
@@ -261,6 +264,7 @@ mod tests {
             last_error: Some((300, "disk\nfull\t\u{1}".into())),
             written: 688_128,
             pending_changes: 5,
+            full_copy_due: true,
         };
         let json = status_json(&status(Some(storage))).unwrap();
         assert!(
@@ -269,7 +273,8 @@ mod tests {
                 r#""duration_ms":7,"messages":6,"bytes":16384,"written_bytes":null,"full":true},"#,
                 r#""mirror":{"completed":40,"full_copies":1,"failures":2,"failing_for":0,"#,
                 r#""last_error":"disk\u000afull\u0009\u0001","last_error_at_ms":300,"#,
-                r#""written_bytes":688128,"pending_changes":5},"totals":"#
+                r#""written_bytes":688128,"pending_changes":5,"full_copy_due":true},"#,
+                r#""totals":"#
             )),
             "{json}"
         );

@@ -116,7 +116,12 @@ pub fn status_text(status: &Status) -> String {
         }
     }
     if let Some(health) = &status.storage {
-        if health.pending_changes > 0 {
+        if health.full_copy_due && health.failing_for > 0 {
+            out.push_str(
+                "mirror: the file is to be written in full and misses every change since the \
+                 last mirror that completed\n",
+            );
+        } else if health.pending_changes > 0 {
             let _ = writeln!(
                 out,
                 "mirror: {} changes not in the file yet",

@@ -66,6 +66,9 @@ pub struct MirrorHealth {
     pub pending_changes: usize,
     /// Of those, the ones a failed mirror holds for its next try.
     pub(super) held_back: usize,
+    /// A full copy was begun and has not completed: the file misses everything since the
+    /// last mirror that did.
+    pub full_copy_due: bool,
 }
 
 /// Reports how the mirror is doing, from any thread.
@@ -103,6 +106,7 @@ impl StatusSource for MirrorStatus {
             last_error: health.last_error,
             written: health.written,
             pending_changes: health.pending_changes,
+            full_copy_due: health.full_copy_due,
         }
     }
 }

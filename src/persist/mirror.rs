@@ -237,9 +237,12 @@ impl Mirror {
         state.in_hand = Changes::default();
         // Dropped: producers need not wait for the copy.
         self.shared.journal.replayed();
+        // Until it completes, the changes it replaces are nowhere but in memory: status says so.
+        health::lock(&self.health).full_copy_due = true;
         let Some(report) = self.full_copy(stop)? else {
             return Ok(Outcome::Stopped);
         };
+        health::lock(&self.health).full_copy_due = false;
         // Put in place and its directory synced.
         self.shared.durable.mark_synced(report.generation);
         state.rows = report.messages;

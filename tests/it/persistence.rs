@@ -1154,6 +1154,15 @@ fn a_failing_mirror_is_reported_and_a_stop_that_leaves_no_file_fails() {
     });
     let text = server.console_command("status");
     assert!(text.contains("mirror failures: "), "{text}");
+    // A full copy that fails leaves nothing pending in the journal: status must still say
+    // that the file misses everything since the last mirror.
+    assert!(
+        text.contains("mirror: the file is to be written in full and misses every change"),
+        "{text}"
+    );
+    assert!(server
+        .console_command("status json")
+        .contains("\"full_copy_due\":true"));
 
     // Out of the way again: the next mirror completes and says so.
     std::fs::remove_dir_all(&db).unwrap();
@@ -1164,6 +1173,7 @@ fn a_failing_mirror_is_reported_and_a_stop_that_leaves_no_file_fails() {
     let status = server.console_command("status json");
     assert_eq!(json_number(&status, "failing_for"), Some(0), "{status}");
     assert!(json_number(&status, "failures").is_some_and(|n| n >= 2));
+    assert!(status.contains("\"full_copy_due\":false"), "{status}");
 
     block();
     server.signal("TERM");
