@@ -120,12 +120,17 @@ struct Identity {
     ino: u64,
 }
 
+impl Identity {
+    fn of(meta: &fs::Metadata) -> Identity {
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
 fn identity(path: &Path) -> io::Result<Identity> {
-    let meta = fs::metadata(path)?;
-    Ok(Identity {
-        dev: meta.dev(),
-        ino: meta.ino(),
-    })
+    fs::metadata(path).map(|meta| Identity::of(&meta))
 }
 
 /// The file's size and modification time as this server last left it: anything else means
@@ -136,12 +141,17 @@ struct Written {
     modified: Option<SystemTime>,
 }
 
+impl Written {
+    fn of(meta: &fs::Metadata) -> Written {
+        Written {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        }
+    }
+}
+
 fn written(path: &Path) -> Option<Written> {
-    let meta = fs::metadata(path).ok()?;
-    Some(Written {
-        len: meta.len(),
-        modified: meta.modified().ok(),
-    })
+    fs::metadata(path).ok().map(|meta| Written::of(&meta))
 }
 
 /// The mirror's open database file.
@@ -310,8 +320,10 @@ impl FileDb {
     /// Whether the path still names this file as this server left it (not deleted, not
     /// replaced, not written over by another program).
     pub fn is_in_place(&self) -> bool {
-        identity(&self.path).is_ok_and(|found| found == self.identity)
-            && written(&self.path) == self.last_written.get()
+        let Ok(meta) = fs::metadata(&self.path) else {
+            return false;
+        };
+        Identity::of(&meta) == self.identity && Some(Written::of(&meta)) == self.last_written.get()
     }
 
     /// Whether changes can be replayed into this file: it gives freed space back by itself

@@ -199,7 +199,11 @@ impl Mirror {
         stop: &Receiver<()>,
         upkeep: bool,
     ) -> Result<Outcome, PersistError> {
-        self.keep_lock()?;
+        // On the timer: a second a lock file may be missing costs nothing, a look on every
+        // run for a durable receipt would.
+        if upkeep {
+            self.keep_lock()?;
+        }
         let in_place = state.file.as_ref().is_some_and(FileDb::is_in_place);
         if let Some(file) = state.file.as_ref().filter(|_| in_place) {
             let taken = self.shared.journal.take();
