@@ -16,6 +16,16 @@ fn big(seqs: std::ops::Range<u64>) -> Vec<crate::store::StoreOp> {
     .collect()
 }
 
+/// Starts the threads, with nothing to do for fetched content and a panic for a failure.
+fn start_quietly(persistence: &mut Persistence) {
+    persistence
+        .start(
+            Arc::new(|_| {}),
+            Arc::new(|e| panic!("storage failed: {e}")),
+        )
+        .unwrap();
+}
+
 fn rows_in(path: &Path) -> i64 {
     let conn =
         rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -39,12 +49,7 @@ fn a_wanted_ticket_is_synced_at_once_not_on_the_tick() {
     durability.set_on_synced(Arc::new(move |ticket| {
         let _ = synced.send(ticket);
     }));
-    persistence
-        .start(
-            Arc::new(|_| {}),
-            Arc::new(|e| panic!("storage failed: {e}")),
-        )
-        .unwrap();
+    start_quietly(&mut persistence);
     let mut store = persistence.store();
     let wait_for = |ticket: u64| {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -622,12 +627,7 @@ fn a_linked_path_is_followed_and_the_link_kept() {
     std::os::unix::fs::symlink("real/data.sqlite", &link).unwrap();
     let mut persistence = Persistence::open(&link, Duration::from_secs(3600)).unwrap();
     persistence.recover(&mut |_| {}).unwrap();
-    persistence
-        .start(
-            Arc::new(|_| {}),
-            Arc::new(|e| panic!("storage failed: {e}")),
-        )
-        .unwrap();
+    start_quietly(&mut persistence);
     let mut store = persistence.store();
     for op in big(1..4) {
         store.apply(op);

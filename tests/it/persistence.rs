@@ -170,15 +170,8 @@ fn sigterm_right_after_connecting_loses_nothing() {
     }
 }
 
-#[test]
-fn a_second_server_on_the_same_file_is_refused_and_the_first_loses_nothing() {
-    let mut server = TestServer::start(&[]);
-    let mut producer = server.tcp_client();
-    for i in 0..3 {
-        producer.send("jobs", format!("first-{i}").as_bytes());
-    }
-    producer.sync();
-
+/// A second server started on `server`'s database file exits 1, naming the first one's pid.
+fn assert_a_second_server_is_refused(server: &TestServer) {
     let db = server.db_path();
     let other = TempDir::new("second");
     let (status, stderr) = run_to_exit(
@@ -192,6 +185,18 @@ fn a_second_server_on_the_same_file_is_refused_and_the_first_loses_nothing() {
         server.pid()
     );
     assert!(stderr.contains(&expected), "{stderr}");
+}
+
+#[test]
+fn a_second_server_on_the_same_file_is_refused_and_the_first_loses_nothing() {
+    let mut server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    for i in 0..3 {
+        producer.send("jobs", format!("first-{i}").as_bytes());
+    }
+    producer.sync();
+
+    assert_a_second_server_is_refused(&server);
 
     // The refused start touched nothing: the first server goes on and keeps every message.
     producer.send("jobs", b"first-3");
@@ -211,22 +216,12 @@ fn a_second_server_on_the_same_file_is_refused_and_the_first_loses_nothing() {
 #[test]
 fn a_deleted_lock_file_is_taken_again_before_a_second_server_can_start() {
     let server = TestServer::start(&["--mirror-interval", "50"]);
-    let db = server.db_path();
     let lock = server.dir.path().join("phpmq.sqlite.lock");
     std::fs::remove_file(&lock).unwrap();
     server.log.wait_for("the lock taken again", |l| {
         l.contains("phpmq.sqlite.lock was deleted while the server ran; locked it again")
     });
-    let other = TempDir::new("second");
-    let (status, stderr) = run_to_exit(
-        &["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()],
-        other.path(),
-    );
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("in use by another phpmq-server"),
-        "{stderr}"
-    );
+    assert_a_second_server_is_refused(&server);
 }
 
 /// Another phpmq file copied over the live one in place (same inode: `cp backup.sqlite
