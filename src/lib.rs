@@ -8,6 +8,7 @@
 //! - [`id`]: message ids.
 //! - [`broker`]: the queue state machine (FIFO queues, consumer rings, holds); no I/O.
 //! - [`store`]: the seam where the broker reports changes for persistence.
+//! - [`clock`]: the server's time: the wall clock's, measured out by the monotonic clock.
 //! - [`hub`]: the one lock around the broker, the registry of connections, and the fan-out.
 //! - [`net`]: the one place that names TCP and Unix sockets.
 //! - [`outbox`]: a connection's pending output and the thread that writes it.
@@ -34,6 +35,7 @@
 pub mod admin;
 pub mod broker;
 pub mod client;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod connection;

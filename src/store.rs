@@ -12,18 +12,11 @@ use crate::id::MessageId;
 use crate::request::QueueName;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-/// Milliseconds since the Unix epoch: the wall-clock time unit of the broker and the store.
-pub type Millis = u64;
-
-/// The wall clock now, in [`Millis`].
-pub fn now_millis() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or_default()
-}
+/// Milliseconds since the Unix epoch, the time unit of the broker and the store, and the
+/// server's time now (see [`crate::clock`]).
+pub use crate::clock::{now_millis, Millis};
 
 /// A message as it is persisted.
 #[derive(Clone, Debug, PartialEq, Eq)]
