@@ -14,6 +14,7 @@
 //! - `copy`: full copies put in place atomically, and loading a file into memory.
 //! - `health`: how the mirror has been doing, for the console and the log.
 //! - `durable`: how far the file is synced, for receipts that wait for it.
+//! - `lock`: one server per database file (`PATH.lock`).
 //!
 //! On every tick the mirror thread applies the journal to the file in one synced transaction:
 //! a mirror costs what changed. A full copy is written only where it is the right tool: a new
