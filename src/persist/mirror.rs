@@ -178,11 +178,7 @@ impl Mirror {
     /// deleted while it runs is taken again; one another server took meanwhile fails the run,
     /// so as not to write over that server's file.
     fn keep_lock(&self) -> Result<(), PersistError> {
-        let mut lock = self
-            .shared
-            .lock
-            .lock()
-            .map_err(|_| PersistError::Poisoned)?;
+        let mut lock = self.shared.db_lock()?;
         if lock.keep()? {
             warn!(
                 "{} was deleted while the server ran; locked it again",

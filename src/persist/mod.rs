@@ -47,7 +47,7 @@ use crate::storage::{
 use crate::store::{now_millis, Backlog, FetchRequest, Fetched, Store, StoredRow};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use file::{Applied, FileDb};
-use lock::DbLock;
+use lock::{DbLock, LastRun};
 use log::{info, warn};
 use mirror::{Mirror, MirrorState};
 use shared::{PanicAlarm, Shared};
@@ -127,6 +127,17 @@ impl Persistence {
             });
         }
         let lock = DbLock::acquire(target)?;
+        if let LastRun::Unfinished { pid } = lock.last_run() {
+            warn!(
+                "{}: the server that used it last{} did not finish its stop (it was killed, \
+                 crashed, lost power, or could not write its final mirror): the file may lack \
+                 that server's last changes (those of at most one mirror interval and one \
+                 mirror before it ended; none that had a durable receipt), so messages it \
+                 accepted then may be missing, and messages acknowledged then may come back",
+                target.display(),
+                pid.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+            );
+        }
         copy::finish_replacing(target)?;
         let exists = target.try_exists().map_err(|source| PersistError::Io {
             action: "look at",
@@ -262,6 +273,15 @@ impl Persistence {
         if let Some(file) = &state.file {
             file.make_room_at_start();
         }
+        // From here on the file changes: a run that ends without a final mirror is told to
+        // the next start.
+        if let Err(e) = self
+            .shared
+            .db_lock()
+            .and_then(|mut lock| lock.mark_mirroring())
+        {
+            warn!("{e}: the next start cannot tell whether this run stopped cleanly");
+        }
         // Before the writer records anything: without a file the journal holds nothing.
         let weight = state.file.as_ref().map(|file| file.weight(state.rows));
         self.shared.journal.note_file(weight);
@@ -324,7 +344,16 @@ impl Persistence {
         };
         // Whatever happened, a stop must leave the file: say so if it is not there.
         match std::fs::metadata(&self.target) {
-            Ok(meta) if meta.is_file() => Ok(report),
+            Ok(meta) if meta.is_file() => {
+                if let Err(e) = self
+                    .shared
+                    .db_lock()
+                    .and_then(|mut lock| lock.mark_finished())
+                {
+                    warn!("{e}: the next start will warn that this run did not stop cleanly");
+                }
+                Ok(report)
+            }
             Ok(_) => Err(PersistError::Missing {
                 path: self.target.clone(),
                 detail: "not a regular file".into(),

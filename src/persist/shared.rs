@@ -53,6 +53,11 @@ impl Shared {
         }
     }
 
+    /// The database file's lock, for a look or a mark.
+    pub fn db_lock(&self) -> Result<std::sync::MutexGuard<'_, DbLock>, PersistError> {
+        self.lock.lock().map_err(|_| PersistError::Poisoned)
+    }
+
     /// Ends the writer's gathering window now.
     pub fn ring_writer(&self) {
         // Full means a ring is already waiting.

@@ -211,6 +211,32 @@ fn a_second_server_on_the_same_file_is_refused_and_the_first_loses_nothing() {
     assert_eq!(texts(&got), ["first-0", "first-1", "first-2", "first-3"]);
 }
 
+/// A run that ends without its final mirror (SIGKILL here) is told at the next start, which
+/// cannot know what the file lacks; a run that stopped gracefully is not.
+#[test]
+fn the_next_start_tells_of_a_run_that_did_not_stop_cleanly() {
+    const WARNING: &str = "did not finish its stop";
+    let server = TestServer::start(&[]);
+    let killed = server.pid();
+    let mut producer = server.tcp_client();
+    producer.send("jobs", b"one");
+    producer.sync();
+    drop(producer);
+    let mut server = server.restart();
+    let warning = server.log.wait_for("the warning", |l| l.contains(WARNING));
+    assert!(warning.contains(&format!("(pid {killed})")), "{warning}");
+    server.recovered();
+    server.signal("TERM");
+    assert!(server.wait_exit().success(), "{}", server.log.text());
+    let server = server.restart();
+    server.recovered();
+    assert!(
+        !server.log.text().contains(WARNING),
+        "{}",
+        server.log.text()
+    );
+}
+
 /// A lock file deleted while the server runs (a cleanup script, say) is taken again on the
 /// next mirror, so a second server is still refused.
 #[test]
