@@ -124,6 +124,53 @@ fn errors_are_one_line_and_a_nonzero_exit() {
     assert!(!out.status.success());
 }
 
+/// Usage errors exit 2 (whoever finds them: the parser, or a check of a value), before any
+/// connection is tried; errors at run time exit 1.
+#[test]
+fn usage_errors_exit_2_without_connecting() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    for args in [
+        &["send", "q", "--no-such-flag"][..],
+        &["send"],
+        &["send", "q", "x", "--timeout", "0"],
+        &["consume", "q", "--timeout", "0"],
+        &["flush"],
+        &["bogus"],
+    ] {
+        let out = phpmq(&addr, args, None);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(!stderr(&out).contains("connect"), "{args:?}: {out:?}");
+    }
+    let out = phpmq(&addr, &["send", "q", "x"], None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+/// `phpmq consume | head -1`: once the reader is gone, what could not be printed is not
+/// acknowledged (it stays in its queue), and the error says so without a system error code.
+#[test]
+fn consume_acknowledges_nothing_it_could_not_print() {
+    let server = TestServer::start(&[]);
+    let addr = server.tcp_addr().to_string();
+    let out = phpmq(&addr, &["send", "jobs", "kept"], None);
+    assert!(out.status.success(), "{out:?}");
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_phpmq"))
+        .args(["--server", &addr, "consume", "jobs"])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("phpmq ran");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(stderr(&out), "phpmq: standard output was closed\n");
+    let out = phpmq(&addr, &["consume", "jobs", "--timeout", "5"], None);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "kept\n");
+}
+
 #[test]
 fn bench_reports_one_result_line_with_nothing_lost() {
     let server = TestServer::start(&[]);

@@ -151,9 +151,7 @@ pub fn run(server: &ListenAddr, args: BenchArgs) -> Result<(), super::CliError> 
                 return Err(super::CliError::NoV12("phpmq bench --confirm"));
             }
             if args.durable && !served.contains(Feature::Durable) {
-                return Err(super::CliError::Usage(
-                    "phpmq bench --durable: this server keeps no file (--db none)",
-                ));
+                return Err(super::CliError::NotDurable("bench --durable"));
             }
         }
         let run = run.clone();
@@ -208,9 +206,9 @@ pub fn run(server: &ListenAddr, args: BenchArgs) -> Result<(), super::CliError> 
         Some(e) => Err(super::CliError::Client(ClientError::Io(io::Error::other(
             e.clone(),
         )))),
-        None if run.delivered.load(Ordering::Relaxed) < run.total => Err(super::CliError::Usage(
-            "phpmq bench: timed out before every message arrived",
-        )),
+        None if run.delivered.load(Ordering::Relaxed) < run.total => {
+            Err(super::CliError::BenchIncomplete)
+        }
         None => Ok(()),
     }
 }

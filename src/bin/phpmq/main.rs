@@ -183,15 +183,43 @@ fn parse_addr(text: &str) -> Result<ListenAddr, String> {
     })
 }
 
+/// The exit status of a command line that does not parse, or asks for what cannot be: as
+/// for `phpmq` without a command, apart from the 1 of a failure at run time.
+const USAGE_EXIT: u8 = 2;
+
+/// The command line, or the exit `argh` would make, with [`USAGE_EXIT`] for a usage error.
+fn parse_args() -> Result<Args, ExitCode> {
+    let strings: Vec<String> = std::env::args().collect();
+    let name = strings
+        .first()
+        .and_then(|path| std::path::Path::new(path).file_name())
+        .and_then(|name| name.to_str())
+        .unwrap_or("phpmq");
+    let rest: Vec<&str> = strings.iter().skip(1).map(String::as_str).collect();
+    Args::from_args(&[name], &rest).map_err(|exit| match exit.status {
+        Ok(()) => {
+            print!("{}", exit.output);
+            ExitCode::SUCCESS
+        }
+        Err(()) => {
+            eprintln!("{}\nRun {name} --help for more information.", exit.output);
+            ExitCode::from(USAGE_EXIT)
+        }
+    })
+}
+
 fn main() -> ExitCode {
-    let args: Args = argh::from_env();
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(exit) => return exit,
+    };
     if args.version {
         println!("phpmq {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
     let Some(command) = args.command else {
         eprintln!("phpmq: no command given; see phpmq --help");
-        return ExitCode::from(2);
+        return ExitCode::from(USAGE_EXIT);
     };
     let result = match command {
         Command::Send(cmd) => send(&args.server, cmd),
@@ -206,7 +234,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("phpmq: {e}");
-            ExitCode::FAILURE
+            if matches!(e, CliError::Usage(_)) {
+                ExitCode::from(USAGE_EXIT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -227,8 +259,10 @@ enum CliError {
         refused: usize,
         sent: usize,
     },
-    /// `send --durable` to a server without a file.
-    NotDurable,
+    /// `send --durable` (or `bench --durable`, as named) to a server without a file.
+    NotDurable(&'static str),
+    /// `bench` timed out before every message arrived.
+    BenchIncomplete,
     /// Something accepted the connection but did not answer a HELLO.
     NoAnswer(String),
     /// `send --timeout`: no reply within this many seconds.
@@ -249,6 +283,10 @@ impl std::fmt::Display for CliError {
         match self {
             CliError::Client(e) => write!(f, "{e}"),
             CliError::Stdin(e) => write!(f, "cannot read standard input: {e}"),
+            // `phpmq consume | head -1`: the reader is gone, which is no system error.
+            CliError::Stdout(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                f.write_str("standard output was closed")
+            }
             CliError::Stdout(e) => write!(f, "cannot write standard output: {e}"),
             CliError::Timeout(s) => write!(f, "no message within {s} s"),
             CliError::Usage(u) => write!(f, "usage: {u}"),
@@ -265,9 +303,13 @@ impl std::fmt::Display for CliError {
                 "{addr} accepted the connection but sent no answer within {} s: is it a phpmq server?",
                 HELLO_TIMEOUT.as_secs()
             ),
-            CliError::NotDurable => f.write_str(
-                "send --durable: this server keeps no file (--db none): nothing is durable",
+            CliError::NotDurable(what) => write!(
+                f,
+                "{what}: this server keeps no file (--db none): nothing is durable"
             ),
+            CliError::BenchIncomplete => {
+                f.write_str("phpmq bench: timed out before every message arrived")
+            }
             CliError::Stopped {
                 error,
                 received,
@@ -407,6 +449,11 @@ impl Texts {
 
 fn send(server: &ListenAddr, cmd: SendArgs) -> Result<(), CliError> {
     valid_queue(&cmd.queue)?;
+    if cmd.timeout == Some(0) {
+        return Err(CliError::Usage(
+            "phpmq send --timeout SECONDS: at least 1 (or no --timeout, to wait forever)",
+        ));
+    }
     let mut texts = Texts::of(cmd.texts);
     let features = if cmd.durable { "durable" } else { "" };
     let Some((mut client, served)) = connect_v12(server, features)? else {
@@ -424,12 +471,7 @@ fn send(server: &ListenAddr, cmd: SendArgs) -> Result<(), CliError> {
         return Ok(confirm(&mut client)?);
     };
     if cmd.durable && !served.contains(Feature::Durable) {
-        return Err(CliError::NotDurable);
-    }
-    if cmd.timeout == Some(0) {
-        return Err(CliError::Usage(
-            "phpmq send --timeout SECONDS: at least 1 (or no --timeout, to wait forever)",
-        ));
+        return Err(CliError::NotDurable("send --durable"));
     }
     client.set_read_timeout(cmd.timeout.map(Duration::from_secs))?;
     let mut replies = Replies {
