@@ -5,6 +5,7 @@ use super::{names, Status};
 use crate::broker::{Listing, MessageState};
 use std::fmt::Write;
 use std::time::Duration;
+use unicode_width::UnicodeWidthStr;
 
 /// `1.5 kB`, `25.6 MB`: decimal units, as `ls -lh --si` would.
 pub fn bytes(n: u64) -> String {
@@ -138,10 +139,15 @@ pub fn status_text(status: &Status) -> String {
             );
         }
     }
-    let width = status
+    // Measured in terminal columns, not characters: a CJK name takes two per character.
+    let shown: Vec<_> = status
         .queues
         .iter()
-        .map(|q| names::display(q.name.as_str()).chars().count())
+        .map(|q| names::display(q.name.as_str()))
+        .collect();
+    let width = shown
+        .iter()
+        .map(|name| name.width())
         .max()
         .unwrap_or(0)
         .clamp(5, 40);
@@ -151,11 +157,12 @@ pub fn status_text(status: &Status) -> String {
         "queue", "ready", "in flight", "consumers", "bytes", "oldest", "delayed"
     );
     // `delayed` (v1.2) comes last: the columns before it stay where scripts found them.
-    for q in &status.queues {
+    for (q, name) in status.queues.iter().zip(&shown) {
+        let padding = width.saturating_sub(name.width());
         let _ = writeln!(
             out,
-            "{:<width$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}  {:>9}",
-            names::display(q.name.as_str()),
+            "{name}{:padding$}  {:>9}  {:>9}  {:>9}  {:>10}  {:>8}  {:>9}",
+            "",
             q.ready,
             q.in_flight,
             q.consumers,

@@ -156,6 +156,29 @@ fn status_shows_queues_and_server_totals() {
     assert!(json.contains(r#""totals":{"accepted":34,"#), "{json}");
 }
 
+/// Names in wide characters (CJK) take two terminal columns each: the table still lines up.
+#[test]
+fn the_status_table_lines_up_with_wide_names() {
+    use unicode_width::UnicodeWidthStr;
+    let server = TestServer::start(&[]);
+    let mut producer = server.tcp_client();
+    producer.send("jobs", b"x").send("任务队列", b"y");
+    producer.sync();
+    let text = server.console_command("status");
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            ["queue ", "jobs ", "任务队列 "]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    // Every column after the name is right-aligned to a fixed width.
+    let widths: Vec<usize> = rows.iter().map(|row| row.width()).collect();
+    assert!(widths.iter().all(|w| *w == widths[0]), "{widths:?}\n{text}");
+}
+
 #[test]
 fn monitor_redraws_until_q() {
     let server = busy_server();
