@@ -85,11 +85,13 @@ impl MessageTable {
 }
 
 /// When a message delayed by `delay` ms at `now` is due; `None` for no delay. Clamped like an
-/// expiry time, so the stored time reads back the same.
+/// expiry time, so the stored time reads back the same. `now` is cut to the millisecond, up
+/// to one before the true time: the delay counts from the next one, so that it is never cut
+/// short (it may end up to a millisecond late instead).
 pub(super) fn due_time(now: Millis, delay: Option<u64>) -> Option<Millis> {
     delay
         .filter(|&d| d > 0)
-        .map(|d| now.saturating_add(d).min(MAX_EXPIRES_AT))
+        .map(|d| now.saturating_add(d).saturating_add(1).min(MAX_EXPIRES_AT))
 }
 
 impl Broker {

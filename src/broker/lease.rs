@@ -19,12 +19,13 @@ impl MessageTable {
     }
 }
 
-/// When a lease of `lease` ms started at `now` runs out; [`NEVER`] for no lease.
+/// When a lease of `lease` ms started at `now` runs out; [`NEVER`] for no lease. As a delay
+/// (`delay::due_time`), it counts from the millisecond after `now`, never short.
 pub(super) fn lease_deadline(now: Millis, lease: u64) -> Millis {
     if lease == 0 {
         NEVER
     } else {
-        now.saturating_add(lease).max(1)
+        now.saturating_add(lease).saturating_add(1)
     }
 }
 

@@ -19,6 +19,7 @@ use crate::hello::Features;
 use crate::refusal::Refusal;
 use crate::storage::Durability;
 use std::collections::VecDeque;
+use timer::SweepPlan;
 // Re-exported: every caller of the hub meets it.
 pub use crate::fatal::BrokerDown;
 use crate::fatal::Fatal;
@@ -172,10 +173,35 @@ pub struct Hub {
     durability: Option<Arc<dyn Durability>>,
     /// Connections with durable replies waiting.
     durable_waiting: Mutex<IdMap<ConnId, Arc<Peer>>>,
-    /// Rung when a request may have set a deadline earlier than the sweeper's next wake (a
-    /// delay, a lease): a 50 ms delay is not left waiting for a 250 ms tick.
-    timer_wake: Sender<()>,
-    timer_woken: crossbeam_channel::Receiver<()>,
+    /// When the sweeper sweeps next; a deadline before that (a short delay or lease) wakes
+    /// it as the lock is let go.
+    sweep_plan: SweepPlan,
+}
+
+/// The hub's state, locked. As the lock is let go, a deadline the broker got before the
+/// sweeper's planned sweep wakes the sweeper, whichever path set it.
+struct Locked<'a> {
+    state: MutexGuard<'a, State>,
+    sweep_plan: &'a SweepPlan,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.sweep_plan.note(self.state.broker.next_deadline());
+    }
 }
 
 /// What a connection is told about its own requests.
@@ -199,7 +225,6 @@ pub enum Incoming {
 
 impl Hub {
     pub fn new(broker: Broker, fatal: Sender<Fatal>, bell: Bell) -> Hub {
-        let (timer_wake, timer_woken) = crossbeam_channel::bounded(1);
         Hub {
             state: Mutex::new(State {
                 broker,
@@ -212,15 +237,14 @@ impl Hub {
             served: Features::served(false, false),
             durability: None,
             durable_waiting: Mutex::default(),
-            timer_wake,
-            timer_woken,
+            sweep_plan: SweepPlan::default(),
         }
     }
 
-    /// Receives a message when a request set a timer: the sweeper then sweeps at once and
-    /// learns the new next deadline.
+    /// Receives a message when the broker got a deadline before the sweeper's planned sweep:
+    /// the sweeper then sweeps at once and plans anew.
     pub fn timer_wake_ups(&self) -> &crossbeam_channel::Receiver<()> {
-        &self.timer_woken
+        self.sweep_plan.wake_ups()
     }
 
     /// Serves v1.2 with these features; `durability` (if storage has one) backs durable
@@ -266,11 +290,17 @@ impl Hub {
         &self.bell
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, State>, BrokerDown> {
-        self.state.lock().map_err(|_| {
-            let _ = self.fatal.try_send(Fatal::BrokerDown);
-            BrokerDown
-        })
+    fn lock(&self) -> Result<Locked<'_>, BrokerDown> {
+        match self.state.lock() {
+            Ok(state) => Ok(Locked {
+                state,
+                sweep_plan: &self.sweep_plan,
+            }),
+            Err(_) => {
+                let _ = self.fatal.try_send(Fatal::BrokerDown);
+                Err(BrokerDown)
+            }
+        }
     }
 
     /// Adds a connection; false if the server is shutting down.
@@ -292,27 +322,6 @@ impl Hub {
     /// v1.1 connection cannot be told, so its requests stop at a refused send, and the
     /// refusal is returned: the connection is to be closed.
     pub fn apply(
-        &self,
-        conn: ConnId,
-        batch: Vec<Incoming>,
-        replies: Replies,
-    ) -> Result<Option<Refusal>, BrokerDown> {
-        let sets_timer = batch.iter().any(|item| match item {
-            Incoming::Request(Request::Send { delay, .. } | Request::Requeue { delay, .. }) => {
-                delay.is_some_and(|d| d > 0)
-            }
-            Incoming::Request(Request::Consume { lease, .. }) => lease.is_some_and(|l| l > 0),
-            _ => false,
-        });
-        let result = self.apply_batch(conn, batch, replies);
-        if sets_timer {
-            // Full means a wake-up is already waiting.
-            let _ = self.timer_wake.try_send(());
-        }
-        result
-    }
-
-    fn apply_batch(
         &self,
         conn: ConnId,
         batch: Vec<Incoming>,
@@ -488,15 +497,32 @@ impl Hub {
 
     /// The sweeper's tick: drops what expired, takes back messages whose lease ran out and
     /// releases delayed ones that are due (writing out what that dispatches). Returns how
-    /// long until the broker's next deadline, if it has one.
-    pub fn sweep(&self) -> Result<Option<Duration>, BrokerDown> {
-        self.modify(|broker, now, out| {
-            broker.expire(now);
-            broker.fire_timers(now, out);
-            broker
-                .next_deadline()
-                .map(|at| Duration::from_millis(at.saturating_sub(now)))
-        })
+    /// long to wait for the next: until the broker's next deadline, at most `longest`, at
+    /// least `shortest` (a tick does a bounded amount of work: a deadline already passed
+    /// still lets other threads have the lock meanwhile). A deadline set before then wakes
+    /// the sweeper ([`Hub::timer_wake_ups`]).
+    pub fn sweep(&self, longest: Duration, shortest: Duration) -> Result<Duration, BrokerDown> {
+        let now = now_millis();
+        let mut deliveries = Vec::new();
+        let (wait, routed) = {
+            let mut state = self.lock()?;
+            state.broker.expire(now);
+            state.broker.fire_timers(now, &mut deliveries);
+            let next = state.broker.next_deadline();
+            let wait = next
+                .map_or(longest, |at| {
+                    Duration::from_millis(at.saturating_sub(now)).min(longest)
+                })
+                .max(shortest);
+            // A deadline already passed is planned as it is: the sweep after the shortest
+            // wait takes it, with no wake-up for it meanwhile.
+            let planned = now.saturating_add(wait.as_millis() as Millis);
+            self.sweep_plan
+                .plan(next.map_or(planned, |at| at.min(planned)));
+            (wait, route(&state.peers, deliveries))
+        };
+        self.deliver(routed);
+        Ok(wait)
     }
 
     /// Looks at the broker under the lock.
@@ -758,6 +784,7 @@ fn is_backed_up(peer: &Peer) -> bool {
 }
 
 mod durable;
+mod timer;
 
 #[cfg(test)]
 mod tests;

@@ -213,7 +213,13 @@ fn a_sweep_takes_back_an_expired_lease_and_says_when_the_next_one_is_due() {
     let hub = hub();
     let (_, mut client) = registered(&hub, 1);
     let queue = crate::request::QueueName::new(b"jobs").unwrap();
-    assert_eq!(hub.sweep(), Ok(None), "nothing to wait for");
+    let longest = Duration::from_millis(250);
+    let shortest = Duration::from_millis(1);
+    assert_eq!(
+        hub.sweep(longest, shortest),
+        Ok(longest),
+        "nothing to wait for"
+    );
     let id = hub
         .modify(|broker, now, out| {
             broker.consume(1, queue.clone(), 1, Some(40), now, out);
@@ -223,10 +229,45 @@ fn a_sweep_takes_back_an_expired_lease_and_says_when_the_next_one_is_due() {
     let mut dispatch = Vec::new();
     encode_dispatch(&mut dispatch, &queue, b"x", id, None);
     assert_eq!(read_exactly(&mut client, dispatch.len()), dispatch);
-    let next = hub.sweep().unwrap().expect("a lease deadline");
-    assert!(next <= Duration::from_millis(40), "{next:?}");
+    let next = hub.sweep(longest, shortest).unwrap();
+    // 40 ms from the millisecond after the dispatch's.
+    assert!(next <= Duration::from_millis(41), "{next:?}");
     thread::sleep(next + Duration::from_millis(5));
     // Taken back and, the holder's room freed, dispatched to it again.
-    assert!(hub.sweep().unwrap().is_some(), "leased again");
+    assert!(
+        hub.sweep(longest, shortest).unwrap() < longest,
+        "leased again"
+    );
     assert_eq!(read_exactly(&mut client, dispatch.len()), dispatch);
+}
+
+/// A lease set by a plain send's dispatch (not by a request that carries one) wakes a
+/// sweeper that planned to sleep past it; a lease that ends after the planned sweep does not.
+#[test]
+fn a_dispatch_that_sets_an_early_lease_wakes_the_sweeper() {
+    let hub = hub();
+    let (_, _client) = registered(&hub, 1);
+    let queue = crate::request::QueueName::new(b"jobs").unwrap();
+    let long = crate::request::QueueName::new(b"long").unwrap();
+    hub.modify(|broker, now, out| {
+        broker.consume(1, queue.clone(), 1, Some(5), now, out);
+        broker.consume(1, long.clone(), 1, Some(60_000), now, out);
+    })
+    .unwrap();
+    let longest = Duration::from_millis(250);
+    assert_eq!(hub.sweep(longest, Duration::from_millis(1)), Ok(longest));
+    while hub.timer_wake_ups().try_recv().is_ok() {}
+    hub.modify(|broker, now, out| {
+        broker.send(long.clone(), Arc::from(&b"x"[..]), None, None, now, out)
+    })
+    .unwrap();
+    assert!(
+        hub.timer_wake_ups().try_recv().is_err(),
+        "ends after the planned sweep"
+    );
+    hub.modify(|broker, now, out| {
+        broker.send(queue.clone(), Arc::from(&b"x"[..]), None, None, now, out)
+    })
+    .unwrap();
+    assert!(hub.timer_wake_ups().try_recv().is_ok(), "ends before it");
 }

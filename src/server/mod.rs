@@ -295,19 +295,15 @@ fn spawn_sweeper(shared: Arc<Shared>, stop: Receiver<()>) -> io::Result<JoinHand
             loop {
                 select! {
                     recv(timer_set) -> _ => {
-                        // A request set a deadline, maybe before the planned wake: sweep now
-                        // (cheap) to learn it.
+                        // The broker got a deadline before the planned sweep: sweep now
+                        // (cheap) to plan for it.
                         wait = Duration::ZERO;
                     }
                     recv(after(wait)) -> _ => {
-                        let Ok(next) = shared.hub.sweep() else {
+                        let Ok(next) = shared.hub.sweep(SWEEP_INTERVAL, SWEEP_MIN_WAIT) else {
                             return;
                         };
-                        // A deadline already passed (a tick does a bounded amount of work)
-                        // still waits a millisecond: other threads get the lock meanwhile.
-                        wait = next
-                            .map_or(SWEEP_INTERVAL, |d| d.min(SWEEP_INTERVAL))
-                            .max(SWEEP_MIN_WAIT);
+                        wait = next;
                         if reported.elapsed() >= SWEEP_INTERVAL {
                             reported = Instant::now();
                             ratelog::report_suppressed();

@@ -81,19 +81,20 @@ fn a_delayed_message_waits_then_joins_the_tail_in_due_then_send_order() {
     let stats = b.queue_stats("jobs").unwrap();
     assert_eq!((stats.ready, stats.delayed), (0, 3));
     assert_eq!(b.message_count(), 3);
-    assert_eq!(b.next_deadline(), Some(300));
-    assert_eq!(b.fire_timers(299, &mut out), 0);
+    // Due a millisecond after now + delay: `now` is cut to the millisecond.
+    assert_eq!(b.next_deadline(), Some(301));
+    assert_eq!(b.fire_timers(300, &mut out), 0);
     send(&mut b, "jobs", "now", &mut out);
     assert_eq!(bodies(&out), ["now"]);
     out.clear();
-    assert_eq!(b.fire_timers(300, &mut out), 2);
+    assert_eq!(b.fire_timers(301, &mut out), 2);
     assert_eq!(
         bodies(&out),
         ["first", "second"],
         "same due time: send order"
     );
     out.clear();
-    assert_eq!(b.next_deadline(), Some(500));
+    assert_eq!(b.next_deadline(), Some(501));
     assert_eq!(b.fire_timers(10_000, &mut out), 1);
     assert_eq!(bodies(&out), ["late"]);
     assert_eq!(b.next_deadline(), None);
@@ -101,7 +102,7 @@ fn a_delayed_message_waits_then_joins_the_tail_in_due_then_send_order() {
     assert!(matches!(
         ops[0],
         StoreOp::Insert(StoredMessage {
-            due_at: Some(500),
+            due_at: Some(501),
             ..
         })
     ));
@@ -125,7 +126,7 @@ fn a_ttl_shorter_than_the_delay_expires_the_message_undelivered() {
     send_at(&mut b, "jobs", "swept", Some(1), 5_000, 0);
     send_at(&mut b, "jobs", "at due", Some(2), 5_000, 0);
     assert_eq!(b.expire(1_000), 1, "the sweep finds a delayed message too");
-    assert_eq!(b.fire_timers(5_000, &mut out), 0);
+    assert_eq!(b.fire_timers(5_001, &mut out), 0);
     assert!(out.is_empty());
     assert_eq!(b.totals().expired, 2);
     assert_eq!(b.message_count(), 0);
@@ -148,7 +149,7 @@ fn a_requeue_with_a_delay_keeps_the_message_back_and_frees_the_holder() {
     out.clear();
     b.ack(1, &q("jobs"), Some(b_id), 10, &mut out);
     assert!(out.is_empty(), "a is delayed");
-    b.fire_timers(1_000, &mut out);
+    b.fire_timers(1_001, &mut out);
     assert_eq!((out[0].id, out[0].deliveries), (a, 2));
 }
 
@@ -193,9 +194,9 @@ fn delayed_content_is_read_back_from_the_store_once_due() {
         .all(|(_, d)| d.content.is_none()));
     b.connect(1);
     b.consume(1, q("jobs"), 1, None, 0, &mut out);
-    b.fire_timers(100, &mut out);
+    b.fire_timers(101, &mut out);
     assert!(out.is_empty(), "its content is still to come");
-    store.serve(&mut b, 100, &mut out);
+    store.serve(&mut b, 101, &mut out);
     assert_eq!(bodies(&out), ["later"]);
 }
 
@@ -263,10 +264,10 @@ fn an_expired_lease_takes_the_message_back_to_the_head_and_frees_the_holder() {
     send(&mut b, "jobs", "b", &mut out);
     assert_eq!(bodies(&out), ["a"]);
     out.clear();
-    assert_eq!(b.next_deadline(), Some(1_000));
-    assert_eq!(b.fire_timers(999, &mut out), 0);
+    assert_eq!(b.next_deadline(), Some(1_001));
+    assert_eq!(b.fire_timers(1_000, &mut out), 0);
     // Another consumer, full, so the room of the old holder is what serves.
-    assert_eq!(b.fire_timers(1_000, &mut out), 1);
+    assert_eq!(b.fire_timers(1_001, &mut out), 1);
     assert_eq!(
         (bodies(&out), out[0].deliveries),
         (vec!["a".to_string()], 2),
@@ -286,20 +287,20 @@ fn an_expired_lease_takes_the_message_back_to_the_head_and_frees_the_holder() {
     out.clear();
     b.ack(2, &q("jobs"), Some(b_id), 1_000, &mut out);
     assert!(out.is_empty());
-    b.fire_timers(2_000, &mut out);
+    b.fire_timers(2_002, &mut out);
     assert_eq!((out[0].id, out[0].deliveries), (a, 3));
     let holder = out[0].conn;
     out.clear();
     if holder == 2 {
         assert!(
-            !b.ack(1, &q("jobs"), Some(a), 2_000, &mut out),
+            !b.ack(1, &q("jobs"), Some(a), 2_002, &mut out),
             "the old holder's ack is ignored"
         );
-        assert!(b.ack(2, &q("jobs"), Some(a), 2_000, &mut out));
+        assert!(b.ack(2, &q("jobs"), Some(a), 2_002, &mut out));
     }
     assert_eq!(
         b.next_deadline(),
-        if holder == 2 { None } else { Some(3_000) }
+        if holder == 2 { None } else { Some(3_003) }
     );
 }
 
@@ -312,7 +313,7 @@ fn a_late_ack_from_the_old_holder_is_ignored() {
     let a = send(&mut b, "jobs", "a", &mut out);
     b.consume(1, q("jobs"), 0, None, 0, &mut out);
     out.clear();
-    b.fire_timers(100, &mut out);
+    b.fire_timers(101, &mut out);
     assert!(out.is_empty(), "no consumer with room");
     assert!(!b.ack(1, &q("jobs"), Some(a), 150, &mut out));
     assert_eq!(b.counts("jobs").ready, 1);
@@ -332,19 +333,19 @@ fn touch_restarts_the_lease_and_a_new_consume_sets_it_for_later_dispatches() {
     assert!(b.touch(1, &q("jobs"), Some(a), 900));
     assert!(!b.touch(2, &q("jobs"), Some(a), 900), "not the holder");
     assert_eq!(
-        b.fire_timers(1_899, &mut out),
+        b.fire_timers(1_900, &mut out),
         0,
-        "touched at 900: due at 1900"
+        "touched at 900: due at 1901"
     );
-    assert_eq!(b.fire_timers(1_900, &mut out), 1);
+    assert_eq!(b.fire_timers(1_901, &mut out), 1);
     assert_eq!(out[0].id, a, "redispatched under the new lease");
     out.clear();
-    assert_eq!(b.fire_timers(5_000, &mut out), 1, "c kept its 5 s deadline");
+    assert_eq!(b.fire_timers(5_001, &mut out), 1, "c kept its 5 s deadline");
     assert_eq!(out[0].id, c);
     assert_eq!(
         b.next_deadline(),
-        Some(6_900),
-        "a's second lease, 5 s from 1900"
+        Some(6_902),
+        "a's second lease, 5 s from 1901"
     );
 }
 
@@ -378,7 +379,7 @@ fn the_nth_dispatch_without_an_ack_moves_the_message_to_its_dead_letter_queue() 
     // 3: its lease runs out.
     assert_eq!(out.last().map(|d| d.deliveries), Some(3));
     out.clear();
-    b.fire_timers(100, &mut out);
+    b.fire_timers(101, &mut out);
     assert!(out.is_empty(), "not back in jobs");
     assert_eq!(b.counts("jobs").ready, 0);
     assert_eq!(b.counts("jobs.dead").ready, 1);
