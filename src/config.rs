@@ -25,6 +25,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Option<Duration> = None;
 /// A console session waiting this long for a command is closed: sessions are few (16), and
 /// forgotten ones must not lock `phpmq status` out.
 pub const DEFAULT_CONSOLE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// TCP keepalive's idle time: a client whose host vanished is found gone about twice this
+/// after it went silent, and what it held goes to the others.
+pub const DEFAULT_TCP_KEEPALIVE: Option<Duration> = Some(Duration::from_secs(60));
 /// The mirror file, relative to the working directory.
 pub const DEFAULT_DB: &str = "phpmq.sqlite";
 pub const DEFAULT_MIRROR_INTERVAL: Duration = Duration::from_millis(1000);
@@ -101,6 +104,9 @@ pub struct Config {
     /// How long a console session may wait for a command before it is closed
     /// (`Duration::MAX`: no limit).
     pub console_idle_timeout: Duration,
+    /// TCP keepalive's idle time for accepted connections ([`crate::net::set_keepalive`]);
+    /// `None`: off.
+    pub tcp_keepalive: Option<Duration>,
     /// The SQLite mirror file; `None` keeps messages in memory only.
     pub db: Option<PathBuf>,
     /// How often a changed store is mirrored to `db`.
@@ -128,6 +134,7 @@ impl Default for Config {
             frame_timeout: DEFAULT_FRAME_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             console_idle_timeout: DEFAULT_CONSOLE_IDLE_TIMEOUT,
+            tcp_keepalive: DEFAULT_TCP_KEEPALIVE,
             db: Some(PathBuf::from(DEFAULT_DB)),
             mirror_interval: DEFAULT_MIRROR_INTERVAL,
             max_deliveries: 0,

@@ -72,7 +72,35 @@ impl Drop for SocketFile {
 
 /// A bound listener of either kind.
 #[derive(Debug)]
-pub struct Listener(ListenerKind);
+pub struct Listener {
+    kind: ListenerKind,
+    /// TCP keepalive for the connections it accepts; `None`: the system's (off).
+    keepalive: Option<Duration>,
+}
+
+/// Keepalive probes sent before a silent peer is given up on.
+const KEEPALIVE_PROBES: u32 = 6;
+
+/// Has the kernel find a TCP peer gone whose host vanished without a FIN or a reset (powered
+/// off, unplugged, a NAT that forgot it): after `idle` without a segment it probes,
+/// [`KEEPALIVE_PROBES`] times `idle / 6` apart (at least a second), and gives up on a peer
+/// that answers none, about twice `idle` after it went silent. Data sent and never
+/// acknowledged (dispatches to a consumer that vanished) is given up on after as long
+/// (`TCP_USER_TIMEOUT`): keepalive only probes a connection with nothing in flight. The
+/// connection's reader then sees the error and the connection ends as any other: what it
+/// held goes back to its queue.
+pub fn set_keepalive(stream: &TcpStream, idle: Duration) -> io::Result<()> {
+    use rustix::net::sockopt;
+    let idle = idle.max(Duration::from_secs(1));
+    let interval = (idle / KEEPALIVE_PROBES).max(Duration::from_secs(1));
+    sockopt::set_socket_keepalive(stream, true)?;
+    sockopt::set_tcp_keepidle(stream, idle)?;
+    sockopt::set_tcp_keepintvl(stream, interval)?;
+    sockopt::set_tcp_keepcnt(stream, KEEPALIVE_PROBES)?;
+    let give_up = idle + interval * KEEPALIVE_PROBES;
+    sockopt::set_tcp_user_timeout(stream, give_up.as_millis().min(u32::MAX as u128) as u32)?;
+    Ok(())
+}
 
 #[derive(Debug)]
 enum ListenerKind {
@@ -90,7 +118,10 @@ impl Listener {
             ListenAddr::Tcp(socket_addr) => {
                 let listener = TcpListener::bind(socket_addr).map_err(io_error)?;
                 listener.set_nonblocking(true).map_err(io_error)?;
-                Ok(Listener(ListenerKind::Tcp(listener)))
+                Ok(Listener {
+                    kind: ListenerKind::Tcp(listener),
+                    keepalive: None,
+                })
             }
             ListenAddr::Unix(path) => {
                 let listener = bind_unix(path).map_err(|e| match e {
@@ -104,14 +135,24 @@ impl Listener {
                 };
                 // After `file` exists: if this fails, dropping it removes the socket file.
                 listener.set_nonblocking(true).map_err(io_error)?;
-                Ok(Listener(ListenerKind::Unix(listener, file)))
+                Ok(Listener {
+                    kind: ListenerKind::Unix(listener, file),
+                    keepalive: None,
+                })
             }
         }
     }
 
+    /// TCP connections it accepts get keepalive with this idle time ([`set_keepalive`]);
+    /// `None` leaves the system's setting (off).
+    pub fn with_keepalive(mut self, idle: Option<Duration>) -> Listener {
+        self.keepalive = idle;
+        self
+    }
+
     /// The address actually bound (with the real port for port 0).
     pub fn local_addr(&self) -> io::Result<ListenAddr> {
-        Ok(match &self.0 {
+        Ok(match &self.kind {
             ListenerKind::Tcp(listener) => ListenAddr::Tcp(listener.local_addr()?),
             ListenerKind::Unix(_, file) => ListenAddr::Unix(file.path.clone()),
         })
@@ -121,7 +162,7 @@ impl Listener {
     /// if none is. Never waits: the listener is non-blocking, and [`Listener::wait`] sleeps
     /// until a client comes or the bell rings.
     pub fn accept(&self) -> io::Result<(Stream, String)> {
-        match &self.0 {
+        match &self.kind {
             ListenerKind::Tcp(listener) => {
                 let (stream, peer) = listener.accept()?;
                 // Linux does not pass the listener's O_NONBLOCK on, other systems do: the
@@ -129,6 +170,12 @@ impl Listener {
                 stream.set_nonblocking(false)?;
                 // Dispatches are latency-sensitive small writes: never wait for Nagle.
                 stream.set_nodelay(true)?;
+                // Without it the connection still works: it is only found gone later.
+                if let Some(idle) = self.keepalive {
+                    if let Err(e) = set_keepalive(&stream, idle) {
+                        log::debug!("{peer}: no TCP keepalive: {e}");
+                    }
+                }
                 Ok((Stream::Tcp(stream), peer.to_string()))
             }
             ListenerKind::Unix(listener, file) => {
@@ -164,7 +211,7 @@ impl Listener {
 
     fn fd(&self) -> rustix::fd::BorrowedFd<'_> {
         use rustix::fd::AsFd;
-        match &self.0 {
+        match &self.kind {
             ListenerKind::Tcp(listener) => listener.as_fd(),
             ListenerKind::Unix(listener, _) => listener.as_fd(),
         }
@@ -411,5 +458,46 @@ impl Write for &Stream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::net::sockopt;
+
+    /// A connection whose host vanishes is found gone: keepalive with the idle time asked
+    /// for, and unacknowledged data given up on as long after; off unless asked.
+    #[test]
+    fn accepted_tcp_connections_get_keepalive_when_asked() {
+        let addr: ListenAddr = "127.0.0.1:0".parse().unwrap();
+        for (keepalive, expected) in [(Some(Duration::from_secs(6)), true), (None, false)] {
+            let listener = Listener::bind(&addr).unwrap().with_keepalive(keepalive);
+            let ListenAddr::Tcp(bound) = listener.local_addr().unwrap() else {
+                panic!("a TCP address");
+            };
+            let _client = TcpStream::connect(bound).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let accepted = loop {
+                assert!(std::time::Instant::now() < deadline, "never accepted");
+                match listener.accept() {
+                    Ok((Stream::Tcp(stream), _)) => break stream,
+                    Ok(_) => panic!("a TCP stream"),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            assert_eq!(sockopt::socket_keepalive(&accepted).unwrap(), expected);
+            if expected {
+                assert_eq!(
+                    sockopt::tcp_keepidle(&accepted).unwrap(),
+                    Duration::from_secs(6)
+                );
+                // 6 s idle, then 6 probes 1 s apart.
+                assert_eq!(sockopt::tcp_user_timeout(&accepted).unwrap(), 12_000);
+            }
+        }
     }
 }

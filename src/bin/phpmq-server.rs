@@ -61,6 +61,16 @@ struct Args {
     )]
     console_idle_timeout_ms: u64,
 
+    /// how long a TCP connection may be silent before the kernel probes it, in milliseconds
+    /// (whole seconds, at least 1); a client whose host vanished without closing (powered
+    /// off, unplugged) is found gone about twice this after it went silent, and what it held
+    /// goes to the other consumers. 0 turns it off (default 60000)
+    #[argh(
+        option,
+        default = "config::DEFAULT_TCP_KEEPALIVE.map_or(0, |d| d.as_millis() as u64)"
+    )]
+    tcp_keepalive_ms: u64,
+
     /// the SQLite file that messages are mirrored to, or "none" to keep them in memory only
     /// (default phpmq.sqlite in the working directory)
     #[argh(option, default = "String::from(config::DEFAULT_DB)")]
@@ -158,6 +168,8 @@ fn main() -> ExitCode {
         frame_timeout: Duration::from_millis(args.frame_timeout_ms),
         idle_timeout: (args.idle_timeout_ms > 0)
             .then(|| Duration::from_millis(args.idle_timeout_ms)),
+        tcp_keepalive: (args.tcp_keepalive_ms > 0)
+            .then(|| Duration::from_millis(args.tcp_keepalive_ms)),
         console_idle_timeout: match args.console_idle_timeout_ms {
             0 => Duration::MAX,
             ms => Duration::from_millis(ms),

@@ -128,7 +128,10 @@ impl Server {
         let bind_all = |addrs: &[ListenAddr]| {
             addrs
                 .iter()
-                .map(|addr| Listener::bind(addr).map(Arc::new))
+                .map(|addr| {
+                    Listener::bind(addr)
+                        .map(|listener| Arc::new(listener.with_keepalive(config.tcp_keepalive)))
+                })
                 .collect::<Result<Vec<_>, _>>()
         };
         let listeners = bind_all(&config.listen)?;
