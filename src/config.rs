@@ -122,6 +122,10 @@ pub struct Config {
     /// The most content bytes all queues together may hold before sends are refused; 0: no
     /// limit.
     pub max_stored_bytes: u64,
+    /// The most memory frames still arriving may take, all connections together
+    /// ([`crate::connection::FrameBudget`]); at least
+    /// [`crate::connection::least_frame_budget`] of `max_message_size`.
+    pub frame_memory: usize,
 }
 
 impl Default for Config {
@@ -141,6 +145,7 @@ impl Default for Config {
             max_queue_length: 0,
             max_stored_messages: 0,
             max_stored_bytes: 0,
+            frame_memory: crate::connection::DEFAULT_FRAME_BUDGET,
         }
     }
 }

@@ -4,6 +4,7 @@ use argh::FromArgs;
 use crossbeam_channel::{bounded, Sender};
 use log::{error, info, warn, LevelFilter};
 use phpmq::config::{self, Config, ListenAddr};
+use phpmq::connection;
 use phpmq::logfile::LogFile;
 use phpmq::server::Server;
 use phpmq::system::{self, OpenFileLimit, Scheduling};
@@ -103,6 +104,13 @@ struct Args {
     #[argh(option, default = "0")]
     max_stored_bytes: u64,
 
+    /// the most memory that messages still arriving may take, all connections together, in
+    /// bytes (default 268435456 = 256 MiB; at least twice --max-message-size plus 512 KiB); a
+    /// message larger than 256 KiB that does not fit waits, unread, until it does, or until
+    /// --frame-timeout-ms ends its connection
+    #[argh(option, default = "connection::DEFAULT_FRAME_BUDGET")]
+    frame_memory: usize,
+
     /// write the log to this file instead of stderr; SIGHUP reopens it (for logrotate)
     #[argh(option)]
     log_file: Option<PathBuf>,
@@ -154,6 +162,14 @@ fn main() -> ExitCode {
         eprintln!("phpmq-server: --mirror-interval must be at least 1 ms");
         return ExitCode::FAILURE;
     }
+    let least_frame_memory = connection::least_frame_budget(args.max_message_size);
+    if args.frame_memory < least_frame_memory {
+        eprintln!(
+            "phpmq-server: --frame-memory must be at least {least_frame_memory} bytes (twice \
+             --max-message-size plus 512 KiB), so that the largest message always fits"
+        );
+        return ExitCode::FAILURE;
+    }
     let log_file = match init_logging(args.log_level, args.log_file.as_deref()) {
         Ok(log_file) => log_file,
         Err(e) => {
@@ -180,6 +196,7 @@ fn main() -> ExitCode {
         max_queue_length: args.max_queue_length,
         max_stored_messages: args.max_stored_messages,
         max_stored_bytes: args.max_stored_bytes,
+        frame_memory: args.frame_memory,
         ..Config::default()
     };
     if !args.listen.is_empty() {

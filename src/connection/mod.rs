@@ -12,6 +12,7 @@
 //! that a direct send left over (a frame other than a dispatch sent to a connection that never
 //! consumed): a producer that is never sent anything the socket does not take has no writer.
 
+mod budget;
 mod reader;
 
 use crate::broker::{ConnId, EndedBy};
@@ -25,6 +26,7 @@ use crate::net::Stream;
 use crate::ratelog;
 use crate::refusal::Refusal;
 use crate::request::{Request, RequestError};
+pub use budget::{least_frame_budget, FrameBudget, DEFAULT_FRAME_BUDGET};
 use log::{debug, info, warn};
 use reader::FrameReader;
 use std::fmt;
@@ -47,8 +49,10 @@ const DURABLE_SETTLE: Duration = Duration::from_secs(2);
 const DRAIN_BEFORE_CLOSE: Duration = Duration::from_secs(1);
 
 /// Limits a connection enforces.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Limits {
+    /// Memory for frames still arriving, shared by every connection.
+    pub frame_budget: Arc<FrameBudget>,
     /// `--max-message-size`: the content packet's limit, and a cap on every other packet's
     /// own ([`crate::codec::PacketType::max_len`]).
     pub max_packet_len: usize,
@@ -95,6 +99,12 @@ enum End {
         buffered: usize,
         timeout: Duration,
     },
+    /// Its frame waited for its share of the memory for frames under way until its timeout.
+    NoFrameMemory {
+        needed: usize,
+        budget: usize,
+        timeout: Duration,
+    },
     Io(io::Error),
     WriterSpawn(io::Error),
     BrokerDown(BrokerDown),
@@ -119,6 +129,7 @@ impl End {
             | End::HungUp { .. }
             | End::SendRefused(_)
             | End::WriterSpawn(_)
+            | End::NoFrameMemory { .. }
             | End::BrokerDown(_) => EndedBy::Server,
             _ => EndedBy::Client,
         }
@@ -167,6 +178,16 @@ impl fmt::Display for End {
             End::Stalled { buffered, timeout } => write!(
                 f,
                 "frame not completed within {} ms ({buffered} bytes of it received)",
+                timeout.as_millis()
+            ),
+            End::NoFrameMemory {
+                needed,
+                budget,
+                timeout,
+            } => write!(
+                f,
+                "frame of {needed} bytes not read within {} ms: the {budget} bytes the server \
+                 gives frames under way (all connections together) stayed taken",
                 timeout.as_millis()
             ),
             End::Io(e) => write!(f, "read failed: {e}"),
@@ -343,7 +364,7 @@ struct Session<'scope, 'env> {
 
 impl Session<'_, '_> {
     fn read_loop(&mut self, limits: Limits) -> End {
-        let mut reader = FrameReader::new(limits);
+        let mut reader = FrameReader::new(limits.clone());
         let stream = self.peer.stream.clone();
         loop {
             let mut batch = Vec::new();

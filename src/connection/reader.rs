@@ -1,6 +1,7 @@
 //! A connection's reading side: accumulates bytes from the socket, cuts them into requests,
 //! and enforces the frame timeout, the idle timeout and the shutdown's hang-up.
 
+use super::budget::FREE_FRAME;
 use super::{End, Limits, QUIET, READ_BUFFER};
 use crate::codec::{self, Decoded, Dialect};
 use crate::hub::{Incoming, Peer};
@@ -28,6 +29,18 @@ pub(super) struct FrameReader {
     left_at_hang_up: Option<usize>,
     /// When bytes last arrived (or the connection started): the idle timeout runs from here.
     last_arrival: Instant,
+    /// What the frame in progress holds of the memory for frames under way.
+    budget_share: usize,
+}
+
+/// How long a frame waiting for its share of the memory for frames under way sleeps before
+/// it looks again (it is rare: a flood of large frames, or clients holding them back).
+const BUDGET_RETRY: Duration = Duration::from_millis(10);
+
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        self.limits.frame_budget.give_back(self.budget_share);
+    }
 }
 
 impl FrameReader {
@@ -43,7 +56,27 @@ impl FrameReader {
             more_pending: false,
             left_at_hang_up: None,
             last_arrival: Instant::now(),
+            budget_share: 0,
         }
+    }
+
+    /// Whether the frame in progress may read on: small frames always may, a large one until
+    /// [`FREE_FRAME`] of it is in, and on from there once it holds a share of the budget as
+    /// large as the whole frame (taken whole, or not at all). A frame only declared costs
+    /// nothing; one that got its share always has the memory to complete.
+    fn has_budget(&mut self) -> bool {
+        if self.needed <= FREE_FRAME
+            || self.budget_share >= self.needed
+            || self.buffered() < FREE_FRAME
+        {
+            return true;
+        }
+        let more = self.needed - self.budget_share;
+        if !self.limits.frame_budget.try_take(more) {
+            return false;
+        }
+        self.budget_share = self.needed;
+        true
     }
 
     fn buffered(&self) -> usize {
@@ -81,6 +114,9 @@ impl FrameReader {
                 self.start += used;
                 self.needed = codec::HEADER_LEN;
                 self.deadline = None;
+                self.limits
+                    .frame_budget
+                    .give_back(std::mem::take(&mut self.budget_share));
                 if self.start == self.end {
                     self.start = 0;
                     self.end = 0;
@@ -123,7 +159,15 @@ impl FrameReader {
                     .deadline
                     .get_or_insert_with(|| now + self.limits.frame_timeout)
             });
+            let has_budget = self.has_budget();
             if deadline.is_some_and(|d| now >= d) {
+                if !has_budget {
+                    return Err(End::NoFrameMemory {
+                        needed: self.needed,
+                        budget: self.limits.frame_budget.limit(),
+                        timeout: self.limits.frame_timeout,
+                    });
+                }
                 return Err(End::Stalled {
                     buffered,
                     timeout: self.limits.frame_timeout,
@@ -134,6 +178,23 @@ impl FrameReader {
                 .map(|t| (t, self.last_arrival + t));
             if let Some((timeout, _)) = idle_deadline.filter(|&(_, d)| now >= d) {
                 return Err(End::Idle { timeout });
+            }
+            if !has_budget {
+                // Not a byte more of this frame until its share is free: the client's sends
+                // block meanwhile, and the deadline above ends the wait. A stop cuts it short.
+                let pause = deadline.map_or(BUDGET_RETRY, |d| {
+                    d.saturating_duration_since(now).min(BUDGET_RETRY)
+                });
+                let rung = if closing { Ok(false) } else { bell.wait(pause) };
+                match rung {
+                    Ok(true) => peer
+                        .closing
+                        .store(true, std::sync::atomic::Ordering::Relaxed),
+                    Ok(false) if !closing => {}
+                    // Closing (the bell stays rung), or poll(2) failed: a plain pause.
+                    _ => std::thread::sleep(pause),
+                }
+                continue;
             }
             self.make_room();
             // A busy client has more waiting: read at once. Otherwise sleep first; waking costs

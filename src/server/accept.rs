@@ -292,7 +292,7 @@ fn start_connection(shared: &Arc<Shared>, endpoint: Endpoint, stream: Stream, pe
                 .stack_size(THREAD_STACK)
                 .spawn(move || {
                     let _slot = slot;
-                    connection::serve(&for_thread.hub, admitted, for_thread.limits)
+                    connection::serve(&for_thread.hub, admitted, for_thread.limits.clone())
                 })
         }
         Endpoint::Console => thread::Builder::new()

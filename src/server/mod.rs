@@ -12,7 +12,7 @@ mod shutdown;
 
 use crate::broker::Broker;
 use crate::config::{Config, ListenAddr};
-use crate::connection::Limits;
+use crate::connection::{FrameBudget, Limits};
 use crate::fatal::Fatal;
 use crate::hub::Hub;
 use crate::net::{Bell, BindError, Listener};
@@ -154,6 +154,7 @@ impl Server {
             max_connections: config.max_connections,
             console_idle_timeout: config.console_idle_timeout,
             limits: Limits {
+                frame_budget: Arc::new(FrameBudget::with_limit(config.frame_memory)),
                 max_packet_len: config.max_message_size,
                 frame_timeout: config.frame_timeout,
                 idle_timeout: config.idle_timeout,

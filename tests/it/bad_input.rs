@@ -385,6 +385,81 @@ fn a_declared_length_commits_no_memory_until_the_bytes_come() {
     drop(clients);
 }
 
+/// Messages still arriving share a bounded memory (`--frame-memory`): clients that send all
+/// of a large message but its last byte and stall hold only their shares, a third large
+/// message waits unread until one is free, and small messages flow meanwhile. Nothing is lost:
+/// every message arrives once its sender finishes it.
+#[test]
+fn large_frames_under_way_share_a_bounded_memory() {
+    const SIZE: usize = 1_000_000;
+    // The least --frame-memory allows for SIZE (two frames of it, plus 512 KiB), not three.
+    let server = TestServer::start(&[
+        "--max-message-size",
+        "1000000",
+        "--frame-memory",
+        "2600000",
+        "--frame-timeout-ms",
+        "60000",
+    ]);
+    let port = server.tcp_addr().port();
+    let mut consumer = server.tcp_client();
+    consumer.consume("big", 10).consume("small", 10);
+    consumer.sync();
+    let whole = frame(
+        MessageType::Send,
+        &[
+            (PacketType::Queue, b"big"),
+            (PacketType::Content, &[b'x'; SIZE]),
+        ],
+    );
+    let (held, last) = whole.split_at(whole.len() - 1);
+    let mut holders: Vec<Client> = (0..2).map(|_| server.tcp_client()).collect();
+    for holder in &mut holders {
+        holder.raw(held);
+    }
+    common::wait_until("the server to read the two held frames", || {
+        let unread = common::tcp_unread(port);
+        holders.iter().all(|h| unread.get(&h.port()) == Some(&0))
+    });
+    let mut waiter = server.tcp_client();
+    let waiter_port = waiter.port();
+    let whole_for_waiter = whole.clone();
+    let writing = std::thread::spawn(move || {
+        waiter.raw(&whole_for_waiter);
+        waiter
+    });
+    common::wait_until("the third frame's bytes to wait at the server", || {
+        common::tcp_unread(port)
+            .get(&waiter_port)
+            .is_some_and(|&n| n > 0)
+    });
+    let mut small = server.tcp_client();
+    small.send("small", b"goes through");
+    // Its queue only: a large message's content would fill the report.
+    assert_eq!(consumer.recv().queue, "small");
+    consumer.set_read_timeout(std::time::Duration::from_millis(300));
+    match consumer.try_recv() {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => panic!(
+            "the third large message was read meanwhile: {:?}",
+            other.map(|d| d.map(|d| d.queue))
+        ),
+    }
+    consumer.set_read_timeout(common::DEADLINE);
+    // A share comes free: the waiting frame is read, and both arrive.
+    holders[0].raw(last);
+    let arrived = [consumer.recv(), consumer.recv()];
+    assert!(arrived
+        .iter()
+        .all(|d| d.queue == "big" && d.content.len() == SIZE));
+    holders[1].raw(last);
+    assert_eq!(consumer.recv().content.len(), SIZE);
+    let _waiter = writing.join().expect("the waiter's write");
+    assert!(!server.log.text().contains("WARN"), "{}", server.log.text());
+}
+
 #[test]
 fn a_flood_of_bad_frames_logs_a_bounded_number_of_lines_and_counts_the_rest() {
     const OFFENDERS: usize = 300;

@@ -441,6 +441,21 @@ impl Client {
         }
     }
 
+    /// How long a read waits before it fails with a timeout (the default is the deadline).
+    pub fn set_read_timeout(&mut self, timeout: Duration) {
+        self.socket
+            .set_timeout(timeout)
+            .expect("set the read timeout");
+    }
+
+    /// This client's port, as the server sees it (TCP only).
+    pub fn port(&self) -> u16 {
+        self.local
+            .as_deref()
+            .and_then(|a| a.rsplit(':').next()?.parse().ok())
+            .expect("a TCP client")
+    }
+
     pub fn raw(&mut self, bytes: &[u8]) -> &mut Client {
         self.socket.write_all(bytes).expect("write to server");
         self
