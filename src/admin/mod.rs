@@ -12,7 +12,7 @@ pub mod names;
 mod render;
 
 pub use json::status_json;
-pub use render::status_text;
+pub use render::{status_text, status_text_at_most};
 
 use crate::broker::{Listing, QueueStatus, StoreUse, Totals};
 use crate::hub::BrokerDown;
@@ -22,6 +22,7 @@ use crate::storage::StorageStatus;
 use crate::store::Millis;
 use log::{debug, info};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What every reply ends with.
@@ -37,6 +38,8 @@ const POLL: Duration = Duration::from_millis(500);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often `monitor` redraws.
 const MONITOR_INTERVAL: Duration = Duration::from_millis(500);
+/// The most queues a `monitor` screen lists (by name); `status` lists them all.
+const MONITOR_ROWS: usize = 1000;
 
 /// A snapshot of the whole server.
 #[derive(Clone, Debug)]
@@ -67,6 +70,48 @@ pub trait Backend: Send + Sync {
     /// Moves the waiting messages of `<queue>.dead` back to `queue`: how many.
     fn redrive(&self, queue: &QueueName) -> Result<usize, BrokerDown>;
     fn stopping(&self) -> bool;
+    /// A status for `monitor`, which redraws on a timer: a server may share one snapshot
+    /// between sessions ([`SharedSnapshot`]).
+    fn monitor_status(&self) -> Result<Arc<Status>, BrokerDown> {
+        self.status().map(Arc::new)
+    }
+}
+
+/// One status snapshot shared by every `monitor`: however many sessions watch, the broker is
+/// looked at once per [`MONITOR_INTERVAL`] at most, and less often when a look is costly (a
+/// million queues): a tenth of the time at most goes to looking. Message traffic never waits
+/// for more monitors.
+#[derive(Default)]
+pub struct SharedSnapshot(Mutex<Option<Snapshot>>);
+
+struct Snapshot {
+    taken: Instant,
+    cost: Duration,
+    status: Arc<Status>,
+}
+
+impl SharedSnapshot {
+    /// The last snapshot if it is recent enough, else a new one from `take`. Sessions asking
+    /// meanwhile wait for it rather than take their own.
+    pub fn get(
+        &self,
+        take: impl FnOnce() -> Result<Status, BrokerDown>,
+    ) -> Result<Arc<Status>, BrokerDown> {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(last) = slot.as_ref() {
+            if last.taken.elapsed() < MONITOR_INTERVAL.max(last.cost * 10) {
+                return Ok(last.status.clone());
+            }
+        }
+        let started = Instant::now();
+        let status = Arc::new(take()?);
+        *slot = Some(Snapshot {
+            taken: Instant::now(),
+            cost: started.elapsed(),
+            status: status.clone(),
+        });
+        Ok(status)
+    }
 }
 
 /// What a command line asks for.
@@ -444,8 +489,8 @@ fn monitor(stream: &Stream, lines: &mut LineReader<'_>, backend: &dyn Backend) -
     let mut out = stream;
     stream.set_read_timeout(Some(MONITOR_INTERVAL))?;
     let result = loop {
-        let screen = match backend.status() {
-            Ok(status) => status_text(&status),
+        let screen = match backend.monitor_status() {
+            Ok(status) => status_text_at_most(&status, MONITOR_ROWS),
             Err(e) => format!("error: {e}\n"),
         };
         out.write_all(format!("\x1b[2J\x1b[H{screen}\ntype q and Enter to stop\n").as_bytes())?;

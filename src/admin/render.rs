@@ -41,6 +41,11 @@ fn duration(d: Duration) -> String {
 
 /// The human-readable status: the server, then a table of queues.
 pub fn status_text(status: &Status) -> String {
+    status_text_at_most(status, usize::MAX)
+}
+
+/// [`status_text`] with the first `rows` queues only (by name), and a line for the rest.
+pub fn status_text_at_most(status: &Status, rows: usize) -> String {
     let mut out = String::new();
     let t = &status.totals;
     let _ = writeln!(
@@ -143,6 +148,7 @@ pub fn status_text(status: &Status) -> String {
     let shown: Vec<_> = status
         .queues
         .iter()
+        .take(rows)
         .map(|q| names::display(q.name.as_str()))
         .collect();
     let width = shown
@@ -170,6 +176,10 @@ pub fn status_text(status: &Status) -> String {
             q.oldest_ready_ms.map(age).unwrap_or_else(|| "-".into()),
             q.delayed
         );
+    }
+    let rest = status.queues.len() - shown.len();
+    if rest > 0 {
+        let _ = writeln!(out, "... and {rest} more (status lists them all)");
     }
     let _ = writeln!(
         out,

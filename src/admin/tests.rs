@@ -215,3 +215,38 @@ fn redrive_answers_with_the_count_and_is_in_the_help() {
     );
     assert!(text("help redrive", &b).starts_with("redrive QUEUE\n"));
 }
+
+/// Monitors share one snapshot per interval, however many ask, and list at most so many
+/// queues.
+#[test]
+fn monitors_share_a_snapshot_and_list_a_screenful() {
+    let backend = fake();
+    let shared = SharedSnapshot::default();
+    let looks = std::cell::Cell::new(0);
+    let take = || {
+        looks.set(looks.get() + 1);
+        backend.status()
+    };
+    let first = shared.get(take).unwrap();
+    let second = shared.get(|| {
+        looks.set(looks.get() + 1);
+        backend.status()
+    });
+    assert_eq!(
+        looks.get(),
+        1,
+        "the second session reuses the first one's look"
+    );
+    assert!(Arc::ptr_eq(&first, &second.unwrap()));
+    let screen = status_text_at_most(&first, 2);
+    assert!(
+        screen.contains("Orders") && screen.contains("orders-eu"),
+        "{screen}"
+    );
+    assert!(!screen.contains("mail"), "{screen}");
+    assert!(
+        screen.contains("... and 1 more (status lists them all)\n(3 queues)"),
+        "{screen}"
+    );
+    assert!(!status_text(&first).contains("more"));
+}

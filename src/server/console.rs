@@ -9,6 +9,7 @@ use crate::hub::BrokerDown;
 use crate::request::QueueName;
 use crate::system;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 impl Backend for Shared {
     /// A near-snapshot: the queues are looked at a chunk per lock acquisition, in name order,
@@ -40,6 +41,11 @@ impl Backend for Shared {
             storage: self.storage.as_ref().map(|s| s.status()),
             now,
         })
+    }
+
+    /// One snapshot for every monitor at once.
+    fn monitor_status(&self) -> Result<Arc<Status>, BrokerDown> {
+        self.monitor_snapshot.get(|| self.status())
     }
 
     fn list_messages(&self, queue: &str, limit: usize) -> Result<Option<Listing>, BrokerDown> {

@@ -10,6 +10,7 @@ mod accept;
 mod console;
 mod shutdown;
 
+use crate::admin::SharedSnapshot;
 use crate::broker::Broker;
 use crate::config::{Config, ListenAddr};
 use crate::connection::{FrameBudget, Limits};
@@ -69,6 +70,8 @@ struct Shared {
     started: Instant,
     /// How storage is doing (`None` when messages are kept in memory only).
     storage: Option<Arc<dyn StatusSource>>,
+    /// The status every `monitor` session shares.
+    monitor_snapshot: SharedSnapshot,
 }
 
 /// Held by a thread the server cannot run without: if the thread ends (a panic included)
@@ -166,6 +169,7 @@ impl Server {
             console_sessions: Arc::default(),
             started: Instant::now(),
             storage: storage.as_ref().map(|s| s.status()),
+            monitor_snapshot: SharedSnapshot::default(),
         });
         Ok(Server {
             listeners,
