@@ -214,6 +214,13 @@ impl Backlog {
             || self.bytes.load(Ordering::Relaxed) > self.high_bytes
     }
 
+    /// Past twice the high-water mark: even a light producer waits ([`Backlog::is_high`] holds
+    /// back the heavy ones).
+    pub fn is_over_ceiling(&self) -> bool {
+        self.changes.load(Ordering::Relaxed) > self.high_changes.saturating_mul(2)
+            || self.bytes.load(Ordering::Relaxed) > self.high_bytes.saturating_mul(2)
+    }
+
     /// Down to half the high-water mark: waiting producers may go on.
     pub fn is_low(&self) -> bool {
         self.changes.load(Ordering::SeqCst) <= self.high_changes / 2

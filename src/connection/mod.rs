@@ -492,8 +492,11 @@ impl Session<'_, '_> {
                 self.start_writer()?;
             }
         }
-        if requests().any(|r| matches!(r, Request::Send { .. })) {
-            self.hub.wait_for_store(&self.peer);
+        let sends = requests()
+            .filter(|r| matches!(r, Request::Send { .. }))
+            .count();
+        if sends > 0 {
+            self.hub.wait_for_store(&self.peer, sends);
         }
         // The dialect is the wire's business: noted before the broker decides anything.
         for request in requests() {

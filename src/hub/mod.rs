@@ -160,6 +160,10 @@ struct State {
     open: bool,
 }
 
+/// The most sends in one batch of a producer that the store's backpressure does not hold back
+/// below its ceiling ([`Hub::wait_for_store`]). A stream of messages arrives many to a read.
+pub const LIGHT_BATCH: usize = 4;
+
 pub struct Hub {
     state: Mutex<State>,
     fatal: Sender<Fatal>,
@@ -273,8 +277,15 @@ impl Hub {
     /// always); once one is above, sleeps until all are down to half (their owners signal
     /// that), or the connection is closing ([`Hub::begin_close`] wakes it to see that; other
     /// reasons, such as a failed write, are seen within [`STORE_WAIT_RECHECK`]).
-    pub fn wait_for_store(&self, peer: &Peer) {
+    ///
+    /// A light producer (a batch of at most [`LIGHT_BATCH`] sends: a web request handing over
+    /// a job, say) is not held back for another's flood, unless a backlog is past twice its
+    /// mark: the flood waits, the job goes through, and memory stays bounded all the same.
+    pub fn wait_for_store(&self, peer: &Peer, sends: usize) {
         if !self.store_backlogs.iter().any(|b| b.is_high()) {
+            return;
+        }
+        if sends <= LIGHT_BATCH && !self.store_backlogs.iter().any(|b| b.is_over_ceiling()) {
             return;
         }
         // Each round sleeps on one backlog that is not low yet; done when all are low at once.

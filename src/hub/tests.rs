@@ -20,12 +20,13 @@ fn producers_wait_while_the_store_is_far_behind() {
     let backlog = Arc::new(Backlog::default());
     let hub = hub_behind(&backlog);
     let (peer, _client) = peer();
-    hub.wait_for_store(&peer); // nothing pending: returns at once
+    let heavy = LIGHT_BATCH + 1;
+    hub.wait_for_store(&peer, heavy); // nothing pending: returns at once
     backlog.add(64 << 20);
     let (done, finished) = crossbeam_channel::bounded(1);
     thread::scope(|scope| {
         scope.spawn(|| {
-            hub.wait_for_store(&peer);
+            hub.wait_for_store(&peer, heavy);
             let _ = done.send(());
         });
         assert!(
@@ -33,6 +34,34 @@ fn producers_wait_while_the_store_is_far_behind() {
             "went on while the store was 64 MiB behind"
         );
         backlog.remove(1, 64 << 20);
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("still waiting once the store caught up");
+    });
+}
+
+/// A light producer is not held back for another's flood, below twice the mark; past it, it
+/// waits too.
+#[test]
+fn a_light_producer_waits_only_past_twice_the_mark() {
+    let backlog = Arc::new(Backlog::default());
+    let hub = hub_behind(&backlog);
+    let (peer, _client) = peer();
+    backlog.add(64 << 20);
+    assert!(backlog.is_high());
+    hub.wait_for_store(&peer, LIGHT_BATCH); // returns at once
+    backlog.add(1);
+    let (done, finished) = crossbeam_channel::bounded(1);
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            hub.wait_for_store(&peer, 1);
+            let _ = done.send(());
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_millis(50)).is_err(),
+            "a light producer went on past twice the mark"
+        );
+        backlog.remove(2, (64 << 20) + 1);
         finished
             .recv_timeout(Duration::from_secs(10))
             .expect("still waiting once the store caught up");
@@ -92,7 +121,7 @@ fn a_closing_connection_does_not_wait() {
     let hub = hub_behind(&backlog);
     let (peer, _client) = peer();
     peer.closing.store(true, Ordering::Relaxed);
-    hub.wait_for_store(&peer);
+    hub.wait_for_store(&peer, LIGHT_BATCH + 1);
     assert!(backlog.is_high(), "returned without the store catching up");
 }
 
