@@ -83,7 +83,7 @@ const KEEPALIVE_PROBES: u32 = 6;
 
 /// Has the kernel find a TCP peer gone whose host vanished without a FIN or a reset (powered
 /// off, unplugged, a NAT that forgot it): after `idle` without a segment it probes,
-/// [`KEEPALIVE_PROBES`] times `idle / 6` apart (at least a second), and gives up on a peer
+/// six times (`KEEPALIVE_PROBES`) `idle / 6` apart (at least a second), and gives up on a peer
 /// that answers none, about twice `idle` after it went silent. Data sent and never
 /// acknowledged (dispatches to a consumer that vanished) is given up on after as long
 /// (`TCP_USER_TIMEOUT`): keepalive only probes a connection with nothing in flight. The

@@ -78,7 +78,7 @@ pub trait Backend: Send + Sync {
 }
 
 /// One status snapshot shared by every `monitor`: however many sessions watch, the broker is
-/// looked at once per [`MONITOR_INTERVAL`] at most, and less often when a look is costly (a
+/// looked at once per redraw (`MONITOR_INTERVAL`) at most, and less often when a look is costly (a
 /// million queues): a tenth of the time at most goes to looking. Message traffic never waits
 /// for more monitors.
 #[derive(Default)]
