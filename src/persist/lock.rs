@@ -104,18 +104,16 @@ impl DbLock {
     /// Marks the file as mirrored to until [`DbLock::mark_finished`]; synced, so that a power
     /// loss is told at the next start too.
     pub fn mark_mirroring(&mut self) -> Result<(), PersistError> {
-        self.write(MIRRORING)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|source| PersistError::Io {
-                action: "write",
-                path: self.path.clone(),
-                source,
-            })
+        self.write_synced(MIRRORING)
     }
 
     /// The final mirror completed: the next start finds nothing amiss.
     pub fn mark_finished(&mut self) -> Result<(), PersistError> {
-        self.write("")
+        self.write_synced("")
+    }
+
+    fn write_synced(&mut self, mark: &str) -> Result<(), PersistError> {
+        self.write(mark)
             .and_then(|()| self.file.sync_data())
             .map_err(|source| PersistError::Io {
                 action: "write",
