@@ -1772,3 +1772,24 @@ fn resumes_take_a_consumers_queues_in_turn() {
         "b gets its turn while a still has a backlog"
     );
 }
+
+/// The queue map gives its room back once most queues are gone (a million queues flushed
+/// kept hundreds of megabytes).
+#[test]
+fn the_queue_map_shrinks_as_queues_go() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    for i in 0..20_000 {
+        send(&mut b, &format!("q{i}"), "x", &mut out);
+    }
+    let full = b.queues.capacity();
+    assert!(full >= 20_000);
+    let (_, flushed, _) = b.flush_after(None, usize::MAX, 0, &mut out);
+    assert_eq!(flushed, 20_000);
+    assert!(b.queues.is_empty());
+    assert!(
+        b.queues.capacity() <= 4 * MIN_QUEUE_CAPACITY,
+        "{} of {full} kept",
+        b.queues.capacity()
+    );
+}

@@ -85,6 +85,8 @@ impl Backend for Shared {
             messages += m;
             queues += q;
             if q < FLUSH_CHUNK {
+                // What the queues and messages took is free now: hand it back to the system.
+                crate::memory::release_free_pages();
                 return Ok((messages, queues));
             }
             after = last;
