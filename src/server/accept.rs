@@ -37,10 +37,19 @@ pub struct ConnectionCount {
 }
 
 impl ConnectionCount {
-    fn try_acquire(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {
+    /// A slot if fewer than `max` are taken, waiting up to `grace` for one to come free.
+    fn acquire_within(self: &Arc<Self>, max: usize, grace: Duration) -> Option<ConnectionSlot> {
+        let deadline = Instant::now() + grace;
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if *live >= max {
-            return None;
+        while *live >= max {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            live = match self.changed.wait_timeout(live, left) {
+                Ok((guard, _)) => guard,
+                Err(p) => p.into_inner().0,
+            };
         }
         *live += 1;
         Some(ConnectionSlot(self.clone()))
@@ -67,6 +76,11 @@ impl ConnectionCount {
         true
     }
 }
+
+/// How long a client past the limit waits for a slot before it is refused: a client that
+/// closes and connects again at once (a PHP worker per job, say) would otherwise find its
+/// old connection's slot still taken, for the few milliseconds its thread takes to end.
+const SLOT_GRACE: Duration = Duration::from_millis(100);
 
 /// One counted connection; released when dropped, even if its thread panics.
 struct ConnectionSlot(Arc<ConnectionCount>);
@@ -267,7 +281,7 @@ impl Failing {
 /// first, here, so a shutdown that follows always waits for it).
 fn start_connection(shared: &Arc<Shared>, endpoint: Endpoint, stream: Stream, peer: String) {
     let (pool, limit) = endpoint.pool(shared);
-    let Some(slot) = pool.try_acquire(limit) else {
+    let Some(slot) = pool.acquire_within(limit, SLOT_GRACE) else {
         let what = match endpoint {
             Endpoint::Messages => "connections",
             Endpoint::Console => {

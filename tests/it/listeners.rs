@@ -439,3 +439,21 @@ fn is_served(client: &mut Client) -> bool {
     );
     client.try_raw(&frames).is_ok() && matches!(client.try_recv(), Ok(Some(_)))
 }
+
+/// At the connection limit, a client that closes and connects again at once (a PHP worker
+/// per job) is not refused for the moment its old connection's slot takes to come free: no
+/// v1.0 send, which could not be told of a refusal, is lost.
+#[test]
+fn a_client_reconnecting_at_the_limit_waits_for_its_old_slot() {
+    const ROUNDS: usize = 100;
+    let server = TestServer::start(&["--max-connections", "1"]);
+    for i in 0..ROUNDS {
+        let mut client = server.tcp_client();
+        client.send("churn", format!("{i}").as_bytes());
+    }
+    let mut consumer = server.tcp_client();
+    consumer.consume("churn", ROUNDS as u64);
+    let got: Vec<String> = (0..ROUNDS).map(|_| consumer.recv().text()).collect();
+    let expected: Vec<String> = (0..ROUNDS).map(|i| i.to_string()).collect();
+    assert_eq!(got, expected, "{}", server.log.text());
+}
