@@ -13,7 +13,7 @@
 //! thread panicked inside the broker, whose state may then be half-changed) is fatal: it is
 //! reported once on the fatal channel and the server shuts down rather than run half-alive.
 
-use crate::broker::{Broker, ConnId, Delivery, EndedBy};
+use crate::broker::{Broker, ConnId, Delivery, EndedBy, EXPIRE_BATCH};
 use crate::codec::Dialect;
 use crate::hello::Features;
 use crate::refusal::Refusal;
@@ -517,9 +517,15 @@ impl Hub {
         let mut deliveries = Vec::new();
         let (wait, routed) = {
             let mut state = self.lock()?;
-            state.broker.expire(now);
+            let expired = state.broker.expire(now);
             state.broker.fire_timers(now, &mut deliveries);
-            let next = state.broker.next_deadline();
+            // A full batch of expiries leaves more: the next sweep comes at once, rather than
+            // let a million expired messages count as ready for a minute.
+            let next = if expired >= EXPIRE_BATCH {
+                Some(now)
+            } else {
+                state.broker.next_deadline()
+            };
             let wait = next
                 .map_or(longest, |at| {
                     Duration::from_millis(at.saturating_sub(now)).min(longest)

@@ -300,3 +300,29 @@ fn a_dispatch_that_sets_an_early_lease_wakes_the_sweeper() {
     .unwrap();
     assert!(hub.timer_wake_ups().try_recv().is_ok(), "ends before it");
 }
+
+/// Expiries past one batch bring the next sweep forward: what expired does not linger as
+/// ready until the next tick.
+#[test]
+fn a_full_batch_of_expiries_brings_the_next_sweep_forward() {
+    let hub = hub();
+    let queue = crate::request::QueueName::new(b"short").unwrap();
+    hub.modify(|broker, now, out| {
+        for _ in 0..EXPIRE_BATCH + 1 {
+            // Sent a minute ago with a TTL of one second.
+            broker.send(
+                queue.clone(),
+                Arc::from(&b"x"[..]),
+                Some(1),
+                None,
+                now - 60_000,
+                out,
+            );
+        }
+    })
+    .unwrap();
+    let (longest, shortest) = (Duration::from_millis(250), Duration::from_millis(1));
+    assert_eq!(hub.sweep(longest, shortest), Ok(shortest), "more to expire");
+    assert_eq!(hub.sweep(longest, shortest), Ok(longest), "all expired");
+    assert_eq!(hub.read(|broker, _| broker.message_count()), Ok(0));
+}
