@@ -514,14 +514,17 @@ impl Hub {
     /// the sweeper ([`Hub::timer_wake_ups`]).
     pub fn sweep(&self, longest: Duration, shortest: Duration) -> Result<Duration, BrokerDown> {
         let now = now_millis();
+        let started = std::time::Instant::now();
         let mut deliveries = Vec::new();
         let (wait, routed) = {
             let mut state = self.lock()?;
             let expired = state.broker.expire(now);
             state.broker.fire_timers(now, &mut deliveries);
-            // A full batch of expiries leaves more: the next sweep comes at once, rather than
-            // let a million expired messages count as ready for a minute.
-            let next = if expired >= EXPIRE_BATCH {
+            // A full batch of expiries leaves more: the next sweep comes as soon as the lock
+            // has been left to the others as long as this one held it, rather than let a
+            // million expired messages count as ready for half a minute.
+            let more = expired >= EXPIRE_BATCH;
+            let next = if more {
                 Some(now)
             } else {
                 state.broker.next_deadline()
@@ -530,12 +533,18 @@ impl Hub {
                 .map_or(longest, |at| {
                     Duration::from_millis(at.saturating_sub(now)).min(longest)
                 })
-                .max(shortest);
+                .max(if more {
+                    started.elapsed().clamp(shortest, longest)
+                } else {
+                    shortest
+                });
             // A deadline already passed is planned as it is: the sweep after the shortest
             // wait takes it, with no wake-up for it meanwhile.
             let planned = now.saturating_add(wait.as_millis() as Millis);
-            self.sweep_plan
-                .plan(next.map_or(planned, |at| at.min(planned)));
+            self.sweep_plan.plan(match next {
+                Some(at) if !more => at.min(planned),
+                _ => planned,
+            });
             (wait, route(&state.peers, deliveries))
         };
         self.deliver(routed);
