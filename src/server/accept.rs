@@ -34,16 +34,28 @@ const QUEUED_AT_STOP: usize = 4096;
 pub struct ConnectionCount {
     live: Mutex<usize>,
     changed: Condvar,
+    /// When a client was last refused: past the limit under a flood of clients, the accept
+    /// thread must not wait for a slot per client.
+    last_refused: Mutex<Option<Instant>>,
 }
 
 impl ConnectionCount {
-    /// A slot if fewer than `max` are taken, waiting up to `grace` for one to come free.
+    /// A slot if fewer than `max` are taken, waiting up to `grace` for one to come free, but
+    /// not if a client was refused within the last second: a lone client reconnecting at the
+    /// limit is waited for, a flood past it is refused at once.
     fn acquire_within(self: &Arc<Self>, max: usize, grace: Duration) -> Option<ConnectionSlot> {
-        let deadline = Instant::now() + grace;
+        let now = Instant::now();
+        let mut last_refused = self.last_refused.lock().unwrap_or_else(|p| p.into_inner());
+        let grace = match *last_refused {
+            Some(at) if now.duration_since(at) < REFUSALS_APART => Duration::ZERO,
+            _ => grace,
+        };
+        let deadline = now + grace;
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         while *live >= max {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                *last_refused = Some(Instant::now());
                 return None;
             }
             live = match self.changed.wait_timeout(live, left) {
@@ -80,7 +92,9 @@ impl ConnectionCount {
 /// How long a client past the limit waits for a slot before it is refused: a client that
 /// closes and connects again at once (a PHP worker per job, say) would otherwise find its
 /// old connection's slot still taken, for the few milliseconds its thread takes to end.
-const SLOT_GRACE: Duration = Duration::from_millis(100);
+const SLOT_GRACE: Duration = Duration::from_millis(250);
+/// No grace for a client past the limit within this long of the last refusal.
+const REFUSALS_APART: Duration = Duration::from_secs(1);
 
 /// One counted connection; released when dropped, even if its thread panics.
 struct ConnectionSlot(Arc<ConnectionCount>);
@@ -281,7 +295,13 @@ impl Failing {
 /// first, here, so a shutdown that follows always waits for it).
 fn start_connection(shared: &Arc<Shared>, endpoint: Endpoint, stream: Stream, peer: String) {
     let (pool, limit) = endpoint.pool(shared);
-    let Some(slot) = pool.acquire_within(limit, SLOT_GRACE) else {
+    // Once the stop began no slot comes free before the queued clients are taken: no wait.
+    let grace = if shared.stopping.load(Ordering::SeqCst) {
+        Duration::ZERO
+    } else {
+        SLOT_GRACE
+    };
+    let Some(slot) = pool.acquire_within(limit, grace) else {
         let what = match endpoint {
             Endpoint::Messages => "connections",
             Endpoint::Console => {

@@ -445,7 +445,7 @@ fn is_served(client: &mut Client) -> bool {
 /// v1.0 send, which could not be told of a refusal, is lost.
 #[test]
 fn a_client_reconnecting_at_the_limit_waits_for_its_old_slot() {
-    const ROUNDS: usize = 100;
+    const ROUNDS: usize = 30;
     let server = TestServer::start(&["--max-connections", "1"]);
     for i in 0..ROUNDS {
         let mut client = server.tcp_client();
