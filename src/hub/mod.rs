@@ -164,6 +164,10 @@ struct State {
 /// below its ceiling ([`Hub::wait_for_store`]). A stream of messages arrives many to a read.
 pub const LIGHT_BATCH: usize = 4;
 
+/// The longest pause between two sweeps while expired messages are left to drop: short of
+/// the 250 ms a lease may be taken back late (v1.2 rule 7).
+const EXPIRY_PAUSE: Duration = Duration::from_millis(50);
+
 pub struct Hub {
     state: Mutex<State>,
     fatal: Sender<Fatal>,
@@ -184,27 +188,39 @@ pub struct Hub {
 
 /// The hub's state, locked. As the lock is let go, a deadline the broker got before the
 /// sweeper's planned sweep wakes the sweeper, whichever path set it.
+/// The sweeper's own lock has no plan to compare with: it plans as it sweeps.
 struct Locked<'a> {
-    state: MutexGuard<'a, State>,
-    sweep_plan: &'a SweepPlan,
+    /// Held until dropped; taken out there so that the sweeper is woken after the lock is let
+    /// go, not under it.
+    state: Option<MutexGuard<'a, State>>,
+    sweep_plan: Option<&'a SweepPlan>,
 }
 
 impl std::ops::Deref for Locked<'_> {
     type Target = State;
     fn deref(&self) -> &State {
-        &self.state
+        self.state.as_ref().expect("held until dropped")
     }
 }
 
 impl std::ops::DerefMut for Locked<'_> {
     fn deref_mut(&mut self) -> &mut State {
-        &mut self.state
+        self.state.as_mut().expect("held until dropped")
     }
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        self.sweep_plan.note(self.state.broker.next_deadline());
+        let Some(state) = self.state.take() else {
+            return;
+        };
+        let wake = self
+            .sweep_plan
+            .is_some_and(|plan| plan.note(state.broker.next_deadline()));
+        drop(state);
+        if let (true, Some(plan)) = (wake, self.sweep_plan) {
+            plan.wake();
+        }
     }
 }
 
@@ -302,10 +318,17 @@ impl Hub {
     }
 
     fn lock(&self) -> Result<Locked<'_>, BrokerDown> {
+        self.lock_with(Some(&self.sweep_plan))
+    }
+
+    fn lock_with<'a>(
+        &'a self,
+        sweep_plan: Option<&'a SweepPlan>,
+    ) -> Result<Locked<'a>, BrokerDown> {
         match self.state.lock() {
             Ok(state) => Ok(Locked {
-                state,
-                sweep_plan: &self.sweep_plan,
+                state: Some(state),
+                sweep_plan,
             }),
             Err(_) => {
                 let _ = self.fatal.try_send(Fatal::BrokerDown);
@@ -517,34 +540,26 @@ impl Hub {
         let started = std::time::Instant::now();
         let mut deliveries = Vec::new();
         let (wait, routed) = {
-            let mut state = self.lock()?;
+            // Not noted as it is let go: this sweep plans the next itself, below.
+            let mut state = self.lock_with(None)?;
             let expired = state.broker.expire(now);
             state.broker.fire_timers(now, &mut deliveries);
-            // A full batch of expiries leaves more: the next sweep comes as soon as the lock
-            // has been left to the others as long as this one held it, rather than let a
-            // million expired messages count as ready for half a minute.
-            let more = expired >= EXPIRE_BATCH;
-            let next = if more {
-                Some(now)
-            } else {
-                state.broker.next_deadline()
-            };
-            let wait = next
-                .map_or(longest, |at| {
-                    Duration::from_millis(at.saturating_sub(now)).min(longest)
-                })
-                .max(if more {
-                    started.elapsed().clamp(shortest, longest)
-                } else {
-                    shortest
-                });
+            let next = state.broker.next_deadline();
+            let mut wait = next.map_or(longest, |at| {
+                Duration::from_millis(at.saturating_sub(now)).min(longest)
+            });
+            if expired >= EXPIRE_BATCH {
+                // More have expired: the next sweep comes once the lock has been left to the
+                // others as long as this one held it (at most EXPIRY_PAUSE), rather than let
+                // a million expired messages count as ready for half a minute.
+                wait = wait.min(started.elapsed().min(EXPIRY_PAUSE));
+            }
+            let wait = wait.max(shortest);
             // A deadline already passed is planned as it is: the sweep after the shortest
             // wait takes it, with no wake-up for it meanwhile.
             let planned = now.saturating_add(wait.as_millis() as Millis);
-            self.sweep_plan.plan(match next {
-                Some(at) if !more => at.min(planned),
-                _ => planned,
-            });
+            self.sweep_plan
+                .plan(next.map_or(planned, |at| at.min(planned)));
             (wait, route(&state.peers, deliveries))
         };
         self.deliver(routed);

@@ -30,18 +30,25 @@ impl Default for SweepPlan {
 }
 
 impl SweepPlan {
-    /// With the broker's next deadline, under its lock: wakes the sweeper if that comes
-    /// before its planned sweep. Costs a comparison when it does not.
-    pub fn note(&self, next_deadline: Option<Millis>) {
+    /// With the broker's next deadline, under its lock: whether it comes before the planned
+    /// sweep, and the sweeper is to be woken ([`SweepPlan::wake`], once the lock is let go).
+    /// Costs a comparison when it does not.
+    pub fn note(&self, next_deadline: Option<Millis>) -> bool {
         let Some(at) = next_deadline else {
-            return;
+            return false;
         };
-        if at < self.planned.load(Ordering::Relaxed) {
-            // The sweeper sweeps at once and plans anew; meanwhile no second wake-up.
-            self.planned.store(at, Ordering::Relaxed);
-            // Full means a wake-up is already waiting.
-            let _ = self.wake.try_send(());
+        if at >= self.planned.load(Ordering::Relaxed) {
+            return false;
         }
+        // The sweeper sweeps at once and plans anew; meanwhile no second wake-up.
+        self.planned.store(at, Ordering::Relaxed);
+        true
+    }
+
+    /// Wakes the sweeper to sweep now.
+    pub fn wake(&self) {
+        // Full means a wake-up is already waiting.
+        let _ = self.wake.try_send(());
     }
 
     /// The sweeper's next sweep is at `at` (under the broker's lock).
@@ -62,27 +69,20 @@ mod tests {
     #[test]
     fn only_a_deadline_before_the_planned_sweep_wakes_the_sweeper_and_only_once() {
         let plan = SweepPlan::default();
-        plan.note(Some(5_000));
-        assert!(
-            plan.wake_ups().try_recv().is_ok(),
-            "before the first sweep: at once"
-        );
+        assert!(plan.note(Some(5_000)), "before the first sweep: at once");
         plan.plan(1_250);
-        plan.note(None);
-        plan.note(Some(1_250));
-        plan.note(Some(30_000));
-        assert!(plan.wake_ups().try_recv().is_err(), "none before the plan");
-        plan.note(Some(1_001));
-        plan.note(Some(1_100));
+        assert!(!plan.note(None));
+        assert!(!plan.note(Some(1_250)));
+        assert!(!plan.note(Some(30_000)), "none before the plan");
+        assert!(plan.note(Some(1_001)));
+        assert!(!plan.note(Some(1_100)), "the second is no earlier");
+        assert!(plan.note(Some(1_000)), "an earlier one still does");
+        plan.wake();
+        plan.wake();
         assert!(plan.wake_ups().try_recv().is_ok());
         assert!(
             plan.wake_ups().try_recv().is_err(),
-            "the second is no earlier"
-        );
-        plan.note(Some(1_000));
-        assert!(
-            plan.wake_ups().try_recv().is_ok(),
-            "an earlier one still does"
+            "one wake-up waits at most"
         );
     }
 }
