@@ -105,7 +105,7 @@ struct Args {
     max_stored_bytes: u64,
 
     /// the most memory that messages still arriving may take, all connections together, in
-    /// bytes (default 268435456 = 256 MiB; at least twice --max-message-size plus 512 KiB); a
+    /// bytes (default 268435456 = 256 MiB; at least twice --max-message-size plus 640 KiB); a
     /// message larger than 256 KiB that does not fit waits, unread, until it does, or until
     /// --frame-timeout-ms ends its connection
     #[argh(option, default = "connection::DEFAULT_FRAME_BUDGET")]
@@ -166,7 +166,7 @@ fn main() -> ExitCode {
     if args.frame_memory < least_frame_memory {
         eprintln!(
             "phpmq-server: --frame-memory must be at least {least_frame_memory} bytes (twice \
-             --max-message-size plus 512 KiB), so that the largest message always fits"
+             --max-message-size plus 640 KiB), so that the largest message always fits"
         );
         return ExitCode::FAILURE;
     }

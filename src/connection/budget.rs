@@ -13,6 +13,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// buffer anyway (four read buffers).
 pub const FREE_FRAME: usize = 4 * super::READ_BUFFER;
 
+/// What a share takes beyond the packet under way, for the small packets that may follow it
+/// in the frame (every packet but the content is at most 4 KiB, each type at most once).
+pub const FRAME_TAIL: usize = 64 << 10;
+
 /// The budget's size by default (`--frame-memory`): 256 MiB.
 pub const DEFAULT_FRAME_BUDGET: usize = 256 << 20;
 
@@ -20,7 +24,7 @@ pub const DEFAULT_FRAME_BUDGET: usize = 256 << 20;
 /// of the largest, so that one that fits alone never waits for ever.
 pub fn least_frame_budget(max_message_size: usize) -> usize {
     max_message_size
-        .saturating_add(FREE_FRAME)
+        .saturating_add(FREE_FRAME + FRAME_TAIL)
         .saturating_mul(2)
 }
 
@@ -76,6 +80,9 @@ mod tests {
         assert!(
             least_frame_budget(crate::config::DEFAULT_MAX_MESSAGE_SIZE) <= DEFAULT_FRAME_BUDGET
         );
-        assert_eq!(least_frame_budget(1000), 2 * (1000 + FREE_FRAME));
+        assert_eq!(
+            least_frame_budget(1000),
+            2 * (1000 + FREE_FRAME + FRAME_TAIL)
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! A connection's reading side: accumulates bytes from the socket, cuts them into requests,
 //! and enforces the frame timeout, the idle timeout and the shutdown's hang-up.
 
-use super::budget::FREE_FRAME;
+use super::budget::{FRAME_TAIL, FREE_FRAME};
 use super::{End, Limits, QUIET, READ_BUFFER};
 use crate::codec::{self, Decoded, Dialect};
 use crate::hub::{Incoming, Peer};
@@ -64,18 +64,20 @@ impl FrameReader {
     /// [`FREE_FRAME`] of it is in, and on from there once it holds a share of the budget as
     /// large as the whole frame (taken whole, or not at all). A frame only declared costs
     /// nothing; one that got its share always has the memory to complete.
+    ///
+    /// `needed` runs to the end of the packet under way, not of the frame: small packets may
+    /// follow the content (a TTL, a delay). The share takes [`FRAME_TAIL`] more for them, and
+    /// a frame that holds one never waits again, or two frames that fill the budget could each
+    /// wait for the other's last bytes.
     fn has_budget(&mut self) -> bool {
-        if self.needed <= FREE_FRAME
-            || self.budget_share >= self.needed
-            || self.buffered() < FREE_FRAME
-        {
+        if self.needed <= FREE_FRAME || self.budget_share > 0 || self.buffered() < FREE_FRAME {
             return true;
         }
-        let more = self.needed - self.budget_share;
-        if !self.limits.frame_budget.try_take(more) {
+        let share = self.needed.saturating_add(FRAME_TAIL);
+        if !self.limits.frame_budget.try_take(share) {
             return false;
         }
-        self.budget_share = self.needed;
+        self.budget_share = share;
         true
     }
 

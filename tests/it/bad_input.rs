@@ -392,12 +392,12 @@ fn a_declared_length_commits_no_memory_until_the_bytes_come() {
 #[test]
 fn large_frames_under_way_share_a_bounded_memory() {
     const SIZE: usize = 1_000_000;
-    // The least --frame-memory allows for SIZE (two frames of it, plus 512 KiB), not three.
+    // The least --frame-memory allows for SIZE (two frames of it, plus 640 KiB), not three.
     let server = TestServer::start(&[
         "--max-message-size",
         "1000000",
         "--frame-memory",
-        "2600000",
+        "2700000",
         "--frame-timeout-ms",
         "60000",
     ]);
@@ -419,7 +419,9 @@ fn large_frames_under_way_share_a_bounded_memory() {
     }
     common::wait_until("the server to read the two held frames", || {
         let unread = common::tcp_unread(port);
-        holders.iter().all(|h| unread.get(&h.port()) == Some(&0))
+        holders
+            .iter()
+            .all(|h| unread.get(&h.port()) == Some(&0) && common::tcp_unsent(h.port()) == Some(0))
     });
     let mut waiter = server.tcp_client();
     let waiter_port = waiter.port();

@@ -834,3 +834,17 @@ pub fn tcp_unread(server_port: u16) -> std::collections::HashMap<u16, u64> {
         })
         .collect()
 }
+
+/// Bytes a local TCP socket on `port` has sent and not had acknowledged, or not sent yet
+/// (`tx_queue` in `/proc/net/tcp`); `None` if no such socket is established.
+pub fn tcp_unsent(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = fields.get(1)?.split(':').nth(1)?;
+        if *fields.get(3)? != "01" || u16::from_str_radix(local_port, 16).ok()? != port {
+            return None;
+        }
+        u64::from_str_radix(fields.get(4)?.split(':').next()?, 16).ok()
+    })
+}
