@@ -492,11 +492,12 @@ impl Session<'_, '_> {
                 self.start_writer()?;
             }
         }
-        let sends = requests()
-            .filter(|r| matches!(r, Request::Send { .. }))
-            .count();
+        let (sends, bytes) = requests().fold((0, 0), |(n, b), r| match r {
+            Request::Send { content, .. } => (n + 1, b + content.len()),
+            _ => (n, b),
+        });
         if sends > 0 {
-            self.hub.wait_for_store(&self.peer, sends);
+            self.hub.wait_for_store(&self.peer, sends, bytes);
         }
         // The dialect is the wire's business: noted before the broker decides anything.
         for request in requests() {

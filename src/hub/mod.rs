@@ -163,6 +163,8 @@ struct State {
 /// The most sends in one batch of a producer that the store's backpressure does not hold back
 /// below its ceiling ([`Hub::wait_for_store`]). A stream of messages arrives many to a read.
 pub const LIGHT_BATCH: usize = 4;
+/// ...and the most content bytes in it: a flood of large messages arrives few to a read.
+pub const LIGHT_BYTES: usize = 64 << 10;
 
 /// The longest pause between two sweeps while expired messages are left to drop: short of
 /// the 250 ms a lease may be taken back late (v1.2 rule 7).
@@ -294,14 +296,16 @@ impl Hub {
     /// that), or the connection is closing ([`Hub::begin_close`] wakes it to see that; other
     /// reasons, such as a failed write, are seen within [`STORE_WAIT_RECHECK`]).
     ///
-    /// A light producer (a batch of at most [`LIGHT_BATCH`] sends: a web request handing over
-    /// a job, say) is not held back for another's flood, unless a backlog is past twice its
-    /// mark: the flood waits, the job goes through, and memory stays bounded all the same.
-    pub fn wait_for_store(&self, peer: &Peer, sends: usize) {
+    /// A light producer (a batch of at most [`LIGHT_BATCH`] sends and [`LIGHT_BYTES`] of
+    /// content: a web request handing over a job, say) is not held back for another's flood,
+    /// unless a backlog is past twice its mark: the flood waits, the job goes through, and
+    /// memory stays bounded all the same.
+    pub fn wait_for_store(&self, peer: &Peer, sends: usize, bytes: usize) {
         if !self.store_backlogs.iter().any(|b| b.is_high()) {
             return;
         }
-        if sends <= LIGHT_BATCH && !self.store_backlogs.iter().any(|b| b.is_over_ceiling()) {
+        let light = sends <= LIGHT_BATCH && bytes <= LIGHT_BYTES;
+        if light && !self.store_backlogs.iter().any(|b| b.is_over_ceiling()) {
             return;
         }
         // Each round sleeps on one backlog that is not low yet; done when all are low at once.

@@ -21,12 +21,12 @@ fn producers_wait_while_the_store_is_far_behind() {
     let hub = hub_behind(&backlog);
     let (peer, _client) = peer();
     let heavy = LIGHT_BATCH + 1;
-    hub.wait_for_store(&peer, heavy); // nothing pending: returns at once
+    hub.wait_for_store(&peer, heavy, 0); // nothing pending: returns at once
     backlog.add(64 << 20);
     let (done, finished) = crossbeam_channel::bounded(1);
     thread::scope(|scope| {
         scope.spawn(|| {
-            hub.wait_for_store(&peer, heavy);
+            hub.wait_for_store(&peer, heavy, 0);
             let _ = done.send(());
         });
         assert!(
@@ -49,12 +49,12 @@ fn a_light_producer_waits_only_past_twice_the_mark() {
     let (peer, _client) = peer();
     backlog.add(64 << 20);
     assert!(backlog.is_high());
-    hub.wait_for_store(&peer, LIGHT_BATCH); // returns at once
+    hub.wait_for_store(&peer, LIGHT_BATCH, LIGHT_BYTES); // returns at once
     backlog.add(1);
     let (done, finished) = crossbeam_channel::bounded(1);
     thread::scope(|scope| {
         scope.spawn(|| {
-            hub.wait_for_store(&peer, 1);
+            hub.wait_for_store(&peer, 1, 10);
             let _ = done.send(());
         });
         assert!(
@@ -121,7 +121,7 @@ fn a_closing_connection_does_not_wait() {
     let hub = hub_behind(&backlog);
     let (peer, _client) = peer();
     peer.closing.store(true, Ordering::Relaxed);
-    hub.wait_for_store(&peer, LIGHT_BATCH + 1);
+    hub.wait_for_store(&peer, LIGHT_BATCH + 1, 0);
     assert!(backlog.is_high(), "returned without the store catching up");
 }
 
