@@ -781,7 +781,8 @@ impl Broker {
             // were flushed it kept hundreds of megabytes. Halved once it is a quarter full, so
             // the rehash is paid for by the removals before it.
             if self.queues.capacity() > 4 * self.queues.len().max(MIN_QUEUE_CAPACITY) {
-                self.queues.shrink_to(2 * self.queues.len());
+                self.queues
+                    .shrink_to((2 * self.queues.len()).max(MIN_QUEUE_CAPACITY));
             }
         }
     }
