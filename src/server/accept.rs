@@ -50,21 +50,26 @@ impl ConnectionCount {
             Some(at) if now.duration_since(at) < REFUSALS_APART => Duration::ZERO,
             _ => grace,
         };
-        let deadline = now + grace;
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        while *live >= max {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                *last_refused = Some(Instant::now());
-                return None;
-            }
-            live = match self.changed.wait_timeout(live, left) {
-                Ok((guard, _)) => guard,
-                Err(p) => p.into_inner().0,
-            };
-        }
+        let Some(mut live) = self.wait_while(grace, |live| live >= max) else {
+            *last_refused = Some(Instant::now());
+            return None;
+        };
         *live += 1;
         Some(ConnectionSlot(self.clone()))
+    }
+
+    /// The count, once `busy` no longer holds of it; `None` if it still does after `timeout`.
+    fn wait_while(
+        &self,
+        timeout: Duration,
+        busy: impl Fn(usize) -> bool,
+    ) -> Option<std::sync::MutexGuard<'_, usize>> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let (live, _) = self
+            .changed
+            .wait_timeout_while(live, timeout, |live| busy(*live))
+            .unwrap_or_else(|p| p.into_inner());
+        (!busy(*live)).then_some(live)
     }
 
     pub fn live(&self) -> usize {
@@ -73,19 +78,7 @@ impl ConnectionCount {
 
     /// Waits until no connection is left; false on timeout.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        while *live > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            live = match self.changed.wait_timeout(live, left) {
-                Ok((guard, _)) => guard,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        true
+        self.wait_while(timeout, |live| live > 0).is_some()
     }
 }
 
