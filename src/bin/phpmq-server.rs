@@ -26,17 +26,18 @@ struct Args {
     #[argh(option, from_str_fn(parse_listen))]
     listen: Vec<ListenAddr>,
 
-    /// maintenance console address, repeatable, same forms as --listen, or "none" to turn the
-    /// console off (default 127.0.0.1:9101)
+    /// maintenance console address, repeatable, same forms as --listen, or "none" alone to
+    /// turn the console off (default 127.0.0.1:9101)
     #[argh(option, from_str_fn(parse_admin))]
     admin: Vec<Option<ListenAddr>>,
 
-    /// most clients connected at once; more are refused (default 1024)
+    /// most clients connected at once, at least 1; more are refused (default 1024)
     #[argh(option, default = "config::DEFAULT_MAX_CONNECTIONS")]
     max_connections: usize,
 
-    /// largest message content a client may send, in bytes, at most 536870912 = 512 MiB
-    /// (default 16777216 = 16 MiB); other packets have smaller fixed limits
+    /// largest message content a client may send, in bytes, at most 536870912 = 512 MiB;
+    /// above 133890048, raise --frame-memory too (default 16777216 = 16 MiB); other packets
+    /// have smaller fixed limits
     #[argh(
         option,
         default = "config::DEFAULT_MAX_MESSAGE_SIZE",
@@ -44,7 +45,8 @@ struct Args {
     )]
     max_message_size: usize,
 
-    /// how long one frame may take to arrive once it has started, in milliseconds (default 30000)
+    /// how long one frame may take to arrive once it has started, in milliseconds, at least 1
+    /// (default 30000)
     #[argh(option, default = "config::DEFAULT_FRAME_TIMEOUT.as_millis() as u64")]
     frame_timeout_ms: u64,
 
@@ -63,7 +65,7 @@ struct Args {
     console_idle_timeout_ms: u64,
 
     /// how long a TCP connection may be silent before the kernel probes it, in milliseconds
-    /// (whole seconds, at least 1); a client whose host vanished without closing (powered
+    /// (rounded up to whole seconds); a client whose host vanished without closing (powered
     /// off, unplugged) is found gone about twice this after it went silent, and what it held
     /// goes to the other consumers. 0 turns it off (default 60000)
     #[argh(
@@ -111,7 +113,8 @@ struct Args {
     #[argh(option, default = "connection::DEFAULT_FRAME_BUDGET")]
     frame_memory: usize,
 
-    /// write the log to this file instead of stderr; SIGHUP reopens it (for logrotate)
+    /// write the log to this file instead of stderr (the ready line, and the reason of a start
+    /// that fails, go to stderr too); SIGHUP reopens it (for logrotate)
     #[argh(option)]
     log_file: Option<PathBuf>,
 
@@ -127,6 +130,34 @@ struct Args {
     /// print the version and exit
     #[argh(switch)]
     version: bool,
+}
+
+/// Values that parse but cannot work, refused before anything is opened: 0 where 0 does not
+/// mean "off", an empty path, contradicting options.
+fn check_values(args: &Args) -> Result<(), String> {
+    if args.max_connections == 0 {
+        return Err("--max-connections must be at least 1".into());
+    }
+    if args.frame_timeout_ms == 0 {
+        return Err("--frame-timeout-ms must be at least 1 ms".into());
+    }
+    if args.mirror_interval == 0 {
+        return Err("--mirror-interval must be at least 1 ms".into());
+    }
+    if args.db.is_empty() {
+        return Err("--db is empty: give a file's path, or none".into());
+    }
+    if args.admin.len() > 1 && args.admin.contains(&None) {
+        return Err("--admin none turns the console off: it cannot go with an address".into());
+    }
+    let least_frame_memory = connection::least_frame_budget(args.max_message_size);
+    if args.frame_memory < least_frame_memory {
+        return Err(format!(
+            "--frame-memory must be at least {least_frame_memory} bytes (twice \
+             --max-message-size plus 640 KiB), so that the largest message always fits"
+        ));
+    }
+    Ok(())
 }
 
 fn parse_listen(text: &str) -> Result<ListenAddr, String> {
@@ -158,18 +189,6 @@ fn main() -> ExitCode {
         println!("phpmq-server {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    if args.mirror_interval == 0 {
-        eprintln!("phpmq-server: --mirror-interval must be at least 1 ms");
-        return ExitCode::FAILURE;
-    }
-    let least_frame_memory = connection::least_frame_budget(args.max_message_size);
-    if args.frame_memory < least_frame_memory {
-        eprintln!(
-            "phpmq-server: --frame-memory must be at least {least_frame_memory} bytes (twice \
-             --max-message-size plus 640 KiB), so that the largest message always fits"
-        );
-        return ExitCode::FAILURE;
-    }
     let log_file = match init_logging(args.log_level, args.log_file.as_deref()) {
         Ok(log_file) => log_file,
         Err(e) => {
@@ -177,6 +196,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // From here a start that fails says why in the log file too: an init script that
+    // discards stderr points the operator there.
+    let fail = |reason: &dyn std::fmt::Display| {
+        eprintln!("phpmq-server: {reason}");
+        if args.log_file.is_some() {
+            error!("cannot start: {reason}");
+        }
+        ExitCode::FAILURE
+    };
+    if let Err(reason) = check_values(&args) {
+        return fail(&reason);
+    }
     log_panics(log_file.is_some());
     let mut config = Config {
         max_connections: args.max_connections,
@@ -203,12 +234,8 @@ fn main() -> ExitCode {
         config.listen = args.listen;
     }
     if !args.admin.is_empty() {
-        // "none" anywhere turns the console off.
-        config.admin = args
-            .admin
-            .into_iter()
-            .collect::<Option<Vec<_>>>()
-            .unwrap_or_default();
+        // "none" (alone: see check_values) turns the console off.
+        config.admin = args.admin.iter().flatten().cloned().collect();
     }
     // Before storage and the listeners open anything: clients need one descriptor each.
     let open_files = system::raise_open_file_limit();
@@ -230,15 +257,11 @@ fn main() -> ExitCode {
     }
     let server = match Server::bind(&config) {
         Ok(server) => server,
-        Err(e) => {
-            eprintln!("phpmq-server: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(&e),
     };
     let (shutdown_tx, shutdown_rx) = bounded(1);
     if let Err(e) = watch_signals(shutdown_tx, log_file) {
-        eprintln!("phpmq-server: cannot install signal handlers: {e}");
-        return ExitCode::FAILURE;
+        return fail(&format_args!("cannot install signal handlers: {e}"));
     }
     let addrs: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
     let db = match server.storage_location() {

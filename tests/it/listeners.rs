@@ -193,6 +193,70 @@ fn version_and_help() {
     }
 }
 
+/// Values that parse but cannot work are refused at start with one line naming the option,
+/// before anything is opened; a start that fails later says why in `--log-file` too.
+#[test]
+fn unusable_values_and_failed_starts_are_explained() {
+    let dir = TempDir::new("refused-values");
+    let start = |args: &[&str]| {
+        let out = std::process::Command::new(common::server_binary())
+            .args(["--listen", "127.0.0.1:0", "--admin", "none"])
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for (args, says) in [
+        (
+            &["--db", "none", "--max-connections", "0"][..],
+            "--max-connections must be at least 1",
+        ),
+        (
+            &["--db", "none", "--frame-timeout-ms", "0"][..],
+            "--frame-timeout-ms must be at least 1 ms",
+        ),
+        (&["--db", ""][..], "--db is empty"),
+        (
+            &["--db", "none", "--admin", "127.0.0.1:0"][..],
+            "--admin none turns the console off",
+        ),
+    ] {
+        let stderr = start(args);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing opened"
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let log = dir.path().join("server.log");
+    let out = std::process::Command::new(common::server_binary())
+        .args([
+            "--listen",
+            &taken,
+            "--admin",
+            "none",
+            "--db",
+            "none",
+            "--log-file",
+        ])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("[ERROR] cannot start: cannot listen on") && log.contains(&taken),
+        "{log}"
+    );
+}
+
 #[test]
 fn connections_beyond_the_limit_are_refused() {
     let server = TestServer::start(&["--max-connections", "2"]);
