@@ -104,6 +104,10 @@ pub enum ClientError {
     },
     /// The console answered with an error.
     Console(String),
+    /// Something accepted the connection but sent no console greeting in time.
+    NoGreeting {
+        addr: String,
+    },
 }
 
 impl fmt::Display for ClientError {
@@ -125,6 +129,12 @@ impl fmt::Display for ClientError {
                 write!(f, "refused by the server ({code}): {text}")
             }
             ClientError::Console(e) => f.write_str(e),
+            ClientError::NoGreeting { addr } => write!(
+                f,
+                "{addr} accepted the connection but sent no console greeting within {} s: is \
+                 it a phpmq console (--admin)?",
+                Console::GREETING_TIMEOUT.as_secs()
+            ),
         }
     }
 }
@@ -495,17 +505,33 @@ pub struct Console {
 }
 
 impl Console {
+    /// A console greets at once: whatever accepted the connection and says nothing (the
+    /// message port given by mistake) is not one, and must not hold a script for good.
+    pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// How long a command's reply may take (a status of many queues takes a while).
+    pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
     pub fn connect(addr: &ListenAddr) -> Result<Console, ClientError> {
         let stream = Stream::connect(addr).map_err(|source| ClientError::Connect {
             addr: addr.to_string(),
             source,
         })?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_read_timeout(Some(Self::GREETING_TIMEOUT))?;
         let mut console = Console {
             stream,
             buf: Vec::new(),
         };
-        console.read_reply()?; // the greeting
+        match console.read_reply() {
+            Ok(_greeting) => {}
+            Err(e) if e.is_timeout() => {
+                return Err(ClientError::NoGreeting {
+                    addr: addr.to_string(),
+                })
+            }
+            Err(e) => return Err(e),
+        }
+        console.stream.set_read_timeout(Some(Self::REPLY_TIMEOUT))?;
         Ok(console)
     }
 

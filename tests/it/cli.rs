@@ -138,6 +138,10 @@ fn usage_errors_exit_2_without_connecting() {
         &["consume", "q", "--timeout", "0"],
         &["flush"],
         &["bogus"],
+        &["send", "", "x"],
+        &["consume", &"q".repeat(256)],
+        &["bench", "--timeout", "0"],
+        &["bench", "--confirm", "-W", "0"],
     ] {
         let out = phpmq(&addr, args, None);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
@@ -145,6 +149,27 @@ fn usage_errors_exit_2_without_connecting() {
     }
     let out = phpmq(&addr, &["send", "q", "x"], None);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+/// Something that accepts a console connection and never greets (the message port given as
+/// --admin by mistake) is an error after the greeting's timeout, not a hang.
+#[test]
+fn a_silent_console_address_is_an_error_not_a_hang() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_phpmq"))
+        .args(["--admin", &addr, "status"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("phpmq ran");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr(&out).contains("sent no console greeting within 10 s"),
+        "{out:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    drop(silent);
 }
 
 /// `phpmq consume | head -1`: once the reader is gone, what could not be printed is not

@@ -101,9 +101,11 @@ pub fn run(server: &ListenAddr, args: BenchArgs) -> Result<(), super::CliError> 
         || args.consumers == 0
         || args.messages == 0
         || args.prefetch == 0
+        || args.window == 0
+        || args.timeout == 0
     {
         return Err(super::CliError::Usage(
-            "phpmq bench: -S is at least 16, and -P, -C, -N and -K at least 1",
+            "phpmq bench: -S is at least 16, and -P, -C, -N, -K, -W and --timeout at least 1",
         ));
     }
     if args.durable && !args.confirm {
@@ -112,7 +114,7 @@ pub fn run(server: &ListenAddr, args: BenchArgs) -> Result<(), super::CliError> 
         ));
     }
     let sending = if args.confirm {
-        Sending::Confirmed(args.window.max(1))
+        Sending::Confirmed(args.window)
     } else {
         Sending::Unconfirmed
     };

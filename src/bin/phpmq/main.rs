@@ -20,19 +20,19 @@ struct Args {
     /// unix:/path (default 127.0.0.1:9100)
     #[argh(
         option,
-        default = "DEFAULT_LISTEN.parse().expect(\"default parses\")",
-        from_str_fn(parse_addr)
+        default = "Endpoint::Addr(DEFAULT_LISTEN.parse().expect(\"default parses\"))",
+        from_str_fn(parse_endpoint)
     )]
-    server: ListenAddr,
+    server: Endpoint,
 
     /// the server's maintenance console, for status, flush and redrive, in the same forms
     /// (default 127.0.0.1:9101)
     #[argh(
         option,
-        default = "DEFAULT_ADMIN.parse().expect(\"default parses\")",
-        from_str_fn(parse_addr)
+        default = "Endpoint::Addr(DEFAULT_ADMIN.parse().expect(\"default parses\"))",
+        from_str_fn(parse_endpoint)
     )]
-    admin: ListenAddr,
+    admin: Endpoint,
 
     /// print the version and exit
     #[argh(switch)]
@@ -166,21 +166,43 @@ struct PingArgs {
     interval_ms: u64,
 }
 
-/// An address as the server takes it, or a host name and port (`localhost:9100`), resolved
-/// here to its first address.
-fn parse_addr(text: &str) -> Result<ListenAddr, String> {
-    text.parse().or_else(|not_an_address| {
-        if text.starts_with("unix:") || !text.contains(':') {
-            return Err(not_an_address);
+/// Where a command connects: an address as the server takes it, or a host name and port
+/// (`localhost:9100`) looked up when connecting, so that a name that does not resolve (the
+/// resolver may be down for a moment) is a failure at run time, not a usage error.
+#[derive(Debug)]
+enum Endpoint {
+    Addr(ListenAddr),
+    Host(String),
+}
+
+fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    text.parse()
+        .map(Endpoint::Addr)
+        .or_else(|not_an_address| match text.rsplit_once(':') {
+            Some((host, port))
+                if !text.starts_with("unix:")
+                    && !host.is_empty()
+                    && port.parse::<u16>().is_ok() =>
+            {
+                Ok(Endpoint::Host(text.to_string()))
+            }
+            _ => Err(not_an_address),
+        })
+}
+
+impl Endpoint {
+    /// The address to connect to: a host name's first one.
+    fn resolve(&self) -> Result<ListenAddr, CliError> {
+        match self {
+            Endpoint::Addr(addr) => Ok(addr.clone()),
+            Endpoint::Host(text) => text
+                .to_socket_addrs()
+                .map_err(|e| CliError::Resolve(format!("cannot resolve {text:?}: {e}")))?
+                .next()
+                .map(ListenAddr::Tcp)
+                .ok_or_else(|| CliError::Resolve(format!("{text:?} resolves to no address"))),
         }
-        let mut resolved = text
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {text:?}: {e}"))?;
-        resolved
-            .next()
-            .map(ListenAddr::Tcp)
-            .ok_or_else(|| format!("{text:?} resolves to no address"))
-    })
+    }
 }
 
 /// The exit status of a command line that does not parse, or asks for what cannot be: as
@@ -221,20 +243,26 @@ fn main() -> ExitCode {
         eprintln!("phpmq: no command given; see phpmq --help");
         return ExitCode::from(USAGE_EXIT);
     };
-    let result = match command {
-        Command::Send(cmd) => send(&args.server, cmd),
-        Command::Consume(cmd) => consume(&args.server, cmd),
-        Command::Status(cmd) => status(&args.admin, cmd),
-        Command::Flush(cmd) => flush(&args.admin, cmd),
-        Command::Redrive(cmd) => redrive(&args.admin, cmd),
-        Command::Ping(cmd) => ping(&args.server, cmd),
-        Command::Bench(cmd) => bench::run(&args.server, cmd),
-    };
+    let console = matches!(
+        command,
+        Command::Status(_) | Command::Flush(_) | Command::Redrive(_)
+    );
+    let endpoint = if console { &args.admin } else { &args.server };
+    let result = endpoint.resolve().and_then(|addr| match command {
+        Command::Send(cmd) => send(&addr, cmd),
+        Command::Consume(cmd) => consume(&addr, cmd),
+        Command::Status(cmd) => status(&addr, cmd),
+        Command::Flush(cmd) => flush(&addr, cmd),
+        Command::Redrive(cmd) => redrive(&addr, cmd),
+        Command::Ping(cmd) => ping(&addr, cmd),
+        Command::Bench(cmd) => bench::run(&addr, cmd),
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("phpmq: {e}");
-            if matches!(e, CliError::Usage(_)) {
+            // A bad queue name is found before anything is sent, as a bad option is.
+            if matches!(e, CliError::Usage(_) | CliError::BadQueue(_)) {
                 ExitCode::from(USAGE_EXIT)
             } else {
                 ExitCode::FAILURE
@@ -252,6 +280,8 @@ enum CliError {
     Usage(&'static str),
     /// A queue name the server would refuse.
     BadQueue(String),
+    /// A host name that does not resolve.
+    Resolve(String),
     /// The server is older than PHPMQ v1.2 and an option needs it.
     NoV12(&'static str),
     /// Some messages got an ERROR instead of a receipt (each one was reported).
@@ -290,7 +320,7 @@ impl std::fmt::Display for CliError {
             CliError::Stdout(e) => write!(f, "cannot write standard output: {e}"),
             CliError::Timeout(s) => write!(f, "no message within {s} s"),
             CliError::Usage(u) => write!(f, "usage: {u}"),
-            CliError::BadQueue(problem) => f.write_str(problem),
+            CliError::BadQueue(problem) | CliError::Resolve(problem) => f.write_str(problem),
             CliError::NoV12(what) => {
                 write!(f, "{what} needs a server that speaks PHPMQ v1.2")
             }
