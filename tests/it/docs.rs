@@ -286,6 +286,21 @@ fn the_init_script_starts_reports_and_stops_a_real_server() {
     let log = std::fs::read_to_string(d.join("phpmq.log")).unwrap();
     assert!(log.contains("final mirror: 1 messages"), "{log}");
     assert!(log.contains("reopened log file"), "{log}");
+
+    // A server that cannot start is not waited for, and its log says why.
+    std::fs::write(d.join("phpmq.sock"), "not a socket").unwrap();
+    let started = std::time::Instant::now();
+    let out = run("start");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "{out:?}"
+    );
+    let log = std::fs::read_to_string(d.join("phpmq.log")).unwrap();
+    assert!(
+        log.contains("cannot start: cannot listen on unix:") && log.contains("not a socket"),
+        "{log}"
+    );
 }
 
 fn free_port() -> String {
