@@ -291,8 +291,9 @@ pub fn execute(line: &str, backend: &dyn Backend) -> Reply {
             Ok(queue) => match backend.flush(&queue) {
                 Ok(Some(n)) => {
                     let shown = names::display(&queue);
-                    info!("console: flushed {n} messages from {shown}");
-                    Reply::Text(format!("flushed {n} messages from {shown}\n"))
+                    let n = render::counted(n as u64, "message");
+                    info!("console: flushed {n} from {shown}");
+                    Reply::Text(format!("flushed {n} from {shown}\n"))
                 }
                 Ok(None) => no_queue(&queue),
                 Err(e) => down(e),
@@ -300,10 +301,10 @@ pub fn execute(line: &str, backend: &dyn Backend) -> Reply {
         },
         ("flushall", "") => match backend.flush_all() {
             Ok((messages, queues)) => {
-                info!("console: flushed {messages} messages from {queues} queues");
-                Reply::Text(format!(
-                    "flushed {messages} messages from {queues} queues\n"
-                ))
+                let messages = render::counted(messages as u64, "message");
+                let queues = render::counted(queues as u64, "queue");
+                info!("console: flushed {messages} from {queues}");
+                Reply::Text(format!("flushed {messages} from {queues}\n"))
             }
             Err(e) => down(e),
         },
@@ -322,8 +323,9 @@ pub fn execute(line: &str, backend: &dyn Backend) -> Reply {
                     Ok(n) => {
                         let shown = names::display(queue.as_str());
                         let dead = names::display(dead.as_str());
-                        info!("console: redrove {n} messages from {dead} to {shown}");
-                        Reply::Text(format!("redrove {n} messages from {dead} to {shown}\n"))
+                        let n = render::counted(n as u64, "message");
+                        info!("console: redrove {n} from {dead} to {shown}");
+                        Reply::Text(format!("redrove {n} from {dead} to {shown}\n"))
                     }
                     Err(e) => down(e),
                 },

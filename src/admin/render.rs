@@ -76,13 +76,10 @@ pub fn status_text_at_most(status: &Status, rows: usize) -> String {
     match (store.max_messages, store.max_bytes) {
         (None, None) => out.push('\n'),
         (messages, content) => {
-            let limit = |n: Option<String>| n.unwrap_or_else(|| "none".into());
-            let _ = writeln!(
-                out,
-                " (limits: {} messages, {})",
-                limit(messages.map(|n| n.to_string())),
-                limit(content.map(bytes))
-            );
+            let messages =
+                messages.map_or("no message limit".into(), |n| counted(n as u64, "message"));
+            let content = content.map_or("no byte limit".into(), bytes);
+            let _ = writeln!(out, " (limits: {messages}, {content})");
         }
     }
     // Only once it happened: a server without a maximum delivery count never shows it.
@@ -225,6 +222,11 @@ pub fn listing_text(queue: &str, listing: &Listing) -> String {
         let _ = writeln!(out, "... and {rest} more");
     }
     out
+}
+
+/// "1 message", "2 messages": a count with its noun, plural when it is not one.
+pub fn counted(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
 #[cfg(test)]

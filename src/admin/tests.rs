@@ -132,7 +132,7 @@ fn status_as_text_and_json() {
         "{t}"
     );
     assert!(
-        t.contains("\nstored: 4 messages, 8.2 kB (limits: 1000 messages, none)\n"),
+        t.contains("\nstored: 4 messages, 8.2 kB (limits: 1000 messages, no byte limit)\n"),
         "{t}"
     );
     assert!(t.contains("orders-eu"));

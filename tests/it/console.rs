@@ -340,7 +340,7 @@ fn cli_status_and_flush() {
     let out = phpmq(&server, &["flush", "mail"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "flushed 1 messages from mail\n"
+        "flushed 1 message from mail\n"
     );
     let out = phpmq(&server, &["flush", "mail"]);
     assert!(!out.status.success());
@@ -439,7 +439,7 @@ fn names_with_invisible_characters_are_shown_escaped_and_read_back() {
 
     assert_eq!(
         s.run("flush \"zero\\u{200b}width\""),
-        "flushed 1 messages from \"zero\\u{200b}width\"\n"
+        "flushed 1 message from \"zero\\u{200b}width\"\n"
     );
     // The command line quotes what it passes on.
     let out = phpmq(&server, &["flush", "jobs "]);

@@ -654,7 +654,7 @@ fn dead_letters_after_the_maximum_and_redrive() {
     });
 
     let reply = server.console_command("redrive jobs");
-    assert_eq!(reply, "redrove 1 messages from jobs.dead to jobs\n");
+    assert_eq!(reply, "redrove 1 message from jobs.dead to jobs\n");
     let (content, redriven, count) = dispatch(&mut worker);
     assert_eq!(
         (content.as_str(), redriven.as_str(), count),
