@@ -71,6 +71,12 @@ impl MessageTable {
         id: MessageId,
     ) -> Option<Held> {
         let held = self.held.remove(&id)?;
+        if let Some(ids) = self.held_by.get_mut(&held.holder) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.held_by.remove(&held.holder);
+            }
+        }
         if held.lease_until != NEVER {
             self.leases.remove(&(held.lease_until, id));
         }
@@ -82,6 +88,7 @@ impl MessageTable {
     pub(super) fn hold(&mut self, queue: &mut Queue, id: MessageId, held: Held) {
         queue.start_hold(held.holder, held.content.len());
         self.index_lease(id, held.lease_until);
+        self.held_by.entry(held.holder).or_default().insert(id);
         self.held.insert(id, held);
     }
 }
@@ -286,14 +293,8 @@ impl Broker {
                 queue.subscribers.remove(&conn);
             }
         }
-        // A connection without subscriptions (a producer) holds nothing.
-        let mut ids = if affected.is_empty() {
-            Vec::new()
-        } else {
-            self.table.held_ids(|h| h.holder == conn)
-        };
         // In FIFO order: those moved to a dead-letter queue arrive there in that order.
-        ids.sort_unstable_by_key(|id| self.table.held.get(id).map(|h| h.seq));
+        let ids = self.table.held_ids(conn, None);
         let mut returned: HashMap<QueueName, Vec<Ready>> = HashMap::new();
         for id in ids {
             let Some(name) = self.table.held.get(&id).map(|h| h.queue.clone()) else {

@@ -181,10 +181,16 @@ impl Broker {
                 flushed += 1;
             }
         }
-        // The scan of every held message is skipped for a queue with none in flight: a
-        // flushall of many queues would otherwise cost queues x held messages.
-        let held_here = if q.in_flight.messages > 0 {
-            self.table.held_ids(|h| h.queue == name)
+        // Its holders are among its subscribers (a subscription lasts while it holds).
+        let held_here: Vec<MessageId> = if q.in_flight.messages > 0 {
+            let holders: Vec<super::ConnId> = (q.subscribers.iter())
+                .filter(|(_, subscription)| subscription.held > 0)
+                .map(|(holder, _)| *holder)
+                .collect();
+            holders
+                .into_iter()
+                .flat_map(|holder| self.table.held_ids(holder, Some(&name)))
+                .collect()
         } else {
             Vec::new()
         };

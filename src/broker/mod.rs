@@ -49,7 +49,7 @@ pub use dead::{dead_queue_name, REDRIVE_CHUNK};
 pub use hold::EndedBy;
 pub use inspect::{Listing, MessageRow, MessageState, QueueStatus, FLUSH_CHUNK, STATUS_CHUNK};
 
-use crate::id::{IdGenerator, IdMap, MessageId};
+use crate::id::{IdGenerator, IdMap, IdSet, MessageId};
 use crate::request::{QueueName, Request};
 use crate::store::{Millis, Store, StoreOp, StoredMessage, StoredRow};
 use delay::{due_time, Delayed, DelayedList};
@@ -184,6 +184,9 @@ impl Connection {
 /// besides the queue and the connections, so the borrows can be split.
 struct MessageTable {
     held: IdMap<MessageId, Held>,
+    /// The ids in `held` by holder: a disconnect or a flush finds a connection's holds
+    /// without a scan of every held message (one consumer may hold a million).
+    held_by: IdMap<ConnId, IdSet<MessageId>>,
     /// (expires at, seq) of messages with a TTL, and their queue. Entries of messages that are
     /// held, re-queued or gone are skipped when they come up.
     expiry: BTreeMap<(Millis, u64), QueueName>,
@@ -204,14 +207,19 @@ struct MessageTable {
 }
 
 impl MessageTable {
-    /// Ids of the held messages `matches` picks. Held messages are few (bounded by the
-    /// consumers' counts), so a scan is cheap.
-    fn held_ids(&self, matches: impl Fn(&Held) -> bool) -> Vec<MessageId> {
-        self.held
+    /// Ids of the messages `holder` holds, in `queue` only if given, oldest first.
+    fn held_ids(&self, holder: ConnId, queue: Option<&QueueName>) -> Vec<MessageId> {
+        let Some(ids) = self.held_by.get(&holder) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(u64, MessageId)> = ids
             .iter()
-            .filter(|(_, h)| matches(h))
-            .map(|(id, _)| *id)
-            .collect()
+            .filter_map(|id| self.held.get(id).map(|h| (h, *id)))
+            .filter(|(h, _)| queue.is_none_or(|q| &h.queue == q))
+            .map(|(h, id)| (h.seq, id))
+            .collect();
+        found.sort_unstable();
+        found.into_iter().map(|(_, id)| id).collect()
     }
 
     fn index_expiry(&mut self, queue: &QueueName, seq: u64, expires_at: Millis) {
@@ -326,6 +334,7 @@ impl Broker {
             connections: IdMap::default(),
             table: MessageTable {
                 held: IdMap::default(),
+                held_by: IdMap::default(),
                 expiry: BTreeMap::new(),
                 due: BTreeMap::new(),
                 leases: BTreeSet::new(),

@@ -825,6 +825,17 @@ impl Broker {
     /// Checks every invariant of the module docs, and that the broker holds exactly the
     /// messages the store was told about.
     fn check_invariants(&self, store: &Recorder, replay_store: bool) {
+        // The holder index has exactly the held messages, each under its holder.
+        let indexed: usize = self.table.held_by.values().map(|ids| ids.len()).sum();
+        assert_eq!(indexed, self.table.held.len(), "held_by: every hold once");
+        for (holder, ids) in &self.table.held_by {
+            assert!(!ids.is_empty(), "held_by: no empty set is kept");
+            assert!(ids.iter().all(|id| self
+                .table
+                .held
+                .get(id)
+                .is_some_and(|h| h.holder == *holder)));
+        }
         let mut live_ids = std::collections::HashSet::new();
         let mut all_resident = Amount::default();
         let mut keys: Vec<&QueueName> = self.queues.keys().collect();
