@@ -47,6 +47,11 @@ pub const OUTBOX_LOW_WATER: usize = 4 << 20;
 /// closing for a reason that does not wake it (a failed write; a shutdown does wake it).
 pub const STORE_WAIT_RECHECK: Duration = Duration::from_millis(50);
 
+/// The longest [`Hub::pace_bulk_work`] waits for the store before one chunk of the server's
+/// own bulk work: a store that does not catch up (a slow disk) slows such work down, never
+/// stops it (a lease is taken back at most this much later for it).
+pub const BULK_PACE_MAX: Duration = Duration::from_millis(100);
+
 /// A connected client as the rest of the server sees it.
 #[derive(Debug)]
 pub struct Peer {
@@ -308,9 +313,28 @@ impl Hub {
         if light && !self.store_backlogs.iter().any(|b| b.is_over_ceiling()) {
             return;
         }
+        self.wait_until_stores_low(|| peer.is_closing());
+    }
+
+    /// Before a chunk of the server's own bulk work (due messages released, expiries, a
+    /// redrive or a flushall, each of which can make a million store changes in a second):
+    /// while a store backlog is past its mark, waits until all are low, for at most
+    /// [`BULK_PACE_MAX`]. Such work then keeps the backlogs under the ceiling where senders of
+    /// a single job must wait too ([`Hub::wait_for_store`]).
+    pub fn pace_bulk_work(&self) {
+        if !self.store_backlogs.iter().any(|b| b.is_high()) {
+            return;
+        }
+        let until = std::time::Instant::now() + BULK_PACE_MAX;
+        self.wait_until_stores_low(|| std::time::Instant::now() >= until);
+    }
+
+    /// Sleeps until every store backlog is low at once, or `give_up` (asked at least every
+    /// [`STORE_WAIT_RECHECK`]).
+    fn wait_until_stores_low(&self, give_up: impl Fn() -> bool) {
         // Each round sleeps on one backlog that is not low yet; done when all are low at once.
         while let Some(behind) = self.store_backlogs.iter().find(|b| !b.is_low()) {
-            if !behind.wait_until_low(STORE_WAIT_RECHECK, || peer.is_closing()) {
+            if !behind.wait_until_low(STORE_WAIT_RECHECK, &give_up) {
                 return;
             }
         }

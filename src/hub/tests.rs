@@ -40,6 +40,42 @@ fn producers_wait_while_the_store_is_far_behind() {
     });
 }
 
+/// The server's own bulk work (a release of due messages, a redrive) waits for a store past
+/// its mark to catch up, so its changes never reach the ceiling that holds back everyone; a
+/// store that does not catch up delays it by at most [`BULK_PACE_MAX`], never stops it.
+#[test]
+fn bulk_work_waits_for_a_store_past_its_mark_for_a_bounded_time() {
+    let backlog = Arc::new(Backlog::default());
+    let hub = hub_behind(&backlog);
+    let started = std::time::Instant::now();
+    hub.pace_bulk_work(); // nothing pending: returns at once
+    assert!(started.elapsed() < BULK_PACE_MAX);
+    backlog.add(48 << 20); // past the mark, under the ceiling
+    let (done, finished) = crossbeam_channel::bounded(1);
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            hub.pace_bulk_work();
+            let _ = done.send(());
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_millis(30)).is_err(),
+            "bulk work went on while the store was past its mark"
+        );
+        backlog.remove(1, 48 << 20);
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("still waiting once the store caught up");
+    });
+    backlog.add(48 << 20);
+    let started = std::time::Instant::now();
+    hub.pace_bulk_work();
+    let waited = started.elapsed();
+    assert!(
+        waited >= BULK_PACE_MAX && waited < BULK_PACE_MAX + 10 * STORE_WAIT_RECHECK,
+        "{waited:?}"
+    );
+}
+
 /// A light producer is not held back for another's flood, below twice the mark; past it, it
 /// waits too.
 #[test]

@@ -74,11 +74,12 @@ impl Backend for Shared {
             .modify(|broker, now, out| broker.flush(queue, now, out))
     }
 
-    /// A chunk of queues per lock acquisition, in name order: a message sent meanwhile to a
-    /// queue already flushed stays.
+    /// A chunk of queues per lock acquisition, in name order, paced by the store: a message
+    /// sent meanwhile to a queue already flushed stays.
     fn flush_all(&self) -> Result<(usize, usize), BrokerDown> {
         let (mut messages, mut queues, mut after) = (0, 0, None);
         loop {
+            self.hub.pace_bulk_work();
             let (m, q, last) = self.hub.modify(|broker, now, out| {
                 broker.flush_after(after.as_ref(), FLUSH_CHUNK, now, out)
             })?;
@@ -93,10 +94,11 @@ impl Backend for Shared {
         }
     }
 
-    /// In chunks of [`REDRIVE_CHUNK`] messages per lock acquisition, like `flush_all`.
+    /// In chunks of [`REDRIVE_CHUNK`] messages per lock acquisition, paced like `flush_all`.
     fn redrive(&self, queue: &QueueName) -> Result<usize, BrokerDown> {
         let mut moved = 0;
         loop {
+            self.hub.pace_bulk_work();
             let n = self
                 .hub
                 .modify(|broker, now, out| broker.redrive_some(queue, REDRIVE_CHUNK, now, out))?;

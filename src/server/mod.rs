@@ -308,6 +308,9 @@ fn spawn_sweeper(shared: Arc<Shared>, stop: Receiver<()>) -> io::Result<JoinHand
                         wait = Duration::ZERO;
                     }
                     recv(after(wait)) -> _ => {
+                        // A million messages falling due at once must not hold back every
+                        // sender on the store's account.
+                        shared.hub.pace_bulk_work();
                         let Ok(next) = shared.hub.sweep(SWEEP_INTERVAL, SWEEP_MIN_WAIT) else {
                             return;
                         };
