@@ -1804,3 +1804,25 @@ fn the_queue_map_shrinks_as_queues_go() {
         b.queues.capacity()
     );
 }
+
+/// A count past [`super::MAX_HELD_PER_CONSUMER`] holds that many at most; each ack makes room
+/// for one more, and a disconnect hands back at most that many.
+#[test]
+fn a_consumer_holds_at_most_the_cap_whatever_its_count() {
+    let (mut b, _) = broker();
+    let mut out = Vec::new();
+    let cap = super::MAX_HELD_PER_CONSUMER as usize;
+    for _ in 0..cap + 10 {
+        send(&mut b, "jobs", "x", &mut out);
+    }
+    b.connect(1);
+    b.consume(1, q("jobs"), u64::MAX, None, 0, &mut out);
+    assert_eq!(out.len(), cap);
+    assert_eq!(b.queue_stats("jobs").map(|s| s.in_flight), Some(cap));
+    let first = out[0].id;
+    out.clear();
+    assert!(b.ack(1, &q("jobs"), Some(first), 0, &mut out));
+    assert_eq!(out.len(), 1, "one more for the ack");
+    b.disconnect(1, EndedBy::Client, 0, &mut out);
+    assert_eq!(b.queue_stats("jobs").map(|s| s.ready), Some(cap + 9));
+}
