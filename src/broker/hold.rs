@@ -71,11 +71,10 @@ impl MessageTable {
         id: MessageId,
     ) -> Option<Held> {
         let held = self.held.remove(&id)?;
+        // An emptied set stays (a consumer's holds come and go by the dozen): the holder's
+        // disconnect removes it.
         if let Some(ids) = self.held_by.get_mut(&held.holder) {
             ids.remove(&id);
-            if ids.is_empty() {
-                self.held_by.remove(&held.holder);
-            }
         }
         if held.lease_until != NEVER {
             self.leases.remove(&(held.lease_until, id));
@@ -310,6 +309,7 @@ impl Broker {
                 }
             }
         }
+        self.table.held_by.remove(&conn);
         for (name, entries) in returned {
             if let Some(queue) = self.queues.get_mut(&name) {
                 queue.ready.put_back(entries, &mut self.table.resident);

@@ -190,7 +190,7 @@ impl Connection {
 struct MessageTable {
     held: IdMap<MessageId, Held>,
     /// The ids in `held` by holder: a disconnect or a flush finds a connection's holds
-    /// without a scan of every held message (one consumer may hold a million).
+    /// without a scan of every held message. A connection's set, empty or not, goes with it.
     held_by: IdMap<ConnId, IdSet<MessageId>>,
     /// (expires at, seq) of messages with a TTL, and their queue. Entries of messages that are
     /// held, re-queued or gone are skipped when they come up.

@@ -829,7 +829,10 @@ impl Broker {
         let indexed: usize = self.table.held_by.values().map(|ids| ids.len()).sum();
         assert_eq!(indexed, self.table.held.len(), "held_by: every hold once");
         for (holder, ids) in &self.table.held_by {
-            assert!(!ids.is_empty(), "held_by: no empty set is kept");
+            assert!(
+                self.connections.contains_key(holder),
+                "held_by: a set goes with its connection"
+            );
             assert!(ids.iter().all(|id| self
                 .table
                 .held
