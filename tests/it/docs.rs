@@ -263,6 +263,14 @@ fn the_init_script_starts_reports_and_stops_a_real_server() {
             .output()
             .unwrap()
     };
+    // A failed assertion below must not leave the server running.
+    struct StopAtEnd<F: Fn()>(F);
+    impl<F: Fn()> Drop for StopAtEnd<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    let _stop_at_end = StopAtEnd(|| drop(run("stop")));
     let out = run("start");
     assert!(
         out.status.success(),
