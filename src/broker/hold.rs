@@ -10,7 +10,7 @@ use super::{
     expiry, queue_or_new, stored_expiry, Broker, ConnId, Connection, Delivery, MessageTable, Queue,
     NEVER,
 };
-use crate::id::{IdMap, MessageId};
+use crate::id::{IdMap, IdSet, MessageId};
 use crate::request::QueueName;
 use crate::store::{Millis, StoreOp};
 use log::debug;
@@ -75,6 +75,10 @@ impl MessageTable {
         // disconnect removes it.
         if let Some(ids) = self.held_by.get_mut(&held.holder) {
             ids.remove(&id);
+            // Unless it grew large (up to 65,536 a queue): that room is given back.
+            if ids.is_empty() && ids.capacity() > 1024 {
+                *ids = IdSet::default();
+            }
         }
         if held.lease_until != NEVER {
             self.leases.remove(&(held.lease_until, id));

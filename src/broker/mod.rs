@@ -130,9 +130,9 @@ pub const EXPIRE_BATCH: usize = 10_000;
 /// within about twice that.
 pub const DISPATCH_BURST_BYTES: usize = 16 << 20;
 /// The most messages one connection holds unacknowledged from one queue, whatever count it
-/// asked for (it gets more as it acknowledges, as with any count): what a disconnect or a
-/// lease sweep hands back in one go stays bounded, where a count of a billion on a million
-/// ready messages once held the broker for seconds. RabbitMQ's prefetch stops at 65,535.
+/// asked for (it gets more as it acknowledges, as with any count): what a disconnect hands
+/// back in one go stays bounded per queue, where a count of a billion on a million ready
+/// messages once held the broker for seconds. RabbitMQ's prefetch stops at 65,535.
 pub const MAX_HELD_PER_CONSUMER: u64 = 65_536;
 /// A dispatch frame's bytes besides the content, about (header, queue, id, TTL, count).
 const DISPATCH_FRAME_BYTES: usize = 128;

@@ -47,9 +47,9 @@ pub const OUTBOX_LOW_WATER: usize = 4 << 20;
 /// closing for a reason that does not wake it (a failed write; a shutdown does wake it).
 pub const STORE_WAIT_RECHECK: Duration = Duration::from_millis(50);
 
-/// The longest [`Hub::pace_bulk_work`] waits for the store before one chunk of the server's
-/// own bulk work: a store that does not catch up (a slow disk) slows such work down, never
-/// stops it (a lease is taken back at most this much later for it).
+/// About the longest [`Hub::pace_bulk_work`] waits for the store before one chunk of the
+/// server's own bulk work (its end is seen within [`STORE_WAIT_RECHECK`]): a store that does
+/// not catch up (a slow disk) slows such work down, never stops it.
 pub const BULK_PACE_MAX: Duration = Duration::from_millis(100);
 
 /// A connected client as the rest of the server sees it.

@@ -260,6 +260,7 @@ fn the_init_script_starts_reports_and_stops_a_real_server() {
             .env("PIDFILE", d.join("phpmq.pid"))
             .env("ADMIN", &admin)
             .env("DAEMON_ARGS", &args)
+            .env("EXTRA_ARGS", "--max-queue-length 1000")
             .output()
             .unwrap()
     };
