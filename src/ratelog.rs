@@ -34,13 +34,16 @@ pub static ACCEPT_FAILED: RateLimit = RateLimit::new("accept failed", Level::War
 pub static IGNORED_REQUEST: RateLimit =
     RateLimit::new("request for a message not held", Level::Debug);
 
-const ALL: [&RateLimit; 6] = [
+/// A consume count above what a consumer may hold at once, capped.
+pub static COUNT_CAPPED: RateLimit = RateLimit::new("consume count capped", Level::Info);
+const ALL: [&RateLimit; 7] = [
     &CONNECTION_CLOSED,
     &DISCONNECTED,
     &REFUSED,
     &IDLE,
     &ACCEPT_FAILED,
     &IGNORED_REQUEST,
+    &COUNT_CAPPED,
 ];
 
 /// A token bucket for one kind of log line.

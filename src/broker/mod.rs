@@ -531,6 +531,15 @@ impl Broker {
             }
         });
         subscription.limit = count.min(MAX_HELD_PER_CONSUMER);
+        if count > MAX_HELD_PER_CONSUMER {
+            // A client that waits for all it asked for before it acks would wait for good.
+            if let Some(suppressed) = crate::ratelog::COUNT_CAPPED.admit() {
+                log::info!(
+                    "connection {conn} asked for {count} messages of {queue}: it holds at most \
+                     {MAX_HELD_PER_CONSUMER} at once, and gets more as it acknowledges{suppressed}"
+                );
+            }
+        }
         subscription.lease = lease.unwrap_or(0);
         if count > 0 {
             q.consumers.insert(conn);
